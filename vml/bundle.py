@@ -1,0 +1,291 @@
+"""Bundles: one file carrying entries to another repository.
+
+A bundle is an uncompressed POSIX tar (so `tar tf` lists it) of::
+
+    vml-bundle.json    {"format": 1, "entries": [...], "requires": [...]}
+    objects/<hex>      objects exactly as stored (already compressed)
+
+"entries" are the entries the bundle adds, each {"name", "manifest"};
+"requires" are entries the receiver must already have, because objects
+they hold were left out. Import trusts nothing in the file: every object is
+checked against its digest, every manifest and chunk map is parsed, and every
+object the new entries need must be in the bundle or the repository before
+anything is written. The objects are staged in the repository's tmp/, linked
+into place, flushed, and the new refs then land in one atomic update.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
+from .names import check_name
+from .objects import HOLE, decode, parse_hex
+from .repository import Repository
+from .store import MAX_CHUNK_SIZE, METADATA_LIMIT, storage_error
+
+FORMAT = 1
+INDEX = "vml-bundle.json"
+INDEX_LIMIT = 1 << 20
+# An object's stored size can exceed its content by zstd's framing overhead.
+OBJECT_FILE_LIMIT = METADATA_LIMIT + (1 << 20)
+
+
+@dataclass(frozen=True)
+class BundleSummary:
+    entries: list[str]
+    requires: list[str]
+    objects: int
+    size: int
+
+
+def export(
+    repo: Repository, name: str, out: Path | str, *, against: str | None = None, full: bool = False, progress=None
+) -> BundleSummary:
+    """Write entry ``name`` (and the entries it builds on) to bundle ``out``.
+
+    By default the receiver is assumed to hold the base of the entry's
+    parent; ``against`` names another entry it holds; ``full`` assumes
+    nothing.
+    """
+    if full and against:
+        raise UsageError("--full and --against exclude each other")
+    out = Path(out)
+    entry = repo.entry(name)
+    held: tuple[str, bytes] | None = None  # an entry the receiver is assumed to have
+    if against:
+        held_entry = repo.entry(against)
+        held = held_entry.name, held_entry.digest
+    elif not full and entry.manifest.parent is not None:
+        with contextlib.suppress(Corrupt):  # the parent's chain is gone here: send everything
+            base_digest, base_manifest = repo.base_of(entry.manifest.parent.manifest)
+            held = base_manifest.name, base_digest
+    known_manifests: set[bytes] = set()
+    known_objects: set[bytes] = set()
+    if held:
+        for d, m in repo.data_chain(held[1]):
+            known_manifests.add(d)
+            known_objects |= _own_objects(repo, d, m)
+
+    chain = repo.data_chain(entry.digest)
+    included = []
+    for d, m in chain:
+        if d in known_manifests:
+            break
+        included.append((d, m))
+    names = {d: n for n, d in repo.refs().items()}
+    wanted: dict[bytes, None] = {}  # ordered set
+    omitted = False
+    for d, m in included:
+        for obj in _own_objects(repo, d, m):
+            if obj in known_objects:
+                omitted = True
+            else:
+                wanted[obj] = None
+    requires = []
+    if held and (omitted or len(included) < len(chain)):
+        requires.append({"name": held[0], "manifest": held[1].hex()})
+    index = {
+        "format": FORMAT,
+        "entries": [{"name": names.get(d, m.name), "manifest": d.hex()} for d, m in reversed(included)],
+        "requires": requires,
+    }
+    progress = progress or (lambda n: None)
+    fd, tmp = tempfile.mkstemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            _add(tar, INDEX, json.dumps(index, indent=1).encode())
+            for obj in wanted:
+                blob = repo.store.read_raw(obj)
+                _add(tar, f"objects/{obj.hex()}", blob)
+                progress(len(blob))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise storage_error(e, f"writing bundle {out}") from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return BundleSummary(
+        [e["name"] for e in index["entries"]], [r["name"] for r in requires], len(wanted), out.stat().st_size
+    )
+
+
+def _own_objects(repo: Repository, digest: bytes, m) -> set[bytes]:
+    """The manifest, its chunk maps and every object those maps list."""
+    out = {digest, *m.map_digests()}
+    for s in m.disks + m.files:
+        out.update(d for _, d, _ in repo.read_map(m, s))
+    out.discard(HOLE)
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _StagedStore:
+    """Reads objects from a staging directory first, then from the repository."""
+
+    def __init__(self, store, staging: Path, sizes: dict[bytes, int]):
+        self.store, self.staging, self.sizes = store, staging, sizes
+        self.path = store.path
+
+    def read(self, digest: bytes, limit: int) -> bytes:
+        if digest in self.sizes:
+            p = self.staging / digest.hex()
+            return decode(p.read_bytes(), digest, limit, f"bundle object {digest.hex()}")
+        return self.store.read(digest, limit)
+
+    def has(self, digest: bytes) -> bool:
+        return digest in self.sizes or self.store.has(digest)
+
+
+def import_bundle(repo: Repository, path: Path | str, *, progress=None) -> list[str]:
+    """Add a bundle's entries to ``repo``; return the names added."""
+    path = Path(path)
+    progress = progress or (lambda n: None)
+    try:
+        tar = tarfile.open(path, "r:")  # noqa: SIM115 (closed by the with below)
+    except FileNotFoundError:
+        raise BadBundle(f"{path}: no such file") from None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise BadBundle(f"{path}: not a VML bundle ({e})") from None
+    with tar:
+        try:
+            index = _read_index(tar, path)
+            entries, _requires = _check_index(repo, index, path)
+            if not entries:
+                return []
+            with repo.store.lock(f"vml import {path.name}"):
+                staging = repo.store.staging_dir("import.")
+                try:
+                    sizes = _stage_objects(tar, staging, path, progress)
+                    _check_complete(repo, _StagedStore(repo.store, staging, sizes), entries, path)
+                    for obj in sizes:
+                        repo.store.link_in(obj, staging / obj.hex())
+                    repo.store.sync()
+                    repo.store.update_refs(entries)
+                except OSError as e:
+                    raise storage_error(e, f"importing {path} into {repo.store.path}") from None
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        except (tarfile.TarError, EOFError) as e:
+            raise BadBundle(f"{path}: truncated or damaged bundle ({e})") from None
+    return list(entries)
+
+
+def _read_index(tar: tarfile.TarFile, path: Path) -> dict:
+    first = tar.next()
+    if first is None or first.name != INDEX or not first.isfile() or first.size > INDEX_LIMIT:
+        raise BadBundle(f"{path}: not a VML bundle (no {INDEX} at its start)")
+    try:
+        index = json.loads(tar.extractfile(first).read())
+        if index.get("format") != FORMAT:
+            raise ValueError(f"unsupported bundle format {index.get('format')!r}")
+        return index
+    except (ValueError, AttributeError) as e:
+        raise BadBundle(f"{path}: damaged bundle index ({e})") from None
+
+
+def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, bytes], list]:
+    """New entries by name; refuses (writing nothing) on missing or conflicting entries."""
+    try:
+        listed = [(check_name(e["name"]), parse_hex(e["manifest"])) for e in index["entries"]]
+        requires = [(check_name(r["name"]), parse_hex(r["manifest"])) for r in index["requires"]]
+    except (KeyError, TypeError, VmlError) as e:
+        raise BadBundle(f"{path}: damaged bundle index ({e})") from None
+    if any(d is None for _, d in listed + requires):
+        raise BadBundle(f"{path}: damaged bundle index (bad digest)")
+    for name, d in requires:
+        try:
+            repo.data_chain(d)
+        except Corrupt:
+            raise MissingAncestor(
+                f"{path}: needs entry {name!r} (manifest {d.hex()[:16]}), which repository {repo.name} "
+                "does not have; import that entry first"
+            ) from None
+    refs = repo.refs()
+    entries = {}
+    for name, d in listed:
+        if name in refs and refs[name] != d:
+            raise AlreadyExists(f"{path}: entry {name!r} already exists in repository {repo.name} with other content")
+        if name not in refs:
+            entries[name] = d
+    return entries, requires
+
+
+def _stage_objects(tar: tarfile.TarFile, staging: Path, path: Path, progress) -> dict[bytes, int]:
+    """Extract and check every object; return digest -> decompressed size."""
+    sizes = {}
+    for member in tar:
+        if member.offset == 0:  # the index, read already: iteration starts over
+            continue
+        d = parse_hex(member.name.removeprefix("objects/")) if member.name.startswith("objects/") else None
+        if d is None or not member.isfile():
+            raise BadBundle(f"{path}: unexpected member {member.name!r}")
+        if member.size > OBJECT_FILE_LIMIT:
+            raise BadBundle(f"{path}: object {d.hex()} is larger than any object may be")
+        blob = tar.extractfile(member).read()
+        if len(blob) != member.size:
+            raise BadBundle(f"{path}: truncated at object {d.hex()}")
+        try:
+            sizes[d] = len(decode(blob, d, METADATA_LIMIT, f"object {d.hex()}"))
+        except Corrupt as e:
+            raise BadBundle(f"{path}: {e}") from None
+        (staging / d.hex()).write_bytes(blob)
+        progress(len(blob))
+    return sizes
+
+
+def _check_complete(repo: Repository, staged: _StagedStore, entries: dict[str, bytes], path: Path) -> None:
+    """Every object each new entry needs is at hand, and every chunk fits its size."""
+    view = Repository(staged, repo.name)
+    for name, digest in entries.items():
+        if not staged.has(digest):
+            raise BadBundle(f"{path}: the manifest of entry {name!r} is missing")
+        try:
+            chain = view.data_chain(digest)
+        except ObjectMissing:
+            missing = _first_missing_link(view, digest)
+            raise MissingAncestor(
+                f"{path}: entry {name!r} builds on entry {missing!r}, which is neither in the bundle nor in "
+                f"repository {repo.name}; import that entry first"
+            ) from None
+        except Corrupt as e:
+            raise BadBundle(f"{path}: entry {name!r}: {e}") from None
+        chunk_limit = min(chain[0][1].chunk_size, MAX_CHUNK_SIZE)
+        try:
+            resolved = view.resolve(digest)
+        except Corrupt as e:
+            raise BadBundle(f"{path}: entry {name!r}: {e}") from None
+        for table in resolved.tables():
+            for d in table.digest_set():
+                if not staged.has(d):
+                    raise BadBundle(f"{path}: entry {name!r} needs object {d.hex()}, which is missing")
+                if staged.sizes.get(d, 0) > chunk_limit:
+                    raise BadBundle(f"{path}: entry {name!r}: chunk {d.hex()} is larger than the chunk size")
+
+
+def _first_missing_link(view: Repository, digest: bytes) -> str:
+    m = view.manifest(digest)
+    while (link := m.reference) is not None:
+        if not view.store.has(link.manifest):
+            return link.name
+        m = view.manifest(link.manifest)
+    return "?"

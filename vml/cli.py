@@ -1,0 +1,259 @@
+"""The `vml` command: argument parsing and output, nothing else.
+
+Errors from the library are printed as one line, ``vml: error: ...``, and
+exit with the status their class carries; a traceback only with --debug.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from . import bundle, config, maintenance
+from .checkout import checkout
+from .errors import VmlError
+from .manifest import KINDS
+from .names import check_repository_name, format_size, parse_size
+from .render import show_lines, table, tree_lines
+from .save import save
+from .store import DEFAULT_CHUNK_SIZE, Store, check_chunk_size
+
+INTERNAL_ERROR = 70
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, what: str, unit: str = "B"):
+    """A tqdm bar on a terminal; a no-op callback otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit=unit, unit_scale=True, unit_divisor=1024, leave=False) as bar:
+        yield bar.update
+
+
+def _repo(args):
+    return config.Config.load().open(args.repo)
+
+
+def cmd_init(args) -> int:
+    path = Path(args.path).absolute()
+    name = check_repository_name(args.name or path.name)
+    chunk_size = check_chunk_size(parse_size(args.chunk_size)) if args.chunk_size else DEFAULT_CHUNK_SIZE
+    if (path / "vml-repository.json").exists():
+        store = Store(path)
+        verb = "registered existing"
+    else:
+        store = Store.create(path, chunk_size)
+        verb = "created"
+    with config.editing() as cfg:
+        cfg.register(name, path, args.default)
+        star = " (default)" if cfg.default == name else ""
+    print(f"{verb} repository {name}{star} at {path}, chunk size {format_size(store.chunk_size)}")
+    return 0
+
+
+def cmd_save(args) -> int:
+    repo = _repo(args)
+    with progress_bar(None, f"saving {args.entry}") as bar:
+        entry = save(
+            repo,
+            args.entry,
+            args.source,
+            parent=args.parent,
+            kind=args.kind,
+            message=args.message or "",
+            fmt=args.format,
+            progress=bar,
+        )
+    stored = repo.stored_bytes(entry.digest)
+    total = sum(s.size for s in entry.manifest.disks + entry.manifest.files)
+    print(
+        f"saved {entry.name} ({entry.manifest.kind}) in {repo.name}: {format_size(total)} of disks and files, "
+        f"{format_size(stored)} stored"
+    )
+    return 0
+
+
+def cmd_log(args) -> int:
+    repo = config.Config.load().open(args.repository or args.repo)
+    lines = tree_lines(repo)
+    print("\n".join(lines) if lines else f"(repository {repo.name} has no entries)")
+    return 0
+
+
+def cmd_consult(args) -> int:
+    cfg = config.Config.load()
+    rows, repos = [], []
+    for name, path in sorted(cfg.repositories.items()):
+        try:
+            repo = cfg.open(name)
+            entries = [e.name for e in repo.entries()]
+            repos.append(repo)
+        except VmlError as e:
+            entries = f"(unreadable: {e})"
+        rows.append([name + ("*" if name == cfg.default else ""), entries, path])
+    print("Repositories:")
+    print("\n".join(table(rows, ["name", "entries", "path"])) if rows else "(none: create one with vml init PATH)")
+    print("\nWorking areas:\n(none)")
+    for repo in repos:
+        print(f"\nEntries in repository {repo.name}:")
+        print("\n".join(tree_lines(repo)) or "(none)")
+    return 0
+
+
+def cmd_show(args) -> int:
+    repo = _repo(args)
+    info = repo.describe(repo.entry(args.entry))
+    print(json.dumps(info, indent=2) if args.json else "\n".join(show_lines(info)))
+    return 0
+
+
+def cmd_checkout(args) -> int:
+    repo = _repo(args)
+    entry = repo.entry(args.entry)
+    total = sum(s.size for s in entry.manifest.disks + entry.manifest.files)
+    with progress_bar(total, f"checking out {args.entry}") as bar:
+        paths = checkout(repo, args.entry, args.dir, progress=bar)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_export(args) -> int:
+    repo = _repo(args)
+    with progress_bar(None, f"exporting {args.entry}") as bar:
+        s = bundle.export(repo, args.entry, args.output, against=args.against, full=args.full, progress=bar)
+    needs = f"; the receiver needs {', '.join(s.requires)}" if s.requires else ""
+    print(f"wrote {args.output}: {format_size(s.size)}, entries {', '.join(s.entries)}, {s.objects} objects{needs}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    repo = _repo(args)
+    size = Path(args.file).stat().st_size if Path(args.file).is_file() else None
+    with progress_bar(size, f"importing {Path(args.file).name}") as bar:
+        names = bundle.import_bundle(repo, args.file, progress=bar)
+    print(f"imported {', '.join(names)} into {repo.name}" if names else f"nothing new for {repo.name} in {args.file}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    repo = _repo(args)
+    result = maintenance.remove(repo, args.entry, recursive=args.recursive, reparent=args.reparent)
+    print(f"removed {', '.join(result['removed'])} from {repo.name}")
+    if result["rewritten"]:
+        print(f"reattached {', '.join(result['rewritten'])} to the removed entry's parent")
+    print("run `vml gc` to free the space")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    repo = _repo(args)
+    s = maintenance.gc(repo)
+    print(f"{repo.name}: removed {s.removed} objects, freed {format_size(s.freed)}, {s.kept} objects kept")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    repo = _repo(args)
+    with progress_bar(None, f"verifying {repo.name}", unit="obj") as bar:
+        problems = maintenance.verify(repo, args.entry, progress=bar)
+    for p in problems:
+        print(p)
+    what = f"entry {args.entry}" if args.entry else f"repository {repo.name}"
+    if problems:
+        print(f"{what}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{what}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--repo", metavar="REPO", help="repository name from the config, or a path")
+    common.add_argument("--debug", action="store_true", help="print a traceback on errors")
+
+    p = argparse.ArgumentParser(prog="vml", description="Virtual Machine Logbook", parents=[common])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, fn, help_text):
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("init", cmd_init, "create a repository (or register an existing one)")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("--name", help="name to register it under (default: the directory name)")
+    sp.add_argument("--chunk-size", metavar="SIZE", help=f"chunk size, e.g. 256K (default {DEFAULT_CHUNK_SIZE >> 10}K)")
+    sp.add_argument("--default", action="store_true", help="make it the default repository")
+
+    sp = add("save", cmd_save, "save a disk image or VM directory as an entry")
+    sp.add_argument("entry", metavar="ENTRY")
+    sp.add_argument("--from", dest="source", required=True, metavar="PATH", help="disk image or VM directory")
+    sp.add_argument("--parent", metavar="ENTRY", help="entry this one follows in the tree")
+    sp.add_argument("--kind", choices=KINDS, help="default: incremental with --parent, else full")
+    sp.add_argument("-m", "--message", help="a note kept with the entry")
+    sp.add_argument("--format", help="image format of a single file (default: detected by qemu-img)")
+
+    sp = add("log", cmd_log, "print the tree of entries")
+    sp.add_argument("repository", nargs="?", metavar="REPO")
+
+    add("consult", cmd_consult, "print repositories, working areas and entry trees")
+
+    sp = add("show", cmd_show, "describe one entry")
+    sp.add_argument("entry", metavar="ENTRY")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sp = add("checkout", cmd_checkout, "write an entry's disks (as sparse raw images) and files into DIR")
+    sp.add_argument("entry", metavar="ENTRY")
+    sp.add_argument("dir", metavar="DIR")
+
+    sp = add("export", cmd_export, "write a bundle of an entry for another repository")
+    sp.add_argument("entry", metavar="ENTRY")
+    sp.add_argument("-o", "--output", required=True, metavar="FILE")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--against", metavar="ENTRY", help="leave out what this entry holds (the receiver has it)")
+    group.add_argument("--full", action="store_true", help="include everything the entry needs")
+
+    sp = add("import", cmd_import, "add a bundle's entries to a repository")
+    sp.add_argument("file", metavar="FILE")
+
+    sp = add("rm", cmd_rm, "remove an entry")
+    sp.add_argument("entry", metavar="ENTRY")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--recursive", action="store_true", help="also remove the entries built on it")
+    group.add_argument("--reparent", action="store_true", help="attach the entries built on it to its parent")
+
+    add("gc", cmd_gc, "free the objects no entry needs")
+
+    sp = add("verify", cmd_verify, "check objects and entries; exit 1 if anything is wrong")
+    sp.add_argument("entry", nargs="?", metavar="ENTRY")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VmlError as e:
+        if args.debug:
+            raise
+        print(f"vml: error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("vml: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug: say so in one line, details with --debug
+        if args.debug:
+            raise
+        print(f"vml: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Entry manifests: what an entry is, stored as a canonical JSON object.
+
+A manifest names its kind, its parent in the tree and, for a differential
+entry, the full entry its delta is taken against; both links carry the
+manifest digest, so a chain cannot change under an entry. Each disk and file
+has a size and the digest of its chunk map. Unknown keys are ignored, so
+later versions can add fields without breaking older readers; a different
+"format" number is refused.
+"""
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import CorruptManifest, UsageError
+from .names import check_name, check_relative_path
+from .objects import parse_hex
+from .store import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+FORMAT = 1
+KINDS = ("full", "incremental", "differential")
+MAX_STREAM_SIZE = 1 << 60
+
+
+@dataclass(frozen=True)
+class Link:
+    """A reference to another entry: its name when linked, and its manifest."""
+
+    name: str
+    manifest: bytes
+
+    def to_json(self):
+        return {"name": self.name, "manifest": self.manifest.hex()}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One disk or file of an entry."""
+
+    name: str
+    size: int
+    map: bytes
+    mode: int = 0o644
+
+    def to_json(self, with_mode: bool):
+        out = {"name": self.name, "size": self.size, "map": self.map.hex()}
+        if with_mode:
+            out["mode"] = self.mode
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    kind: str
+    created: str
+    chunk_size: int
+    disks: tuple[Stream, ...]
+    files: tuple[Stream, ...] = ()
+    parent: Link | None = None
+    base: Link | None = None
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def reference(self) -> Link | None:
+        """The entry whose data this one is a delta against, if any."""
+        if self.kind == "incremental":
+            return self.parent
+        if self.kind == "differential":
+            return self.base
+        return None
+
+    def encode(self) -> bytes:
+        doc = dict(self.extra)
+        doc.update(
+            format=FORMAT,
+            name=self.name,
+            kind=self.kind,
+            created=self.created,
+            message=self.message,
+            chunk_size=self.chunk_size,
+            parent=self.parent.to_json() if self.parent else None,
+            base=self.base.to_json() if self.base else None,
+            disks=[s.to_json(False) for s in self.disks],
+            files=[s.to_json(True) for s in self.files],
+        )
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                raise ValueError(f"unsupported manifest format {doc.get('format')!r}")
+            m = cls(
+                name=check_name(_str(doc["name"])),
+                kind=_str(doc["kind"]),
+                created=_str(doc["created"]),
+                message=_str(doc.get("message", "")),
+                chunk_size=_int(doc["chunk_size"], MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
+                parent=_link(doc.get("parent")),
+                base=_link(doc.get("base")),
+                disks=tuple(_stream(s, False) for s in _list(doc["disks"])),
+                files=tuple(_stream(s, True) for s in _list(doc.get("files", []))),
+                extra={k: v for k, v in doc.items() if k not in _KNOWN},
+            )
+            m.check()
+        except (ValueError, KeyError, TypeError, UsageError) as e:
+            raise CorruptManifest(f"{where}: invalid manifest ({e})") from None
+        return m
+
+    def check(self) -> None:
+        """Raise ValueError if the fields contradict each other."""
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}")
+        if self.chunk_size & (self.chunk_size - 1):
+            raise ValueError("chunk size is not a power of two")
+        if self.kind != "full" and self.parent is None:
+            raise ValueError(f"{self.kind} entry without a parent")
+        if (self.kind == "differential") != (self.base is not None):
+            raise ValueError("only a differential entry has a base")
+        for group in (self.disks, self.files):
+            names = [s.name for s in group]
+            if len(set(names)) != len(names):
+                raise ValueError("duplicate disk or file name")
+
+    def map_digests(self) -> list[bytes]:
+        return [s.map for s in self.disks + self.files]
+
+
+_KNOWN = {"format", "name", "kind", "created", "message", "chunk_size", "parent", "base", "disks", "files"}
+
+
+def _str(v) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
+def _int(v, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"number {v!r} out of range")
+    return v
+
+
+def _list(v) -> list:
+    if not isinstance(v, list):
+        raise TypeError("expected a list")
+    return v
+
+
+def _digest(v) -> bytes:
+    d = parse_hex(_str(v))
+    if d is None:
+        raise ValueError(f"bad digest {v!r}")
+    return d
+
+
+def _link(v) -> Link | None:
+    if v is None:
+        return None
+    return Link(check_name(_str(v["name"])), _digest(v["manifest"]))
+
+
+def _stream(v, is_file: bool) -> Stream:
+    if is_file:
+        name = check_relative_path(_str(v["name"]))
+        mode = _int(v.get("mode", 0o644), 0, 0o7777)
+    else:
+        name, mode = check_name(_str(v["name"]), "disk"), 0o644
+    return Stream(name, _int(v["size"], 0, MAX_STREAM_SIZE), _digest(v["map"]), mode)

@@ -1,0 +1,209 @@
+"""Entries of one repository: lookup, chains, resolution, reading chunks.
+
+An entry's *data chain* runs from the entry to the full entry it is finally
+built on: an incremental entry continues with its parent, a differential one
+with its base. Resolution applies the chunk maps of that chain from the base
+upward into one chunk table per disk, once per open; reads then cost one
+table lookup per chunk.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+
+from . import chunkmap
+from .chunkmap import ChunkTable
+from .errors import Corrupt, CorruptManifest, CorruptObject, NotFound
+from .manifest import Manifest
+from .names import check_name
+from .objects import HOLE
+from .store import METADATA_LIMIT, Store
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    digest: bytes
+    manifest: Manifest
+
+
+@dataclass
+class Resolved:
+    """Every disk and file of an entry as chunk tables; files keep their mode."""
+
+    disks: dict[str, ChunkTable]
+    files: dict[str, tuple[ChunkTable, int]]
+
+    def tables(self) -> list[ChunkTable]:
+        return list(self.disks.values()) + [t for t, _ in self.files.values()]
+
+
+EMPTY = Resolved({}, {})
+
+
+class Repository:
+    def __init__(self, store: Store, name: str | None = None):
+        self.store = store
+        self.name = name or store.path.name
+        self._manifests = lru_cache(maxsize=1024)(self._load_manifest)
+        self._maps = lru_cache(maxsize=64)(self._load_map)
+
+    def __repr__(self):
+        return f"Repository({self.name!r}, {str(self.store.path)!r})"
+
+    # -- entries ---------------------------------------------------------
+
+    def refs(self) -> dict[str, bytes]:
+        return self.store.refs()
+
+    def entry(self, name: str) -> Entry:
+        check_name(name)
+        d = self.refs().get(name)
+        if d is None:
+            raise NotFound(f"no entry {name!r} in repository {self.name}")
+        return Entry(name, d, self.manifest(d, name))
+
+    def entries(self) -> list[Entry]:
+        """All entries, oldest first."""
+        out = [Entry(n, d, self.manifest(d, n)) for n, d in self.refs().items()]
+        return sorted(out, key=lambda e: (e.manifest.created, e.name))
+
+    def manifest(self, digest: bytes, name: str | None = None) -> Manifest:
+        """The manifest with this digest; ``name`` only labels errors."""
+        try:
+            return self._manifests(digest)
+        except Corrupt as e:
+            if name is None:
+                raise
+            raise type(e)(f"entry {name!r}: {e}") from None
+
+    def _load_manifest(self, digest: bytes) -> Manifest:
+        data = self.store.read(digest, METADATA_LIMIT)
+        return Manifest.decode(data, f"manifest {digest.hex()}")
+
+    def data_chain(self, digest: bytes) -> list[tuple[bytes, Manifest]]:
+        """The entry and the entries its data builds on, ending at a full one."""
+        chain = [(digest, self.manifest(digest))]
+        while (link := chain[-1][1].reference) is not None:
+            m = self.manifest(link.manifest, link.name)
+            if m.chunk_size != chain[0][1].chunk_size:
+                raise CorruptManifest(f"entry {link.name!r}: chunk size differs within a chain")
+            if chain[-1][1].kind == "differential" and m.kind != "full":
+                raise CorruptManifest(f"entry {chain[-1][1].name!r}: its base is not a full entry")
+            chain.append((link.manifest, m))
+        return chain
+
+    def base_of(self, digest: bytes) -> tuple[bytes, Manifest]:
+        """The full entry at the bottom of an entry's data chain."""
+        return self.data_chain(digest)[-1]
+
+    # -- resolution ------------------------------------------------------
+
+    def _load_map(self, map_digest: bytes, count: int, where: str) -> list:
+        try:
+            data = self.store.read(map_digest, METADATA_LIMIT)
+        except Corrupt as e:
+            raise type(e)(f"{where}: {e}") from None
+        return chunkmap.decode(data, count, where)
+
+    def read_map(self, m: Manifest, stream) -> list:
+        count = chunkmap.chunk_count(stream.size, m.chunk_size)
+        return self._maps(stream.map, count, f"entry {m.name!r}, {stream.name}")
+
+    def resolve(self, digest: bytes) -> Resolved:
+        """Chunk tables of every disk and file of the entry with manifest ``digest``."""
+        disks: dict[str, ChunkTable] = {}
+        files: dict[str, tuple[ChunkTable, int]] = {}
+        for _, m in reversed(self.data_chain(digest)):
+            fresh = m.kind == "full"
+            disks = {s.name: self._apply(m, s, None if fresh else disks.get(s.name)) for s in m.disks}
+            files = {
+                s.name: (self._apply(m, s, None if fresh else files.get(s.name, (None,))[0]), s.mode) for s in m.files
+            }
+        return Resolved(disks, files)
+
+    def _apply(self, m: Manifest, stream, table: ChunkTable | None) -> ChunkTable:
+        if table is None:
+            table = ChunkTable(stream.size, m.chunk_size)
+        else:
+            table.resize(stream.size)
+        table.apply(self.read_map(m, stream))
+        return table
+
+    def read_chunk(self, table: ChunkTable, index: int, where: str) -> bytes:
+        """The bytes of one chunk; zeros for a hole."""
+        length = table.chunk_length(index)
+        d = table.digest(index)
+        if d == HOLE:
+            return bytes(length)
+        try:
+            data = self.store.read(d, table.chunk_size)
+        except Corrupt as e:
+            raise type(e)(f"{where}, chunk {index}: {e}") from None
+        if len(data) != length:
+            raise CorruptObject(f"{where}, chunk {index}: object {d.hex()} has {len(data)} bytes, expected {length}")
+        return data
+
+    # -- accounting and display ------------------------------------------
+
+    def stored_bytes(self, digest: bytes) -> int:
+        """Bytes of objects an entry adds on top of the chain it builds on.
+
+        Counts its manifest, its chunk maps, and each distinct chunk object
+        its own maps reference that its reference chain does not.
+        """
+        m = self.manifest(digest)
+        total = self.store.object_size(digest) + sum(self.store.object_size(d) for d in m.map_digests())
+        known: set[bytes] = set()
+        if m.reference is not None:
+            for table in self.resolve(m.reference.manifest).tables():
+                known |= table.digest_set()
+        own: dict[bytes, int] = {}
+        for s in m.disks + m.files:
+            for _, d, csize in self.read_map(m, s):
+                if d != HOLE and d not in known:
+                    own[d] = csize
+        return total + sum(own.values())
+
+    def describe(self, entry: Entry) -> dict:
+        """What `vml show --json` prints."""
+        m = entry.manifest
+        chain = [cm.name for _, cm in self.data_chain(entry.digest)]
+        return {
+            "name": entry.name,
+            "repository": self.name,
+            "manifest": entry.digest.hex(),
+            "parent": m.parent.name if m.parent else None,
+            "kind": m.kind,
+            "base": chain[-1],
+            "chain": chain,
+            "created": m.created,
+            "message": m.message,
+            "chunk_size": m.chunk_size,
+            "disks": [{"name": s.name, "size": s.size} for s in m.disks],
+            "files": [{"name": s.name, "size": s.size} for s in m.files],
+            "stored_bytes": self.stored_bytes(entry.digest),
+        }
+
+    def children(self) -> dict[str | None, list[Entry]]:
+        """Entries grouped by the name of their parent in this repository.
+
+        An entry whose parent is not here (removed, or never imported, as
+        for a differential entry shared without its tree parent) is listed
+        under None, as a root.
+        """
+        entries = self.entries()
+        by_digest = {e.digest: e.name for e in entries}
+        out: dict[str | None, list[Entry]] = {}
+        for e in entries:
+            p = e.manifest.parent
+            out.setdefault(by_digest.get(p.manifest) if p else None, []).append(e)
+        return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)

@@ -1,0 +1,235 @@
+"""Saving entries: chunk, hash, compress and store disks and files.
+
+The calling thread reads chunks in order (skipping holes with SEEK_DATA, so
+a sparse 20 GiB image costs nothing for its empty parts); worker threads
+check for zeros, hash, compare with the reference entry and compress what is
+new. At most ``4 * workers`` chunks are in flight, which bounds memory.
+
+A save holds the repository lock throughout. Nothing is visible until the
+final refs update; if the save fails, the objects it created are removed
+again, and if it is killed they stay unreferenced until `vml gc`.
+"""
+
+import contextlib
+import errno
+import os
+import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import replace
+from pathlib import Path
+
+from . import chunkmap, objects
+from .chunkmap import ChunkTable, Record
+from .errors import AlreadyExists, BadSource, UsageError
+from .manifest import KINDS, Link, Manifest, Stream
+from .names import check_name
+from .objects import HOLE
+from .repository import EMPTY, Entry, Repository, now_iso
+from .sources import discover, raw_view
+from .store import Store, storage_error
+
+
+class _Done:
+    """A finished stand-in for a Future, so holes keep their place in line."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def done(self):
+        return True
+
+
+class ChunkWriter:
+    """Stores streams of one save as chunks; can undo the objects it created."""
+
+    def __init__(self, store: Store, chunk_size: int, progress=None, workers: int | None = None):
+        self.store = store
+        self.chunk_size = chunk_size
+        self.progress = progress or (lambda n: None)
+        self.workers = workers or os.cpu_count() or 2
+        self.max_inflight = 4 * self.workers
+        self.created: list[bytes] = []
+        self._zero = bytes(chunk_size)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vml-save")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def rollback(self) -> None:
+        for d in self.created:
+            self.store.remove_object(d)
+        self.created.clear()
+
+    def put_metadata(self, data: bytes) -> bytes:
+        d, _, created = self.store.put(data)
+        if created:
+            self.created.append(d)
+        return d
+
+    def store_stream(self, path: Path, size: int, ref: ChunkTable | None) -> bytes:
+        """Store the first ``size`` bytes of ``path``; return its chunk map's digest.
+
+        With a reference table, only chunks that differ from it are stored
+        and listed (a delta map); without, every chunk that is not zero.
+        """
+        fd = os.open(path, os.O_RDONLY)
+        records: list[Record] = []
+        pending: deque = deque()
+
+        def collect(fut) -> None:
+            index, d, csize = fut.result()
+            if d != (ref.digest(index) if ref else HOLE):
+                records.append((index, d, csize))
+            self.progress(min(self.chunk_size, size - index * self.chunk_size))
+
+        try:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            for index, data in self._read_chunks(fd, path, size):
+                if data is None:
+                    pending.append(_Done((index, HOLE, 0)))
+                else:
+                    ref_digest = ref.digest(index) if ref else HOLE
+                    pending.append(self._pool.submit(self._process, index, data, ref_digest))
+                while pending and (len(pending) > self.max_inflight or pending[0].done()):
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+        except BaseException:
+            # Let running workers finish before the caller rolls back, or
+            # they could create objects after the rollback.
+            futures = [f for f in pending if isinstance(f, Future)]
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            raise
+        finally:
+            os.close(fd)
+        return self.put_metadata(chunkmap.encode(records))
+
+    def _process(self, index: int, data: bytes, ref_digest: bytes) -> Record:
+        zero = self._zero if len(data) == self.chunk_size else bytes(len(data))
+        if data == zero:
+            return index, HOLE, 0
+        d = objects.digest(data)
+        if d == ref_digest:  # unchanged: not stored, not listed
+            return index, d, 0
+        d, csize, created = self.store.put(data, d)
+        if created:
+            self.created.append(d)
+        return index, d, csize
+
+    def _read_chunks(self, fd: int, path: Path, size: int):
+        """Yield (index, bytes) for each chunk, or (index, None) for a known hole."""
+        cs = self.chunk_size
+        data_start = data_end = 0
+        seekable = True
+        for index in range(chunkmap.chunk_count(size, cs)):
+            off = index * cs
+            n = min(cs, size - off)
+            if seekable and off >= data_end:
+                try:
+                    data_start = os.lseek(fd, off, os.SEEK_DATA)
+                    data_end = os.lseek(fd, data_start, os.SEEK_HOLE)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data after off
+                        data_start = data_end = 1 << 63
+                    else:  # SEEK_DATA unsupported here: read everything
+                        seekable, data_start, data_end = False, 0, 1 << 63
+            if data_start >= off + n:
+                yield index, None
+                continue
+            data = os.pread(fd, n, off)
+            if len(data) != n:
+                raise BadSource(f"{path}: file shrank while it was being saved")
+            yield index, data
+
+
+def save(
+    repo: Repository,
+    name: str,
+    source: Path | str,
+    *,
+    parent: str | None = None,
+    kind: str | None = None,
+    message: str = "",
+    fmt: str | None = None,
+    progress=None,
+    workers: int | None = None,
+) -> Entry:
+    """Save a disk image or VM directory as entry ``name``.
+
+    ``kind`` defaults to incremental when a parent is given, else full.
+    ``progress`` is called with byte counts as the source is read.
+    """
+    check_name(name)
+    if kind is not None and kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    disks, files = discover(source, fmt)
+    file_sizes = [f.path.stat().st_size for f in files]
+    store = repo.store
+    with store.lock(f"vml save {name}"):
+        if name in repo.refs():
+            raise AlreadyExists(f"entry {name!r} already exists in repository {repo.name}")
+        parent_entry = repo.entry(parent) if parent else None
+        kind = kind or ("incremental" if parent_entry else "full")
+        if kind != "full" and parent_entry is None:
+            raise UsageError(f"a {kind} entry needs --parent")
+        base = reference = None
+        if kind == "incremental":
+            reference = parent_entry.digest
+        elif kind == "differential":
+            base_digest, base_manifest = repo.base_of(parent_entry.digest)
+            base = Link(base_manifest.name, base_digest)
+            reference = base_digest
+        chunk_size = parent_entry.manifest.chunk_size if parent_entry else store.chunk_size
+        if parent_entry and len(parent_entry.manifest.disks) == 1 and not Path(source).is_dir():
+            # A single image saved on a parent is the next state of the
+            # parent's disk, whatever the image file is called.
+            disks = [replace(disks[0], name=parent_entry.manifest.disks[0].name)]
+        ref = repo.resolve(reference) if reference else EMPTY
+
+        writer = ChunkWriter(store, chunk_size, progress, workers)
+        staging = store.staging_dir("save.")
+        try:
+            disk_streams = []
+            for d in disks:
+                with raw_view(d, staging) as raw:
+                    map_digest = writer.store_stream(raw, d.size, ref.disks.get(d.name))
+                disk_streams.append(Stream(d.name, d.size, map_digest))
+            file_streams = []
+            for f, size in zip(files, file_sizes, strict=True):
+                ref_file = ref.files.get(f.name)
+                map_digest = writer.store_stream(f.path, size, ref_file[0] if ref_file else None)
+                file_streams.append(Stream(f.name, size, map_digest, f.mode))
+            manifest = Manifest(
+                name=name,
+                kind=kind,
+                created=now_iso(),
+                message=message,
+                chunk_size=chunk_size,
+                parent=Link(parent_entry.name, parent_entry.digest) if parent_entry else None,
+                base=base,
+                disks=tuple(disk_streams),
+                files=tuple(file_streams),
+            )
+            digest = writer.put_metadata(manifest.encode())
+            store.sync()
+            store.update_refs({name: digest})
+        except BaseException as e:
+            writer.close()
+            if name not in repo.refs():  # the refs update may have landed before a late error
+                writer.rollback()
+            if isinstance(e, OSError):
+                raise storage_error(e, f"saving entry {name!r} into {store.path}") from None
+            raise
+        finally:
+            writer.close()
+            shutil.rmtree(staging, ignore_errors=True)
+    return repo.entry(name)
