@@ -2,7 +2,8 @@
 
 A bundle is an uncompressed POSIX tar (so `tar tf` lists it) of::
 
-    vml-bundle.json    {"format": 1, "entries": [...], "requires": [...]}
+    vml-bundle.json    {"format": 1, "entries": [...], "requires": [...],
+                       "objects": N}
     objects/<hex>      objects exactly as stored (already compressed)
 
 "entries" are the entries the bundle adds, each {"name", "manifest"};
@@ -95,6 +96,7 @@ def export(
         "format": FORMAT,
         "entries": [{"name": names.get(d, m.name), "manifest": d.hex()} for d, m in reversed(included)],
         "requires": requires,
+        "objects": len(wanted),
     }
     progress = progress or (lambda n: None)
     fd, tmp = tempfile.mkstemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.")
@@ -176,6 +178,8 @@ def import_bundle(repo: Repository, path: Path | str, *, progress=None) -> list[
                 staging = repo.store.staging_dir("import.")
                 try:
                     sizes = _stage_objects(tar, staging, path, progress)
+                    if len(sizes) != index["objects"]:
+                        raise BadBundle(f"{path}: truncated: {len(sizes)} of {index['objects']} objects present")
                     _check_complete(repo, _StagedStore(repo.store, staging, sizes), entries, path)
                     for obj in sizes:
                         repo.store.link_in(obj, staging / obj.hex())
@@ -198,6 +202,8 @@ def _read_index(tar: tarfile.TarFile, path: Path) -> dict:
         index = json.loads(tar.extractfile(first).read())
         if index.get("format") != FORMAT:
             raise ValueError(f"unsupported bundle format {index.get('format')!r}")
+        if not isinstance(index.get("objects"), int):
+            raise ValueError("no object count")
         return index
     except (ValueError, AttributeError) as e:
         raise BadBundle(f"{path}: damaged bundle index ({e})") from None

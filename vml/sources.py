@@ -81,7 +81,10 @@ def probe_disk(path: Path, fmt: str | None = None) -> tuple[SourceDisk, set[Path
         for ext in img.get("format-specific", {}).get("data", {}).get("extents", []):
             parts.add((here.parent / ext["filename"]).resolve())
     parts.discard(path.resolve())
-    return SourceDisk(disk_name(path), path, top["format"], int(top["virtual-size"])), parts
+    size = int(top["virtual-size"])
+    if top["format"] == "raw" and path.is_file():
+        size = path.stat().st_size  # qemu-img rounds raw sizes up to 512 bytes
+    return SourceDisk(disk_name(path), path, top["format"], size), parts
 
 
 def discover(path: Path | str, fmt: str | None = None) -> tuple[list[SourceDisk], list[SourceFile]]:

@@ -1,0 +1,167 @@
+"""Shared fixtures: a private VML home, the `vml` command, real ext4 images.
+
+With VML_REQUIRE_ALL=1 (as .ci/run sets it) a test that skips for a missing
+prerequisite is reported as a failure: CI must run everything.
+"""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from vml.repository import Repository
+from vml.store import Store
+
+REQUIRE_ALL = os.environ.get("VML_REQUIRE_ALL") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but VML_REQUIRE_ALL=1 forbids skips: {reason}"
+
+
+def need(*tools: str) -> None:
+    """Skip (a failure in CI) unless every tool is on PATH."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (run scripts/install-deps)")
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to mount a small tmpfs)")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A private $VML_HOME for the test."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("VML_HOME", str(h))
+    return h
+
+
+class Vml:
+    """Runs the real `vml` command in a subprocess."""
+
+    def __init__(self, home: Path, cwd: Path):
+        self.env = dict(os.environ, VML_HOME=str(home))
+        self.cwd = cwd
+
+    def __call__(self, *args, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        r = subprocess.run(
+            [sys.executable, "-m", "vml", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.cwd,
+            timeout=timeout,
+            check=False,
+        )
+        if ok and r.returncode != 0:
+            raise AssertionError(f"vml {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+        return r
+
+    def fails(self, *args, status: int | None = None) -> str:
+        """Run a command that must fail with one line of error; return that line."""
+        r = self(*args, ok=False)
+        assert r.returncode != 0, f"vml {' '.join(map(str, args))} unexpectedly succeeded:\n{r.stdout}"
+        if status is not None:
+            assert r.returncode == status, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vml: error: "), r.stderr
+        return lines[0]
+
+    def popen(self, *args) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vml", *map(str, args)],
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+
+@pytest.fixture
+def vml(home, tmp_path) -> Vml:
+    return Vml(home, tmp_path)
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repository:
+    """A library-level repository with small chunks, for fast tests."""
+    return Repository(Store.create(tmp_path / "repo", chunk_size=4096), "repo")
+
+
+# -- real images ----------------------------------------------------------------
+
+
+def file_tree(dest: Path, megabytes: int, seed: int = 0) -> Path:
+    """A directory of real files: Python stdlib sources plus some random data."""
+    rng = random.Random(seed)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = sorted(p for p in stdlib.glob("*.py"))
+    budget = megabytes << 20
+    dest.mkdir(parents=True, exist_ok=True)
+    i = 0
+    while budget > 0:
+        src = sources[i % len(sources)]
+        target = dest / f"d{i // 50}" / f"{i}_{src.name}"
+        target.parent.mkdir(exist_ok=True)
+        data = src.read_bytes()
+        if i % 7 == 0:
+            data += rng.randbytes(min(budget, 64 << 10))
+        target.write_bytes(data)
+        budget -= len(data)
+        i += 1
+    return dest
+
+
+def mkfs_ext4(image: Path, size_mb: int, tree: Path) -> Path:
+    need("mkfs.ext4")
+    subprocess.run(["truncate", "-s", f"{size_mb}M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
+    return image
+
+
+def debugfs_write(image: Path, files: dict[str, bytes], workdir: Path) -> None:
+    """Add files to an ext4 image without mounting it."""
+    need("debugfs")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        src = workdir / name.replace("/", "_")
+        src.write_bytes(data)
+        r = subprocess.run(
+            ["debugfs", "-w", "-R", f"write {src} /{name}", str(image)], capture_output=True, text=True, check=False
+        )
+        assert r.returncode == 0 and "error" not in r.stderr.lower(), r.stderr
+
+
+@pytest.fixture(scope="session")
+def ext4_image(tmp_path_factory) -> Path:
+    """A 64 MiB ext4 image with ~20 MiB of real files (shared; copy before changing)."""
+    d = tmp_path_factory.mktemp("ext4")
+    return mkfs_ext4(d / "base.img", 64, file_tree(d / "tree", 20))
+
+
+@pytest.fixture
+def image_copy(ext4_image, tmp_path):
+    def copy(name: str = "disk.img") -> Path:
+        dest = tmp_path / name
+        subprocess.run(["cp", "--sparse=always", str(ext4_image), str(dest)], check=True)
+        return dest
+
+    return copy
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
