@@ -115,6 +115,7 @@ class Store:
         self.tmp_dir = self.path / "tmp"
         self.refs_path = self.path / REFS_FILE
         self._locked = False
+        self._tmpfile_ok = True
 
     @classmethod
     def create(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Store":
@@ -194,14 +195,39 @@ class Store:
         """Store an already compressed object; return False if it was there.
 
         The caller vouches that ``blob`` decodes to content named ``digest``.
+        The object is written as an unnamed file (O_TMPFILE) and linked into
+        place complete, which needs no temporary name and no unlink; file
+        systems without O_TMPFILE get a named temporary file in tmp/.
         """
         self._require_lock()
+        final = self.object_path(digest)
+        if self._tmpfile_ok:
+            try:
+                fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._tmpfile_ok = False
+            else:
+                try:
+                    _write_all(fd, blob)
+                    # linkat(AT_SYMLINK_FOLLOW) on the /proc link; CPython uses
+                    # it only when given a directory fd.
+                    os.link(str(fd), final, src_dir_fd=_proc_fds(), follow_symlinks=True)
+                    return True
+                except FileExistsError:
+                    return False
+                finally:
+                    os.close(fd)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="obj.")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
+            _write_all(fd, blob)
+            os.close(fd)
+            fd = -1
             return self.link_in(digest, tmp)
         finally:
+            if fd >= 0:
+                os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
@@ -322,6 +348,24 @@ class Store:
     def staging_dir(self, prefix: str) -> Path:
         self._require_lock()
         return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=prefix))
+
+
+_proc_fd_dir = (-1, -1)  # (pid, fd of /proc/PID/fd)
+
+
+def _proc_fds() -> int:
+    """A directory fd of this process's /proc fd table; renewed after fork."""
+    global _proc_fd_dir
+    pid = os.getpid()
+    if _proc_fd_dir[0] != pid:
+        _proc_fd_dir = (pid, os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    return _proc_fd_dir[1]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def storage_error(e: OSError, doing: str) -> StorageError:
