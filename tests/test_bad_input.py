@@ -11,11 +11,12 @@ import time
 from dataclasses import replace
 
 import pytest
-from conftest import need, need_root
 
 from vml import chunkmap, objects
 from vml.repository import Repository
 from vml.store import Store
+
+from conftest import need, need_root
 
 
 def snapshot(repo_path):

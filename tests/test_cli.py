@@ -7,6 +7,7 @@ import subprocess
 import tarfile
 
 import pytest
+
 from conftest import allocated, debugfs_write, need
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from .errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
 from .names import check_name
 from .objects import HOLE, decode, parse_hex
+from .progress import SILENT, Progress
 from .repository import Repository
 from .store import MAX_CHUNK_SIZE, METADATA_LIMIT, storage_error
 
@@ -47,7 +48,13 @@ class BundleSummary:
 
 
 def export(
-    repo: Repository, name: str, out: Path | str, *, against: str | None = None, full: bool = False, progress=None
+    repo: Repository,
+    name: str,
+    out: Path | str,
+    *,
+    against: str | None = None,
+    full: bool = False,
+    progress: Progress = SILENT,
 ) -> BundleSummary:
     """Write entry ``name`` (and the entries it builds on) to bundle ``out``.
 
@@ -98,7 +105,7 @@ def export(
         "requires": requires,
         "objects": len(wanted),
     }
-    progress = progress or (lambda n: None)
+    progress.start(sum(repo.store.object_size(obj) for obj in wanted))
     fd, tmp = tempfile.mkstemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.")
     os.close(fd)
     try:
@@ -107,7 +114,7 @@ def export(
             for obj in wanted:
                 blob = repo.store.read_raw(obj)
                 _add(tar, f"objects/{obj.hex()}", blob)
-                progress(len(blob))
+                progress.advance(len(blob))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -158,10 +165,9 @@ class _StagedStore:
         return digest in self.sizes or self.store.has(digest)
 
 
-def import_bundle(repo: Repository, path: Path | str, *, progress=None) -> list[str]:
+def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SILENT) -> list[str]:
     """Add a bundle's entries to ``repo``; return the names added."""
     path = Path(path)
-    progress = progress or (lambda n: None)
     try:
         tar = tarfile.open(path, "r:")  # noqa: SIM115 (closed by the with below)
     except FileNotFoundError:
@@ -175,6 +181,7 @@ def import_bundle(repo: Repository, path: Path | str, *, progress=None) -> list[
             if not entries:
                 return []
             with repo.store.lock(f"vml import {path.name}"):
+                progress.start(path.stat().st_size)
                 staging = repo.store.staging_dir("import.")
                 try:
                     sizes = _stage_objects(tar, staging, path, progress)
@@ -236,7 +243,7 @@ def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, b
     return entries, requires
 
 
-def _stage_objects(tar: tarfile.TarFile, staging: Path, path: Path, progress) -> dict[bytes, int]:
+def _stage_objects(tar: tarfile.TarFile, staging: Path, path: Path, progress: Progress) -> dict[bytes, int]:
     """Extract and check every object; return digest -> decompressed size."""
     sizes = {}
     for member in tar:
@@ -255,7 +262,7 @@ def _stage_objects(tar: tarfile.TarFile, staging: Path, path: Path, progress) ->
         except Corrupt as e:
             raise BadBundle(f"{path}: {e}") from None
         (staging / d.hex()).write_bytes(blob)
-        progress(len(blob))
+        progress.advance(len(blob))
     return sizes
 
 

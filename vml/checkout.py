@@ -17,11 +17,14 @@ from pathlib import Path
 from .chunkmap import ChunkTable
 from .errors import AlreadyExists, StorageError
 from .objects import HOLE
+from .progress import SILENT, Progress
 from .repository import Repository
 from .store import storage_error
 
 
-def checkout(repo: Repository, name: str, dest: Path | str, *, progress=None, workers: int | None = None) -> list[Path]:
+def checkout(
+    repo: Repository, name: str, dest: Path | str, *, progress: Progress = SILENT, workers: int | None = None
+) -> list[Path]:
     """Write entry ``name`` into directory ``dest``; return the paths written."""
     entry = repo.entry(name)
     resolved = repo.resolve(entry.digest)
@@ -36,7 +39,7 @@ def checkout(repo: Repository, name: str, dest: Path | str, *, progress=None, wo
         staging = Path(tempfile.mkdtemp(dir=dest, prefix=".vml-checkout."))
     except OSError as e:
         raise storage_error(e, f"checking out entry {name!r} into {dest}") from None
-    progress = progress or (lambda n: None)
+    progress.start(sum(t.size for _, t, _, _ in jobs))
     workers = workers or os.cpu_count() or 2
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="vml-checkout") as pool:
@@ -59,13 +62,13 @@ def _write_table(repo, table: ChunkTable, path: Path, mode: int, where: str, poo
         os.ftruncate(fd, table.size)
         for index in range(table.count):
             if table.digest(index) == HOLE:
-                progress(table.chunk_length(index))
+                progress.advance(table.chunk_length(index))
                 continue
             pending.append(pool.submit(_write_chunk, repo, table, index, fd, where))
             while pending and (len(pending) > inflight or pending[0].done()):
-                progress(pending.popleft().result())
+                progress.advance(pending.popleft().result())
         while pending:
-            progress(pending.popleft().result())
+            progress.advance(pending.popleft().result())
         os.fsync(fd)
         os.fchmod(fd, mode)
     except BaseException:

@@ -15,6 +15,7 @@ from .checkout import checkout
 from .errors import VmlError
 from .manifest import KINDS
 from .names import check_repository_name, format_size, parse_size
+from .progress import SILENT, Progress
 from .render import show_lines, table, tree_lines
 from .save import save
 from .store import DEFAULT_CHUNK_SIZE, Store, check_chunk_size
@@ -22,16 +23,39 @@ from .store import DEFAULT_CHUNK_SIZE, Store, check_chunk_size
 INTERNAL_ERROR = 70
 
 
-@contextlib.contextmanager
-def progress_bar(total: int | None, what: str, unit: str = "B"):
-    """A tqdm bar on a terminal; a no-op callback otherwise."""
-    if not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    from tqdm import tqdm
+class TerminalProgress(Progress):
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
 
-    with tqdm(total=total, desc=what, unit=unit, unit_scale=True, unit_divisor=1024, leave=False) as bar:
-        yield bar.update
+    def __init__(self, what: str, unit: str):
+        self.what, self.unit, self.bar = what, unit, None
+
+    def start(self, total: int | None) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        scale = {"unit_scale": True, "unit_divisor": 1024} if self.unit == "B" else {}
+        self.bar = tqdm(total=total, desc=self.what, unit=self.unit, leave=False, **scale)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def progress_bar(what: str, unit: str = "B"):
+    if not sys.stderr.isatty():
+        yield SILENT
+        return
+    p = TerminalProgress(what, unit)
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 def _repo(args):
@@ -57,7 +81,7 @@ def cmd_init(args) -> int:
 
 def cmd_save(args) -> int:
     repo = _repo(args)
-    with progress_bar(None, f"saving {args.entry}") as bar:
+    with progress_bar(f"saving {args.entry}") as bar:
         entry = save(
             repo,
             args.entry,
@@ -113,9 +137,7 @@ def cmd_show(args) -> int:
 
 def cmd_checkout(args) -> int:
     repo = _repo(args)
-    entry = repo.entry(args.entry)
-    total = sum(s.size for s in entry.manifest.disks + entry.manifest.files)
-    with progress_bar(total, f"checking out {args.entry}") as bar:
+    with progress_bar(f"checking out {args.entry}") as bar:
         paths = checkout(repo, args.entry, args.dir, progress=bar)
     for p in paths:
         print(p)
@@ -124,7 +146,7 @@ def cmd_checkout(args) -> int:
 
 def cmd_export(args) -> int:
     repo = _repo(args)
-    with progress_bar(None, f"exporting {args.entry}") as bar:
+    with progress_bar(f"exporting {args.entry}") as bar:
         s = bundle.export(repo, args.entry, args.output, against=args.against, full=args.full, progress=bar)
     needs = f"; the receiver needs {', '.join(s.requires)}" if s.requires else ""
     print(f"wrote {args.output}: {format_size(s.size)}, entries {', '.join(s.entries)}, {s.objects} objects{needs}")
@@ -133,8 +155,7 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     repo = _repo(args)
-    size = Path(args.file).stat().st_size if Path(args.file).is_file() else None
-    with progress_bar(size, f"importing {Path(args.file).name}") as bar:
+    with progress_bar(f"importing {Path(args.file).name}") as bar:
         names = bundle.import_bundle(repo, args.file, progress=bar)
     print(f"imported {', '.join(names)} into {repo.name}" if names else f"nothing new for {repo.name} in {args.file}")
     return 0
@@ -159,7 +180,7 @@ def cmd_gc(args) -> int:
 
 def cmd_verify(args) -> int:
     repo = _repo(args)
-    with progress_bar(None, f"verifying {repo.name}", unit="obj") as bar:
+    with progress_bar(f"verifying {repo.name}", unit="obj") as bar:
         problems = maintenance.verify(repo, args.entry, progress=bar)
     for p in problems:
         print(p)

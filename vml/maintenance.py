@@ -8,6 +8,7 @@ from . import chunkmap
 from .errors import Corrupt, HasChildren, UsageError
 from .manifest import Link, Manifest, Stream
 from .objects import HOLE, decode
+from .progress import SILENT, Progress
 from .repository import Entry, Repository
 from .save import ChunkWriter
 from .store import METADATA_LIMIT
@@ -18,7 +19,9 @@ MAX_PROBLEMS_PER_ENTRY = 5
 # -- verify ---------------------------------------------------------------
 
 
-def verify(repo: Repository, name: str | None = None, *, progress=None, workers: int | None = None) -> list[str]:
+def verify(
+    repo: Repository, name: str | None = None, *, progress: Progress = SILENT, workers: int | None = None
+) -> list[str]:
     """Check objects against their digests and entries against their objects.
 
     Without ``name``: every object in the store and every entry. With it:
@@ -26,7 +29,6 @@ def verify(repo: Repository, name: str | None = None, *, progress=None, workers:
     """
     problems: list[str] = []
     checked: dict[bytes, int | None] = {}  # digest -> decompressed size, None if bad
-    progress = progress or (lambda n: None)
     with ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="vml-verify") as pool:
         if name is None:
             digests = []
@@ -35,6 +37,7 @@ def verify(repo: Repository, name: str | None = None, *, progress=None, workers:
                     problems.append(f"{path}: stray file among the objects (not an object name)")
                 else:
                     digests.append(d)
+            progress.start(len(digests))
             _check_objects(repo, digests, checked, problems, pool, progress)
             try:
                 refs = repo.refs()
@@ -58,7 +61,7 @@ def _check_objects(repo, digests, checked, problems, pool, progress) -> None:
         checked[d] = size
         if problem:
             problems.append(problem)
-        progress(1)
+        progress.advance(1)
 
 
 def _check_entry(repo, name, digest, checked, problems, pool, progress) -> None:

@@ -25,6 +25,7 @@ from .errors import AlreadyExists, BadSource, UsageError
 from .manifest import KINDS, Link, Manifest, Stream
 from .names import check_name
 from .objects import HOLE
+from .progress import SILENT, Progress
 from .repository import EMPTY, Entry, Repository, now_iso
 from .sources import discover, raw_view
 from .store import Store, storage_error
@@ -48,10 +49,10 @@ class _Done:
 class ChunkWriter:
     """Stores streams of one save as chunks; can undo the objects it created."""
 
-    def __init__(self, store: Store, chunk_size: int, progress=None, workers: int | None = None):
+    def __init__(self, store: Store, chunk_size: int, progress: Progress = SILENT, workers: int | None = None):
         self.store = store
         self.chunk_size = chunk_size
-        self.progress = progress or (lambda n: None)
+        self.progress = progress
         self.workers = workers or os.cpu_count() or 2
         self.max_inflight = 4 * self.workers
         self.created: list[bytes] = []
@@ -86,7 +87,7 @@ class ChunkWriter:
             index, d, csize = fut.result()
             if d != (ref.digest(index) if ref else HOLE):
                 records.append((index, d, csize))
-            self.progress(min(self.chunk_size, size - index * self.chunk_size))
+            self.progress.advance(min(self.chunk_size, size - index * self.chunk_size))
 
         try:
             with contextlib.suppress(OSError):
@@ -160,19 +161,19 @@ def save(
     kind: str | None = None,
     message: str = "",
     fmt: str | None = None,
-    progress=None,
+    progress: Progress = SILENT,
     workers: int | None = None,
 ) -> Entry:
     """Save a disk image or VM directory as entry ``name``.
 
     ``kind`` defaults to incremental when a parent is given, else full.
-    ``progress`` is called with byte counts as the source is read.
     """
     check_name(name)
     if kind is not None and kind not in KINDS:
         raise UsageError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     disks, files = discover(source, fmt)
     file_sizes = [f.path.stat().st_size for f in files]
+    progress.start(sum(d.size for d in disks) + sum(file_sizes))
     store = repo.store
     with store.lock(f"vml save {name}"):
         if name in repo.refs():
