@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -187,3 +188,22 @@ def test_usage_errors_are_one_line(vml, rep1, tmp_path):
     (tmp_path / "vmdir/disk.img").write_bytes(b"x" * 4096)
     os.symlink("/etc/passwd", tmp_path / "vmdir/passwd")
     assert "only regular files are saved" in vml.fails("save", "e2", "--from", tmp_path / "vmdir")
+
+
+def test_a_save_waits_for_another_writer_and_says_so(vml, rep1, image_copy):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom vml.store import Store\n"
+            "with Store(sys.argv[1]).lock('vml gc'):\n    print('held', flush=True)\n    time.sleep(2)",
+            str(rep1),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    r = vml("save", "e1", "--from", image_copy())
+    holder.wait(10)
+    assert re.search(r"waiting up to 60 s for repository .*rep1: pid \d+ \(vml gc\) holds its lock", r.stderr)
+    assert "saved e1" in r.stdout

@@ -7,6 +7,7 @@ exit with the status their class carries; a traceback only with --debug.
 import argparse
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="vml: %(message)s", level=logging.DEBUG if args.debug else logging.WARNING)
     try:
         return args.func(args)
     except VmlError as e:

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -55,6 +56,7 @@ MAX_CHUNK_SIZE = 16 << 20
 METADATA_LIMIT = 64 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger(__name__)
 
 
 def check_chunk_size(size: int) -> int:
@@ -310,14 +312,20 @@ class Store:
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + timeout
+            waited = False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                     if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                         raise Locked(f"repository {self.path} is busy: {holder} holds its lock") from None
+                    if not waited:
+                        log.warning(
+                            "waiting up to %.0f s for repository %s: %s holds its lock", timeout, self.path, holder
+                        )
+                        waited = True
                     time.sleep(0.1)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
