@@ -167,6 +167,7 @@ def test_missing_objects_are_named_on_checkout_and_verify(vml, tmp_path, image_c
     repo.store.object_path(victim).unlink()
     msg = vml.fails("checkout", "e1", tmp_path / "co", status=7)
     assert "entry 'e1', disk disk, chunk" in msg and victim.hex() in msg
+    assert not (tmp_path / "co").exists()  # the directory it made is gone again
     r = vml("verify", ok=False)
     assert r.returncode == 1 and f"object {victim.hex()} is missing" in r.stdout
 

@@ -35,6 +35,7 @@ from .store import MAX_CHUNK_SIZE, METADATA_LIMIT, storage_error
 FORMAT = 1
 INDEX = "vml-bundle.json"
 INDEX_LIMIT = 1 << 20
+HEADER_LIMIT = 64 << 10
 # An object's stored size can exceed its content by zstd's framing overhead.
 OBJECT_FILE_LIMIT = METADATA_LIMIT + (1 << 20)
 
@@ -168,6 +169,7 @@ class _StagedStore:
 def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SILENT) -> list[str]:
     """Add a bundle's entries to ``repo``; return the names added."""
     path = Path(path)
+    _check_headers(path)
     try:
         tar = tarfile.open(path, "r:")  # noqa: SIM115 (closed by the with below)
     except FileNotFoundError:
@@ -177,10 +179,12 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
     with tar:
         try:
             index = _read_index(tar, path)
-            entries, _requires = _check_index(repo, index, path)
-            if not entries:
-                return []
             with repo.store.lock(f"vml import {path.name}"):
+                # Checked under the lock, so no other writer can take a name
+                # between the check and the refs update.
+                entries, _requires = _check_index(repo, index, path)
+                if not entries:
+                    return []
                 progress.start(path.stat().st_size)
                 staging = repo.store.staging_dir("import.")
                 try:
@@ -201,6 +205,34 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
     return list(entries)
 
 
+def _check_headers(path: Path) -> None:
+    """Refuse tar metadata headers (pax, GNU long names) larger than HEADER_LIMIT.
+
+    tarfile reads such a header whole into memory, so a forged size could
+    make it allocate gigabytes before any of our checks ran.
+    """
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(512)
+                if len(block) < 512 or block == bytes(512):
+                    return
+                size_field = block[124:136]
+                if size_field[0] & 0x80:  # base-256
+                    size = int.from_bytes(size_field[1:], "big")
+                else:
+                    size = int(size_field.split(b"\0")[0].strip() or b"0", 8)
+                if block[156:157] in (b"x", b"g", b"L", b"K") and size > HEADER_LIMIT:
+                    raise BadBundle(f"{path}: damaged bundle (a tar header of {size} bytes)")
+                f.seek(-(-size // 512) * 512, os.SEEK_CUR)
+    except FileNotFoundError:
+        raise BadBundle(f"{path}: no such file") from None
+    except ValueError:
+        raise BadBundle(f"{path}: not a VML bundle (not a tar file)") from None
+    except OSError as e:
+        raise BadBundle(f"{path}: cannot read it ({e.strerror})") from None
+
+
 def _read_index(tar: tarfile.TarFile, path: Path) -> dict:
     first = tar.next()
     if first is None or first.name != INDEX or not first.isfile() or first.size > INDEX_LIMIT:
@@ -212,7 +244,7 @@ def _read_index(tar: tarfile.TarFile, path: Path) -> dict:
         if not isinstance(index.get("objects"), int):
             raise ValueError("no object count")
         return index
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, RecursionError) as e:
         raise BadBundle(f"{path}: damaged bundle index ({e})") from None
 
 
@@ -293,6 +325,12 @@ def _check_complete(repo: Repository, staged: _StagedStore, entries: dict[str, b
                     raise BadBundle(f"{path}: entry {name!r} needs object {d.hex()}, which is missing")
                 if staged.sizes.get(d, 0) > chunk_limit:
                     raise BadBundle(f"{path}: entry {name!r}: chunk {d.hex()} is larger than the chunk size")
+            for i in range(table.count):
+                size = staged.sizes.get(table.digest(i))
+                if size is not None and size != table.chunk_length(i):
+                    raise BadBundle(
+                        f"{path}: entry {name!r}: chunk {i} has {size} bytes, expected {table.chunk_length(i)}"
+                    )
 
 
 def _first_missing_link(view: Repository, digest: bytes) -> str:

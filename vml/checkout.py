@@ -34,6 +34,7 @@ def checkout(
     for target, *_ in jobs:
         if os.path.lexists(target):
             raise AlreadyExists(f"{target} already exists; check out into an empty or new directory")
+    created = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=dest, prefix=".vml-checkout."))
@@ -52,6 +53,8 @@ def checkout(
         raise storage_error(e, f"checking out entry {name!r} into {dest}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(dest.iterdir()):
+            dest.rmdir()  # a failed checkout leaves no trace
     return [target for target, *_ in jobs]
 
 

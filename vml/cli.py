@@ -194,11 +194,18 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --repo and --debug go before or after the command. The subcommands'
+    # copies default to SUPPRESS, so they do not overwrite a value given
+    # before the command.
+    p = argparse.ArgumentParser(prog="vml", description="Virtual Machine Logbook")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--repo", metavar="REPO", help="repository name from the config, or a path")
-    common.add_argument("--debug", action="store_true", help="print a traceback on errors")
-
-    p = argparse.ArgumentParser(prog="vml", description="Virtual Machine Logbook", parents=[common])
+    for parser, default in ((p, None), (common, argparse.SUPPRESS)):
+        parser.add_argument(
+            "--repo", metavar="REPO", default=default, help="repository name from the config, or a path"
+        )
+        parser.add_argument(
+            "--debug", action="store_true", default=default or False, help="print a traceback on errors"
+        )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, fn, help_text):

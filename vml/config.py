@@ -47,9 +47,11 @@ class Config:
             raise CorruptManifest(f"{path}: cannot read the configuration ({e})") from None
         try:
             repos = {check_repository_name(n): Path(r["path"]) for n, r in doc.get("repositories", {}).items()}
-        except (KeyError, TypeError, UsageError) as e:
+        except (KeyError, TypeError, AttributeError, UsageError) as e:
             raise CorruptManifest(f"{path}: invalid [repositories] section ({e})") from None
         default = doc.get("default")
+        if default is not None and not isinstance(default, str):
+            raise CorruptManifest(f"{path}: default must be a repository name")
         return cls(path, repos, default if default in repos else None)
 
     def save(self) -> None:

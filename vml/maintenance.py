@@ -11,7 +11,7 @@ from .objects import HOLE, decode
 from .progress import SILENT, Progress
 from .repository import Entry, Repository
 from .save import ChunkWriter
-from .store import METADATA_LIMIT
+from .store import METADATA_LIMIT, storage_error
 
 MAX_PROBLEMS_PER_ENTRY = 5
 
@@ -197,6 +197,8 @@ def _reparent(repo: Repository, removed: Entry, deps: list[Entry]) -> dict[str, 
     """
     content = {e.digest: repo.resolve(e.digest) for e in deps}
     up = removed.manifest.parent
+    if up is not None and not repo.store.has(up.manifest):
+        up = None  # its parent is not in this repository: dependents become roots
     renamed: dict[bytes, bytes | None] = {removed.digest: up.manifest if up else None}
     names: dict[bytes, str] = {up.manifest: up.name} if up else {}
     writer = ChunkWriter(repo.store, removed.manifest.chunk_size)
@@ -212,8 +214,10 @@ def _reparent(repo: Repository, removed: Entry, deps: list[Entry]) -> dict[str, 
                 names[new_digest] = e.name
                 todo.remove(e)
         repo.store.sync()
-    except BaseException:
+    except BaseException as e:
         writer.rollback()
+        if isinstance(e, OSError):
+            raise storage_error(e, f"rewriting the entries built on {removed.name!r}") from None
         raise
     finally:
         writer.close()

@@ -10,6 +10,7 @@ later versions can add fields without breaking older readers; a different
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from .errors import CorruptManifest, UsageError
 from .names import check_name, check_relative_path
@@ -19,6 +20,15 @@ from .store import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 FORMAT = 1
 KINDS = ("full", "incremental", "differential")
 MAX_STREAM_SIZE = 1 << 60
+# Bounds the memory a forged manifest can make a reader allocate: resolved
+# tables take 36 bytes a chunk, so at most 2.4 GB (a 16 TiB disk at 256 KiB).
+MAX_CHUNKS = 1 << 26
+RESERVED_FILE = "entry.json"
+
+
+def disk_file_names(disk: str) -> tuple[str, str, str]:
+    """The names disk ``disk`` has in a checkout or the mount: raw image, VMDK descriptor, flat extent."""
+    return f"{disk}.img", f"{disk}.vmdk", f"{disk}-flat.vmdk"
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ class Manifest:
     message: str = ""
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.check()
+
     @property
     def reference(self) -> Link | None:
         """The entry whose data this one is a delta against, if any."""
@@ -90,12 +103,14 @@ class Manifest:
     def decode(cls, data: bytes, where: str) -> "Manifest":
         try:
             doc = json.loads(data)
-            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            if not isinstance(doc, dict):
+                raise TypeError("not a JSON object")
+            if doc.get("format") != FORMAT:
                 raise ValueError(f"unsupported manifest format {doc.get('format')!r}")
             m = cls(
                 name=check_name(_str(doc["name"])),
                 kind=_str(doc["kind"]),
-                created=_str(doc["created"]),
+                created=_timestamp(doc["created"]),
                 message=_str(doc.get("message", "")),
                 chunk_size=_int(doc["chunk_size"], MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
                 parent=_link(doc.get("parent")),
@@ -104,8 +119,7 @@ class Manifest:
                 files=tuple(_stream(s, True) for s in _list(doc.get("files", []))),
                 extra={k: v for k, v in doc.items() if k not in _KNOWN},
             )
-            m.check()
-        except (ValueError, KeyError, TypeError, UsageError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
             raise CorruptManifest(f"{where}: invalid manifest ({e})") from None
         return m
 
@@ -123,6 +137,15 @@ class Manifest:
             names = [s.name for s in group]
             if len(set(names)) != len(names):
                 raise ValueError("duplicate disk or file name")
+        chunks = sum(-(-s.size // self.chunk_size) for s in self.disks + self.files)
+        if chunks > MAX_CHUNKS:
+            raise ValueError(f"{chunks} chunks, more than the {MAX_CHUNKS} an entry may have")
+        # Checked out or mounted, disks and files share one directory.
+        taken = {RESERVED_FILE} | {n for s in self.disks for n in disk_file_names(s.name)}
+        dirs = {p for s in self.files for p in _parents(s.name)}
+        for s in self.files:
+            if s.name in taken or s.name in dirs:
+                raise ValueError(f"file name {s.name!r} collides with a disk, a directory or {RESERVED_FILE}")
 
     def map_digests(self) -> list[bytes]:
         return [s.map for s in self.disks + self.files]
@@ -135,6 +158,16 @@ def _str(v) -> str:
     if not isinstance(v, str):
         raise TypeError("expected a string")
     return v
+
+
+def _timestamp(v) -> str:
+    datetime.strptime(_str(v), "%Y-%m-%dT%H:%M:%SZ")  # ValueError if malformed
+    return v
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _int(v, lo: int, hi: int) -> int:

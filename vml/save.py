@@ -152,6 +152,13 @@ class ChunkWriter:
             yield index, data
 
 
+def _manifest(source, **fields) -> Manifest:
+    try:
+        return Manifest(**fields)
+    except ValueError as e:
+        raise BadSource(f"{source}: cannot be saved as an entry: {e}") from None
+
+
 def save(
     repo: Repository,
     name: str,
@@ -209,7 +216,8 @@ def save(
                 ref_file = ref.files.get(f.name)
                 map_digest = writer.store_stream(f.path, size, ref_file[0] if ref_file else None)
                 file_streams.append(Stream(f.name, size, map_digest, f.mode))
-            manifest = Manifest(
+            manifest = _manifest(
+                source,
                 name=name,
                 kind=kind,
                 created=now_iso(),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadSource, StorageError
+from .manifest import RESERVED_FILE
 from .names import check_relative_path
 
 DISK_SUFFIXES = {".img", ".raw", ".qcow2", ".qcow", ".vmdk", ".vdi", ".vhd", ".vhdx"}
@@ -125,6 +126,12 @@ def _discover_dir(root: Path) -> tuple[list[SourceDisk], list[SourceFile]]:
     probed = [probe_disk(p) for p in candidates]
     members = set().union(*(parts for _, parts in probed)) if probed else set()
     disks = [d for d, _ in probed if d.path.resolve() not in members]
+    # A VML checkout or copy of a mounted entry shows each disk twice: as
+    # NAME.img and as the VMDK descriptor NAME.vmdk over NAME-flat.vmdk.
+    raw = {(d.name, d.size) for d in disks if d.format == "raw" and d.path.suffix == ".img"}
+    views = [d for d in disks if d.format == "vmdk" and (d.name, d.size) in raw]
+    members |= {d.path.resolve() for d in views}
+    disks = [d for d in disks if d not in views]
     names = [d.name for d in disks]
     for n in names:
         if names.count(n) > 1:
@@ -136,6 +143,10 @@ def _discover_dir(root: Path) -> tuple[list[SourceDisk], list[SourceFile]]:
         if p in disk_paths or p.resolve() in members:
             continue
         rel = p.relative_to(root).as_posix()
+        if rel == RESERVED_FILE:
+            if _is_entry_description(p):
+                continue  # what the mount shows of an entry; the new entry gets its own
+            raise BadSource(f"{p}: {RESERVED_FILE} is a reserved name in an entry; rename it")
         try:
             check_relative_path(rel)
         except Exception:
@@ -168,6 +179,14 @@ def raw_view(disk: SourceDisk, tmp_dir: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             out.unlink()
+
+
+def _is_entry_description(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and {"name", "manifest", "disks"} <= doc.keys()
 
 
 def _first_line(text: str) -> str:

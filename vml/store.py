@@ -103,9 +103,11 @@ class Store:
             meta = json.loads(meta_path.read_bytes())
         except FileNotFoundError:
             raise NotFound(f"{self.path}: not a VML repository (no {META_FILE})") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise CorruptManifest(f"{meta_path}: cannot read repository settings ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict):
+            raise CorruptManifest(f"{meta_path}: not a JSON object")
+        if meta.get("format") != FORMAT:
             raise CorruptManifest(f"{meta_path}: unsupported repository format {meta.get('format')!r}")
         if meta.get("digest") != "blake3" or meta.get("compression") != "zstd":
             raise CorruptManifest(f"{meta_path}: unsupported digest or compression")
@@ -132,8 +134,9 @@ class Store:
             raise NotFound(f"{parent}: no such directory")
         # Build the repository beside its final name and rename it into
         # place, so that a half-created repository is never found.
-        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.creating."))
+        staging = None
         try:
+            staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.creating."))
             for i in range(256):
                 (staging / "objects" / f"{i:02x}").mkdir(parents=True)
             (staging / "tmp").mkdir()
@@ -146,7 +149,8 @@ class Store:
                 path.rmdir()
             os.rename(staging, path)
         except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             raise StorageError(f"{path}: cannot create repository ({e.strerror})") from None
         fsync_dir(parent)
         return cls(path)
@@ -327,15 +331,17 @@ class Store:
                         )
                         waited = True
                     time.sleep(0.1)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
+            with contextlib.suppress(OSError):  # only a hint for others; a full disk may refuse it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
             self._locked = True
             self._clean_tmp()
             try:
                 yield self
             finally:
                 self._locked = False
-                os.ftruncate(fd, 0)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # releases the flock
 
@@ -345,7 +351,10 @@ class Store:
 
     def _clean_tmp(self) -> None:
         # Whatever is in tmp/ belongs to a writer that died: only lock
-        # holders write there, and we hold the lock now.
+        # holders write there, and we hold the lock now. So does a
+        # temporary refs file left by a writer killed while replacing it.
+        for p in self.path.glob(f".{REFS_FILE}.*"):
+            p.unlink(missing_ok=True)
         for p in self.tmp_dir.iterdir():
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
