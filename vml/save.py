@@ -16,7 +16,7 @@ import os
 import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import chunkmap, objects
@@ -26,7 +26,7 @@ from .manifest import KINDS, Link, Manifest, Stream
 from .names import check_name
 from .objects import HOLE
 from .progress import SILENT, Progress
-from .repository import EMPTY, Entry, Repository, now_iso
+from .repository import EMPTY, Entry, Repository, Resolved, now_iso
 from .sources import discover, raw_view
 from .store import Store, storage_error
 
@@ -80,6 +80,21 @@ class ChunkWriter:
         and listed (a delta map); without, every chunk that is not zero.
         """
         fd = os.open(path, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            return self.store_chunks(self._read_chunks(fd, path, size), size, ref)
+        finally:
+            os.close(fd)
+
+    def store_chunks(self, chunks, size: int, ref: ChunkTable | None) -> bytes:
+        """Store chunks of a stream of ``size`` bytes; return its chunk map's digest.
+
+        ``chunks`` yields (index, bytes) in increasing index order, or
+        (index, None) for a chunk known to be zeros. A chunk not yielded is
+        taken to be the reference's, as for the clean chunks of a working
+        area.
+        """
         records: list[Record] = []
         pending: deque = deque()
 
@@ -90,9 +105,7 @@ class ChunkWriter:
             self.progress.advance(min(self.chunk_size, size - index * self.chunk_size))
 
         try:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            for index, data in self._read_chunks(fd, path, size):
+            for index, data in chunks:
                 if data is None:
                     pending.append(_Done((index, HOLE, 0)))
                 else:
@@ -110,8 +123,6 @@ class ChunkWriter:
                 f.cancel()
             wait(futures)
             raise
-        finally:
-            os.close(fd)
         return self.put_metadata(chunkmap.encode(records))
 
     def _process(self, index: int, data: bytes, ref_digest: bytes) -> Record:
@@ -159,6 +170,85 @@ def _manifest(source, **fields) -> Manifest:
         raise BadSource(f"{source}: cannot be saved as an entry: {e}") from None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a new entry builds on, for the code that stores its streams."""
+
+    kind: str
+    parent: Entry | None
+    chunk_size: int
+    ref: Resolved  # the reference's content: only chunks differing from it are stored
+
+
+def write_entry(
+    repo: Repository,
+    name: str,
+    build,
+    *,
+    parent: str | Entry | None = None,
+    kind: str | None = None,
+    message: str = "",
+    what: str = "",
+    progress: Progress = SILENT,
+    workers: int | None = None,
+) -> Entry:
+    """Create entry ``name``: ``build(writer, plan)`` stores its streams.
+
+    ``build`` returns (disks, files) as Stream tuples. This holds the
+    repository lock throughout, commits with one refs update, and removes
+    every object it created if anything fails before that. ``what`` names
+    the source in error messages.
+    """
+    check_name(name)
+    if kind is not None and kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    store = repo.store
+    with store.lock(f"vml save {name}"):
+        if name in repo.refs():
+            raise AlreadyExists(f"entry {name!r} already exists in repository {repo.name}")
+        parent_entry = repo.entry(parent) if isinstance(parent, str) else parent
+        kind = kind or ("incremental" if parent_entry else "full")
+        if kind != "full" and parent_entry is None:
+            raise UsageError(f"a {kind} entry needs --parent")
+        base = reference = None
+        if kind == "incremental":
+            reference = parent_entry.digest
+        elif kind == "differential":
+            base_digest, base_manifest = repo.base_of(parent_entry.digest)
+            base = Link(base_manifest.name, base_digest)
+            reference = base_digest
+        chunk_size = parent_entry.manifest.chunk_size if parent_entry else store.chunk_size
+        plan = Plan(kind, parent_entry, chunk_size, repo.resolve(reference) if reference else EMPTY)
+        writer = ChunkWriter(store, chunk_size, progress, workers)
+        try:
+            disks, files = build(writer, plan)
+            manifest = _manifest(
+                what,
+                name=name,
+                kind=kind,
+                created=now_iso(),
+                message=message,
+                chunk_size=chunk_size,
+                parent=Link(parent_entry.name, parent_entry.digest) if parent_entry else None,
+                base=base,
+                disks=tuple(disks),
+                files=tuple(files),
+            )
+            digest = writer.put_metadata(manifest.encode())
+            store.sync()
+            store.update_refs({name: digest})
+        except BaseException as e:
+            writer.close()
+            if name not in repo.refs():  # the refs update may have landed before a late error
+                writer.rollback()
+            if isinstance(e, OSError):
+                raise storage_error(e, f"saving entry {name!r} into {store.path}") from None
+            raise
+        finally:
+            writer.close()
+    return repo.entry(name)
+
+
 def save(
     repo: Repository,
     name: str,
@@ -176,69 +266,41 @@ def save(
     ``kind`` defaults to incremental when a parent is given, else full.
     """
     check_name(name)
-    if kind is not None and kind not in KINDS:
-        raise UsageError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     disks, files = discover(source, fmt)
     file_sizes = [f.path.stat().st_size for f in files]
     progress.start(sum(d.size for d in disks) + sum(file_sizes))
-    store = repo.store
-    with store.lock(f"vml save {name}"):
-        if name in repo.refs():
-            raise AlreadyExists(f"entry {name!r} already exists in repository {repo.name}")
-        parent_entry = repo.entry(parent) if parent else None
-        kind = kind or ("incremental" if parent_entry else "full")
-        if kind != "full" and parent_entry is None:
-            raise UsageError(f"a {kind} entry needs --parent")
-        base = reference = None
-        if kind == "incremental":
-            reference = parent_entry.digest
-        elif kind == "differential":
-            base_digest, base_manifest = repo.base_of(parent_entry.digest)
-            base = Link(base_manifest.name, base_digest)
-            reference = base_digest
-        chunk_size = parent_entry.manifest.chunk_size if parent_entry else store.chunk_size
-        if parent_entry and len(parent_entry.manifest.disks) == 1 and not Path(source).is_dir():
+
+    def build(writer: ChunkWriter, plan: Plan):
+        nonlocal disks
+        parent_disks = plan.parent.manifest.disks if plan.parent else ()
+        if len(parent_disks) == 1 and not Path(source).is_dir():
             # A single image saved on a parent is the next state of the
             # parent's disk, whatever the image file is called.
-            disks = [replace(disks[0], name=parent_entry.manifest.disks[0].name)]
-        ref = repo.resolve(reference) if reference else EMPTY
-
-        writer = ChunkWriter(store, chunk_size, progress, workers)
-        staging = store.staging_dir("save.")
+            disks = [replace(disks[0], name=parent_disks[0].name)]
+        staging = repo.store.staging_dir("save.")
         try:
             disk_streams = []
             for d in disks:
                 with raw_view(d, staging) as raw:
-                    map_digest = writer.store_stream(raw, d.size, ref.disks.get(d.name))
+                    map_digest = writer.store_stream(raw, d.size, plan.ref.disks.get(d.name))
                 disk_streams.append(Stream(d.name, d.size, map_digest))
-            file_streams = []
-            for f, size in zip(files, file_sizes, strict=True):
-                ref_file = ref.files.get(f.name)
-                map_digest = writer.store_stream(f.path, size, ref_file[0] if ref_file else None)
-                file_streams.append(Stream(f.name, size, map_digest, f.mode))
-            manifest = _manifest(
-                source,
-                name=name,
-                kind=kind,
-                created=now_iso(),
-                message=message,
-                chunk_size=chunk_size,
-                parent=Link(parent_entry.name, parent_entry.digest) if parent_entry else None,
-                base=base,
-                disks=tuple(disk_streams),
-                files=tuple(file_streams),
-            )
-            digest = writer.put_metadata(manifest.encode())
-            store.sync()
-            store.update_refs({name: digest})
-        except BaseException as e:
-            writer.close()
-            if name not in repo.refs():  # the refs update may have landed before a late error
-                writer.rollback()
-            if isinstance(e, OSError):
-                raise storage_error(e, f"saving entry {name!r} into {store.path}") from None
-            raise
         finally:
-            writer.close()
             shutil.rmtree(staging, ignore_errors=True)
-    return repo.entry(name)
+        file_streams = []
+        for f, size in zip(files, file_sizes, strict=True):
+            ref_file = plan.ref.files.get(f.name)
+            map_digest = writer.store_stream(f.path, size, ref_file[0] if ref_file else None)
+            file_streams.append(Stream(f.name, size, map_digest, f.mode))
+        return disk_streams, file_streams
+
+    return write_entry(
+        repo,
+        name,
+        build,
+        parent=parent,
+        kind=kind,
+        message=message,
+        what=str(source),
+        progress=progress,
+        workers=workers,
+    )
