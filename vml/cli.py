@@ -8,12 +8,13 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from . import bundle, config, maintenance
+from . import areas, bundle, config, control, maintenance
 from .checkout import checkout
-from .errors import VmlError
+from .errors import AlreadyExists, UsageError, VmlError
 from .manifest import KINDS
 from .names import check_repository_name, format_size, parse_size
 from .progress import SILENT, Progress
@@ -81,6 +82,10 @@ def cmd_init(args) -> int:
 
 
 def cmd_save(args) -> int:
+    if args.area:
+        return _save_area(args)
+    if not args.source:
+        raise UsageError("say what to save: --from PATH (an image or VM directory) or --area NAME")
     repo = _repo(args)
     with progress_bar(f"saving {args.entry}") as bar:
         entry = save(
@@ -99,6 +104,76 @@ def cmd_save(args) -> int:
         f"saved {entry.name} ({entry.manifest.kind}) in {repo.name}: {format_size(total)} of disks and files, "
         f"{format_size(stored)} stored"
     )
+    return 0
+
+
+def _save_area(args) -> int:
+    if args.source or args.parent or args.kind or args.format:
+        raise UsageError(
+            "--area saves what changed in the area as an incremental entry on the area's entry; "
+            "--from, --parent, --kind and --format do not apply"
+        )
+    home = config.vml_home()
+    with progress_bar(f"saving {args.entry}") as bar:
+        rec = areas.save_area(home, args.area, args.entry, args.message or "", bar)
+    repo = config.Config.load().open(rec.repository_path)
+    entry = repo.entry(rec.entry)
+    stored = repo.stored_bytes(entry.digest)
+    print(
+        f"saved {entry.name} ({entry.manifest.kind} on {entry.manifest.parent.name}) in {rec.repository} "
+        f"from working area {rec.name}: {format_size(stored)} stored; the area now builds on {entry.name}"
+    )
+    return 0
+
+
+def cmd_open(args) -> int:
+    repo = _repo(args)
+    entry = repo.entry(args.entry)
+    home = config.vml_home()
+    rec = areas.create_area(home, args.area or args.entry, repo, entry)
+    state = control.mount_state(home)
+    where = f"at {Path(state['mountpoint']) / 'areas' / rec.name}" if state else "(run `vml mount` to use its files)"
+    print(f"opened working area {rec.name} on {entry.name} of {repo.name} {where}")
+    return 0
+
+
+def cmd_close(args) -> int:
+    areas.close_area(config.vml_home(), args.area, args.discard)
+    print(f"closed working area {args.area}" + (" and discarded its changes" if args.discard else ""))
+    return 0
+
+
+def default_mountpoint() -> Path:
+    return Path("/vml") if os.geteuid() == 0 else Path.home() / "vml"
+
+
+def cmd_mount(args) -> int:
+    home = config.vml_home()
+    mountpoint = Path(args.mountpoint or default_mountpoint()).absolute()
+    state = control.mount_state(home)
+    if state:
+        raise AlreadyExists(f"{home} is already mounted at {state['mountpoint']} (pid {state['pid']})")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if control.is_mounted(mountpoint):
+        raise AlreadyExists(f"{mountpoint} is already a mount point; `vml umount {mountpoint}` first")
+    from vmlfs import daemon
+
+    if args.foreground:
+        daemon.run_foreground(home, mountpoint, args.debug)
+        return 0
+    daemon.start(home, mountpoint, args.debug)
+    print(f"mounted the logbook of {home} at {mountpoint}")
+    return 0
+
+
+def cmd_umount(args) -> int:
+    home = config.vml_home()
+    state = control.mount_state(home)
+    mountpoint = Path(args.mountpoint or (state or {}).get("mountpoint") or default_mountpoint()).absolute()
+    from vmlfs import daemon
+
+    daemon.stop(home, mountpoint)
+    print(f"unmounted {mountpoint}")
     return 0
 
 
@@ -122,7 +197,14 @@ def cmd_consult(args) -> int:
         rows.append([name + ("*" if name == cfg.default else ""), entries, path])
     print("Repositories:")
     print("\n".join(table(rows, ["name", "entries", "path"])) if rows else "(none: create one with vml init PATH)")
-    print("\nWorking areas:\n(none)")
+    print("\nWorking areas:")
+    home = config.vml_home()
+    state = control.mount_state(home)
+    rows = []
+    for rec in areas.list_areas(home):
+        path = Path(state["mountpoint"]) / "areas" / rec.name if state else areas.areas_dir(home) / rec.name
+        rows.append([rec.name, rec.entry, rec.repository, format_size(areas.changed_bytes(home, rec)), path])
+    print("\n".join(table(rows, ["name", "entry", "repository", "changed", "path"])) if rows else "(none)")
     for repo in repos:
         print(f"\nEntries in repository {repo.name}:")
         print("\n".join(tree_lines(repo)) or "(none)")
@@ -221,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("save", cmd_save, "save a disk image or VM directory as an entry")
     sp.add_argument("entry", metavar="ENTRY")
-    sp.add_argument("--from", dest="source", required=True, metavar="PATH", help="disk image or VM directory")
+    sp.add_argument("--from", dest="source", metavar="PATH", help="disk image or VM directory")
+    sp.add_argument("--area", metavar="NAME", help="save what changed in working area NAME")
     sp.add_argument("--parent", metavar="ENTRY", help="entry this one follows in the tree")
     sp.add_argument("--kind", choices=KINDS, help="default: incremental with --parent, else full")
     sp.add_argument("-m", "--message", help="a note kept with the entry")
@@ -257,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--reparent", action="store_true", help="attach the entries built on it to its parent")
 
     add("gc", cmd_gc, "free the objects no entry needs")
+
+    sp = add("open", cmd_open, "open an entry in a writable working area")
+    sp.add_argument("entry", metavar="ENTRY")
+    sp.add_argument("--area", metavar="NAME", help="name of the area (default: the entry's name)")
+
+    sp = add("close", cmd_close, "remove a working area")
+    sp.add_argument("area", metavar="NAME")
+    sp.add_argument("--discard", action="store_true", help="even if it has unsaved changes")
+
+    sp = add("mount", cmd_mount, "show every repository and working area as a file system")
+    sp.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT", help="default /vml for root, ~/vml otherwise")
+    sp.add_argument("--foreground", action="store_true", help="stay attached (logs to stderr)")
+
+    sp = add("umount", cmd_umount, "unmount the logbook")
+    sp.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
 
     sp = add("verify", cmd_verify, "check objects and entries; exit 1 if anything is wrong")
     sp.add_argument("entry", nargs="?", metavar="ENTRY")

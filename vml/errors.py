@@ -83,3 +83,15 @@ class HasChildren(VmlError):
     """Removing an entry that other entries build on."""
 
     exit_status = 11
+
+
+class DiskFull(VmlError):
+    """A write past the end of a working area's disk (disks keep their size)."""
+
+    exit_status = 12
+
+
+class ReadOnly(VmlError):
+    """Writing to an entry, which never changes (working areas are writable)."""
+
+    exit_status = 13

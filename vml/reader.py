@@ -1,0 +1,110 @@
+"""Reading an entry's disks at any offset, rebuilt lazily from base plus deltas.
+
+An entry is resolved once, when opened, into chunk tables; a read then
+costs a table lookup and, for a chunk not in the cache, one object read and
+decompression. Decompressed chunks are kept in a ChunkCache shared by every
+open entry and area of a process.
+
+Concurrency rules (readers run in worker threads):
+
+- The cache is guarded by one lock held only for dictionary updates, never
+  while reading or decompressing.
+- Each missing chunk is loaded once: the first thread to miss it leaves an
+  in-flight marker (an Event); others wait on it, then look again. If the
+  load fails, the marker is removed and every waiter retries on its own, so
+  an error is reported to each reader and never cached.
+- Cached data is immutable bytes keyed by digest, so a chunk shared by many
+  entries or disks is cached once.
+"""
+
+import threading
+from collections import OrderedDict
+
+from .chunkmap import ChunkTable
+from .objects import HOLE
+from .repository import Repository
+
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class ChunkCache:
+    """Decompressed chunks by digest, least recently used evicted first."""
+
+    def __init__(self, capacity: int = DEFAULT_CACHE_BYTES):
+        self.capacity = capacity
+        self.size = 0
+        self.hits = self.misses = 0
+        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._loading: dict[bytes, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes, load) -> bytes:
+        """The chunk named ``digest``; ``load()`` produces it on a miss."""
+        while True:
+            with self._lock:
+                data = self._data.get(digest)
+                if data is not None:
+                    self._data.move_to_end(digest)
+                    self.hits += 1
+                    return data
+                event = self._loading.get(digest)
+                if event is None:
+                    event = self._loading[digest] = threading.Event()
+                    self.misses += 1
+                    break
+            event.wait()
+        try:
+            data = load()
+        except BaseException:
+            with self._lock:
+                del self._loading[digest]
+            event.set()
+            raise
+        with self._lock:
+            del self._loading[digest]
+            self._data[digest] = data
+            self.size += len(data)
+            while self.size > self.capacity and len(self._data) > 1:
+                _, old = self._data.popitem(last=False)
+                self.size -= len(old)
+        event.set()
+        return data
+
+
+class DiskReader:
+    """Random-access reads of one resolved disk or file of an entry."""
+
+    def __init__(self, repo: Repository, table: ChunkTable, where: str, cache: ChunkCache):
+        self.repo, self.table, self.where, self.cache = repo, table, where, cache
+
+    @property
+    def size(self) -> int:
+        return self.table.size
+
+    def chunk(self, index: int) -> bytes:
+        d = self.table.digest(index)
+        if d == HOLE:
+            return bytes(self.table.chunk_length(index))
+        return self.cache.get(d, lambda: self.repo.read_chunk(self.table, index, self.where))
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``; short only at the end of the disk."""
+        end = min(offset + size, self.table.size)
+        if offset >= end:
+            return b""
+        cs = self.table.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        if first == last:
+            start = offset - first * cs
+            return self.chunk(first)[start : start + end - offset]
+        parts = []
+        for index in range(first, last + 1):
+            data = self.chunk(index)
+            lo = offset - index * cs if index == first else 0
+            hi = end - index * cs if index == last else len(data)
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    def allocated(self) -> int:
+        """Bytes of the disk that are not holes (what st_blocks reports)."""
+        return sum(self.table.chunk_length(i) for i in range(self.table.count) if self.table.digest(i) != HOLE)

@@ -1,0 +1,145 @@
+"""Running the mount: start, serve, stop, and the control socket.
+
+`serve()` mounts, reports readiness through a file descriptor (so that
+`vml mount` returns only once the mount works), and runs until unmounted
+(`vml umount`, `fusermount3 -u`) or sent SIGTERM/SIGINT. It unmounts only on
+a clean exit: after a crash the mount point is left dead rather than empty,
+since an empty-looking /vml invites mirroring tools to delete things.
+
+While mounted, the process owns the working areas it has opened (it holds
+their locks). Other `vml` processes ask it to save or close those areas
+over a unix socket, $VML_HOME/run/vmlfs.sock: one JSON request per
+connection, one JSON reply.
+"""
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from vml import control
+from vml.errors import VmlError
+from vml.logbook import AREAS, Logbook
+
+from .fs import VmlFS
+
+log = logging.getLogger(__name__)
+
+
+def mount_options(fsname: str = "vmlfs") -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname={fsname}", "subtype=vmlfs"}
+    if os.geteuid() == 0:
+        opts.add("allow_other")  # hypervisors run as their own users
+    return opts
+
+
+def serve(home: Path, mountpoint: Path, ready_fd: int | None = None) -> None:
+    """Mount the logbook of ``home`` at ``mountpoint`` and serve it until unmounted."""
+    logbook = Logbook(home)
+    ops = VmlFS(logbook)
+    run_dir = control.run_dir(home)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        lock_fd = control.hold_mount_lock(home)  # held until this process ends
+        pyfuse3.init(ops, str(mountpoint), mount_options())
+    except (RuntimeError, VmlError) as e:
+        _report(ready_fd, str(e))
+        raise SystemExit(1) from None
+    clean = False
+    try:
+        control.write_state(home, {"pid": os.getpid(), "mountpoint": str(mountpoint)})
+        trio.run(_main, ops, home, ready_fd)
+        clean = True
+    except BaseException:
+        log.exception("vmlfs stopped on an error; the mount point is left for `vml umount`")
+        raise
+    finally:
+        control.clear_state(home)
+        logbook.close()
+        pyfuse3.close(unmount=clean)
+        os.close(lock_fd)
+
+
+async def _main(ops: VmlFS, home: Path, ready_fd: int | None) -> None:
+    sock_path = control.socket_path(home)
+    sock_path.unlink(missing_ok=True)
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(str(sock_path))
+    os.chmod(sock_path, 0o600)
+    listener.listen(8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, nursery)
+        nursery.start_soon(_serve_control, trio.SocketListener(listener), ops)
+        _report(ready_fd, "ok")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    sock_path.unlink(missing_ok=True)
+
+
+async def _watch_signals(nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %s: unmounting", sig)
+            pyfuse3.terminate()
+            return
+
+
+async def _serve_control(listener: trio.SocketListener, ops: VmlFS) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < 65536:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+            reply = await _answer(data, ops)
+            await stream.send_all((json.dumps(reply) + "\n").encode())
+
+    await trio.serve_listeners(handle, [listener])
+
+
+async def _answer(data: bytes, ops: VmlFS) -> dict:
+    try:
+        req = json.loads(data)
+        op = req["op"]
+        if op == "status":
+            return {"ok": True, "pid": os.getpid(), "areas": sorted(ops.logbook.open_areas())}
+        if op == "save":
+            entry = await trio.to_thread.run_sync(
+                ops.logbook.save_area, req["area"], req["entry"], req.get("message", ""), limiter=ops.limiter
+            )
+            return {"ok": True, "entry": entry.name, "manifest": entry.digest.hex()}
+        if op == "close":
+            await trio.to_thread.run_sync(ops.logbook.close_area, req["area"], bool(req.get("discard")))
+            _forget_entry(ops, (AREAS,), req["area"])
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {op!r}", "status": 2}
+    except VmlError as e:
+        return {"ok": False, "error": str(e), "status": e.exit_status}
+    except (ValueError, KeyError, TypeError) as e:
+        return {"ok": False, "error": f"bad request ({e})", "status": 2}
+    except Exception as e:
+        log.exception("control request failed")
+        return {"ok": False, "error": f"internal error in the mount: {e}", "status": 70}
+
+
+def _forget_entry(ops: VmlFS, parent: tuple, name: str) -> None:
+    """Drop the kernel's cached name, so a closed area disappears at once."""
+    parent_ino = ops.inode_of(parent)
+    if parent_ino is not None:
+        pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is not None:
+        try:
+            os.write(fd, message.encode() + b"\n")
+            os.close(fd)
+        except OSError:
+            pass
