@@ -18,148 +18,26 @@ resolved once when first used and kept in a small LRU. Areas are opened,
 and so locked by this process, when first used, and stay open until closed.
 """
 
-import json
+import errno
 import os
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+from . import incoming
 from .areas import Area, list_areas, remove_area
 from .config import Config
-from .errors import NotFound, ReadOnly
-from .manifest import RESERVED_FILE, disk_file_names
-from .reader import ChunkCache, DiskReader
+from .errors import AlreadyExists, NotFound, ReadOnly
+from .fileset import AreaDiskHandle, FileHandle, FileSet, Handle, Node, ReaderHandle, add_disk, entry_files, staged_node
+from .names import check_name
+from .reader import ChunkCache
 from .repository import Entry, Repository, parse_iso
 from .store import Store
-from .vmdk import descriptor
 
 AREAS = "areas"
 ENTRY_CACHE = 64
-
-
-@dataclass(frozen=True)
-class Node:
-    key: tuple
-    is_dir: bool
-    size: int = 0
-    allocated: int = 0
-    mtime_ns: int = 0
-    mode: int = 0o555
-    nlink: int = 1
-    immutable: bool = False
-    writable: bool = False
-
-
-class Handle:
-    """An open file of the logbook."""
-
-    def read(self, offset: int, size: int) -> bytes:
-        raise NotImplementedError
-
-    def write(self, offset: int, data: bytes) -> None:
-        raise ReadOnly("this file is read-only")
-
-    def sync(self) -> None:
-        pass
-
-
-class BytesHandle(Handle):
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.data[offset : offset + size]
-
-
-class ReaderHandle(Handle):
-    def __init__(self, reader: DiskReader):
-        self.reader = reader
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.reader.read(offset, size)
-
-
-class AreaDiskHandle(Handle):
-    def __init__(self, area: Area, disk: str):
-        self.area, self.disk = area, disk
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.area.read(self.disk, offset, size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.area.write(self.disk, offset, data)
-
-    def sync(self) -> None:
-        self.area.sync(self.disk)
-
-
-class FileSet:
-    """The files of one entry or area: a small tree of nodes and their openers."""
-
-    def __init__(self, key: tuple, mtime_ns: int, describe, generation: int = 0):
-        self.key, self.mtime_ns, self._describe = key, mtime_ns, describe
-        self.generation = generation  # of an area: the files are rebuilt after each save
-        self.dirs: dict[tuple, dict[str, Node]] = {(): {}}
-        self.openers: dict[tuple, object] = {}
-        self._json: bytes | None = None
-
-    def add(self, path: tuple, node: Node, opener) -> None:
-        for i in range(1, len(path)):
-            sub = path[:i]
-            if sub not in self.dirs:
-                self.dirs[sub] = {}
-                self.dirs[sub[:-1]][sub[-1]] = Node(
-                    (*self.key, "dir", sub), True, mtime_ns=self.mtime_ns, immutable=node.immutable
-                )
-        self.dirs[path[:-1]][path[-1]] = node
-        self.openers[path] = opener
-
-    def add_json(self, immutable: bool) -> None:
-        data = self.json()
-        self.add(
-            (RESERVED_FILE,),
-            Node((*self.key, "json"), False, len(data), len(data), self.mtime_ns, 0o444, immutable=immutable),
-            lambda: BytesHandle(self.json()),
-        )
-
-    def json(self) -> bytes:
-        if self._json is None:
-            self._json = (json.dumps(self._describe(), indent=2) + "\n").encode()
-        return self._json
-
-
-def entry_files(repo: Repository, entry: Entry, cache: ChunkCache) -> FileSet:
-    """The files of an entry, resolved once."""
-    m = entry.manifest
-    mtime = parse_iso(m.created).timestamp() * 1e9
-    fs = FileSet(("entry", str(repo.store.path), entry.name, entry.digest), int(mtime), lambda: repo.describe(entry))
-    resolved = repo.resolve(entry.digest)
-    for name, table in resolved.disks.items():
-        reader = DiskReader(repo, table, f"entry {entry.name!r}, disk {name}", cache)
-        _add_disk(fs, name, reader.size, reader.allocated(), lambda r=reader: ReaderHandle(r), True, False)
-    for name, (table, mode) in resolved.files.items():
-        reader = DiskReader(repo, table, f"entry {entry.name!r}, file {name}", cache)
-        node = Node(
-            (*fs.key, "file", name), False, reader.size, reader.allocated(), fs.mtime_ns, mode & 0o555, immutable=True
-        )
-        fs.add(tuple(name.split("/")), node, lambda r=reader: ReaderHandle(r))
-    fs.add_json(immutable=True)
-    return fs
-
-
-def _add_disk(fs: FileSet, name: str, size: int, allocated: int, opener, immutable: bool, writable: bool) -> None:
-    img, vmdk, flat = disk_file_names(name)
-    mode = 0o644 if writable else 0o444
-    disk = Node((*fs.key, "disk", name), False, size, allocated, fs.mtime_ns, mode, 2, immutable, writable)
-    fs.add((img,), disk, opener)
-    fs.add((flat,), disk, opener)
-    desc = descriptor(name, size)
-    fs.add(
-        (vmdk,),
-        Node((*fs.key, "vmdk", name), False, len(desc), len(desc), fs.mtime_ns, 0o444, immutable=True),
-        lambda d=desc: BytesHandle(d),
-    )
 
 
 class Logbook:
@@ -174,6 +52,7 @@ class Logbook:
         self._refs: dict[Path, tuple[tuple, dict]] = {}
         self._entries: OrderedDict[tuple, FileSet] = OrderedDict()
         self._areas: dict[str, tuple[Area, FileSet]] = {}
+        self._incoming: dict[tuple, list] = {}  # (repo, name) -> [open handles, time of last change]
 
     # -- sources ---------------------------------------------------------
 
@@ -247,7 +126,7 @@ class Logbook:
         fs = FileSet(("area", area.name), mtime, area.describe, area.record.generation)
         for name, ov in area.disks.items():
             allocated = ov.base.allocated() + ov.changed_blocks() * ov.block
-            _add_disk(fs, name, ov.size, min(allocated, ov.size), lambda n=name: AreaDiskHandle(area, n), False, True)
+            add_disk(fs, name, ov.size, min(allocated, ov.size), lambda n=name: AreaDiskHandle(area, n), False, True)
         for name, (reader, mode) in area.files.items():
             node = Node((*fs.key, "file", name), False, reader.size, reader.allocated(), mtime, mode & 0o555)
             fs.add(tuple(name.split("/")), node, lambda r=reader: ReaderHandle(r))
@@ -286,7 +165,8 @@ class Logbook:
         repo = self.repository(path[0])
         if len(path) == 1:
             out = {}
-            for name, digest in self.refs(repo).items():
+            refs = self.refs(repo)
+            for name, digest in refs.items():
                 m = repo.manifest(digest, name)
                 out[name] = Node(
                     ("entrydir", str(repo.store.path), name, digest),
@@ -294,7 +174,17 @@ class Logbook:
                     immutable=True,
                     mtime_ns=int(parse_iso(m.created).timestamp() * 1e9),
                 )
+            staged = incoming.incoming_dir(self.home) / path[0]
+            if staged.is_dir():
+                for p in staged.iterdir():
+                    if p.name not in refs:
+                        out[p.name] = staged_node(p)
             return out
+        staged = self._staged(path)
+        if staged is not None:
+            if not staged.is_dir():
+                raise NotFound(f"no directory {'/'.join(path)}")
+            return {p.name: staged_node(p) for p in staged.iterdir()}
         return self._in_files(self.entry(repo, path[1]), path[2:])
 
     @staticmethod
@@ -310,6 +200,9 @@ class Logbook:
         return node
 
     def open(self, path: tuple, write: bool = False) -> Handle:
+        staged = self._staged(path)
+        if staged is not None and len(path) > 2:
+            return FileHandle(staged, write, self._activity(path))
         node = self.lookup(path)
         if node.is_dir:
             raise NotFound(f"{'/'.join(path)} is a directory")
@@ -320,6 +213,130 @@ class Logbook:
         else:
             fs = self.entry(self.repository(path[0]), path[1])
         return fs.openers[path[2:]]()
+
+    # -- copies into a repository ------------------------------------------
+
+    def _staged(self, path: tuple) -> Path | None:
+        """Where ``path`` is staged, if it lies in an incoming copy."""
+        if len(path) < 2 or path[0] == AREAS or path[0] not in self.config().repositories:
+            return None
+        top = incoming.staging_path(self.home, path[0], path[1])
+        if not top.is_dir():
+            return None
+        for part in path[2:]:
+            if part in ("", ".", "..") or "/" in part:
+                raise NotFound(f"bad name {part!r}")
+        return top.joinpath(*path[2:])
+
+    def _activity(self, path: tuple):
+        """A callback that records activity (and open handles) in an incoming copy."""
+        key = path[:2]
+
+        def note(delta: int = 0) -> None:
+            with self._lock:
+                state = self._incoming.setdefault(key, [0, 0.0])
+                state[0] += delta
+                state[1] = time.monotonic()
+
+        note()
+        return note
+
+    def _writable(self, path: tuple) -> Path:
+        """The staged path for a change at ``path``; ReadOnly outside incoming copies."""
+        staged = self._staged(path) if len(path) > 2 else None
+        if staged is None:
+            raise ReadOnly(
+                f"{'/'.join(path)}: entries never change; copy an entry into a repository "
+                "directory, or open it in a working area"
+            )
+        self._activity(path)
+        return staged
+
+    def mkdir(self, path: tuple, mode: int) -> Node:
+        if len(path) == 2 and path[0] != AREAS:
+            repo = self.repository(path[0])
+            check_name(path[1])
+            if path[1] in self.refs(repo):
+                raise AlreadyExists(f"entry {path[1]!r} already exists in repository {repo.name}")
+            staged = incoming.staging_path(self.home, path[0], path[1])
+            staged.mkdir(parents=True, exist_ok=False)
+            self._activity(path)
+            return staged_node(staged)
+        staged = self._writable(path)
+        staged.mkdir(mode & 0o777)
+        return staged_node(staged)
+
+    def create(self, path: tuple, mode: int) -> tuple[Node, Handle]:
+        staged = self._writable(path)
+        os.close(os.open(staged, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, mode & 0o777))
+        return staged_node(staged), FileHandle(staged, True, self._activity(path))
+
+    def unlink(self, path: tuple) -> None:
+        os.unlink(self._writable(path))
+
+    def rmdir(self, path: tuple) -> None:
+        staged = self._staged(path)
+        if len(path) == 2 and staged is not None:
+            staged.rmdir()  # OSError ENOTEMPTY unless empty
+            with self._lock:
+                self._incoming.pop(path, None)
+            return
+        os.rmdir(self._writable(path))
+
+    def link(self, path: tuple, new_path: tuple) -> Node:
+        if path[:2] != new_path[:2]:
+            raise OSError(errno.EXDEV, "links only within one copied entry")
+        dst = self._writable(new_path)
+        os.link(self._writable(path), dst)
+        return staged_node(dst)
+
+    def rename(self, path: tuple, new_path: tuple) -> None:
+        if path[:2] != new_path[:2]:
+            raise OSError(errno.EXDEV, "renames only within one copied entry")
+        os.rename(self._writable(path), self._writable(new_path))
+
+    def set_attributes(self, path: tuple, size: int | None, mode: int | None, mtime_ns: int | None) -> Node:
+        """Truncate, chmod or touch a staged file; entries and areas keep theirs."""
+        staged = self._staged(path) if len(path) > 2 else None
+        if staged is None:
+            node = self.lookup(path)
+            if size is not None and size != node.size:
+                raise ReadOnly(f"{'/'.join(path)}: disks keep their size")
+            return node
+        self._activity(path)
+        if size is not None:
+            os.truncate(staged, size)
+        if mode is not None:
+            os.chmod(staged, mode & 0o7777)
+        if mtime_ns is not None:
+            os.utime(staged, ns=(mtime_ns, mtime_ns))
+        return staged_node(staged)
+
+    def ready_copies(self, quiet: float) -> list[tuple[str, str]]:
+        """Incoming copies with nothing open and no change for ``quiet`` seconds."""
+        now = time.monotonic()
+        out = []
+        for repo, name, _ in incoming.pending(self.home):
+            with self._lock:
+                opened, last = self._incoming.setdefault((repo, name), [0, now])
+            if opened == 0 and now - last >= quiet:
+                out.append((repo, name))
+        return out
+
+    def finalize_copy(self, repo_name: str, name: str) -> Entry:
+        """Turn an incoming copy into an entry (see vml.incoming)."""
+        target = self.repository(repo_name)
+        sources = [self.repository(n) for n in self.config().repositories if n not in (repo_name, AREAS)]
+        try:
+            entry = incoming.finalize(target, name, incoming.staging_path(self.home, repo_name, name), sources)
+        except BaseException:
+            with self._lock:  # not again until something in the copy changes
+                self._incoming[(repo_name, name)] = [0, float("inf")]
+            raise
+        with self._lock:
+            self._incoming.pop((repo_name, name), None)
+            self._refs.pop(target.store.path, None)
+        return entry
 
     # -- areas -------------------------------------------------------------
 

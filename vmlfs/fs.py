@@ -38,7 +38,8 @@ from vml.errors import (
     UsageError,
     VmlError,
 )
-from vml.logbook import Handle, Logbook, Node
+from vml.fileset import Handle, Node
+from vml.logbook import Logbook
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,45 @@ class VmlFS(pyfuse3.Operations):
         return self._attrs(inode, node)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        # Entries and areas keep their modes and times (accepting the request
+        # keeps tools such as cp -p working); files being copied in take them.
         path = self._path(inode)
-        node = await self._node(path)
-        if fields.update_size and attr.st_size != node.size:
-            raise pyfuse3.FUSEError(errno.EPERM if node.writable else errno.EROFS)
-        # Modes, owners and times are the logbook's to give; accepting the
-        # request keeps tools such as cp -p working.
+        size = attr.st_size if fields.update_size else None
+        mode = attr.st_mode if fields.update_mode else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        node = await self._call(f"setattr {'/'.join(path)}", self.logbook.set_attributes, path, size, mode, mtime)
         return self._attrs(inode, node)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        path = (*self._path(parent_inode), os.fsdecode(name))
+        node = await self._call(f"mkdir {'/'.join(path)}", self.logbook.mkdir, path, mode)
+        return self._attrs(self._ino(path, node), node)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        path = (*self._path(parent_inode), os.fsdecode(name))
+        node, handle = await self._call(f"create {'/'.join(path)}", self.logbook.create, path, mode)
+        fh = self._new_fh(Opened(path, handle, True))
+        return pyfuse3.FileInfo(fh=fh), self._attrs(self._ino(path, node), node)
+
+    async def unlink(self, parent_inode, name, ctx):
+        path = (*self._path(parent_inode), os.fsdecode(name))
+        await self._call(f"unlink {'/'.join(path)}", self.logbook.unlink, path)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        path = (*self._path(parent_inode), os.fsdecode(name))
+        await self._call(f"rmdir {'/'.join(path)}", self.logbook.rmdir, path)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        new_path = (*self._path(new_parent_inode), os.fsdecode(new_name))
+        node = await self._call(f"link {'/'.join(new_path)}", self.logbook.link, self._path(inode), new_path)
+        return self._attrs(self._ino(new_path, node), node)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        old = (*self._path(parent_inode_old), os.fsdecode(name_old))
+        new = (*self._path(parent_inode_new), os.fsdecode(name_new))
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self._call(f"rename {'/'.join(old)}", self.logbook.rename, old, new)
 
     async def opendir(self, inode, ctx):
         node = await self._node(self._path(inode))
@@ -209,10 +242,14 @@ class VmlFS(pyfuse3.Operations):
         if write and not node.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         handle = await self._call(f"open {'/'.join(path)}", self.logbook.open, path, write)
+        fh = self._new_fh(Opened(path, handle, write))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=node.immutable or node.writable)
+
+    def _new_fh(self, opened: Opened) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._open[fh] = Opened(path, handle, write)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=node.immutable or node.writable)
+        self._open[fh] = opened
+        return fh
 
     def _opened(self, fh) -> Opened:
         try:
@@ -239,7 +276,9 @@ class VmlFS(pyfuse3.Operations):
         pass
 
     async def release(self, fh):
-        self._open.pop(fh, None)
+        o = self._open.pop(fh, None)
+        if o is not None:
+            await self._call(f"release {'/'.join(o.path)}", o.handle.release)
 
     async def forget(self, inode_list):
         pass  # inode numbers are never reused while mounted; the table only grows

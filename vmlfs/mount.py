@@ -29,6 +29,9 @@ from .fs import VmlFS
 
 log = logging.getLogger(__name__)
 
+COPY_QUIET = 2.0  # seconds with nothing open in a copied directory before it becomes an entry
+COPY_CHECK_INTERVAL = 0.5
+
 
 def mount_options(fsname: str = "vmlfs") -> set[str]:
     opts = set(pyfuse3.default_options)
@@ -75,6 +78,7 @@ async def _main(ops: VmlFS, home: Path, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(_serve_control, trio.SocketListener(listener), ops)
+        nursery.start_soon(_finalize_copies, ops)
         _report(ready_fd, "ok")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -127,6 +131,25 @@ async def _answer(data: bytes, ops: VmlFS) -> dict:
     except Exception as e:
         log.exception("control request failed")
         return {"ok": False, "error": f"internal error in the mount: {e}", "status": 70}
+
+
+async def _finalize_copies(ops: VmlFS) -> None:
+    """Turn entries copied into repository directories into entries, once idle."""
+    while True:
+        await trio.sleep(COPY_CHECK_INTERVAL)
+        try:
+            ready = await trio.to_thread.run_sync(ops.logbook.ready_copies, COPY_QUIET)
+        except Exception:
+            log.exception("cannot list copies in progress")
+            continue
+        for repo, name in ready:
+            try:
+                entry = await trio.to_thread.run_sync(ops.logbook.finalize_copy, repo, name, limiter=ops.limiter)
+                log.info("copied entry %s into %s (manifest %s)", name, repo, entry.digest.hex()[:16])
+            except Exception as e:
+                log.error("cannot make an entry of the copy %s/%s: %s", repo, name, e)
+                continue
+            _forget_entry(ops, (repo,), name)
 
 
 def _forget_entry(ops: VmlFS, parent: tuple, name: str) -> None:
