@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,14 @@ def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (run scripts/install-deps)")
+
+
+def need_fuse() -> None:
+    need("fusermount3")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    if os.geteuid() != 0:
+        pytest.skip("the mount tests run as root (they mount with allow_other)")
 
 
 def need_root() -> None:
@@ -94,6 +103,30 @@ class Vml:
 @pytest.fixture
 def vml(home, tmp_path) -> Vml:
     return Vml(home, tmp_path)
+
+
+def mount_pid(home: Path) -> int | None:
+    from vml import control
+
+    state = control.mount_state(home)
+    return state["pid"] if state else None
+
+
+@pytest.fixture
+def mounted(vml, home, tmp_path):
+    """Start `vml mount` on a fresh mount point; always unmount in teardown."""
+    need_fuse()
+    mp = tmp_path / "mnt"
+    vml("mount", mp)
+    yield mp
+    subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
+    pid = mount_pid(home)
+    if pid:
+        deadline = time.monotonic() + 10
+        while mount_pid(home) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if mount_pid(home):
+            os.kill(pid, 9)
 
 
 @pytest.fixture

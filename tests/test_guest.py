@@ -1,0 +1,73 @@
+"""A real guest boots from a working area on the mount, and its change is saved.
+
+The guest (tests/guest/build.py, Debian kernel + busybox on a syslinux FAT
+disk) reads BASE.TXT of its disk, writes GUEST.TXT and powers off.
+"""
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import need
+
+BOOT_TIMEOUT = 180
+
+
+@pytest.fixture(scope="session")
+def guest_disk() -> Path:
+    need("qemu-system-x86_64", "apt-get", "dpkg-deb", "cpio", "mkfs.vfat", "syslinux", "mcopy", "mtype")
+    spec = importlib.util.spec_from_file_location("guest_build", Path(__file__).parent / "guest" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build()
+
+
+def boot(disk: Path, cache: str) -> str:
+    """Boot the guest under TCG from ``disk``; return what it printed."""
+    r = subprocess.run(
+        [
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nographic",
+            "-no-reboot",
+            "-drive",
+            f"file={disk},format=raw,if=virtio,cache={cache}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BOOT_TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    return r.stdout
+
+
+def mtype(image: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mtype", "-i", str(image), f"::{name}"], capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_the_guest_boots_from_an_area_and_its_write_is_saved(vml, mounted, guest_disk, tmp_path, cache):
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    shutil.copy(guest_disk, vm / "disk.img")
+    vml("init", tmp_path / "rep1")
+    vml("save", "guest", "--from", vm, "-m", "the test guest")
+    vml("open", "guest", "--area", "run")
+    out = boot(mounted / "areas" / "run" / "disk.img", cache)
+    assert "VML-GUEST-DONE" in out, out[-2000:]
+    vml("save", "booted", "--area", "run", "-m", f"after a boot with cache={cache}")
+
+    saved = mtype(mounted / "rep1" / "booted" / "disk.img", "GUEST.TXT")
+    assert saved.returncode == 0 and saved.stdout.strip() == "guest read: hello from the base image tag: base"
+    parent = mtype(mounted / "rep1" / "guest" / "disk.img", "GUEST.TXT")
+    assert parent.returncode != 0  # the parent entry is unchanged
+    assert mtype(mounted / "rep1" / "guest" / "disk.img", "BASE.TXT").stdout == "hello from the base image\n"
+    show = vml("show", "booted").stdout
+    assert "kind:      incremental" in show and "parent:    guest" in show
