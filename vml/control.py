@@ -1,16 +1,20 @@
 """Talking to a running mount: where it is, and asking it to act on its areas.
 
-The mount writes $VML_HOME/run/vmlfs.json ({"pid", "mountpoint"}) and
-listens on $VML_HOME/run/vmlfs.sock. A request is one line of JSON, the
-reply one line of JSON: {"ok": true, ...} or {"ok": false, "error": MESSAGE,
-"status": EXIT_STATUS}.
+The mount writes $VML_HOME/run/vmlfs.json ({"pid", "mountpoint"}), holds
+$VML_HOME/run/vmlfs.lock, and listens on an abstract unix socket named
+after the home (a path could exceed the 108 bytes a socket path may have;
+the mount checks that a peer runs as the same user, or root). A request is
+one line of JSON, the reply one line of JSON: {"ok": true, ...} or
+{"ok": false, "error": MESSAGE, "status": EXIT_STATUS}.
 """
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import struct
 from pathlib import Path
 
 from .errors import AlreadyExists, VmlError
@@ -31,8 +35,16 @@ def run_dir(home: Path) -> Path:
     return home / "run"
 
 
-def socket_path(home: Path) -> Path:
-    return run_dir(home) / "vmlfs.sock"
+def socket_address(home: Path) -> str:
+    """The abstract socket name of the mount of ``home``."""
+    return "\0vmlfs-" + hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:32]
+
+
+def peer_allowed(sock: socket.socket) -> bool:
+    """Whether the process at the other end runs as our user or as root."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
 
 
 def hold_mount_lock(home: Path) -> int:
@@ -91,11 +103,11 @@ def is_mounted(path: Path) -> bool:
 
 def request(home: Path, op: str, **args) -> dict:
     """Send a request to the mount; raise MountError if it refuses."""
-    path = socket_path(home)
+    path = home
     with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as s:
         s.settimeout(TIMEOUT)
         try:
-            s.connect(str(path))
+            s.connect(socket_address(home))
             s.sendall((json.dumps({"op": op, **args}) + "\n").encode())
             data = b""
             while not data.endswith(b"\n"):
@@ -104,11 +116,11 @@ def request(home: Path, op: str, **args) -> dict:
                     break
                 data += chunk
         except OSError as e:
-            raise MountError(f"cannot reach the mount at {path} ({e.strerror or e})") from None
+            raise MountError(f"cannot reach the mount of {path} ({e.strerror or e})") from None
     try:
         reply = json.loads(data)
     except ValueError:
-        raise MountError(f"the mount at {path} gave no answer") from None
+        raise MountError(f"the mount of {path} gave no answer") from None
     if not reply.get("ok"):
         raise MountError(reply.get("error", "the mount refused"), int(reply.get("status", 1)))
     return reply

@@ -38,6 +38,12 @@ class Handle:
     def read(self, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """The bytes if they are at hand without I/O, else None."""
+        return None
+
+    reader: "DiskReader | None" = None  # set for immutable disks and files: what may be prefetched
+
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnly("this file is read-only")
 
@@ -55,6 +61,9 @@ class BytesHandle(Handle):
     def read(self, offset: int, size: int) -> bytes:
         return self.data[offset : offset + size]
 
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        return self.data[offset : offset + size]
+
 
 class ReaderHandle(Handle):
     def __init__(self, reader: DiskReader):
@@ -62,6 +71,9 @@ class ReaderHandle(Handle):
 
     def read(self, offset: int, size: int) -> bytes:
         return self.reader.read(offset, size)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        return self.reader.read_cached(offset, size)
 
 
 class AreaDiskHandle(Handle):

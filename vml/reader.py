@@ -70,6 +70,19 @@ class ChunkCache:
         event.set()
         return data
 
+    def peek(self, digest: bytes) -> bytes | None:
+        """The cached chunk, or None; never loads or waits."""
+        with self._lock:
+            data = self._data.get(digest)
+            if data is not None:
+                self._data.move_to_end(digest)
+                self.hits += 1
+            return data
+
+
+class _NotCached(Exception):
+    pass
+
 
 class DiskReader:
     """Random-access reads of one resolved disk or file of an entry."""
@@ -87,8 +100,31 @@ class DiskReader:
             return bytes(self.table.chunk_length(index))
         return self.cache.get(d, lambda: self.repo.read_chunk(self.table, index, self.where))
 
+    def cached_chunk(self, index: int) -> bytes | None:
+        """The chunk if it can be had without I/O (a hole, or cached), else None."""
+        d = self.table.digest(index)
+        if d == HOLE:
+            return bytes(self.table.chunk_length(index))
+        return self.cache.peek(d)
+
     def read(self, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset``; short only at the end of the disk."""
+        return self._read(offset, size, self.chunk)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """Like read, but None instead of loading anything: for callers that must not block."""
+        try:
+            return self._read(offset, size, self._cached_or_raise)
+        except _NotCached:
+            return None
+
+    def _cached_or_raise(self, index: int) -> bytes:
+        data = self.cached_chunk(index)
+        if data is None:
+            raise _NotCached
+        return data
+
+    def _read(self, offset: int, size: int, chunk) -> bytes:
         end = min(offset + size, self.table.size)
         if offset >= end:
             return b""
@@ -96,14 +132,20 @@ class DiskReader:
         first, last = offset // cs, (end - 1) // cs
         if first == last:
             start = offset - first * cs
-            return self.chunk(first)[start : start + end - offset]
+            return chunk(first)[start : start + end - offset]
         parts = []
         for index in range(first, last + 1):
-            data = self.chunk(index)
+            data = chunk(index)
             lo = offset - index * cs if index == first else 0
             hi = end - index * cs if index == last else len(data)
             parts.append(data[lo:hi])
         return b"".join(parts)
+
+    def chunk_range(self, offset: int, size: int) -> range:
+        """The chunk indexes a read of ``size`` bytes at ``offset`` touches."""
+        end = min(offset + size, self.table.size)
+        cs = self.table.chunk_size
+        return range(offset // cs, (end - 1) // cs + 1) if offset < end else range(0)
 
     def allocated(self) -> int:
         """Bytes of the disk that are not holes (what st_blocks reports)."""

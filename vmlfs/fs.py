@@ -41,6 +41,8 @@ from vml.errors import (
 from vml.fileset import Handle, Node
 from vml.logbook import Logbook
 
+from .readahead import ReadAhead
+
 log = logging.getLogger(__name__)
 
 LONG_TIMEOUT = 3600.0
@@ -74,15 +76,18 @@ class Opened:
     path: tuple
     handle: Handle
     writable: bool
+    inode: int = 0
+    next_offset: int = -1  # where a sequential reader reads next
 
 
 class VmlFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, logbook: Logbook, workers: int = 8):
+    def __init__(self, logbook: Logbook, workers: int = 8, readahead: ReadAhead | None = None):
         super().__init__()
         self.logbook = logbook
+        self.readahead = readahead
         self.limiter = trio.CapacityLimiter(workers)
         self._ino_by_key: dict[tuple, int] = {(): pyfuse3.ROOT_INODE}
         self._path_by_ino: dict[int, tuple] = {pyfuse3.ROOT_INODE: ()}
@@ -242,7 +247,7 @@ class VmlFS(pyfuse3.Operations):
         if write and not node.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         handle = await self._call(f"open {'/'.join(path)}", self.logbook.open, path, write)
-        fh = self._new_fh(Opened(path, handle, write))
+        fh = self._new_fh(Opened(path, handle, write, inode))
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.immutable or node.writable)
 
     def _new_fh(self, opened: Opened) -> int:
@@ -259,7 +264,17 @@ class VmlFS(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         o = self._opened(fh)
-        return await self._call(f"read of {'/'.join(o.path)} at offset {off}, {size} bytes", o.handle.read, off, size)
+        sequential = off == o.next_offset
+        o.next_offset = off + size
+        # Chunks already decompressed are served here, without a thread hop.
+        data = o.handle.read_cached(off, size)
+        if data is None:
+            data = await self._call(
+                f"read of {'/'.join(o.path)} at offset {off}, {size} bytes", o.handle.read, off, size
+            )
+        if self.readahead is not None and o.handle.reader is not None:
+            self.readahead.after_read(o.inode, o.handle.reader, off, size, sequential)
+        return data
 
     async def write(self, fh, off, buf):
         o = self._opened(fh)

@@ -8,7 +8,7 @@ since an empty-looking /vml invites mirroring tools to delete things.
 
 While mounted, the process owns the working areas it has opened (it holds
 their locks). Other `vml` processes ask it to save or close those areas
-over a unix socket, $VML_HOME/run/vmlfs.sock: one JSON request per
+over a unix socket (see vml.control): one JSON request per
 connection, one JSON reply.
 """
 
@@ -26,6 +26,7 @@ from vml.errors import VmlError
 from vml.logbook import AREAS, Logbook
 
 from .fs import VmlFS
+from .readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def mount_options(fsname: str = "vmlfs") -> set[str]:
 def serve(home: Path, mountpoint: Path, ready_fd: int | None = None) -> None:
     """Mount the logbook of ``home`` at ``mountpoint`` and serve it until unmounted."""
     logbook = Logbook(home)
-    ops = VmlFS(logbook)
+    ops = VmlFS(logbook, readahead=ReadAhead())
     run_dir = control.run_dir(home)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -69,20 +70,18 @@ def serve(home: Path, mountpoint: Path, ready_fd: int | None = None) -> None:
 
 
 async def _main(ops: VmlFS, home: Path, ready_fd: int | None) -> None:
-    sock_path = control.socket_path(home)
-    sock_path.unlink(missing_ok=True)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await listener.bind(str(sock_path))
-    os.chmod(sock_path, 0o600)
+    await listener.bind(control.socket_address(home))
     listener.listen(8)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(_serve_control, trio.SocketListener(listener), ops)
         nursery.start_soon(_finalize_copies, ops)
+        nursery.start_soon(ops.readahead.run)
         _report(ready_fd, "ok")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    sock_path.unlink(missing_ok=True)
+    listener.close()
 
 
 async def _watch_signals(nursery) -> None:
@@ -96,6 +95,9 @@ async def _watch_signals(nursery) -> None:
 async def _serve_control(listener: trio.SocketListener, ops: VmlFS) -> None:
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
+            if not control.peer_allowed(stream.socket):
+                log.warning("refused a control request from another user")
+                return
             data = b""
             while not data.endswith(b"\n") and len(data) < 65536:
                 chunk = await stream.receive_some(65536)
