@@ -84,6 +84,8 @@ def work_in_guest(disk: Path) -> None:
 
 
 def main() -> None:
+    if os.path.ismount(DEMO / "mnt") or subprocess.run(["mountpoint", "-q", str(DEMO / "mnt")]).returncode == 0:
+        subprocess.run(["fusermount3", "-u", "-z", str(DEMO / "mnt")], check=False)  # left by an interrupted demo
     shutil.rmtree(DEMO, ignore_errors=True)
     DEMO.mkdir()
     os.environ["VML_HOME"] = str(DEMO / "home")
@@ -118,6 +120,28 @@ def main() -> None:
     print(f"entry2 travelled as {bundle / 2**20:.1f} MiB for a {disk / 2**20:.0f} MiB disk")
     if not same:
         sys.exit("demo: the rebuilt disk differs from the original")
+    mount_part()
+
+
+def mount_part() -> None:
+    """The logbook as a file system, and a working area saved back as an entry."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        print("\n(skipping the file-system part: it needs root and /dev/fuse)")
+        return
+    mnt = DEMO / "mnt"
+    print("\n== The logbook as a file system: every entry is a directory")
+    vml("mount", mnt)
+    try:
+        run("ls", "-l", mnt / "rep1" / "entry2")
+        print("\n== Work in a writable area; saving stores only what changed")
+        vml("open", "entry2", "--area", "work")
+        notes = DEMO / "notes.txt"
+        notes.write_text("cuts tightened, see histo3\n")
+        run("debugfs", "-w", "-R", f"write {notes} /home/physicist/notes.txt", mnt / "areas" / "work" / "disk.img")
+        vml("save", "entry3", "--area", "work", "-m", "notes")
+        vml("log")
+    finally:
+        vml("umount", mnt)
 
 
 if __name__ == "__main__":
