@@ -53,6 +53,9 @@ def test_entries_are_directories_of_their_files(vml, logbook, mounted, tmp_path)
     assert json.loads((e2 / "entry.json").read_text()) == show
     created = parse_iso(show["created"]).timestamp()
     assert abs(img.st_mtime - created) < 1 and abs(os.stat(e2).st_mtime - created) < 1
+    refs = tmp_path / "rep1" / "refs.json"
+    assert os.stat(mounted / "rep1").st_mtime_ns == os.stat(refs).st_mtime_ns  # changes with its entries
+    assert os.stat(mounted).st_mtime > 1e9 and os.stat(mounted / "areas").st_mtime > 1e9
     assert (e2 / "disk.img").read_bytes() == (logbook / "disk.img").read_bytes()
     assert (e2 / "vm.xml").read_text() == (logbook / "vm.xml").read_text()
     assert (mounted / "rep1/entry1/disk.img").read_bytes() != (logbook / "disk.img").read_bytes()
@@ -262,3 +265,12 @@ def test_copying_a_plain_vm_directory_into_a_repository(vml, logbook, mounted, t
     info = json.loads(vml("show", "plainvm", "--json").stdout)
     assert info["kind"] == "full" and [d["name"] for d in info["disks"]] == ["disk"]
     assert (mounted / "rep1/plainvm/disk.img").read_bytes() == (logbook / "disk.img").read_bytes()
+
+
+def test_gc_keeps_what_a_working_area_builds_on(vml, logbook, mounted):
+    vml("open", "entry2", "--area", "wa")
+    vml("rm", "entry2")
+    assert "removed 0 objects" in vml("gc").stdout  # the area still needs all of entry2
+    assert (mounted / "areas/wa/disk.img").read_bytes() == (logbook / "disk.img").read_bytes()
+    vml("close", "wa")
+    assert re.search(r"removed [1-9]\d* objects", vml("gc").stdout)  # and once closed, they go

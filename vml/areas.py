@@ -365,6 +365,12 @@ def remove_area(home: Path, name: str, discard: bool = False) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def roots(home: Path, repo: Repository) -> tuple[bytes, ...]:
+    """The manifests that working areas on ``repo`` build on (gc must keep them)."""
+    here = repo.store.path.resolve()
+    return tuple(bytes.fromhex(r.manifest) for r in list_areas(home) if Path(r.repository_path).resolve() == here)
+
+
 def changed_bytes(home: Path, rec: AreaRecord) -> int:
     """Bytes written to an area since its last save (read without its lock)."""
     total = 0

@@ -256,7 +256,7 @@ def cmd_rm(args) -> int:
 
 def cmd_gc(args) -> int:
     repo = _repo(args)
-    s = maintenance.gc(repo)
+    s = maintenance.gc(repo, keep=areas.roots(config.vml_home(), repo))
     print(f"{repo.name}: removed {s.removed} objects, freed {format_size(s.freed)}, {s.kept} objects kept")
     return 0
 

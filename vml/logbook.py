@@ -27,14 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import incoming
-from .areas import Area, list_areas, remove_area
+from .areas import Area, areas_dir, list_areas, remove_area
 from .config import Config
 from .errors import AlreadyExists, NotFound, ReadOnly
 from .fileset import AreaDiskHandle, FileHandle, FileSet, Handle, Node, ReaderHandle, add_disk, entry_files, staged_node
 from .names import check_name
 from .reader import ChunkCache
 from .repository import Entry, Repository, parse_iso
-from .store import Store
+from .store import REFS_FILE, Store
 
 AREAS = "areas"
 ENTRY_CACHE = 64
@@ -138,10 +138,11 @@ class Logbook:
     def listdir(self, path: tuple) -> dict[str, Node]:
         """The children of directory ``path``."""
         if not path:
-            out = {AREAS: Node(("areas",), True, mode=0o755)}
+            areas_mtime = _mtime(areas_dir(self.home)) or _mtime(self.home / "config.toml")
+            out = {AREAS: Node(("areas",), True, mode=0o755, mtime_ns=areas_mtime)}
             for name, p in self.config().repositories.items():
-                if name != AREAS:
-                    out[name] = Node(("repo", str(p)), True, mode=0o755)
+                if name != AREAS:  # a repository changes when its refs do
+                    out[name] = Node(("repo", str(p)), True, mode=0o755, mtime_ns=_mtime(p / REFS_FILE))
             return out
         if path[0] == AREAS:
             if len(path) == 1:
@@ -192,6 +193,9 @@ class Logbook:
         if sub not in fs.dirs:
             raise NotFound("no such directory")
         return fs.dirs[sub]
+
+    def root(self) -> Node:
+        return Node((), True, mode=0o755, mtime_ns=_mtime(self.home / "config.toml"))
 
     def lookup(self, path: tuple) -> Node:
         node = self.listdir(path[:-1]).get(path[-1])
@@ -363,6 +367,13 @@ class Logbook:
             areas, self._areas = list(self._areas.values()), {}
         for area, _ in areas:
             area.close()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _stamp(path: Path) -> tuple:

@@ -119,11 +119,15 @@ def live_objects(repo: Repository, manifests) -> set[bytes]:
     return live
 
 
-def gc(repo: Repository) -> GcSummary:
-    """Remove every object no entry needs, and leftovers of interrupted writers."""
+def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
+    """Remove every object no entry needs, and leftovers of interrupted writers.
+
+    ``keep`` names more manifests to keep with all they need: those working
+    areas build on, whose entries may have been removed since.
+    """
     with repo.store.lock("vml gc"):
         try:
-            live = live_objects(repo, repo.refs().values())
+            live = live_objects(repo, [*repo.refs().values(), *keep])
         except Corrupt as e:
             raise type(e)(f"not collecting garbage while an entry is damaged ({e}); run vml verify") from None
         removed = freed = kept = 0

@@ -152,7 +152,7 @@ class VmlFS(pyfuse3.Operations):
 
     async def _node(self, path: tuple) -> Node:
         if not path:
-            return Node((), True, mode=0o755)
+            return self.logbook.root()
         return await self._call(f"lookup {'/'.join(path)}", self.logbook.lookup, path)
 
     # -- metadata ----------------------------------------------------------

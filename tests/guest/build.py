@@ -92,7 +92,11 @@ def build(out_dir: Path | None = None, tag: str = "base") -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp = Path(tmp)
         tmp.chmod(0o755)  # apt-get download drops to the _apt user to fetch
-        run("apt-get", "download", "-q", pkg, "busybox-static", cwd=tmp)
+        try:
+            run("apt-get", "download", "-q", pkg, "busybox-static", cwd=tmp)
+        except subprocess.CalledProcessError:
+            run("apt-get", "update", "-qq")  # stale package lists: refresh once and retry
+            run("apt-get", "download", "-q", pkg, "busybox-static", cwd=tmp)
         for deb in tmp.glob("*.deb"):
             run("dpkg-deb", "-x", deb, tmp / "root")
         root = tmp / "root"
