@@ -120,3 +120,39 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def qcow2_delta(top_raw: Path, backing: Path, backing_fmt: str, out: Path) -> Path:
+    """A zstd-compressed qcow2 over ``backing`` holding only the clusters where ``top_raw`` differs.
+
+    `qemu-img convert -B` copies the input's top layer, which for a raw input
+    is everything; so first make an empty overlay on the raw image and rebase
+    it (safe mode) onto ``backing``, which copies exactly the clusters that
+    differ, then compress that layer.
+    """
+    overlay = out.with_suffix(".overlay.qcow2")
+    for p in (overlay, out):
+        p.unlink(missing_ok=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", top_raw, "-F", "raw", overlay])
+    run(["qemu-img", "rebase", "-f", "qcow2", "-b", backing, "-F", backing_fmt, overlay])
+    run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            "compression_type=zstd",
+            "-B",
+            backing,
+            "-F",
+            backing_fmt,
+            overlay,
+            out,
+        ]
+    )
+    overlay.unlink()
+    return out

@@ -20,7 +20,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-from common import VML, mkfs_ext4, need, print_table, real_tree, run, vml_env
+from common import VML, mkfs_ext4, need, print_table, qcow2_delta, real_tree, run, vml_env
 
 CHUNK_SIZES = ["64K", "128K", "256K", "512K", "1M"]
 NEW_BYTES = 8 << 20
@@ -66,41 +66,6 @@ def borg_delta(w: Path, base: Path, changed: Path) -> int:
     return json.loads(out)["archives"][0]["stats"]["deduplicated_size"]
 
 
-def qcow2_delta(w: Path, base: Path, changed: Path) -> int:
-    """A compressed qcow2 overlay of ``base`` holding only the clusters that differ.
-
-    `qemu-img convert -B` copies the input's top layer, which for a raw input
-    is everything; so first make an empty overlay on the changed image and
-    rebase it (safe mode) onto the base, which copies exactly the clusters
-    that differ, then compress that layer.
-    """
-    overlay, out = w / f"{changed.stem}-overlay.qcow2", w / f"{changed.stem}.qcow2"
-    for p in (overlay, out):
-        p.unlink(missing_ok=True)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", changed, "-F", "raw", overlay])
-    run(["qemu-img", "rebase", "-f", "qcow2", "-b", base, "-F", "raw", overlay])
-    run(
-        [
-            "qemu-img",
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "qcow2",
-            "-c",
-            "-o",
-            "compression_type=zstd",
-            "-B",
-            base,
-            "-F",
-            "raw",
-            overlay,
-            out,
-        ]
-    )
-    return out.stat().st_size
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/vml-bench"))
@@ -141,7 +106,7 @@ def main() -> None:
     )
     anchors = []
     for kind, img in changed.items():
-        q = qcow2_delta(w, base, img)
+        q = qcow2_delta(img, base, "raw", w / f"{img.stem}.qcow2").stat().st_size
         b = borg_delta(w, base, img)
         v = summary[("256K", kind)]
         anchors.append([kind, f"{v / 1e6:.2f}", f"{q / 1e6:.2f}", f"{b / 1e6:.2f}", f"{q / v:.2f}", f"{b / v:.2f}"])

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import VML, drop_caches, mkfs_ext4, need, print_table, real_tree, run, vml_env
+from common import VML, drop_caches, mkfs_ext4, need, print_table, qcow2_delta, real_tree, run, vml_env
 
 SIZE = 2 << 30
 
@@ -63,34 +63,6 @@ def debugfs_add(image: Path, files: dict[str, bytes], tmp: Path) -> None:
         subprocess.run(["debugfs", "-w", "-R", f"write {src} /{name}", str(image)], capture_output=True, check=True)
 
 
-def qcow2_layer(w: Path, top_raw: Path, backing: Path, backing_fmt: str, out: Path) -> None:
-    """A compressed qcow2 holding the clusters where ``top_raw`` differs from ``backing``."""
-    overlay = w / "overlay.qcow2"
-    overlay.unlink(missing_ok=True)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", top_raw, "-F", "raw", overlay])
-    run(["qemu-img", "rebase", "-f", "qcow2", "-b", backing, "-F", backing_fmt, overlay])
-    run(
-        [
-            "qemu-img",
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "qcow2",
-            "-c",
-            "-o",
-            "compression_type=zstd",
-            "-B",
-            backing,
-            "-F",
-            backing_fmt,
-            overlay,
-            out,
-        ]
-    )
-    overlay.unlink()
-
-
 def prepare(w: Path, env: dict) -> None:
     if (w / "ready").exists():
         return
@@ -109,8 +81,8 @@ def prepare(w: Path, env: dict) -> None:
     run([*VML, "save", "e1", "--from", states[1], "--parent", "e0", "--repo", w / "repo"], env=env)
     run([*VML, "save", "e2", "--from", states[2], "--parent", "e1", "--repo", w / "repo"], env=env)
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", base, w / "q0.qcow2"])
-    qcow2_layer(w, states[1], w / "q0.qcow2", "qcow2", w / "q1.qcow2")
-    qcow2_layer(w, states[2], w / "q1.qcow2", "qcow2", w / "q2.qcow2")
+    qcow2_delta(states[1], w / "q0.qcow2", "qcow2", w / "q1.qcow2")
+    qcow2_delta(states[2], w / "q1.qcow2", "qcow2", w / "q2.qcow2")
     (w / "ready").touch()
 
 

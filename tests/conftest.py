@@ -105,6 +105,20 @@ def vml(home, tmp_path) -> Vml:
     return Vml(home, tmp_path)
 
 
+def hold_lock(repo: Path, command: str, then: str = "", seconds: float = 2) -> subprocess.Popen:
+    """Another process holding ``repo``'s writer lock for ``seconds``; ``then`` runs once it has it.
+
+    Returns once the lock is held; ``then`` is Python with ``s`` the Store.
+    """
+    code = (
+        "import sys, time\nfrom vml.store import Store\nfrom vml import objects\ns = Store(sys.argv[1])\n"
+        f"with s.lock({command!r}):\n    {then or 'pass'}\n    print('held', flush=True)\n    time.sleep({seconds})"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(repo)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def mount_pid(home: Path) -> int | None:
     from vml import control
 

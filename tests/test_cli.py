@@ -4,12 +4,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tarfile
 
 import pytest
 
-from conftest import allocated, debugfs_write, need
+from conftest import allocated, debugfs_write, hold_lock, need
 
 
 @pytest.fixture
@@ -194,18 +193,7 @@ def test_usage_errors_are_one_line(vml, rep1, tmp_path):
 
 
 def test_a_save_waits_for_another_writer_and_says_so(vml, rep1, image_copy):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom vml.store import Store\n"
-            "with Store(sys.argv[1]).lock('vml gc'):\n    print('held', flush=True)\n    time.sleep(2)",
-            str(rep1),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock(rep1, "vml gc")
     r = vml("save", "e1", "--from", image_copy())
     holder.wait(10)
     assert re.search(r"waiting up to 60 s for repository .*rep1: pid \d+ \(vml gc\) holds its lock", r.stderr)

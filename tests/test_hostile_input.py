@@ -15,7 +15,7 @@ import pytest
 
 from vml import chunkmap, objects
 
-from conftest import need_root
+from conftest import hold_lock, need_root
 from test_bad_input import assert_untouched, snapshot
 
 CS = 4096
@@ -133,19 +133,7 @@ def test_import_checks_names_under_the_lock(vml, rep, tmp_path, image_copy):
     chunk = os.urandom(CS)
     m = chunkmap.encode([(0, objects.digest(chunk), 0)])
     b = bundle(tmp_path / "b.vml", [("e1", manifest(name="e1", map_digest=objects.digest(m)))], [m, chunk])
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom vml.store import Store\nfrom vml import objects\ns = Store(sys.argv[1])\n"
-            "with s.lock('vml save e1'):\n    s.update_refs({'e1': objects.digest(b'theirs')})\n"
-            "    print('held', flush=True)\n    time.sleep(2)",
-            str(rep),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock(rep, "vml save e1", then="s.update_refs({'e1': objects.digest(b'theirs')})")
     r = vml("import", b, ok=False)
     holder.wait(10)
     assert r.returncode == 4

@@ -42,10 +42,8 @@ class ChunkCache:
         """The chunk named ``digest``; ``load()`` produces it on a miss."""
         while True:
             with self._lock:
-                data = self._data.get(digest)
+                data = self._hit(digest)
                 if data is not None:
-                    self._data.move_to_end(digest)
-                    self.hits += 1
                     return data
                 event = self._loading.get(digest)
                 if event is None:
@@ -73,11 +71,15 @@ class ChunkCache:
     def peek(self, digest: bytes) -> bytes | None:
         """The cached chunk, or None; never loads or waits."""
         with self._lock:
-            data = self._data.get(digest)
-            if data is not None:
-                self._data.move_to_end(digest)
-                self.hits += 1
-            return data
+            return self._hit(digest)
+
+    def _hit(self, digest: bytes) -> bytes | None:
+        """A cached chunk, counted and marked recently used; the caller holds the lock."""
+        data = self._data.get(digest)
+        if data is not None:
+            self._data.move_to_end(digest)
+            self.hits += 1
+        return data
 
 
 class _NotCached(Exception):

@@ -50,22 +50,24 @@ SHORT_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
 
 
+# Library errors and the errno they stand for; anything else is EIO.
+ERRNO = (
+    (NotFound, errno.ENOENT),
+    (ReadOnly, errno.EROFS),
+    (DiskFull, errno.ENOSPC),
+    (Locked, errno.EBUSY),
+    (AlreadyExists, errno.EEXIST),
+    (UsageError, errno.EINVAL),
+)
+
+
 def errno_for(e: BaseException) -> int:
     """The errno a library error stands for."""
     if isinstance(e, pyfuse3.FUSEError):
         return e.errno
-    if isinstance(e, NotFound):
-        return errno.ENOENT
-    if isinstance(e, ReadOnly):
-        return errno.EROFS
-    if isinstance(e, DiskFull):
-        return errno.ENOSPC
-    if isinstance(e, Locked):
-        return errno.EBUSY
-    if isinstance(e, AlreadyExists):
-        return errno.EEXIST
-    if isinstance(e, UsageError):
-        return errno.EINVAL
+    for cls, code in ERRNO:
+        if isinstance(e, cls):
+            return code
     if isinstance(e, OSError) and e.errno:
         return e.errno
     return errno.EIO  # Corrupt, StorageError and anything unforeseen
