@@ -258,19 +258,86 @@ def test_copying_an_entry_into_another_repository(vml, logbook, mounted, tmp_pat
     assert list((tmp_path / "home" / "incoming" / "rep2").iterdir()) == []
 
 
-def test_copying_a_plain_vm_directory_into_a_repository(vml, logbook, mounted, tmp_path):
-    subprocess.run(["cp", "-r", str(logbook), str(mounted / "rep1" / "plainvm")], check=True)
-    refs = tmp_path / "rep1" / "refs.json"
-    wait_for(lambda: "plainvm" in json.loads(refs.read_text())["entries"], 60, "the copy to become an entry")
-    info = json.loads(vml("show", "plainvm", "--json").stdout)
-    assert info["kind"] == "full" and [d["name"] for d in info["disks"]] == ["disk"]
-    assert (mounted / "rep1/plainvm/disk.img").read_bytes() == (logbook / "disk.img").read_bytes()
+def staged_copies(tmp_path, repo="rep1") -> list[str]:
+    d = tmp_path / "home" / "incoming" / repo
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
-def test_gc_keeps_what_a_working_area_builds_on(vml, logbook, mounted):
+def test_anything_but_an_exact_entry_copy_stays_staged(vml, logbook, mounted, tmp_path):
+    """A plain directory, a copy with a file added or changed, or cut short, never becomes an entry."""
+    changed = tmp_path / "changed"
+    shutil.copytree(mounted / "rep1" / "entry2", changed)
+    (changed / "nvram.fd").write_bytes(b"firmware state")
+    cut = tmp_path / "cut"
+    shutil.copytree(mounted / "rep1" / "entry2", cut)
+    os.truncate(cut / "disk.img", 1 << 20)
+    for src, name in ((logbook, "plainvm"), (changed, "changed"), (cut, "cut")):
+        subprocess.run(["cp", "-r", str(src), str(mounted / "rep1" / name)], check=True)
+    time.sleep(4)  # well past the quiet time after which copies are looked at
+    refs = json.loads((tmp_path / "rep1" / "refs.json").read_text())["entries"]
+    assert sorted(refs) == ["entry1", "entry2"]
+    assert staged_copies(tmp_path) == ["changed", "cut", "plainvm"]
+    assert (mounted / "rep1/changed/nvram.fd").read_bytes() == b"firmware state"  # nothing lost
+    assert re.search(r"^plainvm\s+rep1\s+", vml("consult").stdout, re.M)
+    log = (tmp_path / "home" / "log" / "vmlfs.log").read_text()
+    assert "changed stays as it is" in log and "extra ['nvram.fd']" in log
+    # the user decides: save one under a name of its own, and remove the staged copies
+    vml("save", "plain", "--from", mounted / "rep1" / "plainvm")
+    assert json.loads(vml("show", "plain", "--json").stdout)["kind"] == "full"
+    for name in ("plainvm", "changed", "cut"):
+        shutil.rmtree(mounted / "rep1" / name)
+    assert staged_copies(tmp_path) == []
+
+
+def test_files_can_be_renamed_and_replaced_while_copying(vml, logbook, mounted, tmp_path):
+    d = mounted / "rep1" / "work"
+    d.mkdir()
+    (d / ".tmp").write_text("hello\n")
+    os.rename(d / ".tmp", d / "vm.xml")  # as rsync and editors do
+    with open(d / "vm.xml", "a") as f:
+        f.write("more\n")
+    os.chmod(d / "vm.xml", 0o600)
+    assert (d / "vm.xml").read_text() == "hello\nmore\n" and os.stat(d / "vm.xml").st_mode & 0o777 == 0o600
+    (d / "f1").write_text("A")
+    os.unlink(d / "f1")
+    (d / "f2").write_text("B")  # may reuse f1's inode number on the staging file system
+    assert (d / "f2").read_text() == "B"
+    with pytest.raises(FileNotFoundError):
+        os.stat(d / "f1")
+
+
+def test_a_refused_close_keeps_serving_the_area(vml, home, logbook, mounted):
     vml("open", "entry2", "--area", "wa")
-    vml("rm", "entry2")
-    assert "removed 0 objects" in vml("gc").stdout  # the area still needs all of entry2
-    assert (mounted / "areas/wa/disk.img").read_bytes() == (logbook / "disk.img").read_bytes()
+    img = mounted / "areas" / "wa" / "disk.img"
+    fd = os.open(img, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"X" * 5000, 1000)
+        os.fsync(fd)
+        assert "unsaved changes" in vml.fails("close", "wa")
+        assert "open file" in vml.fails("close", "wa", "--discard")
+        os.pwrite(fd, b"Z" * 100, 3000)  # still served by the mount, and kept
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    vml("save", "kept", "--area", "wa")
+    with open(mounted / "rep1/kept/disk.img", "rb") as f:
+        f.seek(1000)
+        assert f.read(5000) == b"X" * 2000 + b"Z" * 100 + b"X" * 2900
     vml("close", "wa")
-    assert re.search(r"removed [1-9]\d* objects", vml("gc").stdout)  # and once closed, they go
+
+
+def test_control_requests_of_the_wrong_shape_change_nothing(vml, home, logbook, mounted, tmp_path):
+    from vml import control
+
+    vml("open", "entry2", "--area", "wa")
+    before = (tmp_path / "rep1" / "refs.json").read_text()
+    for bad in (
+        {"op": "save", "area": "wa", "entry": "q", "message": {"a": 1}},
+        {"op": "save", "area": 3},
+        {"op": "close", "area": ["wa"]},
+        {"op": "nonsense"},
+    ):
+        with pytest.raises(control.MountError):
+            control.request(home, **bad)
+    assert (tmp_path / "rep1" / "refs.json").read_text() == before
+    assert sorted(os.listdir(mounted / "rep1")) == ["entry1", "entry2"]

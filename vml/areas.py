@@ -107,6 +107,33 @@ def list_areas(home: Path) -> list[AreaRecord]:
     return out
 
 
+def _check_sparse_files(directory: Path, block: int) -> None:
+    """Refuse a file system where allocation does not tell written blocks from holes.
+
+    An overlay's allocated blocks are its written ones; that needs SEEK_DATA
+    and SEEK_HOLE, and written zeros kept as data (ZFS with compression, for
+    one, turns them back into holes).
+    """
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".vml-sparse-probe.")
+    try:
+        os.ftruncate(fd, 4 * block)
+        os.pwrite(fd, bytes(block), block)  # the second block: written zeros
+        os.fsync(fd)
+        data = os.lseek(fd, 0, os.SEEK_DATA)
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        ok = (data, hole) == (block, 2 * block)
+    except OSError:
+        ok = False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    if not ok:
+        raise UsageError(
+            f"{directory}: this file system does not keep sparse files as working areas need "
+            "(SEEK_DATA/SEEK_HOLE, written zeros kept as data); put $VML_HOME on ext4, xfs, btrfs or tmpfs"
+        )
+
+
 def create_area(home: Path, name: str, repo: Repository, entry: Entry) -> AreaRecord:
     """Create area ``name`` on ``entry``; it is empty until written."""
     check_name(name, "area")
@@ -116,6 +143,7 @@ def create_area(home: Path, name: str, repo: Repository, entry: Entry) -> AreaRe
     if target.exists():
         raise AlreadyExists(f"working area {name!r} already exists; pick another name with --area")
     block = max(BLOCK, os.statvfs(parent).f_bsize)
+    _check_sparse_files(parent, block)
     if block > entry.manifest.chunk_size:
         raise UsageError(f"{parent}: file system blocks of {block} bytes are larger than the chunk size")
     rec = AreaRecord(name, repo.name, str(repo.store.path), entry.name, entry.digest.hex(), 1, block, now_iso())
@@ -230,6 +258,7 @@ class Area:
         self.dir = areas_dir(home) / name
         self.cache = cache or ChunkCache()
         self.mutex = threading.RLock()
+        self.handles = 0  # files of the area open in the mount
         if not self.dir.is_dir():
             raise NotFound(f"no working area {name!r} (see `vml consult`)")
         self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -345,6 +374,25 @@ class Area:
         for p in old:
             p.unlink(missing_ok=True)
 
+    def check_saved(self) -> None:
+        """Raise UsageError if the area holds changes not saved as an entry."""
+        changed = self.changed_bytes()
+        if changed:
+            raise UsageError(
+                f"working area {self.name!r} has {changed} bytes of unsaved changes: save them with "
+                f"`vml save NEW --area {self.name}`, or close with --discard"
+            )
+
+    def destroy(self, discard: bool = False) -> None:
+        """Delete the area, still holding its lock; refuses unsaved changes unless ``discard``."""
+        with self.mutex:
+            if not discard:
+                self.check_saved()
+            trash = self.dir.with_name(f".{self.name}.removing")
+            os.rename(self.dir, trash)
+            self.close()
+        shutil.rmtree(trash, ignore_errors=True)
+
     def describe(self) -> dict:
         info = self.repo.describe(self.entry)
         info["area"] = self.name
@@ -354,15 +402,7 @@ class Area:
 def remove_area(home: Path, name: str, discard: bool = False) -> None:
     """Delete an area; refuses while it holds unsaved changes, unless ``discard``."""
     with Area(home, name) as area:
-        changed = area.changed_bytes()
-        if changed and not discard:
-            raise UsageError(
-                f"working area {name!r} has {changed} bytes of unsaved changes: save them with "
-                f"`vml save NEW --area {name}`, or close with --discard"
-            )
-        trash = area.dir.with_name(f".{name}.removing")
-        os.rename(area.dir, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+        area.destroy(discard)
 
 
 def roots(home: Path, repo: Repository) -> tuple[bytes, ...]:

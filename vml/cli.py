@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import areas, bundle, config, control, maintenance
+from . import areas, bundle, config, control, incoming, maintenance
 from .checkout import checkout
 from .errors import AlreadyExists, UsageError, VmlError
 from .manifest import KINDS
@@ -205,6 +205,11 @@ def cmd_consult(args) -> int:
         path = Path(state["mountpoint"]) / "areas" / rec.name if state else areas.areas_dir(home) / rec.name
         rows.append([rec.name, rec.entry, rec.repository, format_size(areas.changed_bytes(home, rec)), path])
     print("\n".join(table(rows, ["name", "entry", "repository", "changed", "path"])) if rows else "(none)")
+    staged = [[name, repo_name, path] for repo_name, name, path in incoming.pending(home)]
+    if staged:
+        print("\nCopies in repository directories that are not entries (see the mount's log for why;")
+        print("save them with `vml save NAME --from PATH`, or remove them from the mount with rm -r):")
+        print("\n".join(table(staged, ["name", "repository", "path"])))
     for repo in repos:
         print(f"\nEntries in repository {repo.name}:")
         print("\n".join(tree_lines(repo)) or "(none)")

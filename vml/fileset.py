@@ -79,6 +79,15 @@ class ReaderHandle(Handle):
 class AreaDiskHandle(Handle):
     def __init__(self, area: Area, disk: str):
         self.area, self.disk = area, disk
+        with area.mutex:
+            area.handles += 1
+        self._open = True
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            with self.area.mutex:
+                self.area.handles -= 1
 
     def read(self, offset: int, size: int) -> bytes:
         return self.area.read(self.disk, offset, size)
@@ -94,9 +103,15 @@ class FileHandle(Handle):
     """A staged file of an incoming copy: a plain file on local disk."""
 
     def __init__(self, path: Path, write: bool, activity):
-        self.fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        # Counted open before it is: a copy with an open file is never finalized.
         self.activity = activity
         activity(+1)
+        try:
+            self.fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        except BaseException:
+            self.fd = -1
+            activity(-1)
+            raise
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -188,7 +203,7 @@ def add_disk(fs: FileSet, name: str, size: int, allocated: int, opener, immutabl
 def staged_node(p: Path) -> Node:
     st = os.lstat(p)
     is_dir = stat.S_ISDIR(st.st_mode)
-    key = ("incoming-dir", str(p)) if is_dir else ("incoming", st.st_dev, st.st_ino)
+    key = ("incoming", str(p))  # by path: inode numbers of removed files are reused
     return Node(
         key,
         is_dir,

@@ -3,25 +3,22 @@
 `cp -r /vml/rep1/entry2 /vml/rep2/` makes directory entry2 in rep2 and
 writes its files. The mount stages them as plain files in
 ``$VML_HOME/incoming/<repository>/<name>/`` and, once nothing in the
-directory has been open for a quiet moment, finalizes it here:
+directory has been open for a quiet moment, tries to finalize it here.
 
-- If the copy has an ``entry.json`` naming a manifest that one of the
-  configured repositories holds, and every copied disk and file matches
-  that entry chunk for chunk, the entry is added to the target under the
-  same manifest digest: the same entry, not a look-alike. Only the objects
-  the target lacks are copied, read from the repository that has them and
-  checked against their digests; that includes the objects of the entry's
-  chain, so the target can verify, export and build on it.
-- Otherwise (a plain VM directory, or bytes that differ from what
-  entry.json claims) the directory is saved as a new full entry, exactly as
-  `vml save NAME --from DIR` would, so nothing copied is lost.
-
-Either way the staging directory is removed once the entry is in place.
+A copy is adopted only when it is exactly an entry: its ``entry.json``
+names a manifest that one of the configured repositories holds, and the
+staged files are exactly that entry's files (each disk's D.img, D.vmdk and
+D-flat.vmdk, and its configuration files), with the same bytes, chunk for
+chunk. rep2 then gets the same entry (same manifest digest), storing only
+the objects it lacked, those of the entry's chain included, so that it can
+verify, export and build on it. Anything else (a copy cut short, files
+changed or added, a plain VM directory) is not turned into an entry behind
+the user's back: it stays staged, shown in the mount and by `vml consult`,
+until the user removes it or saves it with `vml save --from`.
 """
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -30,10 +27,14 @@ from .manifest import RESERVED_FILE, disk_file_names
 from .names import check_name
 from .objects import HOLE, decode, digest
 from .repository import Entry, Repository
-from .save import save
 from .store import METADATA_LIMIT, storage_error
+from .vmdk import descriptor
 
 log = logging.getLogger(__name__)
+
+
+class NotTaken(VmlError):
+    """A staged copy that is not exactly an entry; it stays staged."""
 
 
 def incoming_dir(home: Path) -> Path:
@@ -47,28 +48,23 @@ def staging_path(home: Path, repository: str, name: str) -> Path:
 
 
 def finalize(target: Repository, name: str, staging: Path, sources: list[Repository]) -> Entry:
-    """Turn a staged copy into entry ``name`` of ``target``; remove the staging directory."""
+    """Adopt the staged copy at ``staging`` as entry ``name`` of ``target``, then remove it.
+
+    Raises NotTaken, leaving ``staging`` alone, when the copy is not exactly an entry.
+    """
     claimed = _claimed_manifest(staging)
-    entry = None
-    if claimed is not None:
-        source = next((r for r in [target, *sources] if r.store.has(claimed)), None)
-        if source is not None and _matches(source, claimed, staging):
-            try:
-                entry = _adopt(target, name, source, claimed)
-            except Corrupt as e:
-                log.warning(
-                    "%s: cannot copy entry %s from %s (%s); saving the files as a new entry",
-                    staging,
-                    claimed.hex()[:16],
-                    source.name,
-                    e,
-                )
-        elif source is not None:
-            log.warning(
-                "%s: the copied files differ from the entry entry.json names; saving them as a new entry", staging
-            )
-    if entry is None:
-        entry = save(target, name, staging, message=f"copied into {target.name}")
+    if claimed is None:
+        raise NotTaken(f"{staging}: no {RESERVED_FILE} naming an entry (a plain directory is saved with vml save)")
+    source = next((r for r in [target, *sources] if r.store.has(claimed)), None)
+    if source is None:
+        raise NotTaken(f"{staging}: no configured repository has the entry {RESERVED_FILE} names")
+    problem = _mismatch(source, claimed, staging)
+    if problem:
+        raise NotTaken(f"{staging}: not a complete, unchanged copy of the entry ({problem})")
+    try:
+        entry = _adopt(target, name, source, claimed)
+    except Corrupt as e:
+        raise NotTaken(f"{staging}: cannot copy the entry's objects from {source.name} ({e})") from None
     shutil.rmtree(staging, ignore_errors=True)
     return entry
 
@@ -81,30 +77,45 @@ def _claimed_manifest(staging: Path) -> bytes | None:
         return None
 
 
-def _matches(repo: Repository, manifest: bytes, staging: Path) -> bool:
-    """Whether the staged files hold exactly the content of the entry ``manifest``."""
+def _mismatch(repo: Repository, manifest: bytes, staging: Path) -> str | None:
+    """Why the staged files are not exactly the entry ``manifest``, or None if they are."""
     try:
         resolved = repo.resolve(manifest)
-    except Corrupt:
-        return False
-    expected = {disk_file_names(n)[0]: t for n, t in resolved.disks.items()}
+    except Corrupt as e:
+        return str(e)
+    expected: dict[str, object] = {}
+    for name, table in resolved.disks.items():
+        img, vmdk, flat = disk_file_names(name)
+        expected[img] = expected[flat] = table
+        expected[vmdk] = descriptor(name, table.size)
     expected.update({n: t for n, (t, _) in resolved.files.items()})
-    for rel, table in expected.items():
+    staged = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if not p.is_dir()}
+    staged.discard(RESERVED_FILE)
+    if staged != set(expected):
+        missing, extra = sorted(set(expected) - staged), sorted(staged - set(expected))
+        return f"missing {missing}, extra {extra}" if missing else f"extra {extra}"
+    for rel, want in expected.items():
         path = staging / rel
-        try:
-            if path.stat().st_size != table.size:
-                return False
-            with open(path, "rb") as f:
-                for i in range(table.count):
-                    data = f.read(table.chunk_length(i))
-                    want = table.digest(i)
-                    if want == HOLE:
-                        if data.count(0) != len(data):
-                            return False
-                    elif digest(data) != want:
-                        return False
-        except OSError:
+        if isinstance(want, bytes):
+            if path.read_bytes() != want:
+                return f"{rel} differs"
+        elif not _same_content(path, want):
+            return f"{rel} differs"
+    return None
+
+
+def _same_content(path: Path, table) -> bool:
+    try:
+        if path.stat().st_size != table.size:
             return False
+        with open(path, "rb") as f:
+            for i in range(table.count):
+                data = f.read(table.chunk_length(i))
+                want = table.digest(i)
+                if (data.count(0) != len(data)) if want == HOLE else (digest(data) != want):
+                    return False
+    except OSError:
+        return False
     return True
 
 
@@ -114,7 +125,7 @@ def _adopt(target: Repository, name: str, source: Repository, manifest: bytes) -
 
     with target.store.lock(f"vml copy {name}"):
         if name in target.refs():
-            raise VmlError(f"entry {name!r} already exists in repository {target.name}")
+            raise NotTaken(f"entry {name!r} already exists in repository {target.name}")
         try:
             for obj in live_objects(source, [manifest]):
                 if target.store.has(obj):
@@ -129,6 +140,11 @@ def _adopt(target: Repository, name: str, source: Repository, manifest: bytes) -
     return target.entry(name)
 
 
+def aside_path(staged: Path) -> Path:
+    """Where a staged copy is moved while it is being finalized."""
+    return staged.with_name(f".{staged.name}.finalizing")
+
+
 def pending(home: Path) -> list[tuple[str, str, Path]]:
     """Every staged copy: (repository, name, staging directory)."""
     out = []
@@ -136,12 +152,15 @@ def pending(home: Path) -> list[tuple[str, str, Path]]:
     if root.is_dir():
         for repo_dir in sorted(root.iterdir()):
             for d in sorted(repo_dir.iterdir()) if repo_dir.is_dir() else ():
-                out.append((repo_dir.name, d.name, d))
+                if not d.name.startswith("."):
+                    out.append((repo_dir.name, d.name, d))
     return out
 
 
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+def recover(home: Path) -> None:
+    """Put back copies a mount that died was finalizing (call before serving)."""
+    root = incoming_dir(home)
+    for d in root.glob("*/.*.finalizing") if root.is_dir() else ():
+        back = d.with_name(d.name[1 : -len(".finalizing")])
+        if not back.exists():
+            d.rename(back)

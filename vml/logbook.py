@@ -19,6 +19,7 @@ and so locked by this process, when first used, and stay open until closed.
 """
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -29,12 +30,14 @@ from pathlib import Path
 from . import incoming
 from .areas import Area, areas_dir, list_areas, remove_area
 from .config import Config
-from .errors import AlreadyExists, NotFound, ReadOnly
+from .errors import AlreadyExists, Corrupt, Locked, NotFound, ReadOnly
 from .fileset import AreaDiskHandle, FileHandle, FileSet, Handle, Node, ReaderHandle, add_disk, entry_files, staged_node
 from .names import check_name
 from .reader import ChunkCache
 from .repository import Entry, Repository, parse_iso
 from .store import REFS_FILE, Store
+
+log = logging.getLogger(__name__)
 
 AREAS = "areas"
 ENTRY_CACHE = 64
@@ -52,6 +55,7 @@ class Logbook:
         self._refs: dict[Path, tuple[tuple, dict]] = {}
         self._entries: OrderedDict[tuple, FileSet] = OrderedDict()
         self._areas: dict[str, tuple[Area, FileSet]] = {}
+        self._area_open_lock = threading.Lock()  # serializes opening and closing areas
         self._incoming: dict[tuple, list] = {}  # (repo, name) -> [open handles, time of last change]
 
     # -- sources ---------------------------------------------------------
@@ -114,11 +118,16 @@ class Logbook:
             opened = self._areas.get(name)
         if opened is not None and opened[0].record.generation == opened[1].generation:
             return opened
-        area = opened[0] if opened else Area(self.home, name, self.cache)
-        fs = self._area_files(area)
-        with self._lock:
-            self._areas[name] = (area, fs)
-        return area, fs
+        with self._area_open_lock:  # one opener at a time: the second would find the area locked
+            with self._lock:
+                opened = self._areas.get(name)
+            if opened is not None and opened[0].record.generation == opened[1].generation:
+                return opened
+            area = opened[0] if opened else Area(self.home, name, self.cache)
+            fs = self._area_files(area)
+            with self._lock:
+                self._areas[name] = (area, fs)
+            return area, fs
 
     def _area_files(self, area: Area) -> FileSet:
         mtime = int(parse_iso(area.record.created).timestamp() * 1e9)
@@ -150,13 +159,13 @@ class Logbook:
                     r.name: Node(
                         ("areadir", r.name, r.created),
                         True,
-                        mode=0o755,
+                        mode=0o700,  # an area is its owner's, even on a mount others may read
                         mtime_ns=int(parse_iso(r.created).timestamp() * 1e9),
                     )
                     for r in list_areas(self.home)
                 }
             area, fs = self.area(path[1])
-            nodes = self._in_files(fs, path[2:])
+            nodes = {n: replace(node, mode=node.mode & 0o700) for n, node in self._in_files(fs, path[2:]).items()}
             if path[2:] == ():  # disks show the time of their last write
                 nodes = {
                     n: replace(node, mtime_ns=area.disks[node.key[3]].mtime_ns) if node.key[2] == "disk" else node
@@ -168,7 +177,11 @@ class Logbook:
             out = {}
             refs = self.refs(repo)
             for name, digest in refs.items():
-                m = repo.manifest(digest, name)
+                try:
+                    m = repo.manifest(digest, name)
+                except Corrupt as e:  # one damaged entry must not hide the others
+                    log.error("%s", e)
+                    continue
                 out[name] = Node(
                     ("entrydir", str(repo.store.path), name, digest),
                     True,
@@ -178,7 +191,7 @@ class Logbook:
             staged = incoming.incoming_dir(self.home) / path[0]
             if staged.is_dir():
                 for p in staged.iterdir():
-                    if p.name not in refs:
+                    if p.name not in refs and not p.name.startswith("."):
                         out[p.name] = staged_node(p)
             return out
         staged = self._staged(path)
@@ -328,17 +341,32 @@ class Logbook:
         return out
 
     def finalize_copy(self, repo_name: str, name: str) -> Entry:
-        """Turn an incoming copy into an entry (see vml.incoming)."""
+        """Turn an incoming copy into an entry, if it is exactly one (see vml.incoming).
+
+        The staged directory is first moved aside, under the lock and with
+        nothing in it open, so that anything written into the copy from then
+        on fails where the writer sees it, rather than being dropped. If the
+        copy is not taken, it is put back and left alone until it changes.
+        """
         target = self.repository(repo_name)
         sources = [self.repository(n) for n in self.config().repositories if n not in (repo_name, AREAS)]
+        staged = incoming.staging_path(self.home, repo_name, name)
+        aside = incoming.aside_path(staged)
+        with self._lock:
+            opened, _ = self._incoming.get((repo_name, name), (0, 0.0))
+            if opened:
+                raise incoming.NotTaken(f"{staged}: files in it are open")
+            os.rename(staged, aside)
+            self._incoming.pop((repo_name, name), None)
         try:
-            entry = incoming.finalize(target, name, incoming.staging_path(self.home, repo_name, name), sources)
+            entry = incoming.finalize(target, name, aside, sources)
         except BaseException:
-            with self._lock:  # not again until something in the copy changes
-                self._incoming[(repo_name, name)] = [0, float("inf")]
+            with self._lock:
+                if not staged.exists():
+                    os.rename(aside, staged)
+                self._incoming[(repo_name, name)] = [0, float("inf")]  # not again until it changes
             raise
         with self._lock:
-            self._incoming.pop((repo_name, name), None)
             self._refs.pop(target.store.path, None)
         return entry
 
@@ -352,11 +380,26 @@ class Logbook:
         return saved
 
     def close_area(self, name: str, discard: bool = False) -> None:
-        with self._lock:
-            opened = self._areas.pop(name, None)
-        if opened is not None:
-            opened[0].close()
-        remove_area(self.home, name, discard)
+        """Delete area ``name``, which this process may be serving.
+
+        Refuses (keeping the area served) while it has unsaved changes,
+        unless ``discard``, or while any of its files is open.
+        """
+        with self._area_open_lock:
+            with self._lock:
+                opened = self._areas.get(name)
+            if opened is None:
+                remove_area(self.home, name, discard)
+                return
+            area = opened[0]
+            with area.mutex:
+                if not discard:
+                    area.check_saved()
+                if area.handles:
+                    raise Locked(f"working area {name!r} has {area.handles} open file(s); close them first")
+                area.destroy(discard)
+            with self._lock:
+                self._areas.pop(name, None)
 
     def open_areas(self) -> list[str]:
         with self._lock:

@@ -124,7 +124,12 @@ class Manifest:
         return m
 
     def check(self) -> None:
-        """Raise ValueError if the fields contradict each other."""
+        """Raise ValueError if a field is of the wrong type or the fields contradict each other."""
+        for value in (self.name, self.kind, self.created, self.message):
+            if not isinstance(value, str):
+                raise ValueError(f"{value!r} is not a string")
+        if not isinstance(self.extra, dict):
+            raise ValueError("extra fields must be a mapping")
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}")
         if self.chunk_size & (self.chunk_size - 1):

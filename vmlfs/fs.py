@@ -192,11 +192,15 @@ class VmlFS(pyfuse3.Operations):
 
     async def unlink(self, parent_inode, name, ctx):
         path = (*self._path(parent_inode), os.fsdecode(name))
+        node = await self._node(path)
         await self._call(f"unlink {'/'.join(path)}", self.logbook.unlink, path)
+        self._forget(path, node)
 
     async def rmdir(self, parent_inode, name, ctx):
         path = (*self._path(parent_inode), os.fsdecode(name))
+        node = await self._node(path)
         await self._call(f"rmdir {'/'.join(path)}", self.logbook.rmdir, path)
+        self._forget(path, node)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         new_path = (*self._path(new_parent_inode), os.fsdecode(new_name))
@@ -208,7 +212,32 @@ class VmlFS(pyfuse3.Operations):
         new = (*self._path(parent_inode_new), os.fsdecode(name_new))
         if flags:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        moved = await self._node(old)
+        replaced = await self._call(f"lookup {'/'.join(new)}", self._maybe_node, new)
         await self._call(f"rename {'/'.join(old)}", self.logbook.rename, old, new)
+        if replaced is not None:
+            self._forget(new, replaced)
+        # The kernel keeps the moved inode under its new name: follow it,
+        # and everything below it if it is a directory.
+        ino = self._ino_by_key.pop(moved.key, None)
+        if ino is not None:
+            node = await self._node(new)
+            self._ino_by_key[node.key] = ino
+        for i, p in list(self._path_by_ino.items()):
+            if p[: len(old)] == old:
+                self._path_by_ino[i] = new + p[len(old) :]
+
+    def _maybe_node(self, path: tuple) -> Node | None:
+        try:
+            return self.logbook.lookup(path)
+        except NotFound:
+            return None
+
+    def _forget(self, path: tuple, node: Node) -> None:
+        """A name is gone: a new file there must get a new inode."""
+        ino = self._ino_by_key.pop(node.key, None)
+        if ino is not None and self._path_by_ino.get(ino) == path:
+            del self._path_by_ino[ino]
 
     async def opendir(self, inode, ctx):
         node = await self._node(self._path(inode))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from vml import control
+from vml import control, incoming
 from vml.errors import VmlError
 from vml.logbook import AREAS, Logbook
 
@@ -45,6 +45,7 @@ def mount_options(fsname: str = "vmlfs") -> set[str]:
 def serve(home: Path, mountpoint: Path, ready_fd: int | None = None) -> None:
     """Mount the logbook of ``home`` at ``mountpoint`` and serve it until unmounted."""
     logbook = Logbook(home)
+    incoming.recover(home)
     ops = VmlFS(logbook, readahead=ReadAhead())
     run_dir = control.run_dir(home)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -117,13 +118,13 @@ async def _answer(data: bytes, ops: VmlFS) -> dict:
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "areas": sorted(ops.logbook.open_areas())}
         if op == "save":
-            entry = await trio.to_thread.run_sync(
-                ops.logbook.save_area, req["area"], req["entry"], req.get("message", ""), limiter=ops.limiter
-            )
+            area, name, message = _text(req, "area"), _text(req, "entry"), _text(req, "message", "")
+            entry = await trio.to_thread.run_sync(ops.logbook.save_area, area, name, message, limiter=ops.limiter)
             return {"ok": True, "entry": entry.name, "manifest": entry.digest.hex()}
         if op == "close":
-            await trio.to_thread.run_sync(ops.logbook.close_area, req["area"], bool(req.get("discard")))
-            _forget_entry(ops, (AREAS,), req["area"])
+            area = _text(req, "area")
+            await trio.to_thread.run_sync(ops.logbook.close_area, area, req.get("discard") is True)
+            _forget_entry(ops, (AREAS,), area)
             return {"ok": True}
         return {"ok": False, "error": f"unknown request {op!r}", "status": 2}
     except VmlError as e:
@@ -148,10 +149,20 @@ async def _finalize_copies(ops: VmlFS) -> None:
             try:
                 entry = await trio.to_thread.run_sync(ops.logbook.finalize_copy, repo, name, limiter=ops.limiter)
                 log.info("copied entry %s into %s (manifest %s)", name, repo, entry.digest.hex()[:16])
+            except incoming.NotTaken as e:
+                log.warning("the copy %s/%s stays as it is, not an entry: %s", repo, name, e)
+                continue
             except Exception as e:
                 log.error("cannot make an entry of the copy %s/%s: %s", repo, name, e)
                 continue
             _forget_entry(ops, (repo,), name)
+
+
+def _text(req: dict, key: str, default: str | None = None) -> str:
+    value = req.get(key, default)
+    if not isinstance(value, str):
+        raise TypeError(f"{key!r} must be a string")
+    return value
 
 
 def _forget_entry(ops: VmlFS, parent: tuple, name: str) -> None:
