@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
 from .names import check_name
-from .objects import HOLE, decode, parse_hex
+from .objects import decode, parse_hex
 from .progress import SILENT, Progress
 from .repository import Repository
 from .store import MAX_CHUNK_SIZE, METADATA_LIMIT, storage_error
@@ -80,7 +80,7 @@ def export(
     if held:
         for d, m in repo.data_chain(held[1]):
             known_manifests.add(d)
-            known_objects |= _own_objects(repo, d, m)
+            known_objects |= repo.objects_of(d, m)
 
     chain = repo.data_chain(entry.digest)
     included = []
@@ -92,7 +92,7 @@ def export(
     wanted: dict[bytes, None] = {}  # ordered set
     omitted = False
     for d, m in included:
-        for obj in _own_objects(repo, d, m):
+        for obj in repo.objects_of(d, m):
             if obj in known_objects:
                 omitted = True
             else:
@@ -131,15 +131,6 @@ def export(
     return BundleSummary(
         [e["name"] for e in index["entries"]], [r["name"] for r in requires], len(wanted), out.stat().st_size
     )
-
-
-def _own_objects(repo: Repository, digest: bytes, m) -> set[bytes]:
-    """The manifest, its chunk maps and every object those maps list."""
-    out = {digest, *m.map_digests()}
-    for s in m.disks + m.files:
-        out.update(d for _, d, _ in repo.read_map(m, s))
-    out.discard(HOLE)
-    return out
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

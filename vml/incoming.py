@@ -121,13 +121,11 @@ def _same_content(path: Path, table) -> bool:
 
 def _adopt(target: Repository, name: str, source: Repository, manifest: bytes) -> Entry:
     """Add entry ``manifest`` to ``target`` as ``name``, copying what it lacks from ``source``."""
-    from .maintenance import live_objects
-
     with target.store.lock(f"vml copy {name}"):
         if name in target.refs():
             raise NotTaken(f"entry {name!r} already exists in repository {target.name}")
         try:
-            for obj in live_objects(source, [manifest]):
+            for obj in source.needed_objects([manifest]):
                 if target.store.has(obj):
                     continue
                 blob = source.store.read_raw(obj)

@@ -104,21 +104,6 @@ class GcSummary:
     kept: int
 
 
-def live_objects(repo: Repository, manifests) -> set[bytes]:
-    """Every object the entries with these manifest digests need."""
-    live: set[bytes] = set()
-    for digest in manifests:
-        for d, m in repo.data_chain(digest):
-            if d in live:
-                continue
-            live.add(d)
-            live.update(m.map_digests())
-            for s in m.disks + m.files:
-                live.update(rd for _, rd, _ in repo.read_map(m, s))
-    live.discard(HOLE)
-    return live
-
-
 def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
     """Remove every object no entry needs, and leftovers of interrupted writers.
 
@@ -127,7 +112,7 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
     """
     with repo.store.lock("vml gc"):
         try:
-            live = live_objects(repo, [*repo.refs().values(), *keep])
+            live = repo.needed_objects([*repo.refs().values(), *keep])
         except Corrupt as e:
             raise type(e)(f"not collecting garbage while an entry is damaged ({e}); run vml verify") from None
         removed = freed = kept = 0

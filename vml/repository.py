@@ -144,6 +144,23 @@ class Repository:
             raise CorruptObject(f"{where}, chunk {index}: object {d.hex()} has {len(data)} bytes, expected {length}")
         return data
 
+    def objects_of(self, digest: bytes, m: Manifest) -> set[bytes]:
+        """The manifest ``digest``, its chunk maps and every object those maps list."""
+        out = {digest, *m.map_digests()}
+        for s in m.disks + m.files:
+            out.update(d for _, d, _ in self.read_map(m, s))
+        out.discard(HOLE)
+        return out
+
+    def needed_objects(self, manifests) -> set[bytes]:
+        """Every object the entries with these manifest digests need, their chains included."""
+        needed: set[bytes] = set()
+        for digest in manifests:
+            for d, m in self.data_chain(digest):
+                if d not in needed:
+                    needed |= self.objects_of(d, m)
+        return needed
+
     # -- accounting and display ------------------------------------------
 
     def stored_bytes(self, digest: bytes) -> int:
