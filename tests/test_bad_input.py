@@ -146,7 +146,7 @@ def test_a_chunk_that_decompresses_past_the_chunk_size_is_refused(vml, tmp_path)
     vml("export", "forged", "-o", tmp_path / "forged.vml", "--repo", "rep1")
     before = snapshot(tmp_path / "rep2")
     msg = vml.fails("import", tmp_path / "forged.vml", "--repo", "rep2")
-    assert "larger than the chunk size" in msg and "forged.vml" in msg
+    assert "chunk 0 has 65536 bytes, expected 4096" in msg and "forged.vml" in msg
     assert_untouched(vml, tmp_path / "rep2", before)
 
 

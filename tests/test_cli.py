@@ -176,8 +176,8 @@ def test_a_vm_directory_with_a_split_vmdk_and_a_qcow2_overlay(vml, rep1, image_c
 def test_usage_errors_are_one_line(vml, rep1, tmp_path):
     assert "no such file or directory" in vml.fails("save", "e1", "--from", tmp_path / "nope.img", status=9)
     assert "no entry 'nope' in repository rep1" in vml.fails("show", "nope", status=3)
-    assert "no repository named 'zz'" in vml.fails("log", "--repo", "zz", status=3)
-    assert "no repository named 'zz'" in vml.fails("--repo", "zz", "log", status=3)  # before the command too
+    assert "no repository or remote named 'zz'" in vml.fails("log", "--repo", "zz", status=3)
+    assert "no repository or remote named 'zz'" in vml.fails("--repo", "zz", "log", status=3)  # before the command too
     r = vml("--debug", "show", "nope", ok=False)
     assert r.returncode == 1 and "Traceback" in r.stderr and "NotFound" in r.stderr
     (tmp_path / "empty").mkdir()

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import chunkmap, control
+from .config import Config
 from .errors import AlreadyExists, CorruptManifest, DiskFull, Locked, NotFound, UsageError, VmlError
 from .manifest import Stream
 from .names import check_name
@@ -53,7 +54,7 @@ from .progress import SILENT, Progress
 from .reader import ChunkCache, DiskReader
 from .repository import Entry, Repository, now_iso
 from .save import ChunkWriter, Plan, write_entry
-from .store import Store, fsync_dir, write_atomic
+from .store import fsync_dir, write_atomic
 
 FORMAT = 1
 RECORD_FILE = "area.json"
@@ -71,12 +72,13 @@ class AreaRecord:
     block_size: int
     created: str
     format: int = FORMAT
+    save_to: str = ""  # path of the local repository saves go to, when the entry is a remote's
 
     @classmethod
     def load(cls, path: Path) -> "AreaRecord":
         try:
             doc = json.loads(path.read_bytes())
-            rec = cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+            rec = cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
             if rec.format != FORMAT or parse_hex(rec.manifest) is None:
                 raise ValueError("unsupported format or bad digest")
             check_name(rec.name, "area")
@@ -134,8 +136,11 @@ def _check_sparse_files(directory: Path, block: int) -> None:
         )
 
 
-def create_area(home: Path, name: str, repo: Repository, entry: Entry) -> AreaRecord:
-    """Create area ``name`` on ``entry``; it is empty until written."""
+def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: Repository | None = None) -> AreaRecord:
+    """Create area ``name`` on ``entry``; it is empty until written.
+
+    An area on a remote's entry saves into the local repository ``save_to``.
+    """
     check_name(name, "area")
     parent = areas_dir(home)
     parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,11 @@ def create_area(home: Path, name: str, repo: Repository, entry: Entry) -> AreaRe
     _check_sparse_files(parent, block)
     if block > entry.manifest.chunk_size:
         raise UsageError(f"{parent}: file system blocks of {block} bytes are larger than the chunk size")
-    rec = AreaRecord(name, repo.name, str(repo.store.path), entry.name, entry.digest.hex(), 1, block, now_iso())
+    if repo.read_only and (save_to is None or save_to.read_only):
+        raise UsageError(f"{repo.name} is a remote: name a local repository to save the area into with --repo")
+    path = "" if repo.read_only else str(repo.store.path)
+    save_path = str(save_to.store.path) if repo.read_only else ""
+    rec = AreaRecord(name, repo.name, path, entry.name, entry.digest.hex(), 1, block, now_iso(), save_to=save_path)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.creating."))
     try:
         rec.save(staging / RECORD_FILE)
@@ -273,7 +282,6 @@ class Area:
             os.pwrite(self._lock_fd, f"pid {os.getpid()}\n".encode(), 0)
         try:
             self.record = AreaRecord.load(self.dir / RECORD_FILE)
-            self.repo = Repository(Store(self.record.repository_path), self.record.repository)
             self._load()
         except BaseException:
             self.close()
@@ -281,6 +289,9 @@ class Area:
 
     def _load(self) -> None:
         rec = self.record
+        cfg = Config.load(self.home)
+        self.repo = cfg.local(rec.repository_path, rec.repository) if rec.repository_path else cfg.open(rec.repository)
+        self.target = cfg.local(rec.save_to) if rec.save_to else self.repo
         digest = bytes.fromhex(rec.manifest)
         self.entry = Entry(rec.entry, digest, self.repo.manifest(digest, rec.entry))
         resolved = self.repo.resolve(digest)
@@ -350,7 +361,7 @@ class Area:
                 return disks, [Stream(f.name, f.size, unchanged, f.mode) for f in self.entry.manifest.files]
 
             entry = write_entry(
-                self.repo,
+                self.target,
                 name,
                 build,
                 parent=self.entry,
@@ -366,7 +377,15 @@ class Area:
         rec = self.record
         old = [ov.path for ov in self.disks.values()]
         new_rec = AreaRecord(
-            **{**asdict(rec), "entry": entry.name, "manifest": entry.digest.hex(), "generation": rec.generation + 1}
+            **{
+                **asdict(rec),
+                "repository": self.target.name,
+                "repository_path": str(self.target.store.path),
+                "save_to": "",
+                "entry": entry.name,
+                "manifest": entry.digest.hex(),
+                "generation": rec.generation + 1,
+            }
         )
         new_rec.save(self.dir / RECORD_FILE)
         self.record = new_rec

@@ -25,12 +25,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chunkmap import ChunkTable
 from .errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
 from .names import check_name
-from .objects import decode, parse_hex
+from .objects import HOLE, decode, parse_hex
 from .progress import SILENT, Progress
 from .repository import Repository
-from .store import MAX_CHUNK_SIZE, METADATA_LIMIT, storage_error
+from .store import METADATA_LIMIT, storage_error
 
 FORMAT = 1
 INDEX = "vml-bundle.json"
@@ -68,21 +69,29 @@ def export(
     out = Path(out)
     entry = repo.entry(name)
     held: tuple[str, bytes] | None = None  # an entry the receiver is assumed to have
-    if against:
+    known_manifests: set[bytes] = set()
+    known_objects: set[bytes] = set()
+    local = repo.local_chain(entry.digest)
+    requires_remote = None
+    if not full and not against and local and local[-1][1].reference is not None:
+        # The entry builds on a remote's entry: the receiver fetches that
+        # part from the remote, so the bundle holds only the local part.
+        link = local[-1][1].reference
+        known_manifests.add(link.manifest)
+        requires_remote = {"name": link.name, "manifest": link.manifest.hex()}
+    elif against:
         held_entry = repo.entry(against)
         held = held_entry.name, held_entry.digest
     elif not full and entry.manifest.parent is not None:
         with contextlib.suppress(Corrupt):  # the parent's chain is gone here: send everything
             base_digest, base_manifest = repo.base_of(entry.manifest.parent.manifest)
             held = base_manifest.name, base_digest
-    known_manifests: set[bytes] = set()
-    known_objects: set[bytes] = set()
     if held:
         for d, m in repo.data_chain(held[1]):
             known_manifests.add(d)
             known_objects |= repo.objects_of(d, m)
 
-    chain = repo.data_chain(entry.digest)
+    chain = local if requires_remote else repo.data_chain(entry.digest)
     included = []
     for d, m in chain:
         if d in known_manifests:
@@ -97,7 +106,7 @@ def export(
                 omitted = True
             else:
                 wanted[obj] = None
-    requires = []
+    requires = [requires_remote] if requires_remote else []
     if held and (omitted or len(included) < len(chain)):
         requires.append({"name": held[0], "manifest": held[1].hex()})
     index = {
@@ -106,14 +115,14 @@ def export(
         "requires": requires,
         "objects": len(wanted),
     }
-    progress.start(sum(repo.store.object_size(obj) for obj in wanted))
+    progress.start(sum(repo.object_size(obj) for obj in wanted))
     fd, tmp = tempfile.mkstemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.")
     os.close(fd)
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             _add(tar, INDEX, json.dumps(index, indent=1).encode())
             for obj in wanted:
-                blob = repo.store.read_raw(obj)
+                blob = repo.read_raw(obj)
                 _add(tar, f"objects/{obj.hex()}", blob)
                 progress.advance(len(blob))
         umask = os.umask(0)
@@ -250,7 +259,8 @@ def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, b
         raise BadBundle(f"{path}: damaged bundle index (bad digest)")
     for name, d in requires:
         try:
-            repo.data_chain(d)
+            if repo.is_local(d) or not repo.on_remote(d):
+                repo.data_chain(d)
         except Corrupt:
             raise MissingAncestor(
                 f"{path}: needs entry {name!r} (manifest {d.hex()[:16]}), which repository {repo.name} "
@@ -290,38 +300,50 @@ def _stage_objects(tar: tarfile.TarFile, staging: Path, path: Path, progress: Pr
 
 
 def _check_complete(repo: Repository, staged: _StagedStore, entries: dict[str, bytes], path: Path) -> None:
-    """Every object each new entry needs is at hand, and every chunk fits its size."""
+    """Every object each new entry needs is at hand, and every chunk fits its size.
+
+    Entries already in the repository were checked when they came; a chain
+    may end at an entry that a configured remote's catalog lists, which is
+    then fetched (and checked by digest) when it is read.
+    """
     view = Repository(staged, repo.name)
+
+    def remote(d: bytes) -> bool:
+        return not staged.has(d) and repo.on_remote(d)
+
     for name, digest in entries.items():
         if not staged.has(digest):
             raise BadBundle(f"{path}: the manifest of entry {name!r} is missing")
         try:
-            chain = view.data_chain(digest)
+            chain = view.data_chain(digest, stop=remote)
         except ObjectMissing:
             missing = _first_missing_link(view, digest)
             raise MissingAncestor(
                 f"{path}: entry {name!r} builds on entry {missing!r}, which is neither in the bundle nor in "
-                f"repository {repo.name}; import that entry first"
+                f"repository {repo.name} nor on a configured remote; import that entry first"
             ) from None
         except Corrupt as e:
             raise BadBundle(f"{path}: entry {name!r}: {e}") from None
-        chunk_limit = min(chain[0][1].chunk_size, MAX_CHUNK_SIZE)
+        for d, m in chain:
+            if d in staged.sizes:
+                _check_chunks(view, staged, m, f"{path}: entry {name!r}")
+
+
+def _check_chunks(view: Repository, staged: _StagedStore, m, where: str) -> None:
+    for s in m.disks + m.files:
+        table = ChunkTable(s.size, m.chunk_size)
         try:
-            resolved = view.resolve(digest)
+            records = view.read_map(m, s)
         except Corrupt as e:
-            raise BadBundle(f"{path}: entry {name!r}: {e}") from None
-        for table in resolved.tables():
-            for d in table.digest_set():
-                if not staged.has(d):
-                    raise BadBundle(f"{path}: entry {name!r} needs object {d.hex()}, which is missing")
-                if staged.sizes.get(d, 0) > chunk_limit:
-                    raise BadBundle(f"{path}: entry {name!r}: chunk {d.hex()} is larger than the chunk size")
-            for i in range(table.count):
-                size = staged.sizes.get(table.digest(i))
-                if size is not None and size != table.chunk_length(i):
-                    raise BadBundle(
-                        f"{path}: entry {name!r}: chunk {i} has {size} bytes, expected {table.chunk_length(i)}"
-                    )
+            raise BadBundle(f"{where}: {e}") from None
+        for i, d, _ in records:
+            if d == HOLE:
+                continue
+            if not staged.has(d):
+                raise BadBundle(f"{where} needs object {d.hex()}, which is missing")
+            size = staged.sizes.get(d)
+            if size is not None and size != table.chunk_length(i):
+                raise BadBundle(f"{where}, {s.name}: chunk {i} has {size} bytes, expected {table.chunk_length(i)}")
 
 
 def _first_missing_link(view: Repository, digest: bytes) -> str:

@@ -9,18 +9,19 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from . import areas, bundle, config, control, incoming, maintenance
+from . import areas, bundle, catalog, config, control, fetch, incoming, maintenance, publish, remote
 from .checkout import checkout
-from .errors import AlreadyExists, UsageError, VmlError
+from .errors import AlreadyExists, NotFound, UsageError, VmlError
 from .manifest import KINDS
 from .names import check_repository_name, format_size, parse_size
 from .progress import SILENT, Progress
 from .render import show_lines, table, tree_lines
 from .save import save
-from .store import DEFAULT_CHUNK_SIZE, Store, check_chunk_size
+from .store import DEFAULT_CHUNK_SIZE, METADATA_LIMIT, Store, check_chunk_size
 
 INTERNAL_ERROR = 70
 
@@ -86,13 +87,22 @@ def cmd_save(args) -> int:
         return _save_area(args)
     if not args.source:
         raise UsageError("say what to save: --from PATH (an image or VM directory) or --area NAME")
-    repo = _repo(args)
+    cfg = config.Config.load()
+    repo = cfg.open(args.repo)
+    parent = args.parent
+    if parent and ":" in parent:
+        parent_repo, parent = cfg.find_entry(parent, args.repo)
+        if not parent_repo.read_only and parent_repo.store.path != repo.store.path:
+            raise UsageError(
+                f"--parent {args.parent}: an entry can build on its own repository or a remote; "
+                f"to build on {parent_repo.name}, export and import the entry into {repo.name} first"
+            )
     with progress_bar(f"saving {args.entry}") as bar:
         entry = save(
             repo,
             args.entry,
             args.source,
-            parent=args.parent,
+            parent=parent,
             kind=args.kind,
             message=args.message or "",
             fmt=args.format,
@@ -127,13 +137,15 @@ def _save_area(args) -> int:
 
 
 def cmd_open(args) -> int:
-    repo = _repo(args)
-    entry = repo.entry(args.entry)
+    cfg = config.Config.load()
+    repo, entry = cfg.find_entry(args.entry, args.repo)
+    save_to = cfg.open(args.repo) if repo.read_only else None
     home = config.vml_home()
-    rec = areas.create_area(home, args.area or args.entry, repo, entry)
+    rec = areas.create_area(home, args.area or entry.name, repo, entry, save_to)
     state = control.mount_state(home)
     where = f"at {Path(state['mountpoint']) / 'areas' / rec.name}" if state else "(run `vml mount` to use its files)"
-    print(f"opened working area {rec.name} on {entry.name} of {repo.name} {where}")
+    saves = f"; saves go to {save_to.name}" if save_to else ""
+    print(f"opened working area {rec.name} on {entry.name} of {repo.name} {where}{saves}")
     return 0
 
 
@@ -197,6 +209,16 @@ def cmd_consult(args) -> int:
         rows.append([name + ("*" if name == cfg.default else ""), entries, path])
     print("Repositories:")
     print("\n".join(table(rows, ["name", "entries", "path"])) if rows else "(none: create one with vml init PATH)")
+    if cfg.remotes:
+        print("\nRemotes:")
+        rows = []
+        for name, rc in sorted(cfg.remotes.items()):
+            try:
+                entries = sorted(cfg.open(name).refs())
+            except VmlError as e:
+                entries = f"(unreachable: {e})"
+            rows.append([name, entries, rc.url])
+        print("\n".join(table(rows, ["name", "entries", "url"])))
     print("\nWorking areas:")
     home = config.vml_home()
     state = control.mount_state(home)
@@ -216,26 +238,31 @@ def cmd_consult(args) -> int:
     return 0
 
 
+def _entry(args, spec: str):
+    """(repository, entry) for ENTRY or REPO:ENTRY."""
+    return config.Config.load().find_entry(spec, args.repo)
+
+
 def cmd_show(args) -> int:
-    repo = _repo(args)
-    info = repo.describe(repo.entry(args.entry))
+    repo, entry = _entry(args, args.entry)
+    info = repo.describe(entry)
     print(json.dumps(info, indent=2) if args.json else "\n".join(show_lines(info)))
     return 0
 
 
 def cmd_checkout(args) -> int:
-    repo = _repo(args)
+    repo, entry = _entry(args, args.entry)
     with progress_bar(f"checking out {args.entry}") as bar:
-        paths = checkout(repo, args.entry, args.dir, progress=bar)
+        paths = checkout(repo, entry.name, args.dir, progress=bar)
     for p in paths:
         print(p)
     return 0
 
 
 def cmd_export(args) -> int:
-    repo = _repo(args)
+    repo, entry = _entry(args, args.entry)
     with progress_bar(f"exporting {args.entry}") as bar:
-        s = bundle.export(repo, args.entry, args.output, against=args.against, full=args.full, progress=bar)
+        s = bundle.export(repo, entry.name, args.output, against=args.against, full=args.full, progress=bar)
     needs = f"; the receiver needs {', '.join(s.requires)}" if s.requires else ""
     print(f"wrote {args.output}: {format_size(s.size)}, entries {', '.join(s.entries)}, {s.objects} objects{needs}")
     return 0
@@ -277,6 +304,156 @@ def cmd_verify(args) -> int:
         print(f"{what}: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
     print(f"{what}: ok")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    pub = catalog.keygen(Path(args.keyfile))
+    print(f"wrote private key {args.keyfile} (keep it secret) and public key {pub} (give it to your remote's users)")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    repo = _repo(args)
+    if repo.read_only:
+        raise UsageError(f"{repo.name} is a remote: publish from a local repository")
+    with progress_bar(f"publishing {repo.name}", unit="obj") as bar:
+        s = publish.publish(repo, Path(args.dir), Path(args.key), args.entries, bar)
+    print(
+        f"published {', '.join(s.entries) or 'no entries'} of {repo.name} into {args.dir}: catalog revision "
+        f"{s.revision}, {s.new_objects} new objects ({format_size(s.new_bytes)})"
+    )
+    return 0
+
+
+def cmd_remote_add(args) -> int:
+    check_repository_name(args.name)
+    url = args.url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"remote URL {args.url!r}: use http:// or https://")
+    settings = {"proxy": args.proxy} if args.proxy else {}
+    if args.timeout:
+        settings["timeout"] = args.timeout
+    rc = remote.RemoteConfig(
+        args.name,
+        url,
+        catalog.read_public_key(Path(args.key)),
+        parse_size(args.cache_quota) if args.cache_quota else remote.DEFAULT_QUOTA,
+        settings=fetch.Settings(**settings),
+    )
+    fetch.parse_proxies(rc.settings.proxy)
+    home = config.vml_home()
+    with config.editing(home) as cfg:
+        cfg.add_remote(rc)
+        if not args.no_check:  # refuse a wrong URL or key now, not at first use
+            try:
+                cat = remote.RemoteStore(home, rc).catalog(refresh=True)
+            except VmlError:
+                shutil.rmtree(home / "cache" / rc.name, ignore_errors=True)
+                raise
+            print(f"remote {rc.name}: catalog revision {cat.revision} of {cat.repository}, {len(cat.refs)} entries")
+    print(f"added remote {rc.name} ({url}), proxies {rc.settings.proxy}, cache quota {format_size(rc.cache_quota)}")
+    return 0
+
+
+def cmd_remote_list(args) -> int:
+    cfg = config.Config.load()
+    rows = []
+    for name, rc in sorted(cfg.remotes.items()):
+        rows.append([name, rc.url, rc.settings.proxy, format_size(rc.cache_quota)])
+    print("\n".join(table(rows, ["name", "url", "proxies", "cache quota"])) if rows else "(no remotes)")
+    return 0
+
+
+def cmd_remote_rm(args) -> int:
+    home = config.vml_home()
+    with config.editing(home) as cfg:
+        if args.name not in cfg.remotes:
+            raise NotFound(f"no remote named {args.name!r}")
+        users = [r.name for r in areas.list_areas(home) if r.repository == args.name and not r.repository_path]
+        if users:
+            raise UsageError(f"working areas {', '.join(users)} are open on remote {args.name}: close them first")
+        del cfg.remotes[args.name]
+    shutil.rmtree(home / "cache" / args.name, ignore_errors=True)
+    print(f"removed remote {args.name} and its cache")
+    return 0
+
+
+def _cached_remotes(args) -> list:
+    cfg = config.Config.load()
+    names = [args.remote] if getattr(args, "remote", None) else sorted(cfg.remotes)
+    for n in names:
+        if n not in cfg.remotes:
+            raise NotFound(f"no remote named {n!r}")
+    return [remote.open_remote(cfg.home, cfg.remotes[n]) for n in names]
+
+
+def cmd_cache_status(args) -> int:
+    out = []
+    for store in _cached_remotes(args):
+        objects, size = store.cache.usage()
+        pins = store.pins()
+        out.append(
+            {"remote": store.name, "objects": objects, "size": size, "quota": store.cache.quota}
+            | {"pinned": sorted(pins)}
+            | store.cache.stats()
+        )
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = [
+        [s["remote"], s["objects"], format_size(s["size"]), format_size(s["quota"]), ", ".join(s["pinned"]) or "-"]
+        for s in out
+    ]
+    for row, s in zip(rows, out, strict=True):
+        row += [s["hits"], s["misses"], format_size(s["fetched_bytes"])]
+    head = ["remote", "objects", "size", "quota", "pinned", "hits", "misses", "fetched"]
+    print("\n".join(table(rows, head)) if rows else "(no remotes)")
+    return 0
+
+
+def _remote_part(args):
+    """(remote store, manifest digest, name) of the remote part of ENTRY."""
+    repo, entry = _entry(args, args.entry)
+    if repo.read_only:
+        return repo.store, entry.digest, entry.name
+    local = repo.local_chain(entry.digest)
+    link = local[-1][1].reference if local else None
+    if link is None:
+        raise UsageError(f"entry {entry.name!r} of {repo.name} is all local: there is nothing to fetch for it")
+    for store in repo.fallbacks:
+        if store.lists(link.manifest):
+            return store, link.manifest, link.name
+    raise NotFound(f"entry {entry.name!r} builds on {link.name!r}, which no configured remote lists")
+
+
+def cmd_cache_preload(args) -> int:
+    store, digest, name = _remote_part(args)
+    if args.pin:
+        store.set_pins(store.pins() | {name: digest})
+    objs = remote.RemoteRepository(store).entry_objects(digest)
+    with progress_bar(f"preloading {store.name}:{name}", unit="obj") as bar:
+        fetched = store.fetch_all(objs, METADATA_LIMIT, bar)
+    pinned = " and pinned" if args.pin else ""
+    print(f"{store.name}:{name}: {len(objs)} objects cached{pinned}, {format_size(fetched)} fetched")
+    return 0
+
+
+def cmd_cache_unpin(args) -> int:
+    store, _, name = _remote_part(args)
+    pins = store.pins()
+    if name not in pins:
+        raise NotFound(f"{store.name}:{name} is not pinned")
+    del pins[name]
+    store.set_pins(pins)
+    print(f"unpinned {store.name}:{name}; its objects may now be evicted")
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    for store in _cached_remotes(args):
+        removed = store.cache.clear()
+        print(f"{store.name}: removed {removed} cached objects (pinned entries kept)")
     return 0
 
 
@@ -360,6 +537,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("umount", cmd_umount, "unmount the logbook")
     sp.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
+
+    sp = add("keygen", cmd_keygen, "create an Ed25519 key pair for signing published catalogs")
+    sp.add_argument("keyfile", metavar="KEYFILE", help="private key; the public key goes to KEYFILE.pub")
+
+    sp = add("publish", cmd_publish, "write entries as static files for any HTTP server, with a signed catalog")
+    sp.add_argument("dir", metavar="DIR")
+    sp.add_argument("--key", required=True, metavar="KEYFILE", help="private key from `vml keygen`")
+    sp.add_argument("entries", nargs="*", metavar="ENTRY", help="default: every entry of the repository")
+
+    sp = add("remote", None, "add, list or remove remotes (published repositories read over HTTP)")
+    rsub = sp.add_subparsers(dest="remote_command", metavar="ACTION", required=True)
+    r = rsub.add_parser("add", help="add a remote", parents=[common])
+    r.set_defaults(func=cmd_remote_add)
+    r.add_argument("name", metavar="NAME")
+    r.add_argument("url", metavar="URL")
+    r.add_argument("--key", required=True, metavar="PUBKEY", help="the publisher's KEYFILE.pub")
+    r.add_argument("--proxy", metavar="PROXIES", help="e.g. 'http://p1:3128|http://p2:3128;DIRECT' (default DIRECT)")
+    r.add_argument("--cache-quota", metavar="SIZE", help="soft limit of the local cache (default 10G)")
+    r.add_argument("--timeout", type=float, metavar="SECONDS", help="how long a read may wait for the network")
+    r.add_argument("--no-check", action="store_true", help="do not fetch the catalog now")
+    r = rsub.add_parser("list", help="list remotes", parents=[common])
+    r.set_defaults(func=cmd_remote_list)
+    r = rsub.add_parser("rm", help="remove a remote and its cache", parents=[common])
+    r.set_defaults(func=cmd_remote_rm)
+    r.add_argument("name", metavar="NAME")
+
+    sp = add("cache", None, "the local caches of remotes: status, preload, pin, unpin, clear")
+    csub = sp.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    c = csub.add_parser("status", help="size, quota, pins, hits and misses", parents=[common])
+    c.set_defaults(func=cmd_cache_status)
+    c.add_argument("remote", nargs="?", metavar="REMOTE")
+    c.add_argument("--json", action="store_true")
+    for action, help_text, pin in (
+        ("preload", "fetch everything an entry needs into the cache", False),
+        ("pin", "preload an entry and never evict it", True),
+    ):
+        c = csub.add_parser(action, help=help_text, parents=[common])
+        c.set_defaults(func=cmd_cache_preload, pin=pin)
+        c.add_argument("entry", metavar="REMOTE:ENTRY")
+    c = csub.add_parser("unpin", help="let an entry's objects be evicted again", parents=[common])
+    c.set_defaults(func=cmd_cache_unpin)
+    c.add_argument("entry", metavar="REMOTE:ENTRY")
+    c = csub.add_parser("clear", help="remove cached objects, except pinned entries'", parents=[common])
+    c.set_defaults(func=cmd_cache_clear)
+    c.add_argument("remote", nargs="?", metavar="REMOTE")
 
     sp = add("verify", cmd_verify, "check objects and entries; exit 1 if anything is wrong")
     sp.add_argument("entry", nargs="?", metavar="ENTRY")

@@ -8,9 +8,20 @@ config is TOML so that people can read and edit it::
 
     [repositories.rep1]
     path = "/scratch/vml/rep1"
+
+    [remotes.cernvm]
+    url = "http://vml.example.org/cernvm"
+    key = "ed25519:..."            # the publisher's KEYFILE.pub
+    proxy = "http://squid1:3128|http://squid2:3128;DIRECT"
+    cache_quota = 10737418240
+    timeout = 30                   # seconds before an unservable read fails
+
+Repository and remote names share one namespace, so ``NAME`` and
+``NAME:ENTRY`` mean the same thing everywhere.
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import tomllib
@@ -20,9 +31,14 @@ from pathlib import Path
 import tomli_w
 
 from .errors import AlreadyExists, CorruptManifest, NotFound, UsageError
-from .names import check_repository_name
-from .repository import Repository
+from .fetch import Settings, parse_proxies
+from .names import check_name, check_repository_name
+from .remote import RemoteConfig, RemoteRepository, open_remote
+from .repository import Entry, Repository
 from .store import Store, write_atomic
+
+REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float)}
+SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 
 
 def vml_home() -> Path:
@@ -35,6 +51,11 @@ class Config:
     path: Path
     repositories: dict[str, Path] = field(default_factory=dict)
     default: str | None = None
+    remotes: dict[str, RemoteConfig] = field(default_factory=dict)
+
+    @property
+    def home(self) -> Path:
+        return self.path.parent
 
     @classmethod
     def load(cls, home: Path | None = None) -> "Config":
@@ -52,12 +73,17 @@ class Config:
         default = doc.get("default")
         if default is not None and not isinstance(default, str):
             raise CorruptManifest(f"{path}: default must be a repository name")
-        return cls(path, repos, default if default in repos else None)
+        remotes = {}
+        for n, r in doc.get("remotes", {}).items():
+            remotes[n] = _remote_config(path, n, r)
+        return cls(path, repos, default if default in repos else None, remotes)
 
     def save(self) -> None:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}
         if self.default:
             doc["default"] = self.default
+        if self.remotes:
+            doc["remotes"] = {n: _remote_doc(rc) for n, rc in sorted(self.remotes.items())}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, tomli_w.dumps(doc).encode())
 
@@ -69,21 +95,81 @@ class Config:
             if self.default is None:
                 raise NotFound("no default repository: create one with `vml init PATH` or pass --repo")
             ref = self.default
+        if ref in self.remotes:
+            return RemoteRepository(open_remote(self.home, self.remotes[ref]))
         if ref in self.repositories:
-            return Repository(Store(self.repositories[ref]), ref)
+            return self.local(self.repositories[ref], ref)
         if "/" in ref or Path(ref).is_dir():
             path = Path(ref).absolute()
             name = next((n for n, p in self.repositories.items() if p == path), None)
-            return Repository(Store(path), name or path.name)
-        raise NotFound(f"no repository named {ref!r} (see `vml consult`); pass a path to use an unregistered one")
+            return self.local(path, name or path.name)
+        raise NotFound(
+            f"no repository or remote named {ref!r} (see `vml consult`); pass a path for an unregistered one"
+        )
+
+    def local(self, path: Path | str, name: str | None = None) -> Repository:
+        """The local repository at ``path``; its entries may build on any configured remote."""
+        fallbacks = [open_remote(self.home, rc) for _, rc in sorted(self.remotes.items())]
+        return Repository(Store(path), name, fallbacks)
+
+    def find_entry(self, spec: str, repo: str | None) -> tuple[Repository, Entry]:
+        """The entry ``spec`` names: ``REPO:ENTRY`` (a repository or remote), or ENTRY in ``repo``."""
+        where, sep, name = spec.rpartition(":")
+        r = self.open(where if sep else repo)
+        return r, r.entry(name)
 
     def register(self, name: str, path: Path, make_default: bool = False) -> None:
         check_repository_name(name)
+        if name in self.remotes:
+            raise AlreadyExists(f"{name!r} is already the name of a remote")
         if name in self.repositories and self.repositories[name] != path:
             raise AlreadyExists(f"a repository named {name!r} is already registered at {self.repositories[name]}")
         self.repositories[name] = path
         if make_default or self.default is None:
             self.default = name
+
+    def add_remote(self, rc: RemoteConfig) -> None:
+        check_repository_name(rc.name)
+        if rc.name in self.repositories or rc.name in self.remotes:
+            raise AlreadyExists(f"{rc.name!r} is already the name of a repository or remote")
+        self.remotes[rc.name] = rc
+
+
+def _remote_config(path: Path, name: str, r) -> RemoteConfig:
+    where = f"{path}: [remotes.{name}]"
+    try:
+        check_name(name, "remote")
+        if not isinstance(r, dict):
+            raise ValueError("not a table")
+        fields, settings = {}, {}
+        for k, v in r.items():
+            want = REMOTE_KEYS.get(k) or SETTING_TYPES.get(k)
+            if want is None:
+                raise ValueError(f"unknown setting {k!r}")
+            if k == "verify_tls":
+                ok = isinstance(v, (bool, str))
+            elif want in ("float", float, (int, float)):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            elif want in ("int", int):
+                ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+            else:
+                ok = isinstance(v, str)
+            if not ok:
+                raise ValueError(f"{k} = {v!r} has the wrong type or is not positive")
+            (fields if k in REMOTE_KEYS else settings)[k] = v
+        if "url" not in fields or "key" not in fields:
+            raise ValueError("url and key are required")
+        parse_proxies(settings.get("proxy", "DIRECT"))
+        return RemoteConfig(name, settings=Settings(**settings), **fields)
+    except (ValueError, UsageError) as e:
+        raise CorruptManifest(f"{where}: {e}") from None
+
+
+def _remote_doc(rc: RemoteConfig) -> dict:
+    doc = {"url": rc.url, "key": rc.key, "cache_quota": rc.cache_quota, "catalog_ttl": rc.catalog_ttl}
+    defaults = Settings()
+    doc.update({k: v for k, v in dataclasses.asdict(rc.settings).items() if v != getattr(defaults, k)})
+    return doc
 
 
 @contextlib.contextmanager

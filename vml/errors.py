@@ -95,3 +95,13 @@ class ReadOnly(VmlError):
     """Writing to an entry, which never changes (working areas are writable)."""
 
     exit_status = 13
+
+
+class FetchError(VmlError):
+    """A remote object or catalog could not be fetched: every proxy and retry failed, or the deadline passed."""
+
+    exit_status = 14
+
+
+class BadSignature(Corrupt):
+    """A remote catalog whose signature does not verify with the configured key."""

@@ -125,7 +125,7 @@ def _adopt(target: Repository, name: str, source: Repository, manifest: bytes) -
         if name in target.refs():
             raise NotTaken(f"entry {name!r} already exists in repository {target.name}")
         try:
-            for obj in source.needed_objects([manifest]):
+            for obj in source.needed_objects([manifest], local_only=True):
                 if target.store.has(obj):
                     continue
                 blob = source.store.read_raw(obj)

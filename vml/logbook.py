@@ -35,7 +35,7 @@ from .fileset import AreaDiskHandle, FileHandle, FileSet, Handle, Node, ReaderHa
 from .names import check_name
 from .reader import ChunkCache
 from .repository import Entry, Repository, parse_iso
-from .store import REFS_FILE, Store
+from .store import REFS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Logbook:
         self.cache = cache or ChunkCache()
         self._lock = threading.Lock()  # guards the dictionaries below, never held during I/O
         self._config: tuple[tuple, Config] | None = None
-        self._repos: dict[Path, Repository] = {}
+        self._repos: dict[tuple, Repository] = {}
         self._refs: dict[Path, tuple[tuple, dict]] = {}
         self._entries: OrderedDict[tuple, FileSet] = OrderedDict()
         self._areas: dict[str, tuple[Area, FileSet]] = {}
@@ -73,18 +73,20 @@ class Logbook:
 
     def repository(self, name: str) -> Repository:
         cfg = self.config()
-        if name not in cfg.repositories or name == AREAS:
+        if name == AREAS or (name not in cfg.repositories and name not in cfg.remotes):
             raise NotFound(f"no repository {name!r}")
-        path = cfg.repositories[name]
+        key = (name, cfg.repositories.get(name), cfg.remotes.get(name))
         with self._lock:
-            repo = self._repos.get(path)
+            repo = self._repos.get(key)
         if repo is None:
-            repo = Repository(Store(path), name)
+            repo = cfg.open(name)
             with self._lock:
-                self._repos[path] = repo
+                self._repos[key] = repo
         return repo
 
     def refs(self, repo: Repository) -> dict[str, bytes]:
+        if repo.read_only:
+            return repo.refs()  # a remote keeps its catalog for its own time to live
         path = repo.store.path
         stamp = _stamp(repo.store.refs_path)
         with self._lock:
@@ -149,9 +151,13 @@ class Logbook:
         if not path:
             areas_mtime = _mtime(areas_dir(self.home)) or _mtime(self.home / "config.toml")
             out = {AREAS: Node(("areas",), True, mode=0o755, mtime_ns=areas_mtime)}
-            for name, p in self.config().repositories.items():
+            cfg = self.config()
+            for name, p in cfg.repositories.items():
                 if name != AREAS:  # a repository changes when its refs do
                     out[name] = Node(("repo", str(p)), True, mode=0o755, mtime_ns=_mtime(p / REFS_FILE))
+            for name, rc in cfg.remotes.items():
+                catalog = self.home / "cache" / name / "catalog.json"
+                out[name] = Node(("remote", name, rc.url), True, mode=0o555, mtime_ns=_mtime(catalog) or 0)
             return out
         if path[0] == AREAS:
             if len(path) == 1:
@@ -272,6 +278,8 @@ class Logbook:
     def mkdir(self, path: tuple, mode: int) -> Node:
         if len(path) == 2 and path[0] != AREAS:
             repo = self.repository(path[0])
+            if repo.read_only:
+                raise ReadOnly(f"{path[0]} is a remote: copy into a local repository's directory")
             check_name(path[1])
             if path[1] in self.refs(repo):
                 raise AlreadyExists(f"entry {path[1]!r} already exists in repository {repo.name}")

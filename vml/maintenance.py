@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from . import chunkmap
-from .errors import Corrupt, HasChildren, UsageError
+from .errors import Corrupt, HasChildren, ObjectMissing, UsageError
 from .manifest import Link, Manifest, Stream
 from .objects import HOLE, decode
 from .progress import SILENT, Progress
@@ -66,14 +66,23 @@ def _check_objects(repo, digests, checked, problems, pool, progress) -> None:
 
 def _check_entry(repo, name, digest, checked, problems, pool, progress) -> None:
     try:
-        resolved = repo.resolve(digest)
+        local = repo.local_chain(digest)
+        if not local:
+            raise ObjectMissing(f"its manifest {digest.hex()} is missing")
+        if local[-1][1].reference is None:
+            resolved = repo.resolve(digest)
+            tables = [(f"disk {n}", t) for n, t in resolved.disks.items()]
+            tables += [(f"file {n}", t) for n, (t, _) in resolved.files.items()]
+        else:  # it builds on a remote's entry: check what is here, the remote's part is checked as it comes
+            link = local[-1][1].reference
+            if not repo.on_remote(link.manifest):
+                raise ObjectMissing(f"entry {link.name!r}, which it builds on, is neither here nor on a remote")
+            tables = [(f"{s.name} of {m.name}", _own_table(repo, m, s)) for _, m in local for s in m.disks + m.files]
     except Corrupt as e:
         problems.append(f"entry {name!r}: {e}")
         return
-    for chain_digest, m in repo.data_chain(digest):
+    for chain_digest, m in local:
         _check_objects(repo, [chain_digest, *m.map_digests()], checked, problems, pool, progress)
-    tables = [(f"disk {n}", t) for n, t in resolved.disks.items()]
-    tables += [(f"file {n}", t) for n, (t, _) in resolved.files.items()]
     _check_objects(repo, set().union(*(t.digest_set() for _, t in tables)), checked, problems, pool, progress)
     found = []
     for label, table in tables:
@@ -94,6 +103,13 @@ def _check_entry(repo, name, digest, checked, problems, pool, progress) -> None:
         problems.append(f"entry {name!r}: ... and {len(found) - MAX_PROBLEMS_PER_ENTRY} more damaged chunks")
 
 
+def _own_table(repo, m: Manifest, stream) -> chunkmap.ChunkTable:
+    """A table of only the chunks an entry's own map lists (the rest are holes)."""
+    table = chunkmap.ChunkTable(stream.size, m.chunk_size)
+    table.apply(repo.read_map(m, stream))
+    return table
+
+
 # -- gc -------------------------------------------------------------------
 
 
@@ -112,7 +128,7 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
     """
     with repo.store.lock("vml gc"):
         try:
-            live = repo.needed_objects([*repo.refs().values(), *keep])
+            live = repo.needed_objects([*repo.refs().values(), *keep], local_only=True)
         except Corrupt as e:
             raise type(e)(f"not collecting garbage while an entry is damaged ({e}); run vml verify") from None
         removed = freed = kept = 0

@@ -82,6 +82,9 @@ class ChunkCache:
         return data
 
 
+FETCH_AHEAD = 32  # chunks (8 MiB at 256 KiB)
+
+
 class _NotCached(Exception):
     pass
 
@@ -91,6 +94,9 @@ class DiskReader:
 
     def __init__(self, repo: Repository, table: ChunkTable, where: str, cache: ChunkCache):
         self.repo, self.table, self.where, self.cache = repo, table, where, cache
+        self.fetches = repo.read_only or bool(repo.fallbacks)  # objects may come over the network
+        self._last = -2  # the chunk read last, to spot a sequential reader
+        self._ahead_to = 0  # chunks before this one have been asked for
 
     @property
     def size(self) -> int:
@@ -100,7 +106,21 @@ class DiskReader:
         d = self.table.digest(index)
         if d == HOLE:
             return bytes(self.table.chunk_length(index))
+        if self.fetches:
+            self._fetch_ahead(index)
         return self.cache.get(d, lambda: self.repo.read_chunk(self.table, index, self.where))
+
+    def _fetch_ahead(self, index: int) -> None:
+        """Keep up to FETCH_AHEAD chunks on their way for a sequential reader of remote objects."""
+        sequential = index - self._last in (0, 1)
+        self._last = index
+        if not sequential or self._ahead_to - index > FETCH_AHEAD // 2:
+            return
+        start, end = max(index + 1, self._ahead_to), min(self.table.count, index + 1 + FETCH_AHEAD)
+        self._ahead_to = end
+        wanted = [d for i in range(start, end) if (d := self.table.digest(i)) != HOLE and self.cache.peek(d) is None]
+        if wanted:
+            self.repo.prefetch(wanted, self.table.chunk_size)
 
     def cached_chunk(self, index: int) -> bytes | None:
         """The chunk if it can be had without I/O (a hole, or cached), else None."""

@@ -16,7 +16,8 @@ def tree_lines(repo: Repository) -> list[str]:
         when = parse_iso(m.created).astimezone().strftime(TREE_TIME)
         note = ""
         if m.parent and prefix == "":
-            note = f" [parent {m.parent.name} not in this repository]"
+            remote = repo.on_remote(m.parent.manifest)
+            note = f" [on {remote}:{m.parent.name}]" if remote else f" [parent {m.parent.name} not in this repository]"
         lines.append(f"{prefix}+---{entry.name}({when} - {m.kind}){note}")
         kids = children.get(entry.name, [])
         for i, kid in enumerate(kids):

@@ -7,17 +7,21 @@ upward into one chunk table per disk, once per open; reads then cost one
 table lookup per chunk.
 """
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 
 from . import chunkmap
 from .chunkmap import ChunkTable
-from .errors import Corrupt, CorruptManifest, CorruptObject, NotFound
+from .errors import Corrupt, CorruptManifest, CorruptObject, NotFound, ObjectMissing, VmlError
 from .manifest import Manifest
 from .names import check_name
 from .objects import HOLE
 from .store import METADATA_LIMIT, Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,20 @@ EMPTY = Resolved({}, {})
 
 
 class Repository:
-    def __init__(self, store: Store, name: str | None = None):
+    """Entries of one store.
+
+    ``fallbacks`` are remotes whose objects a local entry may build on (an
+    entry saved with a remote parent): an object not in the store is looked
+    for there, by digest, so it is authentic whichever remote serves it.
+    """
+
+    read_only = False
+
+    def __init__(self, store: Store, name: str | None = None, fallbacks=()):
         self.store = store
         self.name = name or store.path.name
+        self.fallbacks = tuple(fallbacks)
+        self._last_fallback = None
         self._manifests = lru_cache(maxsize=1024)(self._load_manifest)
         self._maps = lru_cache(maxsize=64)(self._load_map)
 
@@ -77,14 +92,71 @@ class Repository:
                 raise
             raise type(e)(f"entry {name!r}: {e}") from None
 
+    # -- objects, wherever they are ----------------------------------------
+
+    def is_local(self, digest: bytes) -> bool:
+        return self.store.has(digest)
+
+    def read_object(self, digest: bytes, limit: int) -> bytes:
+        """Content of an object from the store or, failing that, a fallback remote."""
+        try:
+            return self.store.read(digest, limit)
+        except ObjectMissing:
+            if not self.fallbacks:
+                raise
+        return self._from_fallbacks(lambda remote: remote.read(digest, limit))
+
+    def read_raw(self, digest: bytes) -> bytes:
+        """The stored (compressed) bytes of an object, from here or a fallback."""
+        if self.store.has(digest) or not self.fallbacks:
+            return self.store.read_raw(digest)
+        return self._from_fallbacks(lambda remote: remote.read_raw(digest))
+
+    def _from_fallbacks(self, read):
+        # The remote that served last goes first: an entry's objects come from one place.
+        order = sorted(self.fallbacks, key=lambda r: r is not self._last_fallback)
+        for remote in order[:-1]:
+            with contextlib.suppress(ObjectMissing):
+                result = read(remote)
+                self._last_fallback = remote
+                return result
+        result = read(order[-1])
+        self._last_fallback = order[-1]
+        return result
+
+    def on_remote(self, digest: bytes) -> str | None:
+        """The fallback remote whose catalog lists manifest ``digest``, if any (nothing else is fetched)."""
+        for remote in self.fallbacks:
+            try:
+                if remote.lists(digest):
+                    return remote.name
+            except VmlError as e:
+                log.warning("%s", e)
+        return None
+
+    def object_size(self, digest: bytes) -> int:
+        if self.store.has(digest) or not self.fallbacks:
+            return self.store.object_size(digest)
+        return len(self.read_raw(digest))
+
+    def prefetch(self, digests, limit: int) -> None:
+        """Start fetching objects that reads will soon need; objects at hand are skipped."""
+        if self._last_fallback is not None:
+            self._last_fallback.prefetch([d for d in digests if not self.store.has(d)], limit)
+
     def _load_manifest(self, digest: bytes) -> Manifest:
-        data = self.store.read(digest, METADATA_LIMIT)
+        data = self.read_object(digest, METADATA_LIMIT)
         return Manifest.decode(data, f"manifest {digest.hex()}")
 
-    def data_chain(self, digest: bytes) -> list[tuple[bytes, Manifest]]:
-        """The entry and the entries its data builds on, ending at a full one."""
+    def data_chain(self, digest: bytes, stop=None) -> list[tuple[bytes, Manifest]]:
+        """The entry and the entries its data builds on, ending at a full one.
+
+        ``stop(digest)``, if given, ends the walk before the linked entry it accepts.
+        """
         chain = [(digest, self.manifest(digest))]
         while (link := chain[-1][1].reference) is not None:
+            if stop is not None and stop(link.manifest):
+                break
             m = self.manifest(link.manifest, link.name)
             if m.chunk_size != chain[0][1].chunk_size:
                 raise CorruptManifest(f"entry {link.name!r}: chunk size differs within a chain")
@@ -101,7 +173,7 @@ class Repository:
 
     def _load_map(self, map_digest: bytes, count: int, where: str) -> list:
         try:
-            data = self.store.read(map_digest, METADATA_LIMIT)
+            data = self.read_object(map_digest, METADATA_LIMIT)
         except Corrupt as e:
             raise type(e)(f"{where}: {e}") from None
         return chunkmap.decode(data, count, where)
@@ -137,7 +209,7 @@ class Repository:
         if d == HOLE:
             return bytes(length)
         try:
-            data = self.store.read(d, table.chunk_size)
+            data = self.read_object(d, table.chunk_size)
         except Corrupt as e:
             raise type(e)(f"{where}, chunk {index}: {e}") from None
         if len(data) != length:
@@ -152,14 +224,29 @@ class Repository:
         out.discard(HOLE)
         return out
 
-    def needed_objects(self, manifests) -> set[bytes]:
-        """Every object the entries with these manifest digests need, their chains included."""
+    def needed_objects(self, manifests, local_only: bool = False) -> set[bytes]:
+        """Every object the entries with these manifest digests need, their chains included.
+
+        With ``local_only``, a chain stops at the first entry that is not in
+        this store (one on a remote): what it needs is the remote's to keep.
+        """
         needed: set[bytes] = set()
         for digest in manifests:
-            for d, m in self.data_chain(digest):
+            for d, m in self.local_chain(digest) if local_only else self.data_chain(digest):
                 if d not in needed:
                     needed |= self.objects_of(d, m)
         return needed
+
+    def local_chain(self, digest: bytes) -> list[tuple[bytes, Manifest]]:
+        """The start of the data chain that is in this store, up to the first remote entry."""
+        chain = []
+        while self.is_local(digest):
+            m = self.manifest(digest)
+            chain.append((digest, m))
+            if m.reference is None:
+                break
+            digest = m.reference.manifest
+        return chain
 
     # -- accounting and display ------------------------------------------
 
@@ -170,7 +257,7 @@ class Repository:
         its own maps reference that its reference chain does not.
         """
         m = self.manifest(digest)
-        total = self.store.object_size(digest) + sum(self.store.object_size(d) for d in m.map_digests())
+        total = self.object_size(digest) + sum(self.object_size(d) for d in m.map_digests())
         known: set[bytes] = set()
         if m.reference is not None:
             for table in self.resolve(m.reference.manifest).tables():

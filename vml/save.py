@@ -254,7 +254,7 @@ def save(
     name: str,
     source: Path | str,
     *,
-    parent: str | None = None,
+    parent: str | Entry | None = None,
     kind: str | None = None,
     message: str = "",
     fmt: str | None = None,

@@ -263,13 +263,7 @@ class Store:
 
     def sync(self) -> None:
         """Flush every object written so far to stable storage (syncfs)."""
-        fd = os.open(self.objects_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise StorageError(f"{self.path}: syncfs failed ({os.strerror(err)})")
-        finally:
-            os.close(fd)
+        syncfs(self.objects_dir)
 
     # -- refs ------------------------------------------------------------
 
@@ -377,6 +371,17 @@ def _proc_fds() -> int:
     if _proc_fd_dir[0] != pid:
         _proc_fd_dir = (pid, os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     return _proc_fd_dir[1]
+
+
+def syncfs(path: Path) -> None:
+    """Flush everything written to the file system holding ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise StorageError(f"{path}: syncfs failed ({os.strerror(err)})")
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from vml import control, incoming
+from vml import control, incoming, remote
 from vml.errors import VmlError
 from vml.logbook import AREAS, Logbook
 
@@ -78,6 +78,7 @@ async def _main(ops: VmlFS, home: Path, ready_fd: int | None) -> None:
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(_serve_control, trio.SocketListener(listener), ops)
         nursery.start_soon(_finalize_copies, ops)
+        nursery.start_soon(_flush_cache_counters)
         nursery.start_soon(ops.readahead.run)
         _report(ready_fd, "ok")
         await pyfuse3.main()
@@ -134,6 +135,13 @@ async def _answer(data: bytes, ops: VmlFS) -> dict:
     except Exception as e:
         log.exception("control request failed")
         return {"ok": False, "error": f"internal error in the mount: {e}", "status": 70}
+
+
+async def _flush_cache_counters() -> None:
+    """Keep `vml cache status` current while the mount reads from remotes."""
+    while True:
+        await trio.sleep(COPY_CHECK_INTERVAL)
+        await trio.to_thread.run_sync(remote.flush_counters)
 
 
 async def _finalize_copies(ops: VmlFS) -> None:

@@ -1,0 +1,315 @@
+"""Real HTTP parts for tests and benchmarks: nginx as the origin, Squid as a
+proxy, and a loopback TCP proxy of our own that injects latency, resets,
+stalls, truncation and corruption (the kernel here has no netem).
+
+Everything listens on 127.0.0.1 and free ports only.
+"""
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout} s")
+
+
+def _public_dir(prefix: str) -> Path:
+    """A scratch directory that daemons running as other users can reach."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+class Nginx:
+    """nginx serving ``root`` as a published repository; logs every request."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.dir = _public_dir("vml-nginx.")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.dir / "access.log"
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = f"""
+{user}
+worker_processes 2;
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    log_format vml '$request_method $uri $status $body_bytes_sent';
+    access_log {self.log} vml;
+    client_body_temp_path {self.dir}/body;
+    proxy_temp_path {self.dir}/proxy;
+    fastcgi_temp_path {self.dir}/fastcgi;
+    uwsgi_temp_path {self.dir}/uwsgi;
+    scgi_temp_path {self.dir}/scgi;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {self.root};
+        location /objects/ {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
+        location = /catalog.json {{ add_header Cache-Control "no-cache"; }}
+    }}
+}}
+"""
+        (self.dir / "nginx.conf").write_text(conf)
+        self.proc = subprocess.Popen(
+            ["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)],
+            stderr=open(self.dir / "stderr", "wb"),  # noqa: SIM115
+        )
+        wait_port(self.port, self.proc, "nginx")
+
+    def requests(self) -> list[tuple[str, str, int, int]]:
+        """(method, path, status, body bytes) of every request so far."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            method, path, status, size = line.split()
+            out.append((method, path, int(status), int(size)))
+        return out
+
+    def object_requests(self) -> list[str]:
+        return [p for m, p, st, _ in self.requests() if p.startswith("/objects/") and st == 200]
+
+    def clear_log(self) -> None:
+        self.log.write_text("")
+        self.proc.send_signal(10)  # SIGUSR1: reopen the log
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Squid:
+    """Squid on a free port, caching in memory (objects up to 16 MiB)."""
+
+    def __init__(self):
+        self.dir = _public_dir("vml-squid.")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = f"""
+http_port 127.0.0.1:{self.port}
+pid_filename {self.dir}/squid.pid
+cache_mem 256 MB
+maximum_object_size_in_memory 16 MB
+maximum_object_size 16 MB
+memory_replacement_policy lru
+access_log stdio:{self.dir}/access.log
+cache_log {self.dir}/cache.log
+cache_store_log none
+coredump_dir {self.dir}
+acl local src 127.0.0.1/32
+http_access allow local
+http_access deny all
+collapsed_forwarding on
+refresh_pattern . 0 20% 4320
+shutdown_lifetime 0 seconds
+visible_hostname vml-test-squid
+netdb_filename none
+pinger_enable off
+client_db off
+"""
+        (self.dir / "squid.conf").write_text(conf)
+        if os.geteuid() == 0:
+            proxy = pwd.getpwnam("proxy")
+            os.chown(self.dir, proxy.pw_uid, proxy.pw_gid)
+        self.proc = subprocess.Popen(
+            ["squid", "-f", str(self.dir / "squid.conf"), "-N"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "stderr", "wb"),  # noqa: SIM115
+        )
+        wait_port(self.port, self.proc, "squid")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class FaultProxy:
+    """A TCP relay to ``target_port`` whose faults can be changed while it runs.
+
+    mode: "pass"; "reset" (close each connection as the reply starts);
+    "stall" (send nothing of the reply); "slow" (trickle the reply at
+    ``rate`` bytes/s); "corrupt" (flip one byte of each reply
+    body); "truncate" (end each reply half-way). ``delay`` seconds are added
+    to each direction (so a round trip gains twice that), without limiting
+    bandwidth.
+    """
+
+    def __init__(self, target_port: int, mode: str = "pass", delay: float = 0.0, rate: int = 1000):
+        self.target = target_port
+        self.mode, self.delay, self.rate = mode, delay, rate
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", self.port))
+        self._sock.listen(128)
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._open |= {client, server}
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
+        """Copy src to dst; replies get the faults. A delay line keeps bandwidth intact."""
+        queue: list = []
+        cond = threading.Condition()
+        done = threading.Event()
+
+        def deliver():
+            while True:
+                with cond:
+                    while not queue:
+                        if done.is_set():
+                            return
+                        cond.wait(0.5)
+                    at, data = queue.pop(0)
+                pause = at - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                if data is None:
+                    self._close(src, dst)
+                    return
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    self._close(src, dst)
+                    return
+
+        if self.delay:
+            threading.Thread(target=deliver, daemon=True).start()
+
+        def send(data):
+            if self.delay:
+                with cond:
+                    queue.append((time.monotonic() + self.delay, data))
+                    cond.notify()
+            elif data is None:
+                self._close(src, dst)
+            else:
+                dst.sendall(data)
+
+        state = {"body_seen": 0, "length": None, "head": b"", "flipped": False}
+        try:
+            while True:
+                data = src.recv(256 << 10)
+                if not data:
+                    break
+                if reply and self.mode == "slow":  # a trickle: small pieces, evenly spaced
+                    for i in range(0, len(data), 512):
+                        time.sleep(512 / self.rate)
+                        if self._stopped:
+                            return
+                        send(data[i : i + 512])
+                    continue
+                if reply and self.mode != "pass":
+                    data = self._fault(data, state)
+                    if data is None:
+                        send(None)
+                        return
+                send(data)
+        except OSError:
+            pass
+        finally:
+            send(None)
+            done.set()
+
+    def _fault(self, data: bytes, st: dict) -> bytes | None:
+        mode = self.mode
+        if mode == "reset":
+            return None
+        if st["length"] is None:  # still in the headers
+            st["head"] += data
+            end = st["head"].find(b"\r\n\r\n")
+            if end < 0:
+                return b"" if mode == "stall" else data
+            head, body = st["head"][: end + 4], st["head"][end + 4 :]
+            st["length"] = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    st["length"] = int(line.split(b":")[1])
+            if mode == "stall":
+                while not self._stopped:
+                    time.sleep(0.1)
+                return None
+            body = self._fault_body(body, st)
+            return None if body is None else head + body
+        return self._fault_body(data, st)
+
+    def _fault_body(self, body: bytes, st: dict) -> bytes | None:
+        st["body_seen"] += len(body)
+        if self.mode == "truncate" and st["body_seen"] > st["length"] // 2:
+            return None
+        if self.mode == "corrupt" and not st["flipped"] and body:
+            st["flipped"] = True
+            i = len(body) // 2
+            body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
+        if st["body_seen"] >= st["length"]:  # the next reply on this connection starts afresh
+            st.update(length=None, head=b"", body_seen=0, flipped=False)
+        return body
+
+    def _close(self, *socks) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._sock.close()
+        with self._lock:
+            socks = list(self._open)
+        self._close(*socks)

@@ -1,0 +1,379 @@
+"""Remotes against real parts: nginx as the origin, Squid as the proxy, and
+the tests' own fault-injecting TCP proxy (tests/servers.py).
+"""
+
+import collections
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Vml, debugfs_write, need
+from servers import FaultProxy, Nginx, Squid, free_port
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory, ext4_image):
+    """rep1 with base (the ext4 image) and e2 (8 MB of files added), published with a key."""
+    need("nginx")
+    d = tmp_path_factory.mktemp("publisher")
+    vml = Vml(d / "home", d)
+    img = d / "disk.img"
+    shutil.copy(ext4_image, img)
+    vml("init", d / "rep1")
+    vml("save", "base", "--from", img)
+    shutil.copy(img, d / "base.img")
+    debugfs_write(img, {"added.bin": os.urandom(4 << 20), "notes.txt": b"hello remote\n" * 300000}, d / "w")
+    vml("save", "e2", "--from", img, "--parent", "base")
+    vml("keygen", d / "key")
+    vml("publish", d / "pub", "--key", d / "key")
+    return {
+        "dir": d,
+        "pub": d / "pub",
+        "key": d / "key",
+        "pubkey": d / "key.pub",
+        "image": img,
+        "base_image": d / "base.img",
+        "vml": vml,
+    }
+
+
+@pytest.fixture(scope="session")
+def origin(published):
+    server = Nginx(published["pub"])
+    yield server
+    server.stop()
+
+
+def add_remote(vml, origin, published, *extra, name="cern"):
+    vml("remote", "add", name, origin.url, "--key", published["pubkey"], *extra)
+
+
+def set_remote(home: Path, name: str = "cern", **settings) -> None:
+    """Change settings of a remote in config.toml, as a user would."""
+    import tomllib
+
+    import tomli_w
+
+    path = home / "config.toml"
+    doc = tomllib.loads(path.read_text())
+    doc["remotes"][name].update(settings)
+    path.write_text(tomli_w.dumps(doc))
+
+
+def objects_of(pub: Path) -> set[str]:
+    return {f"/objects/{p.parent.name}/{p.name}" for p in (pub / "objects").glob("*/*") if not p.name.startswith(".")}
+
+
+def checkout_equal(vml, spec: str, image: Path, out: Path) -> None:
+    vml("checkout", spec, out)
+    (disk,) = out.glob("*.img")
+    assert disk.read_bytes() == image.read_bytes()
+
+
+def test_a_remote_entry_reads_byte_identical_through_the_mount(vml, home, mounted, origin, published, tmp_path):
+    add_remote(vml, origin, published)
+    log = vml("log", "cern").stdout
+    assert "base(" in log and "e2(" in log
+    assert "repository cern" in vml("show", "cern:e2").stdout
+    before = len(origin.requests())
+    assert sorted(os.listdir(mounted / "cern")) == ["base", "e2"]
+    (disk,) = [p for p in (mounted / "cern" / "e2").iterdir() if p.suffix == ".img"]
+    listed = [p for _, p, _, _ in origin.requests()[before:] if p.startswith("/objects/")]
+    assert len(listed) <= 6  # listing fetched manifests and chunk maps, no chunk data
+    assert disk.read_bytes() == published["image"].read_bytes()
+    time.sleep(1)  # the mount writes its counters twice a second
+    status = json.loads(vml("cache", "status", "--json").stdout)[0]
+    assert status["remote"] == "cern" and status["misses"] > 0 and status["fetched_bytes"] > 1 << 20
+    # Cached now: reading again fetches nothing.
+    vml("umount")
+    vml("mount", mounted)
+    before = len(origin.requests())
+    assert disk.read_bytes() == published["image"].read_bytes()
+    assert [p for _, p, _, _ in origin.requests()[before:] if p.startswith("/objects/")] == []
+
+
+def test_publishing_again_adds_only_new_objects(published, tmp_path):
+    vml = published["vml"]
+    cat1 = json.loads(json.loads((published["pub"] / "catalog.json").read_text())["payload"])
+    out = vml("publish", published["pub"], "--key", published["key"]).stdout
+    assert "0 new objects" in out
+    cat2 = json.loads(json.loads((published["pub"] / "catalog.json").read_text())["payload"])
+    assert cat2["revision"] == cat1["revision"] + 1 and cat2["refs"] == cat1["refs"]
+    other = tmp_path / "otherkey"
+    vml("keygen", other)
+    msg = vml.fails("publish", published["pub"], "--key", other)
+    assert "signed with another key" in msg
+
+
+def test_many_clients_behind_squid_fetch_each_object_once_from_the_origin(origin, published, tmp_path):
+    need("squid")
+    squid = Squid()
+    try:
+        clients = []
+        for i in range(4):
+            v = Vml(tmp_path / f"home{i}", tmp_path)
+            add_remote(v, origin, published, "--proxy", squid.url)
+            clients.append(v)
+        before = len(origin.requests())
+        procs = [v.popen("cache", "preload", "cern:e2") for v in clients]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+        for v in clients:
+            checkout_equal(v, "cern:e2", published["image"], tmp_path / f"co{id(v)}")
+        served = collections.Counter(p for _, p, st, _ in origin.requests()[before:] if p.startswith("/objects/"))
+        assert set(served) == objects_of(published["pub"])
+        assert max(served.values()) == 1, served.most_common(3)
+    finally:
+        squid.stop()
+
+
+def test_a_dead_and_a_too_slow_proxy_are_failed_over(vml, home, origin, published, tmp_path):
+    slow = FaultProxy(int(origin.url.rsplit(":", 1)[1]), mode="slow", rate=2000)
+    dead = f"http://127.0.0.1:{free_port()}"
+    try:
+        add_remote(vml, origin, published, "--proxy", f"{dead}|{slow.url};DIRECT")
+        set_remote(home, low_speed_limit=32768, low_speed_time=1.0, timeout=60.0)
+        r = vml("cache", "preload", "cern:e2", "--debug")
+        assert "proxy http://127.0.0.1" in r.stderr
+        assert "stalled" in r.stderr or slow.connections == 0, r.stderr
+        checkout_equal(vml, "cern:e2", published["image"], tmp_path / "co")
+    finally:
+        slow.stop()
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "truncate", "reset"])
+def test_damaged_replies_are_refused_and_fetched_elsewhere(vml, home, origin, published, tmp_path, mode):
+    bad = FaultProxy(int(origin.url.rsplit(":", 1)[1]), mode=mode)
+    try:
+        add_remote(vml, origin, published)  # the catalog comes directly, so the objects meet the faults
+        set_remote(home, proxy=f"{bad.url};DIRECT")
+        r = vml("cache", "preload", "cern:e2", "--debug")
+        assert f"proxy {bad.url} failed" in r.stderr
+        if mode == "corrupt":
+            assert "does not match" in r.stderr, r.stderr
+        checkout_equal(vml, "cern:e2", published["image"], tmp_path / "co")
+    finally:
+        bad.stop()
+
+
+def test_the_preferred_group_comes_back_after_a_while():
+    from vml.fetch import ProxyChain
+
+    chain = ProxyChain("http://a:1|http://b:1;http://c:1", reset_after=0.5)
+    assert set(chain.order()[:2]) == {"http://a:1", "http://b:1"}
+    chain.failed("http://a:1", "test")
+    assert chain.order()[0] == "http://b:1"  # the group's other member first
+    chain.failed("http://b:1", "test")
+    assert chain.order()[0] == "http://c:1"  # the whole group failed: the next group
+    time.sleep(0.6)
+    assert set(chain.order()[:2]) == {"http://a:1", "http://b:1"}
+
+
+def test_each_object_is_fetched_once_under_concurrent_reads(home, origin, published):
+    from vml.config import Config
+
+    Vml(home, home.parent)("remote", "add", "cern", origin.url, "--key", published["pubkey"])
+    repo = Config.load(home).open("cern")
+    digest = repo.entry("base").digest
+    obj = sorted(repo.needed_objects([digest]) - {digest})[-1]
+    before = len(origin.requests())
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(repo.read_raw(obj))) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 and len(set(results)) == 1
+    assert [p for _, p, _, _ in origin.requests()[before:]].count(f"/objects/{obj.hex()[:2]}/{obj.hex()[2:]}") == 1
+
+
+def test_quota_evicts_least_recently_used_and_never_pinned(vml, home, tmp_path):
+    need("nginx")
+    v = Vml(tmp_path / "pubhome", tmp_path)
+    v("init", tmp_path / "small")
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.img").write_bytes(os.urandom(2 << 20))
+        v("save", name, "--from", tmp_path / f"{name}.img")
+    v("keygen", tmp_path / "k")
+    v("publish", tmp_path / "pub", "--key", tmp_path / "k")
+    server = Nginx(tmp_path / "pub")
+    try:
+        vml("remote", "add", "small", server.url, "--key", tmp_path / "k.pub", "--cache-quota", "5M")
+        vml("cache", "pin", "small:a")
+        vml("cache", "preload", "small:b")
+        time.sleep(0.05)
+        vml("cache", "preload", "small:c")
+        status = json.loads(vml("cache", "status", "--json").stdout)[0]
+        assert status["pinned"] == ["a"] and status["size"] <= 5 << 20 and status["evicted"] > 0
+
+        from vml.config import Config
+
+        cfg = Config.load(home)
+        repo = cfg.open("small")
+        cache = repo.store.cache
+
+        def cached(name):
+            objs = repo.needed_objects([repo.refs()[name]])
+            return sum(cache.has(d) for d in objs), len(objs)
+
+        have, total = cached("a")
+        assert have == total  # pinned: all kept
+        assert cached("b")[0] < cached("b")[1] // 2  # least recently used: evicted first
+        vml("cache", "unpin", "small:a")
+        vml("cache", "clear")
+        assert json.loads(vml("cache", "status", "--json").stdout)[0]["objects"] == 0
+        checkout_equal(vml, "small:a", tmp_path / "a.img", tmp_path / "co")  # fetched again
+    finally:
+        server.stop()
+
+
+def test_offline_after_preload_and_bounded_eio_for_what_is_not_cached(vml, home, mounted, published, tmp_path):
+    server = Nginx(published["pub"])
+    try:
+        add_remote(vml, server, published)
+        set_remote(home, timeout=3.0, connect_timeout=1.0)
+        vml("cache", "preload", "cern:base")
+        (disk2,) = [p for p in (mounted / "cern" / "e2").iterdir() if p.suffix == ".img"]  # e2's maps come now
+    finally:
+        server.stop()  # the network is gone
+    assert "e2(" in vml("log", "cern").stdout  # the cached catalog
+    checkout_equal(vml, "cern:base", published["base_image"], tmp_path / "co")
+    (disk,) = [p for p in (mounted / "cern" / "base").iterdir() if p.suffix == ".img"]
+    base_bytes = disk.read_bytes()
+    assert base_bytes == published["base_image"].read_bytes()  # everything cached reads offline
+    new = published["image"].read_bytes()
+    cs = 256 << 10
+    changed = next(i for i in range(0, len(new), cs) if new[i : i + cs] != base_bytes[i : i + cs])
+    start = time.monotonic()
+    with open(disk2, "rb", buffering=0) as f, pytest.raises(OSError) as e:
+        os.pread(f.fileno(), 4096, changed)
+    assert e.value.errno == 5 and time.monotonic() - start < 15
+    logtext = (home / "log" / "vmlfs.log").read_text()
+    assert "cannot fetch" in logtext and "remote cern" in logtext
+
+
+def test_a_tampered_or_replayed_catalog_is_refused(vml, home, published, tmp_path):
+    pub = tmp_path / "pub"
+    shutil.copytree(published["pub"], pub)
+    server = Nginx(pub)
+    try:
+        add_remote(vml, server, published)
+        set_remote(home, catalog_ttl=0.001)
+        good = (pub / "catalog.json").read_bytes()
+        doc = json.loads(good)
+        payload = json.loads(doc["payload"])
+        payload["refs"]["base"] = payload["refs"]["e2"]
+        doc["payload"] = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        (pub / "catalog.json").write_text(json.dumps(doc))
+        msg = vml.fails("log", "cern", status=6)
+        assert "signature does not verify" in msg and "refused" in msg
+        other = tmp_path / "v2"
+        msg = Vml(other, tmp_path).fails("remote", "add", "cern", server.url, "--key", published["pubkey"], status=6)
+        assert "signature does not verify" in msg
+        assert not (other / "config.toml").exists() or "cern" not in (other / "config.toml").read_text()
+        # An old catalog served again (a replay) after a newer one was seen.
+        (pub / "catalog.json").write_bytes(good)
+        published["vml"]("publish", pub, "--key", published["key"])
+        vml("log", "cern")
+        (pub / "catalog.json").write_bytes(good)
+        assert "refused as a replay" in vml.fails("log", "cern")
+    finally:
+        server.stop()
+
+
+def test_hostile_objects_are_refused(vml, home, published, tmp_path):
+    """An object that does not match its name, one larger than allowed, one that is no manifest."""
+    pub = tmp_path / "pub"
+    shutil.copytree(published["pub"], pub)
+    from vml import catalog as catalogs
+    from vml.objects import compress, digest
+
+    junk = b"not a manifest at all" * 10
+    d = digest(junk)
+    path = pub / "objects" / d.hex()[:2] / d.hex()[2:]
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(compress(junk))
+    cat = catalogs.verify(
+        (pub / "catalog.json").read_bytes(), catalogs.load_private_key(published["key"]).public_key(), ""
+    )
+    forged = catalogs.Catalog(
+        cat.repository, cat.revision + 1, cat.published, {**cat.refs, "junk": d}, cat.manifests | {d}
+    )
+    (pub / "catalog.json").write_bytes(catalogs.sign(forged, catalogs.load_private_key(published["key"])))
+    server = Nginx(pub)
+    try:
+        add_remote(vml, server, published)
+        set_remote(home, timeout=3.0)
+        msg = vml.fails("show", "cern:junk", status=6)
+        assert "junk" in msg and "manifest" in msg
+        # Damage e2's manifest on the server: its digest no longer matches.
+        e2 = cat.refs["e2"].hex()
+        p = pub / "objects" / e2[:2] / e2[2:]
+        p.write_bytes(compress(b'{"forged": true}'))
+        msg = vml.fails("show", "cern:e2")
+        assert "does not match" in msg or "cannot fetch" in msg
+        # An object far larger than any object may be.
+        with open(p, "wb") as f:
+            f.truncate(200 << 20)
+        start = time.monotonic()
+        msg = vml.fails("show", "cern:e2")
+        assert "more than" in msg or "longer than" in msg, msg
+        assert time.monotonic() - start < 30
+    finally:
+        server.stop()
+
+
+def test_a_local_entry_on_a_remote_parent_travels_as_a_small_bundle(vml, home, origin, published, tmp_path):
+    add_remote(vml, origin, published)
+    vml("init", tmp_path / "mine")
+    img = tmp_path / "work.img"
+    shutil.copy(published["image"], img)
+    debugfs_write(img, {"mine.txt": b"my analysis\n" * 1000}, tmp_path / "w")
+    out = vml("save", "analysis", "--from", img, "--parent", "cern:e2").stdout
+    assert "incremental" in out
+    assert "[on cern:e2]" in vml("log", "mine").stdout
+    assert vml("verify").returncode == 0
+    r = vml("export", "analysis", "-o", tmp_path / "a.vml").stdout
+    assert "the receiver needs e2" in r
+    assert (tmp_path / "a.vml").stat().st_size < 1 << 20
+
+    other = Vml(tmp_path / "home2", tmp_path)
+    add_remote(other, origin, published)
+    other("init", tmp_path / "theirs")
+    before = len(origin.requests())
+    other("import", tmp_path / "a.vml")
+    assert [p for _, p, _, _ in origin.requests()[before:] if p.startswith("/objects/")] == []
+    checkout_equal(other, "analysis", img, tmp_path / "co")
+    # A remote is read-only.
+    assert "read-only" in vml.fails("save", "x", "--from", img, "--repo", "cern")
+
+
+def test_gc_keeps_a_local_entry_whose_parent_is_remote(vml, home, origin, published, tmp_path):
+    add_remote(vml, origin, published)
+    vml("init", tmp_path / "mine")
+    img = tmp_path / "work.img"
+    shutil.copy(published["image"], img)
+    debugfs_write(img, {"x.txt": b"x" * 100000}, tmp_path / "w")
+    vml("save", "x", "--from", img, "--parent", "cern:e2")
+    out = vml("gc").stdout
+    assert "removed 0 objects" in out
+    checkout_equal(vml, "x", img, tmp_path / "co")
+
+
+def test_bad_remote_settings_are_one_line_errors(vml, home, published, tmp_path):
+    assert "use http:// or https://" in vml.fails("remote", "add", "r", "ftp://x", "--key", published["pubkey"])
+    assert "not a VML public key" in vml.fails("remote", "add", "r", "http://127.0.0.1:1", "--key", published["key"])
+    assert "invalid proxy" in vml.fails(
+        "remote", "add", "r", "http://127.0.0.1:1", "--key", published["pubkey"], "--proxy", "ftp://p:1"
+    )
+    msg = vml.fails(
+        "remote", "add", "r", f"http://127.0.0.1:{free_port()}", "--key", published["pubkey"], "--timeout", "2"
+    )
+    assert "no catalog" in msg
+    assert "no remote named" in vml.fails("remote", "rm", "r")

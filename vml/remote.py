@@ -1,0 +1,317 @@
+"""Remotes: published repositories read over HTTP, through a local cache.
+
+A remote is a read-only repository whose refs come from its signed catalog
+and whose objects are fetched on first use, checked against their digest,
+and kept in the remote's cache (``$VML_HOME/cache/NAME``). Each object is
+fetched once per process however many readers want it at the same time.
+Sequential readers and preload fetch in parallel connections.
+"""
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import catalog as catalogs
+from .cache import ObjectCache
+from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
+from .errors import BadSignature, Corrupt, CorruptManifest, FetchError, ObjectMissing, ReadOnly
+from .fetch import Fetcher, Settings
+from .objects import decode
+from .progress import SILENT, Progress
+from .repository import Repository
+from .store import METADATA_LIMIT, write_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUOTA = 10 << 30
+CATALOG_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    name: str
+    url: str
+    key: str  # "ed25519:<base64>", as `vml keygen` writes KEYFILE.pub
+    cache_quota: int = DEFAULT_QUOTA
+    catalog_ttl: float = CATALOG_TTL
+    settings: Settings = field(default_factory=Settings)
+
+
+def _blob_limit(limit: int) -> int:
+    """Most bytes a zstd frame of ``limit`` bytes of content can take."""
+    return limit + (limit >> 7) + (64 << 10)
+
+
+class _InFlight:
+    def __init__(self):
+        self.done = threading.Event()
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class RemoteStore:
+    """The read side of a Store, served from a remote's cache and its HTTP server."""
+
+    chunk_size = None
+
+    def __init__(self, home: Path, rc: RemoteConfig):
+        self.rc = rc
+        self.name = rc.name
+        self.path = home / "cache" / rc.name
+        self.cache = ObjectCache(self.path, rc.cache_quota)
+        self.cache.pinned_objects = self.pinned_objects
+        self.key = catalogs.parse_public_key(rc.key, f"remote {rc.name}")
+        self.fetcher = Fetcher(rc.url, rc.settings, f"remote {rc.name}")
+        self.refs_path = self.path / CATALOG_FILE
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, _InFlight] = {}
+        self._catalog: tuple[float, Catalog] | None = None
+        self._catalog_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __repr__(self):
+        return f"RemoteStore({self.name!r}, {self.rc.url!r})"
+
+    # -- catalog ---------------------------------------------------------
+
+    def catalog(self, refresh: bool = False) -> Catalog:
+        """The verified catalog, fetched again when older than the TTL.
+
+        Offline, the last verified catalog is used (and said so in the log).
+        """
+        with self._catalog_lock:
+            now = time.monotonic()
+            if not refresh and self._catalog and now - self._catalog[0] < self.rc.catalog_ttl:
+                return self._catalog[1]
+            seen = self._cached_catalog()
+            if not refresh and self._catalog is None and seen is not None and self._age() < self.rc.catalog_ttl:
+                self._catalog = (now, seen)  # fetched by another process moments ago
+                return seen
+            where = f"remote {self.name} ({self.rc.url})"
+
+            def check(data: bytes) -> tuple[bytes, Catalog]:
+                cat = catalogs.verify(data, self.key, f"{where}: {CATALOG_FILE}")
+                if seen and cat.revision < seen.revision:
+                    raise BadSignature(
+                        f"{where}: catalog revision {cat.revision} is older than revision {seen.revision} "
+                        "seen before; refused as a replay"
+                    )
+                return data, cat
+
+            try:
+                data, cat = self.fetcher.get(CATALOG_FILE, CATALOG_LIMIT, check, fresh=True)
+            except (FetchError, ObjectMissing) as e:
+                if seen is None:
+                    raise FetchError(f"{where}: no catalog: {e}") from None
+                log.warning("%s: using the cached catalog, revision %d: %s", where, seen.revision, e)
+                cat = seen
+            else:
+                write_atomic(self.refs_path, data)  # its mtime says when it was last confirmed
+            self._catalog = (now, cat)
+            return cat
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.refs_path.stat().st_mtime
+        except FileNotFoundError:
+            return float("inf")
+
+    def _cached_catalog(self) -> Catalog | None:
+        try:
+            data = self.refs_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return catalogs.verify(data, self.key, str(self.refs_path))
+        except Corrupt as e:  # the key changed, or the file was damaged: start over
+            log.warning("%s; ignoring it", e)
+            return None
+
+    def refs(self) -> dict[str, bytes]:
+        return dict(self.catalog().refs)
+
+    def lists(self, digest: bytes) -> bool:
+        """Whether the remote's catalog lists manifest ``digest`` (no object is fetched)."""
+        return digest in self.catalog().manifests
+
+    # -- objects ---------------------------------------------------------
+
+    def has(self, digest: bytes) -> bool:
+        return self.cache.has(digest)
+
+    def object_size(self, digest: bytes) -> int:
+        size = self.cache.size_of(digest)
+        return size if size is not None else len(self.read_raw(digest))
+
+    def read(self, digest: bytes, limit: int) -> bytes:
+        """Content of an object: from the cache, else fetched, checked and cached."""
+        return self._obtain(digest, limit)[1]
+
+    def read_raw(self, digest: bytes) -> bytes:
+        return self._obtain(digest, METADATA_LIMIT)[0]
+
+    def _obtain(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
+        blob = self.cache.get(digest)
+        if blob is not None:
+            try:
+                return blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
+            except Corrupt as e:
+                log.warning("%s; fetching it again", e)
+                self.cache.object_path(digest).unlink(missing_ok=True)
+        with self._lock:
+            job = self._inflight.get(digest)
+            leader = job is None
+            if leader:
+                job = self._inflight[digest] = _InFlight()
+        if not leader:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            return job.value
+        try:
+            job.value = self._fetch(digest, limit)
+            return job.value
+        except BaseException as e:
+            job.error = e
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[digest]
+            job.done.set()
+
+    def _fetch(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
+        h = digest.hex()
+        where = f"remote {self.name}, object {h}"
+
+        def check(blob: bytes) -> tuple[bytes, bytes]:
+            return blob, decode(blob, digest, limit, where)
+
+        try:
+            blob, content = self.fetcher.get(f"objects/{h[:2]}/{h[2:]}", _blob_limit(limit), check)
+        except ObjectMissing:
+            raise ObjectMissing(f"object {h} is missing from remote {self.name} ({self.rc.url})") from None
+        self.cache.count("fetched_bytes", len(blob))
+        self.cache.put(digest, blob)
+        return blob, content
+
+    # -- fetching ahead --------------------------------------------------
+
+    def pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.rc.settings.parallel, thread_name_prefix=f"vml-fetch-{self.name}")
+            return self._pool
+
+    def prefetch(self, digests, limit: int) -> None:
+        """Fetch these objects in the background, if not cached or on their way already."""
+        for d in digests:
+            with self._lock:
+                busy = d in self._inflight
+            if not busy and not self.cache.has(d):
+                self.pool().submit(self._quiet_read, d, limit)
+
+    def _quiet_read(self, digest: bytes, limit: int) -> None:
+        try:
+            self._obtain(digest, limit)
+        except Exception as e:  # a read that needs it will fail and say why
+            log.debug("read-ahead of %s from remote %s failed: %s", digest.hex(), self.name, e)
+
+    def fetch_all(self, digests, limit: int, progress: Progress = SILENT) -> int:
+        """Make sure every object is cached, in parallel; return bytes fetched."""
+        missing = [d for d in digests if not self.cache.has(d)]
+        progress.start(len(missing))
+        before = self.fetcher.bytes
+        for _ in self.pool().map(lambda d: self._obtain(d, limit), missing):
+            progress.advance(1)
+        return self.fetcher.bytes - before
+
+    # -- pins ------------------------------------------------------------
+
+    def pins(self) -> dict[str, bytes]:
+        try:
+            doc = json.loads((self.path / "pins.json").read_bytes())
+            return {n: bytes.fromhex(h) for n, h in doc.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise CorruptManifest(f"{self.path / 'pins.json'}: unreadable ({e})") from None
+
+    def set_pins(self, pins: dict[str, bytes]) -> None:
+        write_atomic(
+            self.path / "pins.json", (json.dumps({n: d.hex() for n, d in sorted(pins.items())}) + "\n").encode()
+        )
+
+    def pinned_objects(self) -> set[bytes]:
+        pins = self.pins()
+        if not pins:
+            return set()
+        return RemoteRepository(self).needed_objects(pins.values())
+
+    # -- what a writer would need ----------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, command: str, timeout: float = 60.0):
+        raise ReadOnly(f"remote {self.name} is read-only: save into a local repository (--repo)")
+        yield  # pragma: no cover
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.cache.flush_stats()
+
+
+class RemoteRepository(Repository):
+    """A remote seen as a read-only repository."""
+
+    read_only = True
+
+    def __init__(self, store: RemoteStore):
+        super().__init__(store, store.name)
+
+    def __repr__(self):
+        return f"RemoteRepository({self.name!r}, {self.store.rc.url!r})"
+
+    def is_local(self, digest: bytes) -> bool:
+        return False  # nothing of a remote is a local repository's to keep
+
+    def prefetch(self, digests, limit: int) -> None:
+        self.store.prefetch(digests, limit)
+
+    def entry_objects(self, digest: bytes) -> list[bytes]:
+        """Every object an entry needs, metadata first (so it is fetched first).
+
+        The manifests of all the remote's entries come too (they are small),
+        so that `vml log` works offline.
+        """
+        chain = self.data_chain(digest)
+        out = list(dict.fromkeys([d for d, _ in chain] + sorted(self.store.catalog().refs.values())))
+        out += [md for _, m in chain for md in m.map_digests()]
+        rest = self.needed_objects([digest]) - set(out)
+        return out + sorted(rest)
+
+
+_remotes: dict[tuple, RemoteStore] = {}
+_remotes_lock = threading.Lock()
+
+
+def open_remote(home: Path, rc: RemoteConfig) -> RemoteStore:
+    """The one RemoteStore of this process for ``rc`` (so in-flight fetches and pools are shared)."""
+    key = (str(home), rc)
+    with _remotes_lock:
+        store = _remotes.get(key)
+        if store is None:
+            store = _remotes[key] = RemoteStore(home, rc)
+        return store
+
+
+def flush_counters() -> None:
+    """Write the cache counters of every remote this process has used."""
+    with _remotes_lock:
+        stores = list(_remotes.values())
+    for store in stores:
+        store.cache.flush_stats()
