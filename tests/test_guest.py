@@ -71,3 +71,37 @@ def test_the_guest_boots_from_an_area_and_its_write_is_saved(vml, mounted, guest
     assert mtype(mounted / "rep1" / "guest" / "disk.img", "BASE.TXT").stdout == "hello from the base image\n"
     show = vml("show", "booted").stdout
     assert "kind:      incremental" in show and "parent:    guest" in show
+
+
+def test_the_guest_boots_from_an_area_on_a_remote_entry(vml, home, mounted, guest_disk, tmp_path):
+    """Publish the guest, boot it from an area opened on the remote entry, save into a local repository."""
+    from conftest import Vml
+    from servers import Nginx
+
+    need("nginx")
+    publisher = Vml(tmp_path / "publisher", tmp_path)
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    shutil.copy(guest_disk, vm / "disk.img")
+    publisher("init", tmp_path / "published-repo")
+    publisher("save", "guest", "--from", vm)
+    publisher("keygen", tmp_path / "key")
+    publisher("publish", tmp_path / "pub", "--key", tmp_path / "key")
+    origin = Nginx(tmp_path / "pub")
+    try:
+        vml("remote", "add", "cern", origin.url, "--key", tmp_path / "key.pub")
+        vml("init", tmp_path / "mine")
+        vml("open", "cern:guest", "--area", "run")
+        assert len(origin.object_requests()) <= 2  # the manifest and chunk map, no data yet
+        out = boot(mounted / "areas" / "run" / "disk.img", "writeback")
+        assert "VML-GUEST-DONE" in out, out[-2000:]
+        fetched = sum(size for _, p, st, size in origin.requests() if p.startswith("/objects/") and st == 200)
+        stored = sum(p.stat().st_size for p in (tmp_path / "pub" / "objects").glob("*/*"))
+        print(f"booting fetched {fetched} of {stored} stored bytes from the origin ({100 * fetched / stored:.1f}%)")
+        assert 0 < fetched <= stored
+        vml("save", "booted", "--area", "run")
+        saved = mtype(mounted / "mine" / "booted" / "disk.img", "GUEST.TXT")
+        assert saved.returncode == 0 and saved.stdout.strip() == "guest read: hello from the base image tag: base"
+        assert "[on cern:guest]" in vml("log", "mine").stdout
+    finally:
+        origin.stop()

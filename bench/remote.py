@@ -1,0 +1,233 @@
+"""Remotes over HTTP, against curl fetching the same bytes as one file.
+
+Origin: nginx on loopback serving a published repository (tests/servers.py).
+The entry is a 1 GiB ext4 image made with mkfs.ext4 -d from real system
+files. "The same bytes as one file" is the concatenation of every object the
+entry needs, placed beside the objects on the same nginx, so curl and vml
+move exactly the same bytes over the same path.
+
+1. Preload through the tests' latency proxy at 20 ms round trip (10 ms each
+   way, bandwidth untouched): `vml cache preload` against `curl` of the one
+   file through the same proxy. Target >= 0.8x curl's throughput.
+2. Cold sequential read of the remote entry's disk through the mount
+   (empty cache, page cache dropped), plain loopback: dd bs=1M against curl
+   of the one file. Target >= 0.7x.
+3. Boot: the test guest's boot files in a 1 GiB FAT disk that also holds
+   600 MiB of real system files the guest never reads (as an OS image holds
+   far more than its boot touches); the guest boots under TCG from a working
+   area opened on the remote entry, and nginx's log gives the bytes fetched.
+   Target < 10% of the entry's stored bytes.
+
+    .venv/bin/python bench/remote.py [--workdir DIR] [--repeat N]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+
+from common import drop_caches, mkfs_ext4, need, print_table, real_tree, run  # noqa: E402
+from servers import FaultProxy, Nginx  # noqa: E402
+
+VML = [sys.executable, "-m", "vml"]
+
+
+def vml(home: Path, *args, check=True) -> str:
+    r = subprocess.run(
+        [*VML, *map(str, args)], env=dict(os.environ, VML_HOME=str(home)), capture_output=True, text=True
+    )
+    if check and r.returncode != 0:
+        sys.exit(f"bench: vml {' '.join(map(str, args))} failed:\n{r.stderr}")
+    return r.stdout
+
+
+def publish(work: Path, name: str, source: Path) -> tuple[Path, Path]:
+    """Save ``source`` as entry ``name`` and publish it; return (published dir, public key)."""
+    home = work / f"pub-home-{name}"
+    shutil.rmtree(home, ignore_errors=True)
+    repo, pub, key = work / f"repo-{name}", work / f"pub-{name}", work / f"key-{name}"
+    for p in (repo, pub):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (key, key.with_name(key.name + ".pub")):
+        p.unlink(missing_ok=True)
+    vml(home, "init", repo)
+    vml(home, "save", name, "--from", source)
+    vml(home, "keygen", key)
+    vml(home, "publish", pub, "--key", key)
+    # The same bytes as one file, on the same server.
+    with open(pub / "all-objects.bin", "wb") as out:
+        for p in sorted((pub / "objects").glob("*/*")):
+            out.write(p.read_bytes())
+    return pub, key.with_name(key.name + ".pub")
+
+
+def client(work: Path, tag: str, url: str, pubkey: Path, *extra) -> Path:
+    home = work / f"client-{tag}"
+    shutil.rmtree(home, ignore_errors=True)
+    vml(home, "remote", "add", "cern", url, "--key", pubkey, *extra)
+    return home
+
+
+def curl_seconds(url: str) -> float:
+    r = run(["curl", "-sf", "-o", "/dev/null", url])
+    return r.seconds
+
+
+def bench_preload(work: Path, pub: Path, pubkey: Path, origin: Nginx, repeat: int) -> list:
+    proxy = FaultProxy(origin.port, delay=0.010)
+    size = (pub / "all-objects.bin").stat().st_size
+    try:
+        curl, ours = [], []
+        for i in range(repeat):
+            curl.append(curl_seconds(f"{proxy.url}/all-objects.bin"))
+            home = client(work, f"preload{i}", proxy.url, pubkey)
+            t0 = time.perf_counter()
+            vml(home, "cache", "preload", "cern:disk")
+            ours.append(time.perf_counter() - t0)
+    finally:
+        proxy.stop()
+    c, o = statistics.median(curl), statistics.median(ours)
+    return [
+        "preload, 20 ms RTT",
+        f"{size / c / 1e6:.0f} MB/s",
+        f"{size / o / 1e6:.0f} MB/s",
+        f"{c / o:.2f}x",
+        ">= 0.8x",
+    ]
+
+
+def bench_cold_read(work: Path, pub: Path, pubkey: Path, origin: Nginx, repeat: int) -> list:
+    size = (pub / "all-objects.bin").stat().st_size
+    curl, ours, disk_bytes = [], [], 0
+    for i in range(repeat):
+        drop_caches()
+        curl.append(curl_seconds(f"{origin.url}/all-objects.bin"))
+        home = client(work, f"read{i}", origin.url, pubkey)
+        mp = work / f"mnt{i}"
+        mp.mkdir(exist_ok=True)
+        vml(home, "mount", mp)
+        try:
+            (disk,) = [p for p in (mp / "cern" / "disk").iterdir() if p.suffix == ".img"]
+            disk_bytes = disk.stat().st_size
+            drop_caches()
+            ours.append(run(["dd", f"if={disk}", "of=/dev/null", "bs=1M"]).seconds)
+        finally:
+            vml(home, "umount", mp)
+    c, o = statistics.median(curl), statistics.median(ours)
+    return [
+        f"cold sequential read ({disk_bytes >> 20} MiB disk, {size >> 20} MiB moved)",
+        f"{size / c / 1e6:.0f} MB/s",
+        f"{size / o / 1e6:.0f} MB/s ({disk_bytes / o / 1e6:.0f} MB/s of disk)",
+        f"{c / o:.2f}x",
+        ">= 0.7x",
+    ]
+
+
+def boot_disk(work: Path) -> Path:
+    """The test guest's boot files in a 1 GiB FAT disk with 600 MiB of files it never reads."""
+    need("mkfs.vfat", "syslinux", "mcopy", "qemu-system-x86_64")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("guest_build", Path(__file__).parent.parent / "tests/guest/build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small = module.build()
+    vm = work / "bootvm"
+    disk = vm / "disk.img"
+    if disk.exists():
+        return vm
+    vm.mkdir(parents=True, exist_ok=True)
+    files = work / "bootfiles"
+    shutil.rmtree(files, ignore_errors=True)
+    files.mkdir()
+    for name in ("vmlinuz", "initrd.gz", "syslinux.cfg", "BASE.TXT"):
+        subprocess.run(["mcopy", "-i", small, f"::{name}", files / name], check=True)
+    payload = real_tree(work / "bootpayload", 600)
+    tmp = vm / "disk.tmp"
+    tmp.unlink(missing_ok=True)
+    subprocess.run(["mkfs.vfat", "-C", tmp, str(1 << 20)], check=True, capture_output=True)
+    subprocess.run(["syslinux", "--install", tmp], check=True)
+    subprocess.run(["mcopy", "-i", tmp, *sorted(files.iterdir()), "::"], check=True)
+    subprocess.run(["mcopy", "-s", "-i", tmp, payload / "usr", "::"], check=True, capture_output=True)
+    os.rename(tmp, disk)
+    return vm
+
+
+def bench_boot(work: Path, origin_dir: Path, pubkey: Path) -> list:
+    origin = Nginx(origin_dir)
+    home = client(work, "boot", origin.url, pubkey)
+    vml(home, "init", work / "client-boot-repo")
+    mp = work / "mnt-boot"
+    mp.mkdir(exist_ok=True)
+    vml(home, "mount", mp)
+    try:
+        vml(home, "open", "cern:guest", "--area", "run")
+        t0 = time.perf_counter()
+        r = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot"]
+            + ["-drive", f"file={mp / 'areas' / 'run' / 'disk.img'},format=raw,if=virtio,cache=writeback"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        seconds = time.perf_counter() - t0
+        if "VML-GUEST-DONE" not in r.stdout:
+            sys.exit(f"bench: the guest did not finish booting:\n{r.stdout[-2000:]}")
+        fetched = sum(size for _, p, st, size in origin.requests() if p.startswith("/objects/") and st == 200)
+        stored = sum(p.stat().st_size for p in (origin_dir / "objects").glob("*/*"))
+        vml(home, "close", "run", "--discard")
+    finally:
+        vml(home, "umount", mp, check=False)
+        origin.stop()
+    return [
+        f"boot from a remote entry ({seconds:.0f} s under TCG)",
+        f"{stored >> 20} MiB stored",
+        f"{fetched / 2**20:.1f} MiB fetched",
+        f"{100 * fetched / stored:.1f}%",
+        "< 10%",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/vml-bench/remote"))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-boot", action="store_true")
+    args = ap.parse_args()
+    need("nginx", "curl", "mkfs.ext4", "dd")
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)
+    image = work / "disk.img"
+    if not image.exists():
+        mkfs_ext4(image, "1G", real_tree(work / "tree", 700))
+    pub, pubkey = publish(work, "disk", image)
+    origin = Nginx(pub)
+    rows = []
+    try:
+        rows.append(bench_preload(work, pub, pubkey, origin, args.repeat))
+        rows.append(bench_cold_read(work, pub, pubkey, origin, args.repeat))
+    finally:
+        origin.stop()
+    if not args.skip_boot:
+        vm = boot_disk(work)
+        boot_pub, boot_key = publish(work, "guest", vm)
+        rows.append(bench_boot(work, boot_pub, boot_key))
+    print_table(
+        "Remotes over loopback HTTP (nginx origin), against curl of the same bytes as one file",
+        ["case", "curl / stored", "vml / fetched", "ratio", "target"],
+        rows,
+    )
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
