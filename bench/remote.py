@@ -34,8 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
-from common import drop_caches, mkfs_ext4, need, print_table, real_tree, run  # noqa: E402
-from servers import FaultProxy, Nginx  # noqa: E402
+from common import drop_caches, mkfs_ext4, need, print_table, real_tree, run
+from servers import FaultProxy, Nginx
 
 VML = [sys.executable, "-m", "vml"]
 
@@ -172,8 +172,10 @@ def bench_boot(work: Path, origin_dir: Path, pubkey: Path) -> list:
         vml(home, "open", "cern:guest", "--area", "run")
         t0 = time.perf_counter()
         r = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot"]
-            + ["-drive", f"file={mp / 'areas' / 'run' / 'disk.img'},format=raw,if=virtio,cache=writeback"],
+            [
+                *("qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot"),
+                *("-drive", f"file={mp / 'areas' / 'run' / 'disk.img'},format=raw,if=virtio,cache=writeback"),
+            ],
             capture_output=True,
             text=True,
             timeout=600,

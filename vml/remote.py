@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from .store import METADATA_LIMIT, write_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_QUOTA = 10 << 30
+AHEAD_BYTES = 64 << 20  # fetched-ahead content kept in memory for its reader
 CATALOG_TTL = 60.0
 
 
@@ -73,6 +75,9 @@ class RemoteStore:
         self._catalog: tuple[float, Catalog] | None = None
         self._catalog_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        # Content fetched ahead of its reader, handed over once so it is not decoded twice.
+        self._ahead: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
+        self._ahead_bytes = 0
 
     def __repr__(self):
         return f"RemoteStore({self.name!r}, {self.rc.url!r})"
@@ -156,6 +161,12 @@ class RemoteStore:
         return self._obtain(digest, METADATA_LIMIT)[0]
 
     def _obtain(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
+        with self._lock:
+            handed = self._ahead.pop(digest, None)
+            if handed is not None:
+                self._ahead_bytes -= len(handed[1])
+        if handed is not None and len(handed[1]) <= limit:
+            return handed
         blob = self.cache.get(digest)
         if blob is not None:
             try:
@@ -217,9 +228,17 @@ class RemoteStore:
 
     def _quiet_read(self, digest: bytes, limit: int) -> None:
         try:
-            self._obtain(digest, limit)
+            got = self._obtain(digest, limit)
         except Exception as e:  # a read that needs it will fail and say why
             log.debug("read-ahead of %s from remote %s failed: %s", digest.hex(), self.name, e)
+            return
+        with self._lock:
+            if digest not in self._ahead:
+                self._ahead[digest] = got
+                self._ahead_bytes += len(got[1])
+            while self._ahead_bytes > AHEAD_BYTES:
+                _, (_, old) = self._ahead.popitem(last=False)
+                self._ahead_bytes -= len(old)
 
     def fetch_all(self, digests, limit: int, progress: Progress = SILENT) -> int:
         """Make sure every object is cached, in parallel; return bytes fetched."""
