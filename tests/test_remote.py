@@ -377,3 +377,77 @@ def test_bad_remote_settings_are_one_line_errors(vml, home, published, tmp_path)
     )
     assert "no catalog" in msg
     assert "no remote named" in vml.fails("remote", "rm", "r")
+
+
+def test_a_peer_trickling_header_lines_cannot_outlast_the_deadline():
+    """A socket timeout bounds each recv, not the request: the watchdog bounds the request."""
+    import socket
+
+    from vml.errors import FetchError
+    from vml.fetch import Fetcher, Settings
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"X-Slow: y\r\n")
+                except OSError:
+                    break
+                time.sleep(0.3)
+            conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        fetcher = Fetcher(f"http://127.0.0.1:{server.getsockname()[1]}", Settings(timeout=2, read_timeout=1), "test")
+        start = time.monotonic()
+        with pytest.raises(FetchError):
+            fetcher.get("catalog.json", 1000)
+        assert time.monotonic() - start < 5
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_gc_refuses_when_a_local_ancestor_is_missing(published, tmp_path):
+    """A damaged local chain is never taken for one that continues on a remote."""
+    repo = tmp_path / "rep1"
+    shutil.copytree(published["dir"] / "rep1", repo)
+    v = Vml(tmp_path / "home", tmp_path)
+    v("init", repo)
+    refs = json.loads((repo / "refs.json").read_text())["entries"]
+    base = refs["base"]
+    (repo / "objects" / base[:2] / base[2:]).unlink()
+    before = sorted(p.name for p in (repo / "objects").glob("*/*"))
+    v.fails("gc", status=7)
+    assert sorted(p.name for p in (repo / "objects").glob("*/*")) == before
+
+
+def test_a_catalog_of_another_repository_signed_with_the_same_key_is_refused(vml, home, published, tmp_path):
+    pub = tmp_path / "pub"
+    shutil.copytree(published["pub"], pub)
+    server = Nginx(pub)
+    try:
+        add_remote(vml, server, published)
+        set_remote(home, catalog_ttl=0.001)
+        other = Vml(tmp_path / "other", tmp_path)
+        other("init", tmp_path / "rep2")
+        (tmp_path / "x.img").write_bytes(os.urandom(1 << 20))
+        other("save", "other", "--from", tmp_path / "x.img")
+        # Entries given after --key, as the README writes it.
+        other("publish", tmp_path / "pub2", "--key", published["key"], "other")
+        shutil.copy(tmp_path / "pub2" / "catalog.json", pub / "catalog.json")
+        msg = vml.fails("log", "cern", status=6)
+        assert "of repository 'rep2', not 'rep1'" in msg
+    finally:
+        server.stop()

@@ -71,7 +71,7 @@ def export(
     held: tuple[str, bytes] | None = None  # an entry the receiver is assumed to have
     known_manifests: set[bytes] = set()
     known_objects: set[bytes] = set()
-    local = repo.local_chain(entry.digest)
+    local = [] if repo.read_only else repo.local_chain(entry.digest)
     requires_remote = None
     if not full and not against and local and local[-1][1].reference is not None:
         # The entry builds on a remote's entry: the receiver fetches that

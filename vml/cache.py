@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import CorruptManifest, StorageError
+from .errors import CorruptManifest, StorageError, VmlError
 from .objects import parse_hex
 from .store import storage_error, write_atomic
 
@@ -74,6 +74,13 @@ class ObjectCache:
         self.count("hits")
         return blob
 
+    def peek(self, digest: bytes) -> bytes | None:
+        """The stored bytes if cached, without counting a hit or a miss."""
+        try:
+            return self.object_path(digest).read_bytes()
+        except OSError:
+            return None
+
     def has(self, digest: bytes) -> bool:
         return self.object_path(digest).exists()
 
@@ -103,7 +110,10 @@ class ObjectCache:
                 self._size += len(blob)
             over = self._size is None or self._size > self.quota
         if over:
-            self.evict()
+            try:
+                self.evict()
+            except (VmlError, OSError) as e:  # the read was served; the cache can shrink later
+                log.warning("cache %s: cannot evict (%s)", self.path, e)
 
     # -- quota -----------------------------------------------------------
 

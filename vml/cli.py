@@ -6,6 +6,7 @@ exit with the status their class carries; a traceback only with --debug.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -351,6 +352,7 @@ def cmd_remote_add(args) -> int:
             except VmlError:
                 shutil.rmtree(home / "cache" / rc.name, ignore_errors=True)
                 raise
+            cfg.remotes[rc.name] = rc = dataclasses.replace(rc, repository=cat.repository)
             print(f"remote {rc.name}: catalog revision {cat.revision} of {cat.repository}, {len(cat.refs)} entries")
     print(f"added remote {rc.name} ({url}), proxies {rc.settings.proxy}, cache quota {format_size(rc.cache_quota)}")
     return 0
@@ -429,11 +431,11 @@ def _remote_part(args):
 
 def cmd_cache_preload(args) -> int:
     store, digest, name = _remote_part(args)
-    if args.pin:
-        store.set_pins(store.pins() | {name: digest})
     objs = remote.RemoteRepository(store).entry_objects(digest)
     with progress_bar(f"preloading {store.name}:{name}", unit="obj") as bar:
         fetched = store.fetch_all(objs, METADATA_LIMIT, bar)
+    if args.pin:  # only once all is there; eviction during the preload is the quota's business
+        store.set_pins(store.pins() | {name: digest})
     pinned = " and pinned" if args.pin else ""
     print(f"{store.name}:{name}: {len(objs)} objects cached{pinned}, {format_size(fetched)} fetched")
     return 0
@@ -589,7 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "func", None) is cmd_publish and not any(a.startswith("-") for a in extra):
+        args.entries += extra  # `vml publish DIR --key KEY ENTRY...`: entries after the option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(format="vml: %(message)s", level=logging.DEBUG if args.debug else logging.WARNING)
     try:
         return args.func(args)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import tomli_w
 
+from .catalog import parse_public_key
 from .errors import AlreadyExists, CorruptManifest, NotFound, UsageError
 from .fetch import Settings, parse_proxies
 from .names import check_name, check_repository_name
@@ -37,7 +38,7 @@ from .remote import RemoteConfig, RemoteRepository, open_remote
 from .repository import Entry, Repository
 from .store import Store, write_atomic
 
-REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float)}
+REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float), "repository": str}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 
 
@@ -109,6 +110,8 @@ class Config:
 
     def local(self, path: Path | str, name: str | None = None) -> Repository:
         """The local repository at ``path``; its entries may build on any configured remote."""
+        if name is None:
+            name = next((n for n, p in self.repositories.items() if p == Path(path)), None)
         fallbacks = [open_remote(self.home, rc) for _, rc in sorted(self.remotes.items())]
         return Repository(Store(path), name, fallbacks)
 
@@ -160,6 +163,10 @@ def _remote_config(path: Path, name: str, r) -> RemoteConfig:
         if "url" not in fields or "key" not in fields:
             raise ValueError("url and key are required")
         parse_proxies(settings.get("proxy", "DIRECT"))
+        parse_public_key(fields["key"], "key")
+        tls = settings.get("verify_tls", True)
+        if isinstance(tls, str) and not Path(tls).is_file():
+            raise ValueError(f"verify_tls = {tls!r}: no such CA bundle file (use true, false or a file)")
         return RemoteConfig(name, settings=Settings(**settings), **fields)
     except (ValueError, UsageError) as e:
         raise CorruptManifest(f"{where}: {e}") from None
@@ -167,6 +174,8 @@ def _remote_config(path: Path, name: str, r) -> RemoteConfig:
 
 def _remote_doc(rc: RemoteConfig) -> dict:
     doc = {"url": rc.url, "key": rc.key, "cache_quota": rc.cache_quota, "catalog_ttl": rc.catalog_ttl}
+    if rc.repository:
+        doc["repository"] = rc.repository
     defaults = Settings()
     doc.update({k: v for k, v in dataclasses.asdict(rc.settings).items() if v != getattr(defaults, k)})
     return doc

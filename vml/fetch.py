@@ -11,20 +11,25 @@ first. One fetch ends, successfully or not, before its deadline: a read
 that cannot be served fails in bounded time instead of hanging.
 """
 
+import contextlib
 import logging
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .errors import Corrupt, FetchError, ObjectMissing, UsageError
 
 log = logging.getLogger(__name__)
 
 BLOCK = 256 << 10
+WATCHDOG_GRACE = 0.5  # seconds past the deadline before a request's sockets are shut down
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,62 @@ class ProxyChain:
         return next(i for i, g in enumerate(self.groups) if member in g)
 
 
+# A watchdog enforces each request's deadline: a socket timeout bounds each
+# recv, not the request, so a peer trickling header lines could hold a
+# request for hours. Connections note themselves when they send a request,
+# and the watchdog shuts down the sockets of its request when time is up.
+_active = threading.local()
+
+
+class _Noted:
+    def request(self, *args, **kwargs):
+        noted = getattr(_active, "connections", None)
+        if noted is not None:
+            noted.append(self)
+        return super().request(*args, **kwargs)
+
+
+class _HTTPConnection(_Noted, HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Noted, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _noting(manager):
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return manager
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        _noting(self.poolmanager)
+
+    def proxy_manager_for(self, proxy, **kwargs):
+        fresh = proxy not in self.proxy_manager
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        return _noting(manager) if fresh else manager
+
+
+def _cut(connections: list, fired: threading.Event) -> None:
+    fired.set()
+    for c in connections:
+        sock = getattr(c, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 class _Failed(Exception):
     """One member failed one request; try the next."""
 
@@ -144,7 +205,7 @@ class Fetcher:
         if s is None:
             s = requests.Session()
             s.trust_env = False  # the remote's proxy setting decides, not http_proxy
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+            adapter = _Adapter(pool_connections=4, pool_maxsize=4, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             s.verify = self.settings.verify_tls
@@ -174,7 +235,8 @@ class Fetcher:
                     body = self._get_once(url, member, max_bytes, fresh, deadline)
                     result = check(body) if check else body
                 except _Failed as e:
-                    self.proxies.failed(member, f"{path}: {e}")
+                    if not e.missing:  # a 404 is the origin's answer, not the proxy's failure
+                        self.proxies.failed(member, f"{path}: {e}")
                     missing += e.missing
                     last = FetchError(f"{self.what}: {path}: {e}")
                     continue
@@ -199,9 +261,25 @@ class Fetcher:
             pause = min(pause * 2, 2.0)
 
     def _get_once(self, url: str, member: str | None, max_bytes: int, fresh: bool, deadline: float) -> bytes:
-        st = self.settings
-        headers = {"Cache-Control": "no-cache"} if fresh else {}
+        # identity: bodies are checked byte for byte, and nothing is inflated unbounded.
+        headers = {"Accept-Encoding": "identity"} | ({"Cache-Control": "no-cache"} if fresh else {})
         remaining = max(0.1, deadline - time.monotonic())
+        _active.connections = noted = []
+        fired = threading.Event()
+        watchdog = threading.Timer(remaining + WATCHDOG_GRACE, _cut, (noted, fired))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            body = self._get_watched(url, member, max_bytes, headers, remaining, deadline)
+        finally:
+            watchdog.cancel()
+            _active.connections = None
+        if fired.is_set():  # what came was cut short, whatever it looks like
+            raise _Failed("deadline passed during the request")
+        return body
+
+    def _get_watched(self, url, member, max_bytes, headers, remaining, deadline) -> bytes:
+        st = self.settings
         try:
             r = self._session().get(
                 url,

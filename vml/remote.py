@@ -8,6 +8,7 @@ Sequential readers and preload fetch in parallel connections.
 """
 
 import contextlib
+import fcntl
 import json
 import logging
 import threading
@@ -42,6 +43,7 @@ class RemoteConfig:
     cache_quota: int = DEFAULT_QUOTA
     catalog_ttl: float = CATALOG_TTL
     settings: Settings = field(default_factory=Settings)
+    repository: str = ""  # the published repository's name, learnt when the remote is added
 
 
 def _blob_limit(limit: int) -> int:
@@ -101,6 +103,10 @@ class RemoteStore:
 
             def check(data: bytes) -> tuple[bytes, Catalog]:
                 cat = catalogs.verify(data, self.key, f"{where}: {CATALOG_FILE}")
+                if self.rc.repository and cat.repository != self.rc.repository:
+                    raise BadSignature(
+                        f"{where}: the catalog is of repository {cat.repository!r}, not {self.rc.repository!r}; refused"
+                    )
                 if seen and cat.revision < seen.revision:
                     raise BadSignature(
                         f"{where}: catalog revision {cat.revision} is older than revision {seen.revision} "
@@ -116,9 +122,17 @@ class RemoteStore:
                 log.warning("%s: using the cached catalog, revision %d: %s", where, seen.revision, e)
                 cat = seen
             else:
-                write_atomic(self.refs_path, data)  # its mtime says when it was last confirmed
+                self._keep_catalog(data, cat)
             self._catalog = (now, cat)
             return cat
+
+    def _keep_catalog(self, data: bytes, cat: Catalog) -> None:
+        """Keep a fetched catalog unless another process kept a newer one meanwhile."""
+        with open(self.path / "catalog.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kept = self._cached_catalog()
+            if kept is None or kept.revision <= cat.revision:
+                write_atomic(self.refs_path, data)  # its mtime says when it was last confirmed
 
     def _age(self) -> float:
         try:
@@ -185,7 +199,11 @@ class RemoteStore:
                 raise job.error
             return job.value
         try:
-            job.value = self._fetch(digest, limit)
+            blob = self.cache.peek(digest)  # a leader that just finished may have cached it
+            if blob is not None:
+                job.value = blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
+            else:
+                job.value = self._fetch(digest, limit)
             return job.value
         except BaseException as e:
             job.error = e

@@ -238,15 +238,28 @@ class Repository:
         return needed
 
     def local_chain(self, digest: bytes) -> list[tuple[bytes, Manifest]]:
-        """The start of the data chain that is in this store, up to the first remote entry."""
+        """The start of the data chain that is in this store, up to the first entry on a remote.
+
+        Raises ObjectMissing when a manifest is neither here nor listed by a
+        configured remote: a damaged chain is never taken for a remote one.
+        """
+        if not self.is_local(digest):
+            raise ObjectMissing(f"manifest {digest.hex()} is missing from {self.store.path}")
         chain = []
-        while self.is_local(digest):
+        while True:
             m = self.manifest(digest)
             chain.append((digest, m))
-            if m.reference is None:
-                break
-            digest = m.reference.manifest
-        return chain
+            link = m.reference
+            if link is None:
+                return chain
+            if not self.is_local(link.manifest):
+                if self.on_remote(link.manifest):
+                    return chain
+                raise ObjectMissing(
+                    f"entry {link.name!r} (manifest {link.manifest.hex()[:16]}), which {m.name!r} builds on, "
+                    "is neither here nor on a configured remote"
+                )
+            digest = link.manifest
 
     # -- accounting and display ------------------------------------------
 
