@@ -97,10 +97,6 @@ http {{
     def object_requests(self) -> list[str]:
         return [p for m, p, st, _ in self.requests() if p.startswith("/objects/") and st == 200]
 
-    def clear_log(self) -> None:
-        self.log.write_text("")
-        self.proc.send_signal(10)  # SIGUSR1: reopen the log
-
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
@@ -173,7 +169,6 @@ class FaultProxy:
         self.mode, self.delay, self.rate = mode, delay, rate
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.connections = 0
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", self.port))
@@ -189,8 +184,6 @@ class FaultProxy:
                 client, _ = self._sock.accept()
             except OSError:
                 return
-            with self._lock:
-                self.connections += 1
             try:
                 server = socket.create_connection(("127.0.0.1", self.target))
             except OSError:

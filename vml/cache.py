@@ -18,7 +18,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -205,15 +204,8 @@ class ObjectCache:
             raise CorruptManifest(f"{self.path / 'stats.json'}: unreadable ({e})") from None
         return {k: int(doc.get(k, 0)) for k in COUNTERS}
 
-    def reset_stats(self) -> None:
-        with self._stats_lock():
-            (self.path / "stats.json").unlink(missing_ok=True)
-
     @contextlib.contextmanager
     def _stats_lock(self):
         with open(self.path / "stats.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
-
-    def destroy(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)

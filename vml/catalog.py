@@ -149,14 +149,6 @@ def verify(data: bytes, key: Ed25519PublicKey, where: str) -> Catalog:
     return _parse_payload(payload, where)
 
 
-def read_unverified(data: bytes, where: str) -> Catalog:
-    """A catalog's content without checking it: only for choosing the next revision to publish."""
-    try:
-        return _parse_payload(json.loads(data)["payload"].encode(), where)
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        raise CorruptManifest(f"{where}: not a VML catalog ({e})") from None
-
-
 def _parse_payload(payload: bytes, where: str) -> Catalog:
     try:
         doc = json.loads(payload)

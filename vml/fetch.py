@@ -197,7 +197,6 @@ class Fetcher:
         self.proxies = ProxyChain(settings.proxy, settings.proxy_reset_after)
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.requests = 0
         self.bytes = 0
 
     def _session(self) -> requests.Session:
@@ -291,8 +290,6 @@ class Fetcher:
             )
         except requests.RequestException as e:
             raise _Failed(_reason(e)) from None
-        with self._lock:
-            self.requests += 1
         try:
             if r.status_code != 200:
                 raise _Failed(f"HTTP {r.status_code}", missing=r.status_code == 404)

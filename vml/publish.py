@@ -7,10 +7,7 @@ atomically after every object it names is on disk, so a client never sees
 a catalog naming an object that is not there yet.
 """
 
-import contextlib
 import fcntl
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +46,7 @@ def publish(repo: Repository, out: Path, key_path: Path, names=(), progress: Pro
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         previous = _previous(out, key)
-        for p in (out / "objects").glob("*/.tmp.*"):  # left by a publish that was killed
+        for p in (out / "objects").glob("*/.*"):  # left by a publish that was killed (objects never start with .)
             p.unlink(missing_ok=True)
         refs = repo.refs()
         by_digest = {d: n for n, d in refs.items()}
@@ -110,14 +107,5 @@ def _put(out: Path, digest: bytes, repo: Repository) -> int:
     blob = repo.read_raw(digest)
     decode(blob, digest, METADATA_LIMIT, f"object {h} of repository {repo.name}")  # publish nothing damaged
     path.parent.mkdir(exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, blob, sync=False)  # the publish flushes once, before the catalog
     return len(blob)

@@ -61,8 +61,6 @@ class _InFlight:
 class RemoteStore:
     """The read side of a Store, served from a remote's cache and its HTTP server."""
 
-    chunk_size = None
-
     def __init__(self, home: Path, rc: RemoteConfig):
         self.rc = rc
         self.name = rc.name
@@ -295,11 +293,6 @@ class RemoteStore:
     def lock(self, command: str, timeout: float = 60.0):
         raise ReadOnly(f"remote {self.name} is read-only: save into a local repository (--repo)")
         yield  # pragma: no cover
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        self.cache.flush_stats()
 
 
 class RemoteRepository(Repository):
