@@ -49,6 +49,23 @@ def origin(published):
     server.stop()
 
 
+@pytest.fixture
+def own_origin(vml, home, published, tmp_path):
+    """A copy of the published files that the test may damage, served by its own nginx.
+
+    Remote cern is added on it, and its catalog is fetched again at every command.
+    """
+    pub = tmp_path / "pub"
+    shutil.copytree(published["pub"], pub)
+    server = Nginx(pub)
+    try:
+        add_remote(vml, server, published)
+        set_remote(home, catalog_ttl=0.001)
+        yield pub, server
+    finally:
+        server.stop()
+
+
 def add_remote(vml, origin, published, *extra, name="cern"):
     vml("remote", "add", name, origin.url, "--key", published["pubkey"], *extra)
 
@@ -258,39 +275,32 @@ def test_offline_after_preload_and_bounded_eio_for_what_is_not_cached(vml, home,
     assert "cannot fetch" in logtext and "remote cern" in logtext
 
 
-def test_a_tampered_or_replayed_catalog_is_refused(vml, home, published, tmp_path):
-    pub = tmp_path / "pub"
-    shutil.copytree(published["pub"], pub)
-    server = Nginx(pub)
-    try:
-        add_remote(vml, server, published)
-        set_remote(home, catalog_ttl=0.001)
-        good = (pub / "catalog.json").read_bytes()
-        doc = json.loads(good)
-        payload = json.loads(doc["payload"])
-        payload["refs"]["base"] = payload["refs"]["e2"]
-        doc["payload"] = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        (pub / "catalog.json").write_text(json.dumps(doc))
-        msg = vml.fails("log", "cern", status=6)
-        assert "signature does not verify" in msg and "refused" in msg
-        other = tmp_path / "v2"
-        msg = Vml(other, tmp_path).fails("remote", "add", "cern", server.url, "--key", published["pubkey"], status=6)
-        assert "signature does not verify" in msg
-        assert not (other / "config.toml").exists() or "cern" not in (other / "config.toml").read_text()
-        # An old catalog served again (a replay) after a newer one was seen.
-        (pub / "catalog.json").write_bytes(good)
-        published["vml"]("publish", pub, "--key", published["key"])
-        vml("log", "cern")
-        (pub / "catalog.json").write_bytes(good)
-        assert "refused as a replay" in vml.fails("log", "cern")
-    finally:
-        server.stop()
+def test_a_tampered_or_replayed_catalog_is_refused(vml, home, published, own_origin, tmp_path):
+    pub, server = own_origin
+    good = (pub / "catalog.json").read_bytes()
+    doc = json.loads(good)
+    payload = json.loads(doc["payload"])
+    payload["refs"]["base"] = payload["refs"]["e2"]
+    doc["payload"] = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    (pub / "catalog.json").write_text(json.dumps(doc))
+    msg = vml.fails("log", "cern", status=6)
+    assert "signature does not verify" in msg and "refused" in msg
+    other = tmp_path / "v2"
+    msg = Vml(other, tmp_path).fails("remote", "add", "cern", server.url, "--key", published["pubkey"], status=6)
+    assert "signature does not verify" in msg
+    assert not (other / "config.toml").exists() or "cern" not in (other / "config.toml").read_text()
+    # An old catalog served again (a replay) after a newer one was seen.
+    (pub / "catalog.json").write_bytes(good)
+    published["vml"]("publish", pub, "--key", published["key"])
+    vml("log", "cern")
+    (pub / "catalog.json").write_bytes(good)
+    assert "refused as a replay" in vml.fails("log", "cern")
 
 
-def test_hostile_objects_are_refused(vml, home, published, tmp_path):
+def test_hostile_objects_are_refused(vml, home, published, own_origin, tmp_path):
     """An object that does not match its name, one larger than allowed, one that is no manifest."""
-    pub = tmp_path / "pub"
-    shutil.copytree(published["pub"], pub)
+    pub, _ = own_origin
+    set_remote(home, timeout=3.0)
     from vml import catalog as catalogs
     from vml.objects import compress, digest
 
@@ -306,27 +316,21 @@ def test_hostile_objects_are_refused(vml, home, published, tmp_path):
         cat.repository, cat.revision + 1, cat.published, {**cat.refs, "junk": d}, cat.manifests | {d}
     )
     (pub / "catalog.json").write_bytes(catalogs.sign(forged, catalogs.load_private_key(published["key"])))
-    server = Nginx(pub)
-    try:
-        add_remote(vml, server, published)
-        set_remote(home, timeout=3.0)
-        msg = vml.fails("show", "cern:junk", status=6)
-        assert "junk" in msg and "manifest" in msg
-        # Damage e2's manifest on the server: its digest no longer matches.
-        e2 = cat.refs["e2"].hex()
-        p = pub / "objects" / e2[:2] / e2[2:]
-        p.write_bytes(compress(b'{"forged": true}'))
-        msg = vml.fails("show", "cern:e2")
-        assert "does not match" in msg or "cannot fetch" in msg
-        # An object far larger than any object may be.
-        with open(p, "wb") as f:
-            f.truncate(200 << 20)
-        start = time.monotonic()
-        msg = vml.fails("show", "cern:e2")
-        assert "more than" in msg or "longer than" in msg, msg
-        assert time.monotonic() - start < 30
-    finally:
-        server.stop()
+    msg = vml.fails("show", "cern:junk", status=6)
+    assert "junk" in msg and "manifest" in msg
+    # Damage e2's manifest on the server: its digest no longer matches.
+    e2 = cat.refs["e2"].hex()
+    p = pub / "objects" / e2[:2] / e2[2:]
+    p.write_bytes(compress(b'{"forged": true}'))
+    msg = vml.fails("show", "cern:e2")
+    assert "does not match" in msg or "cannot fetch" in msg
+    # An object far larger than any object may be.
+    with open(p, "wb") as f:
+        f.truncate(200 << 20)
+    start = time.monotonic()
+    msg = vml.fails("show", "cern:e2")
+    assert "more than" in msg or "longer than" in msg, msg
+    assert time.monotonic() - start < 30
 
 
 def test_a_local_entry_on_a_remote_parent_travels_as_a_small_bundle(vml, home, origin, published, tmp_path):
@@ -433,21 +437,14 @@ def test_gc_refuses_when_a_local_ancestor_is_missing(published, tmp_path):
     assert sorted(p.name for p in (repo / "objects").glob("*/*")) == before
 
 
-def test_a_catalog_of_another_repository_signed_with_the_same_key_is_refused(vml, home, published, tmp_path):
-    pub = tmp_path / "pub"
-    shutil.copytree(published["pub"], pub)
-    server = Nginx(pub)
-    try:
-        add_remote(vml, server, published)
-        set_remote(home, catalog_ttl=0.001)
-        other = Vml(tmp_path / "other", tmp_path)
-        other("init", tmp_path / "rep2")
-        (tmp_path / "x.img").write_bytes(os.urandom(1 << 20))
-        other("save", "other", "--from", tmp_path / "x.img")
-        # Entries given after --key, as the README writes it.
-        other("publish", tmp_path / "pub2", "--key", published["key"], "other")
-        shutil.copy(tmp_path / "pub2" / "catalog.json", pub / "catalog.json")
-        msg = vml.fails("log", "cern", status=6)
-        assert "of repository 'rep2', not 'rep1'" in msg
-    finally:
-        server.stop()
+def test_a_catalog_of_another_repository_signed_with_the_same_key_is_refused(vml, published, own_origin, tmp_path):
+    pub, _ = own_origin
+    other = Vml(tmp_path / "other", tmp_path)
+    other("init", tmp_path / "rep2")
+    (tmp_path / "x.img").write_bytes(os.urandom(1 << 20))
+    other("save", "other", "--from", tmp_path / "x.img")
+    # Entries given after --key, as the README writes it.
+    other("publish", tmp_path / "pub2", "--key", published["key"], "other")
+    shutil.copy(tmp_path / "pub2" / "catalog.json", pub / "catalog.json")
+    msg = vml.fails("log", "cern", status=6)
+    assert "of repository 'rep2', not 'rep1'" in msg
