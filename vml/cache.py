@@ -150,7 +150,7 @@ class ObjectCache:
                         p.unlink()
                         total -= size
                         removed += 1
-                if total > limit:
+                if target is None and total > limit:  # clear keeps pinned objects by design: no warning
                     log.warning("cache %s: pinned entries alone hold more than the low mark of the quota", self.path)
                 self.count("evicted", removed)
             with self._lock:
