@@ -47,6 +47,7 @@ from pathlib import Path
 from . import chunkmap, control
 from .config import Config
 from .errors import AlreadyExists, CorruptManifest, DiskFull, Locked, NotFound, UsageError, VmlError
+from .hardware import Hardware
 from .manifest import Stream
 from .names import check_name
 from .objects import parse_hex
@@ -289,11 +290,9 @@ class Area:
 
     def _load(self) -> None:
         rec = self.record
-        cfg = Config.load(self.home)
-        self.repo = cfg.local(rec.repository_path, rec.repository) if rec.repository_path else cfg.open(rec.repository)
-        self.target = cfg.local(rec.save_to) if rec.save_to else self.repo
-        digest = bytes.fromhex(rec.manifest)
-        self.entry = Entry(rec.entry, digest, self.repo.manifest(digest, rec.entry))
+        self.repo, self.entry = open_entry(self.home, rec)
+        self.target = Config.load(self.home).local(rec.save_to) if rec.save_to else self.repo
+        digest = self.entry.digest
         resolved = self.repo.resolve(digest)
         where = f"area {self.name}"
         self.disks = {
@@ -343,8 +342,22 @@ class Area:
 
     # -- save ------------------------------------------------------------
 
-    def save(self, name: str, message: str = "", progress: Progress = SILENT) -> Entry:
-        """Store what changed as incremental entry ``name``; the area then builds on it."""
+    def save(
+        self,
+        name: str,
+        message: str = "",
+        progress: Progress = SILENT,
+        files: dict[str, Path] | None = None,
+        drop: tuple[str, ...] = (),
+        hardware: Hardware | None = None,
+    ) -> Entry:
+        """Store what changed as incremental entry ``name``; the area then builds on it.
+
+        ``files`` adds or replaces files of the entry with local files (a
+        running VM's memory state), ``drop`` leaves files of the area's
+        entry out, and ``hardware`` replaces the entry's description.
+        """
+        files = files or {}
         with self.mutex:
             cs = self.entry.manifest.chunk_size
             dirty = {n: ov.dirty_chunks(cs) for n, ov in self.disks.items()}
@@ -358,7 +371,16 @@ class Area:
                     map_digest = writer.store_chunks(chunks, s.size, plan.ref.disks[s.name])
                     disks.append(Stream(s.name, s.size, map_digest))
                 unchanged = writer.put_metadata(chunkmap.encode([]))
-                return disks, [Stream(f.name, f.size, unchanged, f.mode) for f in self.entry.manifest.files]
+                kept = [
+                    Stream(f.name, f.size, unchanged, f.mode)
+                    for f in self.entry.manifest.files
+                    if f.name not in files and f.name not in drop
+                ]
+                added = []
+                for fname, path in sorted(files.items()):
+                    size = path.stat().st_size
+                    added.append(Stream(fname, size, writer.store_stream(path, size, None), 0o600))
+                return disks, kept + added
 
             entry = write_entry(
                 self.target,
@@ -369,6 +391,7 @@ class Area:
                 message=message,
                 what=f"working area {self.name}",
                 progress=progress,
+                hardware=hardware,
             )
             self._switch(entry)
             return entry
@@ -397,10 +420,7 @@ class Area:
         """Raise UsageError if the area holds changes not saved as an entry."""
         changed = self.changed_bytes()
         if changed:
-            raise UsageError(
-                f"working area {self.name!r} has {changed} bytes of unsaved changes: save them with "
-                f"`vml save NEW --area {self.name}`, or close with --discard"
-            )
+            raise unsaved(self.name, changed)
 
     def destroy(self, discard: bool = False) -> None:
         """Delete the area, still holding its lock; refuses unsaved changes unless ``discard``."""
@@ -416,6 +436,21 @@ class Area:
         info = self.repo.describe(self.entry)
         info["area"] = self.name
         return info
+
+
+def unsaved(name: str, changed: int) -> UsageError:
+    return UsageError(
+        f"working area {name!r} has {changed} bytes of unsaved changes: save them with "
+        f"`vml save NEW --area {name}`, or close with --discard"
+    )
+
+
+def open_entry(home: Path, rec: AreaRecord) -> tuple[Repository, Entry]:
+    """The repository and entry area ``rec`` builds on."""
+    cfg = Config.load(home)
+    repo = cfg.local(rec.repository_path, rec.repository) if rec.repository_path else cfg.open(rec.repository)
+    digest = bytes.fromhex(rec.manifest)
+    return repo, Entry(rec.entry, digest, repo.manifest(digest, rec.entry))
 
 
 def remove_area(home: Path, name: str, discard: bool = False) -> None:
@@ -439,18 +474,37 @@ def changed_bytes(home: Path, rec: AreaRecord) -> int:
     return total
 
 
-def save_area(home: Path, name: str, entry: str, message: str = "", progress: Progress = SILENT) -> AreaRecord:
+def save_area(
+    home: Path,
+    name: str,
+    entry: str,
+    message: str = "",
+    progress: Progress = SILENT,
+    files: dict[str, Path] | None = None,
+    drop: tuple[str, ...] = (),
+    hardware: Hardware | None = None,
+) -> AreaRecord:
     """Save area ``name`` as entry ``entry``, here or through the mount that serves it.
 
     Returns the area's record afterwards (it then builds on ``entry``).
+    See Area.save for ``files``, ``drop`` and ``hardware``.
     """
     try:
         with Area(home, name) as area:
-            area.save(entry, message, progress)
+            area.save(entry, message, progress, files, drop, hardware)
     except Locked:
         if control.mount_state(home) is None:
             raise
-        control.request(home, "save", area=name, entry=entry, message=message)
+        control.request(
+            home,
+            "save",
+            area=name,
+            entry=entry,
+            message=message,
+            files={k: str(v) for k, v in (files or {}).items()},
+            drop=list(drop),
+            hardware=hardware.to_json() if hardware else None,
+        )
     return AreaRecord.load(areas_dir(home) / name / RECORD_FILE)
 
 

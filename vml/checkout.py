@@ -86,3 +86,14 @@ def _write_chunk(repo: Repository, table: ChunkTable, index: int, fd: int, where
     if os.pwrite(fd, data, index * table.chunk_size) != len(data):
         raise StorageError(f"{where}: short write")
     return len(data)
+
+
+def write_stream(repo: Repository, table: ChunkTable, path: Path, where: str, workers: int | None = None) -> None:
+    """Write one disk or file of an entry to ``path``, which must not exist yet."""
+    workers = workers or os.cpu_count() or 2
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="vml-checkout") as pool:
+            _write_table(repo, table, path, 0o600, where, pool, 4 * workers, SILENT)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

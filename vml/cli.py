@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import areas, bundle, catalog, config, control, fetch, incoming, maintenance, publish, remote
+from . import areas, boot, bundle, catalog, config, control, fetch, incoming, maintenance, publish, remote
 from .checkout import checkout
 from .errors import AlreadyExists, NotFound, UsageError, VmlError
 from .manifest import KINDS
@@ -25,6 +25,7 @@ from .save import save
 from .store import DEFAULT_CHUNK_SIZE, METADATA_LIMIT, Store, check_chunk_size
 
 INTERNAL_ERROR = 70
+HYPERVISORS = ("libvirt", "vmware", "qemu")
 
 
 class TerminalProgress(Progress):
@@ -126,13 +127,14 @@ def _save_area(args) -> int:
         )
     home = config.vml_home()
     with progress_bar(f"saving {args.entry}") as bar:
-        rec = areas.save_area(home, args.area, args.entry, args.message or "", bar)
+        rec, running = boot.save(home, args.area, args.entry, args.message or "", bar)
     repo = config.Config.load().open(rec.repository_path)
     entry = repo.entry(rec.entry)
     stored = repo.stored_bytes(entry.digest)
+    memory = " with the running VM's memory state" if running else ""
     print(
         f"saved {entry.name} ({entry.manifest.kind} on {entry.manifest.parent.name}) in {rec.repository} "
-        f"from working area {rec.name}: {format_size(stored)} stored; the area now builds on {entry.name}"
+        f"from working area {rec.name}{memory}: {format_size(stored)} stored; the area now builds on {entry.name}"
     )
     return 0
 
@@ -147,11 +149,68 @@ def cmd_open(args) -> int:
     where = f"at {Path(state['mountpoint']) / 'areas' / rec.name}" if state else "(run `vml mount` to use its files)"
     saves = f"; saves go to {save_to.name}" if save_to else ""
     print(f"opened working area {rec.name} on {entry.name} of {repo.name} {where}{saves}")
+    if args.boot:
+        try:
+            _boot(args, rec.name, args.boot)
+        except BaseException:
+            areas.close_area(home, rec.name, discard=True)  # nothing was written: the VM did not start
+            print(f"closed working area {rec.name} again", file=sys.stderr)
+            raise
+    return 0
+
+
+def _hv_options(args) -> dict:
+    keys = ("connect", "accel", "network", "host", "user", "password", "datastore", "vm_datastore", "insecure", "qemu")
+    return {k: getattr(args, k, None) for k in keys if getattr(args, k, None)}
+
+
+def _memory(text: str | None) -> int | None:
+    if not text:
+        return None
+    return int(text) if text.isdigit() else parse_size(text) >> 20
+
+
+def _boot(args, area: str, hypervisor: str) -> None:
+    home = config.vml_home()
+    memory = _memory(args.memory)
+    if args.dry_run:
+        print(boot.describe(home, area, hypervisor, _hv_options(args), memory, args.vcpus), end="")
+        return
+    rec = boot.boot(home, area, hypervisor, _hv_options(args), memory, args.vcpus)
+    where = rec.details.get("connect") or rec.details.get("host")
+    what = f"({where}) as {rec.vm}" if where else f"as process {rec.vm}"
+    hw = rec.hardware
+    print(
+        f"booted area {area} on {hypervisor} {what}: {hw['memory_mib']} MiB, {hw['vcpus']} vCPU; "
+        f"console log {boot.areas.areas_dir(home) / area / 'console.log'}"
+    )
+
+
+def cmd_boot(args) -> int:
+    _boot(args, args.area, args.hypervisor)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    how = boot.stop(config.vml_home(), args.area, args.force, args.timeout, _hv_options(args))
+    print(f"area {args.area}: {how}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    items = boot.status(config.vml_home(), _hv_options(args))
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    rows = [
+        [i["area"], i["entry"], i["hypervisor"] or "-", i["vm"] or "-", i["state"], i.get("error", "")] for i in items
+    ]
+    print("\n".join(table(rows, ["area", "entry", "hypervisor", "vm", "state", ""])) if rows else "(no working areas)")
     return 0
 
 
 def cmd_close(args) -> int:
-    areas.close_area(config.vml_home(), args.area, args.discard)
+    boot.close(config.vml_home(), args.area, args.discard, _hv_options(args))
     print(f"closed working area {args.area}" + (" and discarded its changes" if args.discard else ""))
     return 0
 
@@ -525,11 +584,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("gc", cmd_gc, "free the objects no entry needs")
 
-    sp = add("open", cmd_open, "open an entry in a writable working area")
+    hv = argparse.ArgumentParser(add_help=False)
+    g = hv.add_argument_group("hypervisor options")
+    g.add_argument("--connect", metavar="URI", help="libvirt: qemu:///system (default), xen:///system, qemu+ssh://...")
+    g.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="libvirt, qemu: KVM or emulation (default auto)")
+    g.add_argument("--network", metavar="NAME", help="libvirt network or VMware port group (default user-mode NAT)")
+    g.add_argument("--qemu", metavar="BINARY", help="qemu: the emulator (default qemu-system-ARCH)")
+    g.add_argument("--host", metavar="URL", help="vmware: https://HOST/sdk (or VML_VMWARE_HOST)")
+    g.add_argument("--user", metavar="USER", help="vmware: user name (or VML_VMWARE_USER)")
+    g.add_argument("--password", metavar="PASSWORD", help="vmware: better given as VML_VMWARE_PASSWORD")
+    g.add_argument("--datastore", metavar="NAME", help="vmware: the datastore whose root is the mount point")
+    g.add_argument("--vm-datastore", metavar="NAME", help="vmware: where the VM's own files go (default: another)")
+    g.add_argument("--insecure", action="store_true", help="vmware: do not verify the host's TLS certificate")
+    boot_opts = argparse.ArgumentParser(add_help=False)
+    g = boot_opts.add_argument_group("VM options")
+    g.add_argument("--memory", metavar="SIZE", help="memory in MiB, or e.g. 2G (default: the entry's)")
+    g.add_argument("--vcpus", type=int, metavar="N", help="virtual CPUs (default: the entry's)")
+    g.add_argument("--dry-run", action="store_true", help="print the configuration instead of booting")
+
+    def add_hv(name, fn, help_text, *extra):
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=[common, hv, *extra])
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add_hv("open", cmd_open, "open an entry in a writable working area (and boot it)", boot_opts)
     sp.add_argument("entry", metavar="ENTRY")
     sp.add_argument("--area", metavar="NAME", help="name of the area (default: the entry's name)")
+    sp.add_argument("--boot", choices=HYPERVISORS, metavar="HYPERVISOR", help="then boot it: libvirt, vmware or qemu")
 
-    sp = add("close", cmd_close, "remove a working area")
+    sp = add_hv("boot", cmd_boot, "start a VM on a working area's disks", boot_opts)
+    sp.add_argument("area", metavar="NAME")
+    sp.add_argument("--hypervisor", required=True, choices=HYPERVISORS, help="libvirt, vmware or qemu")
+
+    sp = add_hv("stop", cmd_stop, "stop the VM of a working area: orderly shutdown, then power off")
+    sp.add_argument("area", metavar="NAME")
+    sp.add_argument("--force", action="store_true", help="power off at once")
+    sp.add_argument("--timeout", type=float, default=boot.STOP_TIMEOUT, metavar="SECONDS", help="wait (default 60)")
+
+    sp = add_hv("status", cmd_status, "working areas and their VMs: hypervisor, running or not")
+    sp.add_argument("--json", action="store_true", help="print a list of objects (area, hypervisor, state, ...)")
+
+    sp = add_hv("close", cmd_close, "remove a working area (and forget its stopped VM)")
     sp.add_argument("area", metavar="NAME")
     sp.add_argument("--discard", action="store_true", help="even if it has unsaved changes")
 

@@ -105,3 +105,9 @@ class FetchError(VmlError):
 
 class BadSignature(Corrupt):
     """A remote catalog whose signature does not verify with the configured key."""
+
+
+class HypervisorError(VmlError):
+    """A hypervisor could not be reached, or refused or failed to run a VM."""
+
+    exit_status = 15

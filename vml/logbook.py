@@ -380,9 +380,10 @@ class Logbook:
 
     # -- areas -------------------------------------------------------------
 
-    def save_area(self, name: str, entry: str, message: str = "") -> Entry:
+    def save_area(self, name: str, entry: str, message: str = "", **options) -> Entry:
+        """Save area ``name``; ``options`` as for Area.save."""
         area, _ = self.area(name)
-        saved = area.save(entry, message)
+        saved = area.save(entry, message, **options)
         with self._lock:
             self._refs.pop(area.repo.store.path, None)
         return saved

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from .errors import CorruptManifest, UsageError
+from .hardware import Hardware
 from .names import check_name, check_relative_path
 from .objects import parse_hex
 from .store import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -69,6 +70,7 @@ class Manifest:
     parent: Link | None = None
     base: Link | None = None
     message: str = ""
+    hardware: Hardware | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -97,6 +99,8 @@ class Manifest:
             disks=[s.to_json(False) for s in self.disks],
             files=[s.to_json(True) for s in self.files],
         )
+        if self.hardware is not None:  # absent, not null, so older entries keep their digest
+            doc["hardware"] = self.hardware.to_json()
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -117,6 +121,7 @@ class Manifest:
                 base=_link(doc.get("base")),
                 disks=tuple(_stream(s, False) for s in _list(doc["disks"])),
                 files=tuple(_stream(s, True) for s in _list(doc.get("files", []))),
+                hardware=Hardware.from_json(doc["hardware"]) if doc.get("hardware") is not None else None,
                 extra={k: v for k, v in doc.items() if k not in _KNOWN},
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
@@ -128,6 +133,8 @@ class Manifest:
         for value in (self.name, self.kind, self.created, self.message):
             if not isinstance(value, str):
                 raise ValueError(f"{value!r} is not a string")
+        if self.hardware is not None and not isinstance(self.hardware, Hardware):
+            raise ValueError("hardware must be a Hardware description")
         if not isinstance(self.extra, dict):
             raise ValueError("extra fields must be a mapping")
         if self.kind not in KINDS:
@@ -156,7 +163,7 @@ class Manifest:
         return [s.map for s in self.disks + self.files]
 
 
-_KNOWN = {"format", "name", "kind", "created", "message", "chunk_size", "parent", "base", "disks", "files"}
+_KNOWN = {"format", "name", "kind", "created", "message", "chunk_size", "parent", "base", "disks", "files", "hardware"}
 
 
 def _str(v) -> str:

@@ -47,6 +47,17 @@ def show_lines(info: dict) -> list[str]:
         lines.append(f"  disk:      {d['name']}  {format_size(d['size'])} ({d['size']} bytes)")
     for f in info["files"]:
         lines.append(f"  file:      {f['name']}  {format_size(f['size'])}")
+    hw = info.get("hardware")
+    if hw:
+        boot = f", kernel {hw['kernel']}" if hw.get("kernel") else f", {hw['firmware']}"
+        disks = ", ".join(f"{d['name']} on {d['bus']}" for d in hw["disks"]) or "virtio"
+        nics = ", ".join(n["model"] for n in hw["nics"]) or "no network"
+        lines.append(
+            f"  hardware:  {hw['memory_mib']} MiB, {hw['vcpus']} vCPU{boot}, disks {disks}, network {nics}, "
+            f"{hw['console']} console (from {hw['source']})"
+        )
+    else:
+        lines.append("  hardware:  not recorded (booted with the defaults: 1024 MiB, 1 vCPU, virtio)")
     lines.append(f"  stored:    {format_size(info['stored_bytes'])} ({info['stored_bytes']} bytes) added by this entry")
     lines.append(f"  chain:     {' -> '.join(info['chain'])} (base)")
     lines.append(f"  manifest:  {info['manifest']}")

@@ -300,6 +300,7 @@ class Repository:
             "disks": [{"name": s.name, "size": s.size} for s in m.disks],
             "files": [{"name": s.name, "size": s.size} for s in m.files],
             "stored_bytes": self.stored_bytes(entry.digest),
+            "hardware": m.hardware.to_json() if m.hardware else None,
         }
 
     def children(self) -> dict[str | None, list[Entry]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from . import chunkmap, objects
 from .chunkmap import ChunkTable, Record
 from .errors import AlreadyExists, BadSource, UsageError
+from .hardware import Hardware, describe_directory
 from .manifest import KINDS, Link, Manifest, Stream
 from .names import check_name
 from .objects import HOLE
@@ -191,8 +192,11 @@ def write_entry(
     what: str = "",
     progress: Progress = SILENT,
     workers: int | None = None,
+    hardware: Hardware | None = None,
 ) -> Entry:
     """Create entry ``name``: ``build(writer, plan)`` stores its streams.
+
+    ``hardware`` describes the VM; without it the entry keeps its parent's.
 
     ``build`` returns (disks, files) as Stream tuples. This holds the
     repository lock throughout, commits with one refs update, and removes
@@ -233,6 +237,7 @@ def write_entry(
                 base=base,
                 disks=tuple(disks),
                 files=tuple(files),
+                hardware=hardware or (parent_entry.manifest.hardware if parent_entry else None),
             )
             digest = writer.put_metadata(manifest.encode())
             store.sync()
@@ -267,6 +272,9 @@ def save(
     """
     check_name(name)
     disks, files = discover(source, fmt)
+    hardware = None
+    if Path(source).is_dir():
+        hardware = describe_directory(Path(source), {d.path.name: d.name for d in disks}, {f.name for f in files})
     file_sizes = [f.path.stat().st_size for f in files]
     progress.start(sum(d.size for d in disks) + sum(file_sizes))
 
@@ -303,4 +311,5 @@ def save(
         what=str(source),
         progress=progress,
         workers=workers,
+        hardware=hardware,
     )

@@ -12,6 +12,7 @@ over a unix socket (see vml.control): one JSON request per
 connection, one JSON reply.
 """
 
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import trio
 
 from vml import control, incoming, remote
 from vml.errors import VmlError
+from vml.hardware import Hardware
 from vml.logbook import AREAS, Logbook
 
 from .fs import VmlFS
@@ -120,7 +122,11 @@ async def _answer(data: bytes, ops: VmlFS) -> dict:
             return {"ok": True, "pid": os.getpid(), "areas": sorted(ops.logbook.open_areas())}
         if op == "save":
             area, name, message = _text(req, "area"), _text(req, "entry"), _text(req, "message", "")
-            entry = await trio.to_thread.run_sync(ops.logbook.save_area, area, name, message, limiter=ops.limiter)
+            files = {_checked(k, str): Path(_checked(v, str)) for k, v in _checked(req.get("files", {}), dict).items()}
+            drop = tuple(_checked(v, str) for v in _checked(req.get("drop", []), list))
+            hw = Hardware.from_json(req["hardware"]) if req.get("hardware") is not None else None
+            save = functools.partial(ops.logbook.save_area, files=files, drop=drop, hardware=hw)
+            entry = await trio.to_thread.run_sync(save, area, name, message, limiter=ops.limiter)
             return {"ok": True, "entry": entry.name, "manifest": entry.digest.hex()}
         if op == "close":
             area = _text(req, "area")
@@ -170,6 +176,12 @@ def _text(req: dict, key: str, default: str | None = None) -> str:
     value = req.get(key, default)
     if not isinstance(value, str):
         raise TypeError(f"{key!r} must be a string")
+    return value
+
+
+def _checked(value, kind: type):
+    if not isinstance(value, kind):
+        raise TypeError(f"{value!r} is not a {kind.__name__}")
     return value
 
 

@@ -5,7 +5,9 @@ busybox initramfs. Booted with `qemu-system-x86_64 -accel tcg`, its init
 loads the virtio and FAT modules, mounts its own disk (/dev/vda), reads
 BASE.TXT (a file of the base image), writes GUEST.TXT holding what it read
 plus the `vmltag=` value from the kernel command line, syncs and powers off:
-about 5 seconds under TCG. `mtype -i disk.img ::GUEST.TXT` shows the result.
+about 5 seconds under TCG. If the disk holds STAY.TXT, it stays up instead,
+printing "VML-GUEST-ALIVE N" once a second (N counts up from 1), so a
+resumed memory state shows by its count going on. `mtype -i disk.img ::GUEST.TXT` shows the result.
 
     python tests/guest/build.py [OUTPUT_DIR]     # prints the path of disk.img
 
@@ -13,6 +15,7 @@ The packages are fetched with `apt-get download` and the result is cached in
 OUTPUT_DIR (default ~/.cache/vml-test-guest/<kernel version>).
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -44,13 +47,19 @@ for m in {modules}; do insmod /lib/modules/$m; done
 tag=$(sed -n 's/.*vmltag=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
 mkdir -p /mnt
+stay=no
 if mount -t vfat /dev/vda /mnt; then
     echo "guest read: $(cat /mnt/BASE.TXT) tag: $tag" > /mnt/GUEST.TXT
+    [ -f /mnt/STAY.TXT ] && stay=yes
     sync
     umount /mnt
     echo "VML-GUEST-DONE $tag"
 else
     echo "VML-GUEST-FAILED cannot mount /dev/vda"
+fi
+if [ $stay = yes ]; then
+    n=0
+    while true; do n=$((n+1)); echo "VML-GUEST-ALIVE $n"; sleep 1; done
 fi
 poweroff -f
 """
@@ -84,7 +93,8 @@ def build(out_dir: Path | None = None, tag: str = "base") -> Path:
     """Build (or reuse) the guest; return the path of its disk image."""
     pkg = kernel_package()
     version = pkg.removeprefix("linux-image-")
-    out_dir = out_dir or Path.home() / ".cache" / "vml-test-guest" / version
+    recipe = hashlib.sha256((INIT + SYSLINUX_CFG + BASE_TEXT).encode()).hexdigest()[:8]
+    out_dir = out_dir or Path.home() / ".cache" / "vml-test-guest" / f"{version}-{recipe}"
     disk = out_dir / "disk.img"
     if disk.exists():
         return disk
