@@ -148,14 +148,15 @@ def cmd_open(args) -> int:
     state = control.mount_state(home)
     where = f"at {Path(state['mountpoint']) / 'areas' / rec.name}" if state else "(run `vml mount` to use its files)"
     saves = f"; saves go to {save_to.name}" if save_to else ""
-    print(f"opened working area {rec.name} on {entry.name} of {repo.name} {where}{saves}")
+    booted = ""
     if args.boot:
         try:
-            _boot(args, rec.name, args.boot)
+            booted = _boot(args, rec.name, args.boot)
         except BaseException:
             areas.close_area(home, rec.name, discard=True)  # nothing was written: the VM did not start
-            print(f"closed working area {rec.name} again", file=sys.stderr)
             raise
+    print(f"opened working area {rec.name} on {entry.name} of {repo.name} {where}{saves}")
+    print(booted, end="")
     return 0
 
 
@@ -170,24 +171,23 @@ def _memory(text: str | None) -> int | None:
     return int(text) if text.isdigit() else parse_size(text) >> 20
 
 
-def _boot(args, area: str, hypervisor: str) -> None:
+def _boot(args, area: str, hypervisor: str) -> str:
+    """Boot ``area`` (or describe the boot, with --dry-run); return what to print."""
     home = config.vml_home()
     memory = _memory(args.memory)
     if args.dry_run:
-        print(boot.describe(home, area, hypervisor, _hv_options(args), memory, args.vcpus), end="")
-        return
+        return boot.describe(home, area, hypervisor, _hv_options(args), memory, args.vcpus)
     rec = boot.boot(home, area, hypervisor, _hv_options(args), memory, args.vcpus)
     where = rec.details.get("connect") or rec.details.get("host")
     what = f"({where}) as {rec.vm}" if where else f"as process {rec.vm}"
     hw = rec.hardware
-    print(
-        f"booted area {area} on {hypervisor} {what}: {hw['memory_mib']} MiB, {hw['vcpus']} vCPU; "
-        f"console log {boot.areas.areas_dir(home) / area / 'console.log'}"
-    )
+    log = areas.areas_dir(home) / area / "console.log"
+    console = f"; serial console in {log}" if hypervisor != "vmware" else ""
+    return f"booted area {area} on {hypervisor} {what}: {hw['memory_mib']} MiB, {hw['vcpus']} vCPU{console}\n"
 
 
 def cmd_boot(args) -> int:
-    _boot(args, args.area, args.hypervisor)
+    print(_boot(args, args.area, args.hypervisor), end="")
     return 0
 
 

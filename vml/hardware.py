@@ -88,7 +88,7 @@ class Hardware:
         try:
             return replace(self, **changes)
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(f"--memory or --vcpus: {e}") from None
 
 
 def check(hw: Hardware) -> None:
