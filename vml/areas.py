@@ -38,6 +38,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -59,6 +60,7 @@ from .store import fsync_dir, write_atomic
 
 FORMAT = 1
 RECORD_FILE = "area.json"
+MEMORY_FILE = "vml-memory.state"  # a running VM's memory, saved with its disks (see vml.boot)
 BLOCK = 4096
 
 
@@ -378,8 +380,13 @@ class Area:
                 ]
                 added = []
                 for fname, path in sorted(files.items()):
-                    size = path.stat().st_size
-                    added.append(Stream(fname, size, writer.store_stream(path, size, None), 0o600))
+                    st = os.lstat(path)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise UsageError(f"{path}: not a regular file")
+                    ref = plan.ref.files.get(fname)  # chunks left out are read from the parent's file
+                    added.append(
+                        Stream(fname, st.st_size, writer.store_stream(path, st.st_size, ref and ref[0]), 0o600)
+                    )
                 return disks, kept + added
 
             entry = write_entry(
@@ -495,13 +502,16 @@ def save_area(
     except Locked:
         if control.mount_state(home) is None:
             raise
+        files = files or {}
+        if set(files) - {MEMORY_FILE} or any(p != areas_dir(home) / name / MEMORY_FILE for p in files.values()):
+            raise UsageError(f"the mount saves only {MEMORY_FILE} of the area's directory with its disks") from None
         control.request(
             home,
             "save",
             area=name,
             entry=entry,
             message=message,
-            files={k: str(v) for k, v in (files or {}).items()},
+            memory=bool(files),
             drop=list(drop),
             hardware=hardware.to_json() if hardware else None,
         )

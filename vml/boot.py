@@ -8,7 +8,9 @@ VM at once.
 
 Saving a running VM (libvirt) writes its memory state into the area
 directory, stores it in the new entry as the file ``vml-memory.state``
-together with the disks, and starts the VM again from it. Booting an entry
+together with the disks, and starts the VM again from it. If that is cut
+short before the VM started again, the next boot of the area on the same
+hypervisor resumes from the state left in the area directory. Booting an entry
 that has such a file on libvirt resumes that running state; any other save
 leaves the file out, since it would no longer match the disks.
 """
@@ -17,6 +19,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +31,10 @@ from .hardware import Hardware
 from .hypervisors import STATES, VmDisk, VmRecord, VmSpec, driver
 from .store import write_atomic
 
+log = logging.getLogger(__name__)
+
 RECORD = "vm.json"
-MEMORY_FILE = "vml-memory.state"
+MEMORY_FILE = areas.MEMORY_FILE
 STOP_TIMEOUT = 60.0
 
 
@@ -92,7 +97,9 @@ def spec(
     repo, entry = areas.open_entry(home, rec)
     m = entry.manifest
     memory_state = None
-    if resume and any(f.name == MEMORY_FILE for f in m.files):
+    # A saved running state resumes only on the disks it was saved with: once
+    # the area holds changes, it would corrupt them, so the VM boots afresh.
+    if resume and any(f.name == MEMORY_FILE for f in m.files) and not areas.changed_bytes(home, rec):
         if memory_mib or vcpus:
             raise UsageError(
                 f"entry {entry.name} holds a running VM's state, which resumes with the memory and vCPUs it had"
@@ -132,6 +139,17 @@ def boot(home: Path, area: str, hypervisor: str, options: dict, memory_mib=None,
     drv = driver(hypervisor, options)
     with _vm_lock(home, area):
         old = load_record(home, area)
+        leftover = _area_dir(home, area) / MEMORY_FILE
+        resumable = leftover.exists() and old and old.hypervisor == hypervisor and drv.saves_memory
+        if resumable and vm_state(home, old, options) == "stopped":
+            # A save while running was cut short before the VM resumed; the
+            # disks have not changed since, so its state is still good.
+            try:
+                drv.resume(old, leftover)
+                leftover.unlink()
+                return old
+            except HypervisorError as e:
+                log.warning("area %s: the state an interrupted save left is not usable, booting afresh: %s", area, e)
         if old is not None:
             state = driver(old.hypervisor, options).state(old)
             if state in ("running", "paused"):
@@ -145,6 +163,7 @@ def boot(home: Path, area: str, hypervisor: str, options: dict, memory_mib=None,
                 with contextlib.suppress(HypervisorError):
                     driver(old.hypervisor, options).release(old)
             _clear_record(home, area)
+        leftover.unlink(missing_ok=True)
         s = spec(home, area, memory_mib, vcpus, resume=drv.saves_memory)
         s.console_log.unlink(missing_ok=True)
         try:
@@ -204,6 +223,11 @@ def save(home: Path, area: str, entry: str, message: str = "", progress=None, op
         state = vm_state(home, rec, options) if rec else "none"
         hardware = Hardware.from_json(rec.hardware) if rec else None
         extra = {} if progress is None else {"progress": progress}
+        if state == "unreachable":
+            raise HypervisorError(
+                f"area {area} was booted on {rec.hypervisor}, which does not answer: its VM may still be writing; "
+                "save once it answers"
+            )
         if state not in ("running", "paused"):
             saved = areas.save_area(home, area, entry, message, drop=(MEMORY_FILE,), hardware=hardware, **extra)
             return saved, False

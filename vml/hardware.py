@@ -74,8 +74,11 @@ class Hardware:
 
     def slots(self, disk_names: list[str]) -> list[DiskSlot]:
         """A slot for each disk of the entry: described ones first, in their order, then the rest on virtio."""
-        known = [s for s in self.disks if s.name in disk_names]
-        named = {s.name for s in known}
+        known, named = [], set()
+        for s in self.disks:
+            if s.name in disk_names and s.name not in named:  # never the same image twice
+                known.append(s)
+                named.add(s.name)
         return known + [DiskSlot(n) for n in disk_names if n not in named]
 
     def with_options(self, memory_mib: int | None = None, vcpus: int | None = None) -> "Hardware":
@@ -114,6 +117,9 @@ def check(hw: Hardware) -> None:
             raise ValueError(f"MAC address {n.mac!r} is not valid")
     if hw.initrd and not hw.kernel:
         raise ValueError("an initrd without a kernel")
+    for name in (hw.kernel, hw.initrd):  # names of the entry's own files, never paths
+        if (name and not re.fullmatch(r"[A-Za-z0-9_.+-]{1,255}", name)) or name in (".", ".."):
+            raise ValueError(f"kernel or initrd {name!r} is not a file name of the entry")
 
 
 def _obj(v, keys: tuple[str, ...]) -> dict:
@@ -147,7 +153,7 @@ def parse_vmx(path: Path, disk_of: dict[str, str]) -> Hardware:
     slots = []
     for k, v in keys.items():
         m = re.fullmatch(r"(ide|sata|scsi|nvme)(\d+):(\d+)\.filename", k)
-        if m and Path(v).name in disk_of and keys.get(f"{m[1]}{m[2]}:{m[3]}.present", "true").lower() == "true":
+        if m and Path(v).name in disk_of and keys.get(f"{m[1]}{m[2]}:{m[3]}.present", "false").lower() == "true":
             slots.append(((m[1], int(m[2]), int(m[3])), DiskSlot(disk_of[Path(v).name], VMX_BUSES[m[1]])))
     nics = []
     for i in range(10):
@@ -178,8 +184,9 @@ def parse_domain_xml(path: Path, disk_of: dict[str, str], file_names: set[str]) 
     try:
         mem = root.find("memory")
         unit = (mem.get("unit") or "KiB") if mem is not None else "KiB"
-        scale = {"b": 1 / (1 << 20), "bytes": 1 / (1 << 20), "kib": 1 / 1024, "k": 1 / 1024, "mib": 1, "m": 1}
-        scale |= {"gib": 1024, "g": 1024}
+        scale = {"b": 1 / (1 << 20), "bytes": 1 / (1 << 20), "kb": 1000 / (1 << 20), "mb": 1e6 / (1 << 20)}
+        scale |= {"gb": 1e9 / (1 << 20), "tb": 1e12 / (1 << 20), "k": 1 / 1024, "kib": 1 / 1024, "m": 1, "mib": 1}
+        scale |= {"g": 1024, "gib": 1024, "t": 1 << 20, "tib": 1 << 20}
         memory = int(int(mem.text) * scale[unit.lower()]) if mem is not None else 1024
         vcpus = int(root.findtext("vcpu", "1"))
         os_el = root.find("os")
@@ -188,12 +195,15 @@ def parse_domain_xml(path: Path, disk_of: dict[str, str], file_names: set[str]) 
         kernel = initrd = cmdline = ""
         if os_el is not None:
             arch = (os_el.find("type").get("arch") if os_el.find("type") is not None else None) or arch
-            if os_el.get("firmware") == "efi" or os_el.find("loader") is not None:
+            loader = os_el.find("loader")
+            if os_el.get("firmware") == "efi" or (loader is not None and loader.get("type") == "pflash"):
                 firmware = "uefi"
             kernel, initrd = (_entry_file(os_el.findtext(k, ""), file_names) for k in ("kernel", "initrd"))
             cmdline = os_el.findtext("cmdline", "") if kernel else ""
         slots = []
-        for disk in root.iterfind("devices/disk[@device='disk']"):
+        for disk in root.iterfind("devices/disk"):
+            if disk.get("device", "disk") != "disk":
+                continue
             src = disk.find("source")
             name = Path(src.get("file", "") if src is not None else "").name
             target = disk.find("target")

@@ -121,8 +121,8 @@ class Manifest:
                 base=_link(doc.get("base")),
                 disks=tuple(_stream(s, False) for s in _list(doc["disks"])),
                 files=tuple(_stream(s, True) for s in _list(doc.get("files", []))),
-                hardware=Hardware.from_json(doc["hardware"]) if doc.get("hardware") is not None else None,
-                extra={k: v for k, v in doc.items() if k not in _KNOWN},
+                hardware=_hardware(doc.get("hardware")),
+                extra={k: v for k, v in doc.items() if k not in _KNOWN or (k == "hardware" and not _hardware(v))},
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
             raise CorruptManifest(f"{where}: invalid manifest ({e})") from None
@@ -164,6 +164,21 @@ class Manifest:
 
 
 _KNOWN = {"format", "name", "kind", "created", "message", "chunk_size", "parent", "base", "disks", "files", "hardware"}
+
+
+def _hardware(v) -> Hardware | None:
+    """The hardware description, or None if there is none or it is one this version cannot read.
+
+    A description a newer writer made (another firmware, bus or model) must
+    not make the whole entry unreadable: it is kept as it is, as unknown
+    keys are, and the entry boots with the defaults.
+    """
+    if v is None:
+        return None
+    try:
+        return Hardware.from_json(v)
+    except (ValueError, TypeError):
+        return None
 
 
 def _str(v) -> str:

@@ -23,9 +23,11 @@ import pyfuse3
 import trio
 
 from vml import control, incoming, remote
+from vml.areas import MEMORY_FILE, areas_dir
 from vml.errors import VmlError
 from vml.hardware import Hardware
 from vml.logbook import AREAS, Logbook
+from vml.names import check_name
 
 from .fs import VmlFS
 from .readahead import ReadAhead
@@ -122,7 +124,9 @@ async def _answer(data: bytes, ops: VmlFS) -> dict:
             return {"ok": True, "pid": os.getpid(), "areas": sorted(ops.logbook.open_areas())}
         if op == "save":
             area, name, message = _text(req, "area"), _text(req, "entry"), _text(req, "message", "")
-            files = {_checked(k, str): Path(_checked(v, str)) for k, v in _checked(req.get("files", {}), dict).items()}
+            files = {}
+            if req.get("memory") is True:  # only this file of the area's own directory, never a path asked for
+                files[MEMORY_FILE] = areas_dir(ops.logbook.home) / check_name(area, "area") / MEMORY_FILE
             drop = tuple(_checked(v, str) for v in _checked(req.get("drop", []), list))
             hw = Hardware.from_json(req["hardware"]) if req.get("hardware") is not None else None
             save = functools.partial(ops.logbook.save_area, files=files, drop=drop, hardware=hw)

@@ -44,9 +44,18 @@ def _message(e) -> str:
     return (e.get_error_message() or str(e)).splitlines()[0]
 
 
+def _local_qemu(uri: str) -> bool:
+    parts = urlsplit(uri)
+    return parts.scheme == "qemu" and not parts.hostname
+
+
 class LibvirtDriver(Driver):
     name = "libvirt"
-    saves_memory = True
+
+    @property
+    def saves_memory(self) -> bool:
+        """Memory states are files on the libvirt host, in QEMU's format: only a local QEMU/KVM qualifies."""
+        return _local_qemu(self.uri)
 
     @property
     def uri(self) -> str:
@@ -199,6 +208,7 @@ class LibvirtDriver(Driver):
     def _restore_into(self, conn, spec: VmSpec, xml: str) -> None:
         """Start the domain from a saved running state, as the domain ``xml`` describes it."""
         libvirt = _libvirt()
+        self._check_local_qemu(conn.getURI())
         new = ET.fromstring(xml)
         saved = ET.fromstring(conn.saveImageGetXMLDesc(str(spec.memory_state), 0))
         for tag in ("name", "uuid"):
@@ -221,11 +231,14 @@ class LibvirtDriver(Driver):
             conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
 
     def _domain(self, conn, rec: VmRecord):
+        """The domain of ``rec``, or None if libvirt does not know it."""
         libvirt = _libvirt()
         try:
             return conn.lookupByName(rec.vm)
-        except libvirt.libvirtError:
-            return None
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"libvirt could not look up domain {rec.vm}: {_message(e)}") from None
 
     def state(self, rec: VmRecord) -> str:
         libvirt = _libvirt()
@@ -238,13 +251,15 @@ class LibvirtDriver(Driver):
             if dom is None:
                 return "gone"
             st, _ = dom.state()
-            if st in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
-                return "running"
-            if st in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
-                return "paused"
-            return "stopped"
+        except (HypervisorError, libvirt.libvirtError):
+            return "unreachable"
         finally:
             conn.close()
+        if st in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+            return "running"
+        if st in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
+            return "paused"
+        return "stopped"
 
     def stop(self, rec: VmRecord, force: bool, timeout: float) -> str:
         libvirt = _libvirt()
@@ -283,8 +298,16 @@ class LibvirtDriver(Driver):
         finally:
             conn.close()
 
+    def _check_local_qemu(self, uri: str) -> None:
+        if not _local_qemu(uri):
+            raise UsageError(
+                f"saving or resuming a running VM's memory works with a local QEMU/KVM (qemu:///...), not {uri}: "
+                "stop the VM to save its disks"
+            )
+
     def save_memory(self, rec: VmRecord, path: Path) -> None:
         libvirt = _libvirt()
+        self._check_local_qemu(rec.details["connect"])
         conn = self._connect(rec.details["connect"])
         try:
             dom = self._domain(conn, rec)

@@ -115,7 +115,10 @@ class QemuDriver(Driver):
         if r.returncode != 0:
             lines = [ln for ln in r.stderr.splitlines() if ln.strip()] or ["no message"]
             raise HypervisorError(f"QEMU did not start the VM of area {spec.area}: {lines[-1].strip()}")
-        pid = int(pidfile.read_text().strip())
+        try:
+            pid = int(pidfile.read_text().strip())
+        except FileNotFoundError:
+            pid = 0  # QEMU removes it on exit: the guest has already powered off
         details = {"pid": pid, "qmp": str(self._qmp_path(spec.area_dir)), "command": cmd}
         return VmRecord(spec.area, self.name, str(pid), now_iso(), spec.hardware.to_json(), details)
 

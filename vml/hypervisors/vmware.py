@@ -150,13 +150,19 @@ class VmwareDriver(Driver):
                     )
                 if old.runtime.powerState != vim.VirtualMachinePowerState.poweredOff:
                     raise HypervisorError(f"VM {spec.area!r} on {host_url} is already running: `vml stop` first")
-                old.UnregisterVM()
-            config = self._config(spec, ds_name, rel, vm_ds)
             dc = next(iter(self._all(si, vim.Datacenter)))
+            if old is not None:
+                old.UnregisterVM()
+                self._delete_folder(si, dc, vm_ds, spec.area)
+            config = self._config(spec, ds_name, rel, vm_ds)
             compute = next(iter(self._all(si, vim.ComputeResource)))
-            vm = self._wait(
-                dc.vmFolder.CreateVM_Task(config=config, pool=compute.resourcePool), f"register VM {spec.area}"
-            )
+            try:
+                vm = self._wait(
+                    dc.vmFolder.CreateVM_Task(config=config, pool=compute.resourcePool), f"register VM {spec.area}"
+                )
+            except BaseException:
+                self._delete_folder(si, dc, vm_ds, spec.area)
+                raise
             try:
                 self._wait(vm.PowerOnVM_Task(), f"power on VM {spec.area}")
             except BaseException:
