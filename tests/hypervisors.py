@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from servers import end_process
+
 LIBVIRT_DIRS = ("/var/log/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/run/libvirt")
 GOPATH = "/usr/share/gocode"
 
@@ -118,8 +120,4 @@ class Vcsim:
         return SmartConnect(protocol="http", host="127.0.0.1", port=self.port, user="user", pwd="pass")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        end_process(self.proc, 10)

@@ -35,6 +35,16 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout} s")
 
 
+def end_process(proc: subprocess.Popen, grace: float) -> None:
+    """Terminate ``proc``; kill it if it has not ended after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _public_dir(prefix: str) -> Path:
     """A scratch directory that daemons running as other users can reach."""
     d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
@@ -144,12 +154,7 @@ client_db off
         wait_port(self.port, self.proc, "squid")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc, 15)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -333,12 +333,18 @@ def test_hostile_objects_are_refused(vml, home, published, own_origin, tmp_path)
     assert time.monotonic() - start < 30
 
 
-def test_a_local_entry_on_a_remote_parent_travels_as_a_small_bundle(vml, home, origin, published, tmp_path):
+def image_on_remote_parent(vml, origin, published, tmp_path, files: dict[str, bytes]) -> Path:
+    """With remote cern and a local repository mine: a copy of cern:e2's image with ``files`` written into it."""
     add_remote(vml, origin, published)
     vml("init", tmp_path / "mine")
     img = tmp_path / "work.img"
     shutil.copy(published["image"], img)
-    debugfs_write(img, {"mine.txt": b"my analysis\n" * 1000}, tmp_path / "w")
+    debugfs_write(img, files, tmp_path / "w")
+    return img
+
+
+def test_a_local_entry_on_a_remote_parent_travels_as_a_small_bundle(vml, home, origin, published, tmp_path):
+    img = image_on_remote_parent(vml, origin, published, tmp_path, {"mine.txt": b"my analysis\n" * 1000})
     out = vml("save", "analysis", "--from", img, "--parent", "cern:e2").stdout
     assert "incremental" in out
     assert "[on cern:e2]" in vml("log", "mine").stdout
@@ -359,11 +365,7 @@ def test_a_local_entry_on_a_remote_parent_travels_as_a_small_bundle(vml, home, o
 
 
 def test_gc_keeps_a_local_entry_whose_parent_is_remote(vml, home, origin, published, tmp_path):
-    add_remote(vml, origin, published)
-    vml("init", tmp_path / "mine")
-    img = tmp_path / "work.img"
-    shutil.copy(published["image"], img)
-    debugfs_write(img, {"x.txt": b"x" * 100000}, tmp_path / "w")
+    img = image_on_remote_parent(vml, origin, published, tmp_path, {"x.txt": b"x" * 100000})
     vml("save", "x", "--from", img, "--parent", "cern:e2")
     out = vml("gc").stdout
     assert "removed 0 objects" in out

@@ -11,6 +11,8 @@ no longer knows the VM) and ``unreachable`` (the hypervisor did not answer).
 """
 
 import importlib
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,18 @@ from ..errors import HypervisorError, UsageError
 from ..hardware import Hardware
 
 NAMES = ("libvirt", "vmware", "qemu")
-__all__ = ["NAMES", "STATES", "Driver", "HypervisorError", "VmDisk", "VmRecord", "VmSpec", "driver"]
+__all__ = [
+    "NAMES",
+    "STATES",
+    "Driver",
+    "HypervisorError",
+    "VmDisk",
+    "VmRecord",
+    "VmSpec",
+    "accel",
+    "driver",
+    "wait_until",
+]
 STATES = ("running", "paused", "stopped", "gone", "unreachable")
 
 
@@ -101,3 +114,23 @@ def driver(name: str, options: dict) -> Driver:
         raise UsageError(f"unknown hypervisor {name!r}: use one of {', '.join(NAMES)}")
     module = importlib.import_module(f".{name}", __name__)
     return module.DRIVER(options)
+
+
+def accel(choice: str | None, remote: bool = False) -> str:
+    """ "kvm" or "tcg": as asked (--accel, or VML_ACCEL), else KVM when usable here (and assumed on a remote host)."""
+    choice = choice or os.environ.get("VML_ACCEL") or "auto"
+    if choice not in ("auto", "kvm", "tcg"):
+        raise UsageError(f"--accel {choice!r}: use auto, kvm or tcg")
+    if choice == "auto":
+        return "kvm" if remote or os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    return choice
+
+
+def wait_until(done, timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``done()`` until it is true (True) or ``timeout`` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

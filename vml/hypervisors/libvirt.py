@@ -16,7 +16,6 @@ the save image's header instead (see _rewrite_save_image).
 import contextlib
 import os
 import struct
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 
 from ..errors import HypervisorError, UsageError
 from ..repository import now_iso
-from . import Driver, VmRecord, VmSpec
+from . import Driver, VmRecord, VmSpec, accel, wait_until
 
 DEFAULT_URI = "qemu:///system"
 NS = "https://vml.invalid/xmlns/vm/1"
@@ -77,12 +76,8 @@ class LibvirtDriver(Driver):
         scheme = urlsplit(uri).scheme.split("+")[0]
         if scheme in ("xen", "libxl"):
             return "xen"
-        accel = self.options.get("accel") or os.environ.get("VML_ACCEL") or "auto"
-        if accel not in ("auto", "kvm", "tcg"):
-            raise UsageError(f"--accel {accel!r}: use auto, kvm or tcg")
-        if accel == "auto":
-            return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) or urlsplit(uri).hostname else "qemu"
-        return "kvm" if accel == "kvm" else "qemu"
+        remote = bool(urlsplit(uri).hostname)
+        return "kvm" if accel(self.options.get("accel"), remote) == "kvm" else "qemu"
 
     def domain_xml(self, spec: VmSpec, uri: str, vm_uuid: str | None = None) -> str:
         hw = spec.hardware
@@ -271,11 +266,8 @@ class LibvirtDriver(Driver):
             if not force:
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    if not dom.isActive():
-                        return "shut down"
-                    time.sleep(0.5)
+                if wait_until(lambda: not dom.isActive(), timeout, 0.5):
+                    return "shut down"
             try:
                 dom.destroy()
             except libvirt.libvirtError as e:

@@ -15,27 +15,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from ..errors import HypervisorError, UsageError
 from ..repository import now_iso
-from . import Driver, VmRecord, VmSpec
+from . import Driver, VmRecord, VmSpec, accel, wait_until
 
 START_TIMEOUT = 60
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "rtl8139"}
 NIC_DEVICES["vmxnet3"] = "vmxnet3"
 OVMF = ("/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd")
-
-
-def accel(choice: str | None) -> str:
-    """QEMU's -accel value: KVM when asked or usable, else TCG."""
-    choice = choice or os.environ.get("VML_ACCEL") or "auto"
-    if choice not in ("auto", "kvm", "tcg"):
-        raise UsageError(f"--accel {choice!r}: use auto, kvm or tcg")
-    if choice == "auto":
-        return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-    return choice
 
 
 class QemuDriver(Driver):
@@ -147,24 +136,15 @@ class QemuDriver(Driver):
         if not force:
             with contextlib.suppress(OSError):
                 _qmp(Path(rec.details["qmp"]), "system_powerdown")
-                if _wait(lambda: not self._alive(rec), timeout):
+                if wait_until(lambda: not self._alive(rec), timeout):
                     return "shut down"
         with contextlib.suppress(OSError):
             _qmp(Path(rec.details["qmp"]), "quit")
-        if not _wait(lambda: not self._alive(rec), 10):
+        if not wait_until(lambda: not self._alive(rec), 10):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.details["pid"], signal.SIGKILL)
-            _wait(lambda: not self._alive(rec), 10)
+            wait_until(lambda: not self._alive(rec), 10)
         return "powered off" if force else f"did not shut down in {timeout:g} s: powered off"
-
-
-def _wait(done, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def _qmp(path: Path, command: str) -> dict:

@@ -15,13 +15,12 @@ VML_VMWARE_USER, VML_VMWARE_PASSWORD.
 import contextlib
 import os
 import ssl
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import HypervisorError, UsageError
 from ..repository import now_iso
-from . import Driver, VmRecord, VmSpec
+from . import Driver, VmRecord, VmSpec, wait_until
 
 TIMEOUT = 30
 NIC_CLASSES = {"vmxnet3": "VirtualVmxnet3", "e1000": "VirtualE1000", "e1000e": "VirtualE1000e"}
@@ -96,11 +95,9 @@ class VmwareDriver(Driver):
     @staticmethod
     def _wait(task, what: str):
         _, vim = _vim()
-        deadline = time.monotonic() + 600
-        while task.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
-            if time.monotonic() > deadline:
-                raise HypervisorError(f"VMware did not finish {what} in 600 s")
-            time.sleep(0.2)
+        busy = (vim.TaskInfo.State.queued, vim.TaskInfo.State.running)
+        if not wait_until(lambda: task.info.state not in busy, 600):
+            raise HypervisorError(f"VMware did not finish {what} in 600 s")
         if task.info.state != vim.TaskInfo.State.success:
             err = task.info.error
             msg = getattr(err, "msg", None) or str(err)
@@ -284,11 +281,9 @@ class VmwareDriver(Driver):
             if not force and vm.guest and vm.guest.toolsRunningStatus == "guestToolsRunning":
                 with contextlib.suppress(Exception):
                     vm.ShutdownGuest()
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    if vm.runtime.powerState == vim.VirtualMachinePowerState.poweredOff:
-                        return "shut down"
-                    time.sleep(0.5)
+                off = vim.VirtualMachinePowerState.poweredOff
+                if wait_until(lambda: vm.runtime.powerState == off, timeout, 0.5):
+                    return "shut down"
             self._wait(vm.PowerOffVM_Task(), f"power off VM {rec.vm}")
             return "powered off" if force else "powered off (no orderly shutdown: VMware Tools do not run in it)"
         finally:
