@@ -109,6 +109,7 @@ def cmd_save(args) -> int:
             message=args.message or "",
             fmt=args.format,
             progress=bar,
+            allow_outside=args.allow_backing_outside,
         )
     stored = repo.stored_bytes(entry.digest)
     total = sum(s.size for s in entry.manifest.disks + entry.manifest.files)
@@ -551,7 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--parent", metavar="ENTRY", help="entry this one follows in the tree")
     sp.add_argument("--kind", choices=KINDS, help="default: incremental with --parent, else full")
     sp.add_argument("-m", "--message", help="a note kept with the entry")
-    sp.add_argument("--format", help="image format of a single file (default: detected by qemu-img)")
+    sp.add_argument("--format", help="image format of a single file (default: detected from its header)")
+    sp.add_argument(
+        "--allow-backing-outside",
+        action="store_true",
+        help="accept backing files, data files and extents outside the image's directory "
+        "(a real overlay on a base elsewhere)",
+    )
 
     sp = add("log", cmd_log, "print the tree of entries")
     sp.add_argument("repository", nargs="?", metavar="REPO")

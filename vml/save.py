@@ -265,13 +265,16 @@ def save(
     fmt: str | None = None,
     progress: Progress = SILENT,
     workers: int | None = None,
+    allow_outside: bool = False,
 ) -> Entry:
     """Save a disk image or VM directory as entry ``name``.
 
     ``kind`` defaults to incremental when a parent is given, else full.
+    ``allow_outside`` accepts backing files, data files and extents outside
+    the image's directory (never URLs or devices).
     """
     check_name(name)
-    disks, files = discover(source, fmt)
+    disks, files = discover(source, fmt, allow_outside=allow_outside)
     hardware = None
     if Path(source).is_dir():
         hardware = describe_directory(Path(source), {d.path.name: d.name for d in disks}, {f.name for f in files})

@@ -7,6 +7,12 @@ does not clear). A VM directory is saved as its disk images plus every other
 regular file in it (configuration, NVRAM, logs). Files that belong to a disk
 (VMDK extents, a qcow2 backing file in the same directory) are part of that
 disk, not separate files.
+
+Every file an image names is checked before qemu-img sees the image: the
+headers are read in Python (vml/imagecheck.py) through the whole backing
+chain, a URL, ``json:`` name, device or file outside the source's directory
+is refused, and qemu-img then gets the chain pinned layer by layer, so it
+opens nothing the checks did not pass.
 """
 
 import contextlib
@@ -19,13 +25,35 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import imagecheck
 from .errors import BadSource, StorageError
 from .manifest import RESERVED_FILE
 from .names import check_relative_path
 
-DISK_SUFFIXES = {".img", ".raw", ".qcow2", ".qcow", ".vmdk", ".vdi", ".vhd", ".vhdx"}
+DISK_SUFFIXES = {".img", ".raw", ".qcow2", ".qcow", ".qed", ".vmdk", ".vdi", ".vhd", ".vhdx"}
 IGNORED_SUFFIXES = {".lck"}  # VMware lock directories and files
 QEMU_IMG_TIMEOUT = 120
+MAX_CHAIN = 16
+BACKING_FORMATS = {"qcow2", "qcow", "qed", "vmdk"}  # the formats qemu gives a backing file
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One image of a backing chain, as qemu must open it."""
+
+    path: Path  # absolute, symbolic links resolved
+    format: str
+    data_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """An image and its backing files, every file they name checked."""
+
+    layers: tuple[Layer, ...]  # the image first
+    size: int  # the virtual size the image's header declares
+    parts: frozenset[Path]  # every other file the image is made of
+    missing: str | None = None  # the first named file that does not exist, as an error message
 
 
 @dataclass(frozen=True)
@@ -34,6 +62,7 @@ class SourceDisk:
     path: Path
     format: str
     size: int
+    layers: tuple[Layer, ...] = ()  # how qemu-img must open it, if it is not raw
 
 
 @dataclass(frozen=True)
@@ -53,43 +82,15 @@ def disk_name(path: Path) -> str:
     return name[:100]
 
 
-def qemu_img_info(path: Path, fmt: str | None = None) -> list[dict]:
-    """`qemu-img info --backing-chain` of an image: one dict per image of the chain."""
-    if shutil.which("qemu-img") is None:
-        raise BadSource(f"{path}: reading this image needs qemu-img (Debian package qemu-utils)")
-    cmd = ["qemu-img", "info", "--output=json", "--backing-chain"]
-    if fmt:
-        cmd += ["-f", fmt]
-    try:
-        r = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        raise BadSource(f"{path}: qemu-img info did not answer in {QEMU_IMG_TIMEOUT} s") from None
-    if r.returncode != 0:
-        raise BadSource(f"{path}: not a readable disk image ({_first_line(r.stderr)})")
-    info = json.loads(r.stdout)
-    return info if isinstance(info, list) else [info]
+def discover(
+    path: Path | str, fmt: str | None = None, *, allow_outside: bool = False
+) -> tuple[list[SourceDisk], list[SourceFile]]:
+    """The disks and files to save from an image file or a VM directory.
 
-
-def probe_disk(path: Path, fmt: str | None = None) -> tuple[SourceDisk, set[Path]]:
-    """Describe one disk image; also return the other files it is made of."""
-    chain = qemu_img_info(path, fmt)
-    top = chain[0]
-    parts: set[Path] = set()
-    for img in chain:
-        here = Path(img["filename"])
-        here = here if here.is_absolute() else path.parent / here
-        parts.add(here.resolve())
-        for ext in img.get("format-specific", {}).get("data", {}).get("extents", []):
-            parts.add((here.parent / ext["filename"]).resolve())
-    parts.discard(path.resolve())
-    size = int(top["virtual-size"])
-    if top["format"] == "raw" and path.is_file():
-        size = path.stat().st_size  # qemu-img rounds raw sizes up to 512 bytes
-    return SourceDisk(disk_name(path), path, top["format"], size), parts
-
-
-def discover(path: Path | str, fmt: str | None = None) -> tuple[list[SourceDisk], list[SourceFile]]:
-    """The disks and files to save from an image file or a VM directory."""
+    Every backing file, data file and extent an image names must be a
+    regular file in the image's directory (the VM directory for a
+    directory); ``allow_outside`` accepts regular files elsewhere too.
+    """
     path = Path(path)
     try:
         st = path.stat()
@@ -98,16 +99,172 @@ def discover(path: Path | str, fmt: str | None = None) -> tuple[list[SourceDisk]
     except OSError as e:
         raise BadSource(f"{path}: {e.strerror}") from None
     if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        disk, _ = probe_disk(path, fmt)
-        return [disk], []
+        # The directory the image really is in, so a link to an image in
+        # libvirt's pool finds its base next to it.
+        root = Path(os.path.realpath(path)).parent
+        return [_disk(path, check_chain(path, fmt, root=root, allow_outside=allow_outside))], []
     if not stat.S_ISDIR(st.st_mode):
         raise BadSource(f"{path}: neither a disk image nor a directory")
     if fmt:
         raise BadSource(f"{path}: --format applies to a single image file, not a directory")
-    return _discover_dir(path)
+    return _discover_dir(path, allow_outside)
 
 
-def _discover_dir(root: Path) -> tuple[list[SourceDisk], list[SourceFile]]:
+def check_chain(path: Path, fmt: str | None = None, *, root: Path, allow_outside: bool = False) -> Chain:
+    """Inspect an image and its backing chain, checking every file named, without running qemu."""
+    shown = path
+    current = Path(os.path.realpath(path))
+    layers: list[Layer] = []
+    parts: set[Path] = set()
+    missing = size = None
+    while True:
+        info = imagecheck.inspect(current if layers else path, fmt)
+        size = info.size if size is None else size
+        data_file = backing = None
+        for ref in info.references:
+            target = _check_reference(shown, current, ref, root, allow_outside)
+            if target is None:
+                missing = missing or f"{shown}: {ref.role} {ref.name!r} does not exist"
+            elif ref.role == "backing file":
+                backing = target, ref.format
+            else:
+                if ref.role == "data file":
+                    data_file = target
+                else:
+                    imagecheck.check_extent(target, ref.format)
+                parts.add(target)
+        layers.append(Layer(current, info.format, data_file))
+        if backing is None:
+            break
+        current, fmt = backing
+        if current in {layer.path for layer in layers}:
+            raise BadSource(f"{shown}: backing file {current} is already in the chain (a loop)")
+        if len(layers) == MAX_CHAIN:
+            raise BadSource(f"{path}: backing chain longer than {MAX_CHAIN} images")
+        parts.add(current)
+        shown = current
+    parts.discard(layers[0].path)
+    return Chain(tuple(layers), size, frozenset(parts), missing)
+
+
+def _check_reference(
+    image: Path, here: Path, ref: imagecheck.Reference, root: Path, allow_outside: bool
+) -> Path | None:
+    """The file a reference names, or None if it does not exist; refused unless we may read it."""
+    name = ref.name
+    if _is_protocol(name):
+        raise BadSource(f"{image}: {ref.role} {name!r} is a URL or json: name; refused")
+    target = Path(os.path.realpath(here.parent / name))  # as qemu resolves it; an absolute name stays
+    shown = repr(name) if str(target) == name else f"{name!r} ({target})"
+    try:
+        st = target.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:
+        raise BadSource(f"{image}: {ref.role} {shown}: {e.strerror}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise BadSource(f"{image}: {ref.role} {shown} is a device or special file; refused")
+    if not allow_outside and target != root and root not in target.parents:
+        raise BadSource(f"{image}: {ref.role} {shown} is outside {root}; refused (--allow-backing-outside accepts it)")
+    return None if st is None else target
+
+
+def _is_protocol(name: str) -> bool:
+    """Whether qemu would read ``name`` as ``protocol:...`` (json: included): a colon before any slash."""
+    return re.match(r"[^:/]*:", name) is not None
+
+
+def _disk(path: Path, chain: Chain) -> SourceDisk:
+    if chain.missing:
+        raise BadSource(chain.missing)
+    top = chain.layers[0]
+    size = chain.size if top.format == "raw" else _qemu_size(path, chain)
+    return SourceDisk(disk_name(path), path, top.format, size, chain.layers)
+
+
+def _qemu_size(path: Path, chain: Chain) -> int:
+    """The virtual size qemu-img sees in the top image, opened exactly as checked."""
+    # qemu-img info never opens backing files, so the top layer alone.
+    info = _qemu_img(path, "info", "--output=json", qemu_spec(chain.layers[:1], backing=False))
+    try:
+        doc = json.loads(info)
+        size = int(doc["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise BadSource(f"{path}: qemu-img info gave no virtual size") from None
+    _check_report(path, doc, chain)
+    return size
+
+
+def _check_report(path: Path, doc: dict, chain: Chain) -> None:
+    """A second line of defence: refuse if qemu-img opened a file the checks did not see."""
+    known = {layer.path for layer in chain.layers} | chain.parts
+    here = chain.layers[0].path.parent
+    data = doc.get("format-specific", {}).get("data", {})
+    names = [doc.get("filename"), doc.get("full-backing-filename"), data.get("data-file")]
+    names += [e.get("filename") for e in data.get("extents", []) if isinstance(e, dict)]
+    for name in names:
+        if not isinstance(name, str):
+            continue
+        files = _files_in_spec(name) if name.startswith("json:") else [name]
+        for f in files:
+            if f is None or _is_protocol(f) or Path(os.path.realpath(here / f)) not in known:
+                raise BadSource(f"{path}: qemu-img reports {name!r}, which the checks did not pass; refused")
+
+
+def _files_in_spec(name: str) -> list[str | None]:
+    """The ``filename`` values of a ``json:`` description (None if it does not parse)."""
+    try:
+        doc = json.loads(name[len("json:") :])
+    except ValueError:
+        return [None]
+    found: list[str | None] = []
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            found += [v if isinstance(v, str) else None for k, v in node.items() if k == "filename"]
+            stack += [v for k, v in node.items() if k != "filename"]
+        elif isinstance(node, list):
+            stack += node
+    return found
+
+
+def qemu_spec(layers: tuple[Layer, ...], backing: bool = True) -> str:
+    """A ``json:`` name that pins every layer's format and file, so qemu neither probes nor follows names.
+
+    We pin rather than refuse undeclared backing formats: qemu would probe a
+    backing file whose format the image does not declare (qcow v1, QED
+    without its raw flag, older qcow2, every VMDK parent), and a guest can
+    write any header it likes into a raw disk. Pinned, qemu opens exactly the
+    files and formats checked above, and nothing the headers name.
+    """
+
+    def layer(i: int) -> dict:
+        here = layers[i]
+        proto = "host_device" if here.path.is_block_device() else "file"
+        spec: dict = {"driver": here.format, "file": {"driver": proto, "filename": str(here.path)}}
+        if here.data_file:
+            spec["data-file"] = {"driver": "file", "filename": str(here.data_file)}
+        if backing and here.format in BACKING_FORMATS:
+            spec["backing"] = layer(i + 1) if i + 1 < len(layers) else None
+        return spec
+
+    return "json:" + json.dumps(layer(0))
+
+
+def _qemu_img(path: Path, *args: str) -> str:
+    if shutil.which("qemu-img") is None:
+        raise BadSource(f"{path}: reading this image needs qemu-img (Debian package qemu-utils)")
+    try:
+        r = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise BadSource(f"{path}: qemu-img {args[0]} did not answer in {QEMU_IMG_TIMEOUT} s") from None
+    if r.returncode != 0:
+        raise BadSource(f"{path}: not a readable disk image ({_first_line(r.stderr)})")
+    return r.stdout
+
+
+def _discover_dir(root: Path, allow_outside: bool = False) -> tuple[list[SourceDisk], list[SourceFile]]:
     regular: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if Path(d).suffix not in IGNORED_SUFFIXES)
@@ -122,16 +279,27 @@ def _discover_dir(root: Path) -> tuple[list[SourceDisk], list[SourceFile]]:
         for d in dirnames:
             if (Path(dirpath) / d).is_symlink():
                 raise BadSource(f"{Path(dirpath) / d}: symbolic links are not saved")
-    candidates = [p for p in regular if p.suffix.lower() in DISK_SUFFIXES]
-    probed = [probe_disk(p) for p in candidates]
-    members = set().union(*(parts for _, parts in probed)) if probed else set()
-    disks = [d for d, _ in probed if d.path.resolve() not in members]
+    real_root = Path(os.path.realpath(root))
+    chains: dict[Path, Chain | BadSource] = {}
+    for p in (p for p in regular if p.suffix.lower() in DISK_SUFFIXES):
+        try:
+            chains[p] = check_chain(p, root=real_root, allow_outside=allow_outside)
+        except BadSource as e:
+            chains[p] = e  # raised below unless the file turns out to be part of another disk
+    members = set().union(*(c.parts for c in chains.values() if isinstance(c, Chain)))
+    tops = {p: c for p, c in chains.items() if Path(os.path.realpath(p)) not in members}
     # A VML checkout or copy of a mounted entry shows each disk twice: as
-    # NAME.img and as the VMDK descriptor NAME.vmdk over NAME-flat.vmdk.
-    raw = {(d.name, d.size) for d in disks if d.format == "raw" and d.path.suffix == ".img"}
-    views = [d for d in disks if d.format == "vmdk" and (d.name, d.size) in raw]
-    members |= {d.path.resolve() for d in views}
-    disks = [d for d in disks if d not in views]
+    # NAME.img and as the VMDK descriptor NAME.vmdk over NAME-flat.vmdk,
+    # which a copy may have left out.
+    raw = {(disk_name(p), -(-c.size // 512) * 512) for p, c in tops.items() if _is(c, "raw") and p.suffix == ".img"}
+    views = {p for p, c in tops.items() if _is(c, "vmdk") and (disk_name(p), c.size) in raw}
+    members |= {Path(os.path.realpath(p)) for p in views}
+    disks = []
+    for p, c in tops.items():
+        if isinstance(c, BadSource):
+            raise c
+        if p not in views:
+            disks.append(_disk(p, c))
     names = [d.name for d in disks]
     for n in names:
         if names.count(n) > 1:
@@ -140,7 +308,7 @@ def _discover_dir(root: Path) -> tuple[list[SourceDisk], list[SourceFile]]:
     disk_paths = {d.path for d in disks}
     files = []
     for p in regular:
-        if p in disk_paths or p.resolve() in members:
+        if p in disk_paths or Path(os.path.realpath(p)) in members:
             continue
         rel = p.relative_to(root).as_posix()
         if rel == RESERVED_FILE:
@@ -163,10 +331,12 @@ def raw_view(disk: SourceDisk, tmp_dir: Path):
     if disk.format == "raw":
         yield disk.path
         return
-    out = tmp_dir / f"{disk.name}.raw"
+    if not disk.layers:
+        raise BadSource(f"{disk.path}: a {disk.format} image whose files were not checked")
+    out = Path(os.path.abspath(tmp_dir / f"{disk.name}.raw"))  # a relative name with a colon is a protocol
     try:
         r = subprocess.run(
-            ["qemu-img", "convert", "-q", "-f", disk.format, "-O", "raw", str(disk.path), str(out)],
+            ["qemu-img", "convert", "-q", "-O", "raw", qemu_spec(disk.layers), str(out)],
             capture_output=True,
             text=True,
             check=False,
@@ -179,6 +349,10 @@ def raw_view(disk: SourceDisk, tmp_dir: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             out.unlink()
+
+
+def _is(chain: Chain | BadSource, fmt: str) -> bool:
+    return isinstance(chain, Chain) and chain.layers[0].format == fmt
 
 
 def _is_entry_description(path: Path) -> bool:
