@@ -8,11 +8,14 @@ A bundle is an uncompressed POSIX tar (so `tar tf` lists it) of::
 
 "entries" are the entries the bundle adds, each {"name", "manifest"};
 "requires" are entries the receiver must already have, because objects
-they hold were left out. Import trusts nothing in the file: every object is
-checked against its digest, every manifest and chunk map is parsed, and every
-object the new entries need must be in the bundle or the repository before
-anything is written. The objects are staged in the repository's tmp/, linked
-into place, flushed, and the new refs then land in one atomic update.
+they hold were left out. Export writes plain ustar headers; import reads the
+tar with `tarstream`, the only parser of its headers, and accepts nothing
+but these members, each once and in this order, each under its size limit.
+Import trusts nothing in the file: every object is checked against its
+digest, every manifest and chunk map is parsed, and every object the new
+entries need must be in the bundle or the repository before anything is
+written. The objects are staged in the repository's tmp/, linked into
+place, flushed, and the new refs then land in one atomic update.
 """
 
 import contextlib
@@ -20,10 +23,12 @@ import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .chunkmap import ChunkTable
 from .errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
@@ -32,11 +37,11 @@ from .objects import HOLE, decode, parse_hex
 from .progress import SILENT, Progress
 from .repository import Repository
 from .store import METADATA_LIMIT, storage_error
+from .tarstream import TarReader, shown
 
 FORMAT = 1
 INDEX = "vml-bundle.json"
 INDEX_LIMIT = 1 << 20
-HEADER_LIMIT = 64 << 10
 # An object's stored size can exceed its content by zstd's framing overhead.
 OBJECT_FILE_LIMIT = METADATA_LIMIT + (1 << 20)
 
@@ -119,7 +124,7 @@ def export(
     fd, tmp = tempfile.mkstemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.")
     os.close(fd)
     try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             _add(tar, INDEX, json.dumps(index, indent=1).encode())
             for obj in wanted:
                 blob = repo.read_raw(obj)
@@ -169,79 +174,65 @@ class _StagedStore:
 def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SILENT) -> list[str]:
     """Add a bundle's entries to ``repo``; return the names added."""
     path = Path(path)
-    _check_headers(path)
-    try:
-        tar = tarfile.open(path, "r:")  # noqa: SIM115 (closed by the with below)
-    except FileNotFoundError:
-        raise BadBundle(f"{path}: no such file") from None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise BadBundle(f"{path}: not a VML bundle ({e})") from None
-    with tar:
-        try:
-            index = _read_index(tar, path)
-            with repo.store.lock(f"vml import {path.name}"):
-                # Checked under the lock, so no other writer can take a name
-                # between the check and the refs update.
-                entries, _requires = _check_index(repo, index, path)
-                if not entries:
-                    return []
-                progress.start(path.stat().st_size)
-                staging = repo.store.staging_dir("import.")
-                try:
-                    sizes = _stage_objects(tar, staging, path, progress)
-                    if len(sizes) != index["objects"]:
-                        raise BadBundle(f"{path}: truncated: {len(sizes)} of {index['objects']} objects present")
-                    _check_complete(repo, _StagedStore(repo.store, staging, sizes), entries, path)
-                    for obj in sizes:
-                        repo.store.link_in(obj, staging / obj.hex())
-                    repo.store.sync()
-                    repo.store.update_refs(entries)
-                except OSError as e:
-                    raise storage_error(e, f"importing {path} into {repo.store.path}") from None
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-        except (tarfile.TarError, EOFError) as e:
-            raise BadBundle(f"{path}: truncated or damaged bundle ({e})") from None
+    with _open_bundle(path) as f:
+        tar = TarReader(f, str(path))
+        index = _read_index(tar, path)
+        with repo.store.lock(f"vml import {path.name}"):
+            # Checked under the lock, so no other writer can take a name
+            # between the check and the refs update.
+            entries, _requires = _check_index(repo, index, path)
+            if not entries:
+                return []
+            progress.start(os.fstat(f.fileno()).st_size)
+            staging = repo.store.staging_dir("import.")
+            try:
+                sizes = _stage_objects(tar, index["objects"], staging, path, progress)
+                _check_complete(repo, _StagedStore(repo.store, staging, sizes), entries, path)
+                for obj in sizes:
+                    repo.store.link_in(obj, staging / obj.hex())
+                repo.store.sync()
+                repo.store.update_refs(entries)
+            except OSError as e:
+                raise storage_error(e, f"importing {path} into {repo.store.path}") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return list(entries)
 
 
-def _check_headers(path: Path) -> None:
-    """Refuse tar metadata headers (pax, GNU long names) larger than HEADER_LIMIT.
+def _open_bundle(path: Path) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file.
 
-    tarfile reads such a header whole into memory, so a forged size could
-    make it allocate gigabytes before any of our checks ran.
+    Opened without blocking, so that a FIFO (which would wait for a writer)
+    is refused like any other special file.
     """
     try:
-        with open(path, "rb") as f:
-            while True:
-                block = f.read(512)
-                if len(block) < 512 or block == bytes(512):
-                    return
-                size_field = block[124:136]
-                if size_field[0] & 0x80:  # base-256
-                    size = int.from_bytes(size_field[1:], "big")
-                else:
-                    size = int(size_field.split(b"\0")[0].strip() or b"0", 8)
-                if block[156:157] in (b"x", b"g", b"L", b"K") and size > HEADER_LIMIT:
-                    raise BadBundle(f"{path}: damaged bundle (a tar header of {size} bytes)")
-                f.seek(-(-size // 512) * 512, os.SEEK_CUR)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BadBundle(f"{path}: no such file") from None
-    except ValueError:
-        raise BadBundle(f"{path}: not a VML bundle (not a tar file)") from None
     except OSError as e:
         raise BadBundle(f"{path}: cannot read it ({e.strerror})") from None
-
-
-def _read_index(tar: tarfile.TarFile, path: Path) -> dict:
-    first = tar.next()
-    if first is None or first.name != INDEX or not first.isfile() or first.size > INDEX_LIMIT:
-        raise BadBundle(f"{path}: not a VML bundle (no {INDEX} at its start)")
     try:
-        index = json.loads(tar.extractfile(first).read())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadBundle(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_index(tar: TarReader, path: Path) -> dict:
+    first = tar.next()
+    if first is None or first.name != INDEX:
+        raise BadBundle(f"{path}: not a VML bundle (no {INDEX} at its start)")
+    if first.size > INDEX_LIMIT:
+        raise BadBundle(f"{path}: damaged bundle index ({first.size} bytes, more than {INDEX_LIMIT})")
+    try:
+        index = json.loads(tar.read(first))
         if index.get("format") != FORMAT:
             raise ValueError(f"unsupported bundle format {index.get('format')!r}")
-        if not isinstance(index.get("objects"), int):
+        count = index.get("objects")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ValueError("no object count")
         return index
     except (ValueError, AttributeError, RecursionError) as e:
@@ -276,27 +267,37 @@ def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, b
     return entries, requires
 
 
-def _stage_objects(tar: tarfile.TarFile, staging: Path, path: Path, progress: Progress) -> dict[bytes, int]:
-    """Extract and check every object; return digest -> decompressed size."""
+def _stage_objects(tar: TarReader, count: int, staging: Path, path: Path, progress: Progress) -> dict[bytes, int]:
+    """Read, check and stage the ``count`` objects after the index; return digest -> decompressed size."""
     sizes = {}
-    for member in tar:
-        if member.offset == 0:  # the index, read already: iteration starts over
-            continue
-        d = parse_hex(member.name.removeprefix("objects/")) if member.name.startswith("objects/") else None
-        if d is None or not member.isfile():
-            raise BadBundle(f"{path}: unexpected member {member.name!r}")
+    while (member := tar.next()) is not None:
+        d = _object_name(member.name)
+        if d is None:
+            raise BadBundle(f"{path}: unexpected member {shown(member.name)}")
+        if d in sizes:
+            raise BadBundle(f"{path}: object {d.hex()} appears twice")
+        if len(sizes) == count:
+            raise BadBundle(f"{path}: more objects than the {count} its index lists")
         if member.size > OBJECT_FILE_LIMIT:
             raise BadBundle(f"{path}: object {d.hex()} is larger than any object may be")
-        blob = tar.extractfile(member).read()
-        if len(blob) != member.size:
-            raise BadBundle(f"{path}: truncated at object {d.hex()}")
+        blob = tar.read(member)
         try:
             sizes[d] = len(decode(blob, d, METADATA_LIMIT, f"object {d.hex()}"))
         except Corrupt as e:
             raise BadBundle(f"{path}: {e}") from None
         (staging / d.hex()).write_bytes(blob)
         progress.advance(len(blob))
+    if len(sizes) != count:
+        raise BadBundle(f"{path}: truncated: {len(sizes)} of {count} objects present")
     return sizes
+
+
+def _object_name(name: str) -> bytes | None:
+    """The digest a member named ``objects/<64 lowercase hex digits>`` holds, else None."""
+    hex_digits = name.removeprefix("objects/")
+    if hex_digits == name or len(hex_digits) != 64 or hex_digits.strip("0123456789abcdef"):
+        return None
+    return bytes.fromhex(hex_digits)
 
 
 def _check_complete(repo: Repository, staged: _StagedStore, entries: dict[str, bytes], path: Path) -> None:
