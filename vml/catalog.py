@@ -8,34 +8,59 @@ that changes. The catalog is::
     {"payload": "<canonical JSON text>", "signature": "<base64 Ed25519>"}
 
 where the payload holds the format, the repository name, a revision that
-grows with every publish, the time, the refs (entry name -> manifest digest)
-and every manifest digest published, so that a client can check an entry
-is there without fetching it. Clients hold the public key, as CVMFS clients
-hold a repository's key; a catalog that does not verify is refused whole,
-and one with a lower revision than already seen is refused as a replay.
-Everything else is checked by digest from the signed refs down.
+grows with every publish, the time, the time it expires, the refs (entry
+name -> manifest digest) and every manifest digest published, so that a
+client can check an entry is there without fetching it. Clients hold the
+public key, as CVMFS clients hold a repository's key; a catalog that does
+not verify is refused whole, and one with a lower revision than already
+seen is refused as a replay. Everything else is checked by digest from the
+signed refs down.
+
+Formats, and how the payload may grow:
+
+- format 1: no expiry; such a catalog is valid until a newer one is seen.
+- format 2: adds ``expires`` (ISO UTC, like ``published``), required.
+  A client refuses an expired catalog from the network, so a server or
+  proxy cannot keep serving a frozen catalog for ever.
+
+A reader ignores payload keys it does not know. A later addition that a
+reader may safely ignore (a certificate, a pack index beside the loose
+objects) is therefore a new key in the same format. The format number goes
+up only when ignoring a change would make an older reader misread the
+catalog (accept what it should refuse, or miss content), as ``expires``
+would have; a reader refuses a format greater than it knows. A catalog
+with no expiry is written as format 1, so that every reader reads it.
 """
 
 import base64
 import binascii
 import json
+import math
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import AlreadyExists, BadSignature, CorruptManifest, NotFound, UsageError
+from .errors import AlreadyExists, BadSignature, Corrupt, CorruptManifest, NotFound, UsageError
 from .names import check_name
 from .objects import parse_hex
 from .store import storage_error, write_atomic
 
-FORMAT = 1
+FORMAT = 2  # the newest format this module reads and writes
 CATALOG_FILE = "catalog.json"
 CATALOG_LIMIT = 64 << 20
 KEY_PREFIX = "ed25519:"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+DEFAULT_EXPIRY_DAYS = 30.0
+MAX_EXPIRY_DAYS = 3650.0
+
+
+class ExpiredCatalog(Corrupt):
+    """A remote catalog past the time it expires: the publisher must re-sign it."""
 
 
 # -- keys ------------------------------------------------------------------
@@ -111,17 +136,43 @@ class Catalog:
     published: str
     refs: dict[str, bytes]
     manifests: frozenset[bytes]
+    expires: str | None = None  # ISO UTC; None (format 1) never expires
 
     def payload(self) -> bytes:
         doc = {
-            "format": FORMAT,
+            "format": 1 if self.expires is None else 2,
             "repository": self.repository,
             "revision": self.revision,
             "published": self.published,
             "refs": {n: d.hex() for n, d in sorted(self.refs.items())},
             "manifests": sorted(d.hex() for d in self.manifests),
         }
+        if self.expires is not None:
+            doc["expires"] = self.expires
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires is not None and parse_time(self.expires) <= (now or datetime.now(UTC))
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def check_expiry_days(days: float, where: str) -> float:
+    """``days`` if it is a sane validity for a catalog; else UsageError naming ``where``."""
+    if not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
+        raise UsageError(f"{where} {days:g}: give a number of days above 0 and at most {MAX_EXPIRY_DAYS:g}")
+    return days
+
+
+def expiry(days: float, now: datetime | None = None) -> str:
+    """The ``expires`` time of a catalog signed ``now`` and valid for ``days``."""
+    return format_time((now or datetime.now(UTC)) + timedelta(days=days))
 
 
 def sign(catalog: Catalog, key: Ed25519PrivateKey) -> bytes:
@@ -152,8 +203,15 @@ def verify(data: bytes, key: Ed25519PublicKey, where: str) -> Catalog:
 def _parse_payload(payload: bytes, where: str) -> Catalog:
     try:
         doc = json.loads(payload)
-        if doc["format"] != FORMAT:
-            raise ValueError(f"unsupported format {doc['format']!r}")
+        fmt = doc["format"]
+        if type(fmt) is not int or fmt < 1:
+            raise ValueError(f"invalid format {fmt!r}")
+        if fmt > FORMAT:
+            raise ValueError(f"format {fmt} is newer than this vml reads (up to {FORMAT}); upgrade vml")
+        expires = None
+        if fmt >= 2:
+            expires = doc["expires"]
+            parse_time(expires)  # a ValueError or TypeError if it is no time
         refs = {check_name(n): parse_hex(h) for n, h in doc["refs"].items()}
         manifests = frozenset(parse_hex(h) for h in doc["manifests"])
         revision = doc["revision"]
@@ -161,6 +219,7 @@ def _parse_payload(payload: bytes, where: str) -> Catalog:
             raise ValueError("bad digest or revision")
         if not set(refs.values()) <= manifests:
             raise ValueError("a ref names a manifest that is not listed")
-        return Catalog(check_name(doc["repository"], "repository"), revision, str(doc["published"]), refs, manifests)
+        repository = check_name(doc["repository"], "repository")
+        return Catalog(repository, revision, str(doc["published"]), refs, manifests, expires)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
         raise CorruptManifest(f"{where}: invalid catalog ({e})") from None

@@ -375,6 +375,16 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_publish(args) -> int:
+    days = catalog.check_expiry_days(args.expires_in, "--expires-in")
+    if args.resign:
+        if args.entries:
+            raise UsageError("--resign signs the catalog in DIR again as it is: give no entries")
+        cat = publish.resign(Path(args.dir), Path(args.key), days)
+        print(
+            f"re-signed the catalog of {cat.repository} in {args.dir}: revision {cat.revision}, "
+            f"{len(cat.refs)} entries, expires {cat.expires}"
+        )
+        return 0
     repo = _repo(args)
     if repo.read_only:
         raise UsageError(f"{repo.name} is a remote: publish from a local repository")
@@ -393,19 +403,22 @@ def cmd_remote_add(args) -> int:
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"remote URL {args.url!r}: use http:// or https://")
     settings = {"proxy": args.proxy} if args.proxy else {}
-    if args.timeout:
-        settings["timeout"] = args.timeout
+    if args.timeout is not None:
+        settings["timeout"] = config.check_number("timeout", args.timeout, "--timeout")
+    quota = parse_size(args.cache_quota) if args.cache_quota else remote.DEFAULT_QUOTA
     rc = remote.RemoteConfig(
         args.name,
         url,
         catalog.read_public_key(Path(args.key)),
-        parse_size(args.cache_quota) if args.cache_quota else remote.DEFAULT_QUOTA,
+        config.check_number("cache_quota", quota, "--cache-quota"),
         settings=fetch.Settings(**settings),
     )
     fetch.parse_proxies(rc.settings.proxy)
     home = config.vml_home()
     with config.editing(home) as cfg:
         cfg.add_remote(rc)
+        # A cache left under this name (config.toml edited by hand) may know another repository.
+        shutil.rmtree(home / "cache" / rc.name, ignore_errors=True)
         if not args.no_check:  # refuse a wrong URL or key now, not at first use
             try:
                 cat = remote.RemoteStore(home, rc).catalog(refresh=True)
@@ -648,6 +661,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("publish", cmd_publish, "write entries as static files for any HTTP server, with a signed catalog")
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--key", required=True, metavar="KEYFILE", help="private key from `vml keygen`")
+    sp.add_argument(
+        "--expires-in",
+        type=float,
+        default=catalog.DEFAULT_EXPIRY_DAYS,
+        metavar="DAYS",
+        help="clients refuse the catalog after DAYS days (default 30): publish or --resign before then",
+    )
+    sp.add_argument(
+        "--resign", action="store_true", help="renew the signature and expiry of the catalog in DIR; writes no object"
+    )
     sp.add_argument("entries", nargs="*", metavar="ENTRY", help="default: every entry of the repository")
 
     sp = add("remote", None, "add, list or remove remotes (published repositories read over HTTP)")

@@ -40,6 +40,21 @@ from .store import Store, write_atomic
 
 REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float), "repository": str}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+DAY = 86400.0
+# The most each number setting may be. A larger one is a typo; and TOML
+# reads 1e309 as infinity, which would make a read wait for ever.
+NUMBER_LIMITS = {
+    "cache_quota": 1 << 60,
+    "catalog_ttl": DAY,
+    "timeout": DAY,
+    "connect_timeout": DAY,
+    "read_timeout": DAY,
+    "low_speed_limit": 1 << 40,
+    "low_speed_time": DAY,
+    "proxy_reset_after": DAY,
+    "backoff": 60.0,
+    "parallel": 256,
+}
 
 
 def vml_home() -> Path:
@@ -149,16 +164,10 @@ def _remote_config(path: Path, name: str, r) -> RemoteConfig:
             want = REMOTE_KEYS.get(k) or SETTING_TYPES.get(k)
             if want is None:
                 raise ValueError(f"unknown setting {k!r}")
-            if k == "verify_tls":
-                ok = isinstance(v, (bool, str))
-            elif want in ("float", float, (int, float)):
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-            elif want in ("int", int):
-                ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
-            else:
-                ok = isinstance(v, str)
-            if not ok:
-                raise ValueError(f"{k} = {v!r} has the wrong type or is not positive")
+            if k in NUMBER_LIMITS:
+                check_number(k, v)
+            elif not isinstance(v, (bool, str) if k == "verify_tls" else str):
+                raise ValueError(f"{k} = {v!r} has the wrong type")
             (fields if k in REMOTE_KEYS else settings)[k] = v
         if "url" not in fields or "key" not in fields:
             raise ValueError("url and key are required")
@@ -170,6 +179,18 @@ def _remote_config(path: Path, name: str, r) -> RemoteConfig:
         return RemoteConfig(name, settings=Settings(**settings), **fields)
     except (ValueError, UsageError) as e:
         raise CorruptManifest(f"{where}: {e}") from None
+
+
+def check_number(key: str, value, shown: str | None = None):
+    """``value`` if it suits number setting ``key`` (above 0, at most its limit); else UsageError."""
+    shown = shown or f"{key} ="
+    whole = (REMOTE_KEYS.get(key) or SETTING_TYPES.get(key)) in (int, "int")
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        raise UsageError(f"{shown} {value!r}: not {'a whole number' if whole else 'a number'}")
+    limit = NUMBER_LIMITS[key]
+    if not 0 < value <= limit:  # also false for NaN, and infinity is past any limit
+        raise UsageError(f"{shown} {value!r}: use a number above 0 and at most {limit:{'d' if whole else 'g'}}")
+    return value
 
 
 def _remote_doc(rc: RemoteConfig) -> dict:

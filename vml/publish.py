@@ -4,19 +4,30 @@
 at once and complete (written beside, then renamed), and never changes.
 ``DIR/catalog.json`` is the signed catalog (see catalog.py), replaced
 atomically after every object it names is on disk, so a client never sees
-a catalog naming an object that is not there yet.
+a catalog naming an object that is not there yet. A publish killed at any
+point leaves the previous catalog served, with every object it names
+complete; what it had written beside is removed by the next publish, and
+an object of the wrong size (renamed into place but never flushed before
+the machine crashed) is written again.
+
+Every catalog expires (30 days by default), so that a server or proxy
+cannot keep serving a frozen one: `resign` renews the signature and the
+expiry of the catalog in DIR without writing any object.
 """
 
+import contextlib
+import dataclasses
 import fcntl
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import catalog as catalogs
-from .catalog import CATALOG_FILE, Catalog
-from .errors import BadSignature, UsageError
+from .catalog import CATALOG_FILE, DEFAULT_EXPIRY_DAYS, Catalog
+from .errors import BadSignature, NotFound, UsageError
 from .objects import decode
 from .progress import SILENT, Progress
-from .repository import Repository, now_iso
+from .repository import Repository
 from .store import METADATA_LIMIT, storage_error, syncfs, write_atomic
 
 
@@ -26,10 +37,18 @@ class PublishSummary:
     revision: int
     new_objects: int
     new_bytes: int
+    expires: str
 
 
-def publish(repo: Repository, out: Path, key_path: Path, names=(), progress: Progress = SILENT) -> PublishSummary:
-    """Publish ``names`` (default: every entry) of ``repo`` into ``out``.
+def publish(
+    repo: Repository,
+    out: Path,
+    key_path: Path,
+    names=(),
+    progress: Progress = SILENT,
+    expires_in: float = DEFAULT_EXPIRY_DAYS,
+) -> PublishSummary:
+    """Publish ``names`` (default: every entry) of ``repo`` into ``out``, valid for ``expires_in`` days.
 
     With names, the catalog keeps what an earlier publish put there and
     adds or updates these entries (and the entries their data builds on).
@@ -40,14 +59,10 @@ def publish(repo: Repository, out: Path, key_path: Path, names=(), progress: Pro
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "objects").mkdir(exist_ok=True)
-        lock = open(out / ".publish.lock", "a")  # noqa: SIM115 (held for the whole publish)
     except OSError as e:
         raise storage_error(e, f"publishing into {out}") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(out):
         previous = _previous(out, key)
-        for p in (out / "objects").glob("*/.*"):  # left by a publish that was killed (objects never start with .)
-            p.unlink(missing_ok=True)
         refs = repo.refs()
         by_digest = {d: n for n, d in refs.items()}
         chosen = {n: repo.entry(n).digest for n in names} if names else dict(refs)
@@ -70,17 +85,57 @@ def publish(repo: Repository, out: Path, key_path: Path, names=(), progress: Pro
                 size += written
                 progress.advance(1)
             syncfs(out)
+            now = datetime.now(UTC)
             cat = Catalog(
                 repo.name,
                 (previous.revision if previous else 0) + 1,
-                now_iso(),
+                catalogs.format_time(now),
                 new_refs,
                 frozenset(manifests),
+                catalogs.expiry(expires_in, now),
             )
             write_atomic(out / CATALOG_FILE, catalogs.sign(cat, key))
         except OSError as e:
             raise storage_error(e, f"publishing into {out}") from None
-    return PublishSummary(sorted(chosen), cat.revision, count, size)
+    return PublishSummary(sorted(chosen), cat.revision, count, size, cat.expires)
+
+
+def resign(out: Path, key_path: Path, expires_in: float = DEFAULT_EXPIRY_DAYS) -> Catalog:
+    """Sign the catalog in ``out`` again, valid for ``expires_in`` days from now.
+
+    The refs and manifests stay, and so does the time they were published;
+    the revision grows by one so that clients take it over the old one.
+    No object is written.
+    """
+    key = catalogs.load_private_key(key_path)
+    out = Path(out).absolute()
+    if not (out / CATALOG_FILE).is_file():
+        raise NotFound(f"{out / CATALOG_FILE}: no catalog to re-sign (publish first)")
+    with _locked(out):
+        previous = _previous(out, key)
+        if previous is None:  # removed while we waited for the lock
+            raise NotFound(f"{out / CATALOG_FILE}: no catalog to re-sign (publish first)")
+        cat = dataclasses.replace(previous, revision=previous.revision + 1, expires=catalogs.expiry(expires_in))
+        try:
+            write_atomic(out / CATALOG_FILE, catalogs.sign(cat, key))
+        except OSError as e:
+            raise storage_error(e, f"re-signing the catalog in {out}") from None
+    return cat
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold ``out``'s publish lock, after clearing what a killed publish left beside its files."""
+    try:
+        lock = open(out / ".publish.lock", "a")  # noqa: SIM115 (held for the whole publish)
+    except OSError as e:
+        raise storage_error(e, f"publishing into {out}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # Objects and the catalog never start with a dot: these are half-written files.
+        for p in [*out.glob("objects/*/.*"), *out.glob(f".{CATALOG_FILE}.*")]:
+            p.unlink(missing_ok=True)
+        yield
 
 
 def _previous(out: Path, key) -> Catalog | None:
@@ -99,11 +154,14 @@ def _previous(out: Path, key) -> Catalog | None:
 
 
 def _put(out: Path, digest: bytes, repo: Repository) -> int:
-    """Write one object unless it is there; return the bytes written."""
+    """Write one object unless it is there, whole; return the bytes written."""
     h = digest.hex()
     path = out / "objects" / h[:2] / h[2:]
-    if path.exists():
-        return 0
+    with contextlib.suppress(FileNotFoundError):
+        # One a killed publish renamed into place but never flushed may be
+        # empty or short after a crash of the machine: write it again.
+        if path.stat().st_size == repo.object_size(digest):
+            return 0
     blob = repo.read_raw(digest)
     decode(blob, digest, METADATA_LIMIT, f"object {h} of repository {repo.name}")  # publish nothing damaged
     path.parent.mkdir(exist_ok=True)

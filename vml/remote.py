@@ -9,6 +9,7 @@ Sequential readers and preload fetch in parallel connections.
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import threading
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_QUOTA = 10 << 30
 AHEAD_BYTES = 64 << 20  # fetched-ahead content kept in memory for its reader
 CATALOG_TTL = 60.0
+IDENTITY_FILE = "identity.json"  # in the cache: the repository the remote stands for
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class RemoteConfig:
     cache_quota: int = DEFAULT_QUOTA
     catalog_ttl: float = CATALOG_TTL
     settings: Settings = field(default_factory=Settings)
-    repository: str = ""  # the published repository's name, learnt when the remote is added
+    repository: str = ""  # the published repository's name, learnt when the remote is added (see identity())
 
 
 def _blob_limit(limit: int) -> int:
@@ -83,54 +85,115 @@ class RemoteStore:
         return f"RemoteStore({self.name!r}, {self.rc.url!r})"
 
     # -- catalog ---------------------------------------------------------
+    #
+    # The verified catalog and the remote's identity (the name of the
+    # repository it stands for) are kept in the cache directory, which the
+    # mount and every command of the user share. Each file is replaced
+    # atomically, and only under catalog.lock. The identity is config's
+    # `repository` (learnt by `vml remote add`), or else identity.json,
+    # recorded from the first catalog that came from the network (a remote
+    # added with --no-check, or by an older vml). From then on a catalog of
+    # another repository is refused and never kept, and revisions are
+    # compared only between catalogs of that one repository.
 
     def catalog(self, refresh: bool = False) -> Catalog:
         """The verified catalog, fetched again when older than the TTL.
 
-        Offline, the last verified catalog is used (and said so in the log).
+        Offline, or when the network offers only an expired catalog, the
+        last verified catalog is used, even expired, and the log says so.
         """
         with self._catalog_lock:
             now = time.monotonic()
             if not refresh and self._catalog and now - self._catalog[0] < self.rc.catalog_ttl:
                 return self._catalog[1]
-            seen = self._cached_catalog()
-            if not refresh and self._catalog is None and seen is not None and self._age() < self.rc.catalog_ttl:
+            identity = self.identity()
+            seen = self._cached_catalog(identity)
+            if (
+                not refresh
+                and self._catalog is None
+                and seen is not None
+                and self._age() < self.rc.catalog_ttl
+                and not seen.expired()
+            ):
                 self._catalog = (now, seen)  # fetched by another process moments ago
                 return seen
-            where = f"remote {self.name} ({self.rc.url})"
-
-            def check(data: bytes) -> tuple[bytes, Catalog]:
-                cat = catalogs.verify(data, self.key, f"{where}: {CATALOG_FILE}")
-                if self.rc.repository and cat.repository != self.rc.repository:
-                    raise BadSignature(
-                        f"{where}: the catalog is of repository {cat.repository!r}, not {self.rc.repository!r}; refused"
-                    )
-                if seen and cat.revision < seen.revision:
-                    raise BadSignature(
-                        f"{where}: catalog revision {cat.revision} is older than revision {seen.revision} "
-                        "seen before; refused as a replay"
-                    )
-                return data, cat
-
+            check = functools.partial(self._check, identity, seen)
             try:
                 data, cat = self.fetcher.get(CATALOG_FILE, CATALOG_LIMIT, check, fresh=True)
-            except (FetchError, ObjectMissing) as e:
+            except (FetchError, ObjectMissing, ExpiredCatalog) as e:
                 if seen is None:
-                    raise FetchError(f"{where}: no catalog: {e}") from None
-                log.warning("%s: using the cached catalog, revision %d: %s", where, seen.revision, e)
+                    if isinstance(e, ExpiredCatalog):
+                        raise
+                    raise FetchError(f"{self._where()}: no catalog: {e}") from None
+                self._warn_cached(seen, e)
                 cat = seen
             else:
-                self._keep_catalog(data, cat)
+                cat = self._keep_catalog(data, cat)
             self._catalog = (now, cat)
             return cat
 
-    def _keep_catalog(self, data: bytes, cat: Catalog) -> None:
-        """Keep a fetched catalog unless another process kept a newer one meanwhile."""
+    def _where(self) -> str:
+        return f"remote {self.name} ({self.rc.url})"
+
+    def _check(self, identity: str | None, seen: Catalog | None, data: bytes) -> tuple[bytes, Catalog]:
+        """A catalog fetched from the network, if it may replace ``seen``; else a Corrupt error."""
+        cat = catalogs.verify(data, self.key, f"{self._where()}: {CATALOG_FILE}")
+        if identity and cat.repository != identity:
+            raise self._other_repository(cat.repository, identity)
+        if seen and seen.repository == cat.repository and cat.revision < seen.revision:
+            raise BadSignature(
+                f"{self._where()}: catalog revision {cat.revision} is older than revision {seen.revision} "
+                "seen before; refused as a replay"
+            )
+        if cat.expired():
+            raise ExpiredCatalog(
+                f"{self._where()}: the catalog expired on {cat.expires}; the publisher must run `vml publish --resign`"
+            )
+        return data, cat
+
+    def _other_repository(self, got: str, identity: str) -> BadSignature:
+        return BadSignature(
+            f"{self._where()}: the catalog is of repository {got!r}, not {identity!r}; refused "
+            f"(if the remote now serves another repository, `vml remote rm {self.name}` and add it again)"
+        )
+
+    def _warn_cached(self, seen: Catalog, why: Exception) -> None:
+        stale = f" (it expired on {seen.expires})" if seen.expired() else ""
+        reason = str(why).removeprefix(f"{self._where()}: ")
+        log.warning("%s: using the cached catalog, revision %d%s: %s", self._where(), seen.revision, stale, reason)
+
+    def _keep_catalog(self, data: bytes, cat: Catalog) -> Catalog:
+        """Keep a fetched catalog, and the identity at first contact; return the newest kept.
+
+        Another process may have recorded the identity, or kept a newer
+        catalog, since this one was checked.
+        """
         with open(self.path / "catalog.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            kept = self._cached_catalog()
-            if kept is None or kept.revision <= cat.revision:
-                write_atomic(self.refs_path, data)  # its mtime says when it was last confirmed
+            identity = self.identity()
+            if identity is None:
+                write_atomic(self.path / IDENTITY_FILE, (json.dumps({"repository": cat.repository}) + "\n").encode())
+                log.info("%s: stands for repository %s from now on", self._where(), cat.repository)
+            elif identity != cat.repository:
+                raise self._other_repository(cat.repository, identity)
+            kept = self._cached_catalog(cat.repository)
+            if kept is not None and kept.revision > cat.revision:
+                return kept
+            write_atomic(self.refs_path, data)  # its mtime says when it was last confirmed
+            return cat
+
+    def identity(self) -> str | None:
+        """The name of the repository this remote stands for, if known yet."""
+        if self.rc.repository:
+            return self.rc.repository
+        path = self.path / IDENTITY_FILE
+        try:
+            return check_name(json.loads(path.read_bytes())["repository"], "repository")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError) as e:
+            log.warning("%s: unreadable (%s); learning the repository again at the next contact", path, e)
+            return None
 
     def _age(self) -> float:
         try:
@@ -138,16 +201,18 @@ class RemoteStore:
         except FileNotFoundError:
             return float("inf")
 
-    def _cached_catalog(self) -> Catalog | None:
+    def _cached_catalog(self, repository: str | None) -> Catalog | None:
+        """The cached catalog, unless missing, damaged, or of another repository than ``repository``."""
         try:
             data = self.refs_path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return catalogs.verify(data, self.key, str(self.refs_path))
+            cat = catalogs.verify(data, self.key, str(self.refs_path))
         except Corrupt as e:  # the key changed, or the file was damaged: start over
             log.warning("%s; ignoring it", e)
             return None
+        return cat if repository is None or cat.repository == repository else None
 
     def refs(self) -> dict[str, bytes]:
         return dict(self.catalog().refs)
