@@ -7,15 +7,19 @@ internal error), and leave the repository as it was.
 import io
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import tarfile
+import time
+from pathlib import Path
 
 import pytest
 
 from vml import chunkmap, objects
 
-from conftest import hold_lock, need_root
+from conftest import hold_lock, mount_pid, need_root
 from test_bad_input import assert_untouched, snapshot
 
 CS = 4096
@@ -77,7 +81,7 @@ def test_a_well_formed_hand_made_bundle_imports(vml, rep, tmp_path):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("huge_disk", "more than the 67108864 an entry may have"),
+        ("huge_disk", "more than the limit of 17592186044416"),
         ("bad_created", "time data 'yesterday'"),
         ("not_an_object", "not a JSON object"),
         ("deep_json", "invalid manifest"),
@@ -226,3 +230,133 @@ def test_saving_a_copy_of_a_checkout_keeps_one_disk_and_no_reserved_file(vml, re
     assert [d["name"] for d in info["disks"]] == ["d"] and info["files"] == []
     (src / "entry.json").write_text("my own notes")
     assert "entry.json is a reserved name" in vml.fails("save", "e2", "--from", src)
+
+
+# -- checkout of untrusted entries ------------------------------------------------
+
+
+def test_checkout_drops_setuid_setgid_and_sticky_bits_unless_asked(vml, rep, tmp_path):
+    chunk = os.urandom(100)
+    m = chunkmap.encode([(0, objects.digest(chunk), 0)])
+    run_sh = {"name": "run.sh", "size": 100, "map": objects.digest(m).hex(), "mode": 0o6777}
+    empty = chunkmap.encode([])
+    b = bundle(
+        tmp_path / "suid.vml", [("x", manifest(map_digest=objects.digest(empty), files=[run_sh]))], [m, chunk, empty]
+    )
+    vml("import", b)
+    vml("checkout", "x", tmp_path / "co")
+    assert (tmp_path / "co/run.sh").read_bytes() == chunk
+    assert stat.S_IMODE(os.stat(tmp_path / "co/run.sh").st_mode) == 0o777
+    vml("checkout", "x", tmp_path / "co2", "--keep-special-bits")
+    assert stat.S_IMODE(os.stat(tmp_path / "co2/run.sh").st_mode) == 0o6777
+
+
+def test_checkout_never_writes_through_links_in_the_destination(vml, rep, tmp_path):
+    chunk = os.urandom(100)
+    m = chunkmap.encode([(0, objects.digest(chunk), 0)])
+    empty = chunkmap.encode([])
+    conf = {"name": "conf/x.txt", "size": 100, "map": objects.digest(m).hex(), "mode": 0o644}
+    b = bundle(tmp_path / "b.vml", [("x", manifest(map_digest=objects.digest(empty), files=[conf]))], [m, chunk, empty])
+    vml("import", b)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "conf").symlink_to(elsewhere)
+    msg = vml.fails("checkout", "x", dest)
+    assert f"{dest / 'conf'}: not a directory" in msg
+    assert list(elsewhere.iterdir()) == [] and sorted(os.listdir(dest)) == ["conf"]
+    (dest / "conf").unlink()
+    (dest / "x.img").symlink_to(elsewhere / "victim.img")
+    assert "x.img already exists" in vml.fails("checkout", "x", dest, status=4)
+    assert list(elsewhere.iterdir()) == [] and sorted(os.listdir(dest)) == ["x.img"]
+    (dest / "x.img").unlink()
+    vml("checkout", "x", dest)  # once the way is clear, it works
+    assert (dest / "conf/x.txt").read_bytes() == chunk and sorted(os.listdir(dest)) == ["conf", "x.img"]
+
+
+# -- sizes that entries only declare ----------------------------------------------
+
+
+def child_peak_rss(vml, *args) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `vml ARGS`; return its result and its peak resident memory in bytes."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run([sys.executable, '-m', 'vml', *sys.argv[1:]], capture_output=True, text=True)\n"
+        "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr)\n"
+        "sys.exit(r.returncode)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env=vml.env, capture_output=True, text=True, check=False
+    )
+    *err, peak = r.stderr.strip().splitlines()
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout, "\n".join(err)), int(peak)
+
+
+def test_a_bundle_declaring_terabytes_of_holes_costs_no_memory(vml, tmp_path, home, mounted):
+    """A 10 KB bundle whose disk declares 16 TiB: import, verify and ls stay cheap."""
+    vml("init", tmp_path / "rep")  # the default chunk size, as found in review
+    cs = 256 << 10
+    chunk = (os.urandom(64) * (cs // 64))[:cs]  # compresses to almost nothing, as in the bundle found
+    m = chunkmap.encode([(0, objects.digest(chunk), 0), ((16 << 40) // cs - 1, objects.digest(chunk), 0)])
+    big = manifest(size=16 << 40, map_digest=objects.digest(m), chunk_size=cs)
+    b = bundle(tmp_path / "holes.vml", [("x", big)], [m, chunk])
+    assert b.stat().st_size < 20_000
+    r, peak = child_peak_rss(vml, "import", b)
+    assert r.returncode == 0 and peak < 150 << 20, (r.stderr, peak)
+    started = time.monotonic()
+    r, peak = child_peak_rss(vml, "verify")
+    assert r.returncode == 0 and peak < 150 << 20 and time.monotonic() - started < 20, (r.stderr, peak)
+    started = time.monotonic()
+    st = os.stat(mounted / "rep/x/x.img")
+    assert st.st_size == 16 << 40 and st.st_blocks * 512 == 2 * cs
+    assert sorted(os.listdir(mounted / "rep/x")) == ["entry.json", "x-flat.vmdk", "x.img", "x.vmdk"]
+    with open(mounted / "rep/x/x.img", "rb") as f:
+        assert f.read(cs) == chunk and os.pread(f.fileno(), cs, (16 << 40) - cs) == chunk
+    assert time.monotonic() - started < 10
+    mount_rss = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{mount_pid(home)}/status").read_text()).group(1))
+    assert mount_rss < 300 << 10, f"the mount peaked at {mount_rss} kB"
+
+
+def test_a_configured_size_limit_refuses_larger_entries(vml, rep, tmp_path, home):
+    chunk = os.urandom(CS)
+    m = chunkmap.encode([(0, objects.digest(chunk), 0)])
+    b = bundle(tmp_path / "big.vml", [("x", manifest(size=2 << 40, map_digest=objects.digest(m)))], [m, chunk])
+    before = snapshot(rep)
+    with open(home / "config.toml", "a") as f:
+        f.write('\n[limits]\nmax_disk_size = "1T"\n')
+    msg = vml.fails("import", b, status=6)
+    assert "x declares 2199023255552 bytes, more than the limit of 1099511627776" in msg and "big.vml" in msg
+    assert_untouched(vml, rep, before)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(CS))
+    os.truncate(disk, (1 << 40) + CS)
+    assert "d declares 1099511631872 bytes, more than the limit" in vml.fails("save", "big", "--from", disk, status=9)
+    assert_untouched(vml, rep, before)
+    (home / "config.toml").write_text((home / "config.toml").read_text().replace('"1T"', '"a lot"'))
+    assert "[limits] max_disk_size" in vml.fails("log", status=6)
+
+
+# -- one damaged entry -------------------------------------------------------------
+
+
+def test_log_lists_every_other_entry_and_marks_a_damaged_one(vml, rep, tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(4 * CS))
+    vml("save", "a", "--from", disk)
+    vml("save", "b", "--from", disk, "--parent", "a")
+    vml("save", "c", "--from", disk, "--parent", "b")
+    vml("save", "z", "--from", disk)
+    digest = json.loads((rep / "refs.json").read_text())["entries"]["b"]
+    victim = rep / "objects" / digest[:2] / digest[2:]
+    os.chmod(victim, 0o644)
+    victim.write_bytes(b"not zstd")
+    r = vml("log", ok=False)
+    assert r.returncode == 6
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("+---a(") and lines[1].startswith("+---z(")
+    assert lines[2].startswith("+---b(DAMAGED: entry 'b': ") and lines[3].startswith("    +---c(")
+    assert r.stderr.strip() == "vml: 1 damaged entry in rep (b): run `vml verify`"
+    r = vml("consult", ok=False)
+    assert r.returncode == 6 and "+---b(DAMAGED" in r.stdout and "['a', 'c', 'z']" in r.stdout

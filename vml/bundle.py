@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .chunkmap import ChunkTable
+from .chunkmap import chunk_length
 from .errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
 from .names import check_name
 from .objects import HOLE, decode, parse_hex
@@ -307,7 +307,7 @@ def _check_complete(repo: Repository, staged: _StagedStore, entries: dict[str, b
     may end at an entry that a configured remote's catalog lists, which is
     then fetched (and checked by digest) when it is read.
     """
-    view = Repository(staged, repo.name)
+    view = Repository(staged, repo.name, max_disk_size=repo.max_disk_size)
 
     def remote(d: bytes) -> bool:
         return not staged.has(d) and repo.on_remote(d)
@@ -332,7 +332,6 @@ def _check_complete(repo: Repository, staged: _StagedStore, entries: dict[str, b
 
 def _check_chunks(view: Repository, staged: _StagedStore, m, where: str) -> None:
     for s in m.disks + m.files:
-        table = ChunkTable(s.size, m.chunk_size)
         try:
             records = view.read_map(m, s)
         except Corrupt as e:
@@ -343,8 +342,9 @@ def _check_chunks(view: Repository, staged: _StagedStore, m, where: str) -> None
             if not staged.has(d):
                 raise BadBundle(f"{where} needs object {d.hex()}, which is missing")
             size = staged.sizes.get(d)
-            if size is not None and size != table.chunk_length(i):
-                raise BadBundle(f"{where}, {s.name}: chunk {i} has {size} bytes, expected {table.chunk_length(i)}")
+            length = chunk_length(s.size, m.chunk_size, i)
+            if size is not None and size != length:
+                raise BadBundle(f"{where}, {s.name}: chunk {i} has {size} bytes, expected {length}")
 
 
 def _first_missing_link(view: Repository, digest: bytes) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import areas, boot, bundle, catalog, config, control, fetch, incoming, maintenance, publish, remote
 from .checkout import checkout
-from .errors import AlreadyExists, NotFound, UsageError, VmlError
+from .errors import AlreadyExists, Corrupt, NotFound, UsageError, VmlError
 from .manifest import KINDS
 from .names import check_repository_name, format_size, parse_size
 from .progress import SILENT, Progress
@@ -252,9 +252,22 @@ def cmd_umount(args) -> int:
 
 def cmd_log(args) -> int:
     repo = config.Config.load().open(args.repository or args.repo)
-    lines = tree_lines(repo)
+    damaged: dict = {}
+    lines = tree_lines(repo, damaged)
     print("\n".join(lines) if lines else f"(repository {repo.name} has no entries)")
-    return 0
+    return _report_damaged(repo, damaged)
+
+
+def _report_damaged(repo, damaged: dict) -> int:
+    """After a listing: say on stderr which entries are damaged; the exit status says so too."""
+    if not damaged:
+        return 0
+    print(
+        f"vml: {len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'} in {repo.name} "
+        f"({', '.join(sorted(damaged))}): run `vml verify`",
+        file=sys.stderr,
+    )
+    return Corrupt.exit_status
 
 
 def cmd_consult(args) -> int:
@@ -263,7 +276,7 @@ def cmd_consult(args) -> int:
     for name, path in sorted(cfg.repositories.items()):
         try:
             repo = cfg.open(name)
-            entries = [e.name for e in repo.entries()]
+            entries = [e.name for e in repo.entries({})]
             repos.append(repo)
         except VmlError as e:
             entries = f"(unreadable: {e})"
@@ -293,10 +306,13 @@ def cmd_consult(args) -> int:
         print("\nCopies in repository directories that are not entries (see the mount's log for why;")
         print("save them with `vml save NAME --from PATH`, or remove them from the mount with rm -r):")
         print("\n".join(table(staged, ["name", "repository", "path"])))
+    status = 0
     for repo in repos:
         print(f"\nEntries in repository {repo.name}:")
-        print("\n".join(tree_lines(repo)) or "(none)")
-    return 0
+        damaged: dict = {}
+        print("\n".join(tree_lines(repo, damaged)) or "(none)")
+        status = _report_damaged(repo, damaged) or status
+    return status
 
 
 def _entry(args, spec: str):
@@ -314,7 +330,7 @@ def cmd_show(args) -> int:
 def cmd_checkout(args) -> int:
     repo, entry = _entry(args, args.entry)
     with progress_bar(f"checking out {args.entry}") as bar:
-        paths = checkout(repo, entry.name, args.dir, progress=bar)
+        paths = checkout(repo, entry.name, args.dir, keep_special_bits=args.keep_special_bits, progress=bar)
     for p in paths:
         print(p)
     return 0
@@ -585,6 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("checkout", cmd_checkout, "write an entry's disks (as sparse raw images) and files into DIR")
     sp.add_argument("entry", metavar="ENTRY")
     sp.add_argument("dir", metavar="DIR")
+    sp.add_argument(
+        "--keep-special-bits",
+        action="store_true",
+        help="keep setuid, setgid and sticky bits of the entry's files (dropped by default: entries come from anyone)",
+    )
 
     sp = add("export", cmd_export, "write a bundle of an entry for another repository")
     sp.add_argument("entry", metavar="ENTRY")

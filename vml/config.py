@@ -9,6 +9,9 @@ config is TOML so that people can read and edit it::
     [repositories.rep1]
     path = "/scratch/vml/rep1"
 
+    [limits]
+    max_disk_size = "16T"          # entries declaring larger disks or files are refused
+
     [remotes.cernvm]
     url = "http://vml.example.org/cernvm"
     key = "ed25519:..."            # the publisher's KEYFILE.pub
@@ -33,7 +36,8 @@ import tomli_w
 from .catalog import parse_public_key
 from .errors import AlreadyExists, CorruptManifest, NotFound, UsageError
 from .fetch import Settings, parse_proxies
-from .names import check_name, check_repository_name
+from .manifest import DEFAULT_MAX_DISK_SIZE, MAX_STREAM_SIZE
+from .names import check_name, check_repository_name, parse_size
 from .remote import RemoteConfig, RemoteRepository, open_remote
 from .repository import Entry, Repository
 from .store import Store, write_atomic
@@ -59,7 +63,7 @@ NUMBER_LIMITS = {
 
 def vml_home() -> Path:
     home = os.environ.get("VML_HOME")
-    return Path(home) if home else Path.home() / ".local" / "share" / "vml"
+    return (Path(home) if home else Path.home() / ".local" / "share" / "vml").absolute()
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Config:
     repositories: dict[str, Path] = field(default_factory=dict)
     default: str | None = None
     remotes: dict[str, RemoteConfig] = field(default_factory=dict)
+    max_disk_size: int = DEFAULT_MAX_DISK_SIZE
 
     @property
     def home(self) -> Path:
@@ -90,9 +95,12 @@ class Config:
         if default is not None and not isinstance(default, str):
             raise CorruptManifest(f"{path}: default must be a repository name")
         remotes = {}
+        if not isinstance(doc.get("remotes", {}), dict):
+            raise CorruptManifest(f"{path}: remotes must be a table of [remotes.NAME] sections")
         for n, r in doc.get("remotes", {}).items():
             remotes[n] = _remote_config(path, n, r)
-        return cls(path, repos, default if default in repos else None, remotes)
+        limit = _max_disk_size(path, doc.get("limits", {}))
+        return cls(path, repos, default if default in repos else None, remotes, limit)
 
     def save(self) -> None:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}
@@ -100,6 +108,8 @@ class Config:
             doc["default"] = self.default
         if self.remotes:
             doc["remotes"] = {n: _remote_doc(rc) for n, rc in sorted(self.remotes.items())}
+        if self.max_disk_size != DEFAULT_MAX_DISK_SIZE:
+            doc["limits"] = {"max_disk_size": self.max_disk_size}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, tomli_w.dumps(doc).encode())
 
@@ -112,7 +122,7 @@ class Config:
                 raise NotFound("no default repository: create one with `vml init PATH` or pass --repo")
             ref = self.default
         if ref in self.remotes:
-            return RemoteRepository(open_remote(self.home, self.remotes[ref]))
+            return RemoteRepository(open_remote(self.home, self.remotes[ref]), self.max_disk_size)
         if ref in self.repositories:
             return self.local(self.repositories[ref], ref)
         if "/" in ref or Path(ref).is_dir():
@@ -128,7 +138,7 @@ class Config:
         if name is None:
             name = next((n for n, p in self.repositories.items() if p == Path(path)), None)
         fallbacks = [open_remote(self.home, rc) for _, rc in sorted(self.remotes.items())]
-        return Repository(Store(path), name, fallbacks)
+        return Repository(Store(path), name, fallbacks, self.max_disk_size)
 
     def find_entry(self, spec: str, repo: str | None) -> tuple[Repository, Entry]:
         """The entry ``spec`` names: ``REPO:ENTRY`` (a repository or remote), or ENTRY in ``repo``."""
@@ -151,6 +161,21 @@ class Config:
         if rc.name in self.repositories or rc.name in self.remotes:
             raise AlreadyExists(f"{rc.name!r} is already the name of a repository or remote")
         self.remotes[rc.name] = rc
+
+
+def _max_disk_size(path: Path, limits) -> int:
+    """``[limits] max_disk_size``: bytes, or a size such as "16T"."""
+    where = f"{path}: [limits] max_disk_size"
+    if not isinstance(limits, dict):
+        raise CorruptManifest(f"{path}: [limits] must be a table")
+    value = limits.get("max_disk_size", DEFAULT_MAX_DISK_SIZE)
+    try:
+        size = parse_size(value) if isinstance(value, str) else value
+    except UsageError as e:
+        raise CorruptManifest(f"{where}: {e}") from None
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_STREAM_SIZE:
+        raise CorruptManifest(f'{where} = {value!r}: use a size such as "16T" (at most {MAX_STREAM_SIZE} bytes)')
+    return size
 
 
 def _remote_config(path: Path, name: str, r) -> RemoteConfig:

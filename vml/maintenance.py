@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from . import chunkmap
 from .errors import Corrupt, HasChildren, UsageError
 from .manifest import Link, Manifest, Stream
-from .objects import HOLE, decode
+from .objects import decode
 from .progress import SILENT, Progress
 from .repository import Entry, Repository
 from .save import ChunkWriter
@@ -81,10 +81,7 @@ def _check_entry(repo, name, digest, checked, problems, pool, progress) -> None:
     _check_objects(repo, set().union(*(t.digest_set() for _, t in tables)), checked, problems, pool, progress)
     found = []
     for label, table in tables:
-        for i in range(table.count):
-            d = table.digest(i)
-            if d == HOLE:
-                continue
+        for i, d, _ in table.records():
             size = checked.get(d)
             if size is None:
                 found.append(f"entry {name!r}, {label}, chunk {i}: object {d.hex()} is missing or damaged")
@@ -256,16 +253,7 @@ def _rewrite(repo, e: Entry, content, renamed, names, writer) -> bytes:
         stream(s, content.files[s.name][0], ref.files[s.name][0] if ref and s.name in ref.files else None)
         for s in m.files
     )
-    new = Manifest(
-        name=m.name,
-        kind=kind,
-        created=m.created,
-        chunk_size=m.chunk_size,
-        disks=disks,
-        files=files,
-        parent=parent,
-        base=base,
-        message=m.message,
-        extra=m.extra,
-    )
+    # Only the links and the deltas change: every other field (hardware,
+    # message, fields a newer version added) is kept as it is.
+    new = replace(m, kind=kind, parent=parent, base=base, disks=disks, files=files)
     return writer.put_metadata(new.encode())

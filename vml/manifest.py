@@ -21,9 +21,12 @@ from .store import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 FORMAT = 1
 KINDS = ("full", "incremental", "differential")
 MAX_STREAM_SIZE = 1 << 60
-# Bounds the memory a forged manifest can make a reader allocate: resolved
-# tables take 36 bytes a chunk, so at most 2.4 GB (a 16 TiB disk at 256 KiB).
-MAX_CHUNKS = 1 << 26
+# What reading an entry costs is in proportion to the chunks it stores, not
+# to the sizes it declares (chunk tables hold only chunks with data), so a
+# manifest declaring petabytes of holes is cheap. On top of that, readers
+# refuse disks and files larger than this limit (config.toml, [limits]
+# max_disk_size): no real VM has them, and a checkout could not write them.
+DEFAULT_MAX_DISK_SIZE = 16 << 40
 RESERVED_FILE = "entry.json"
 
 
@@ -103,8 +106,14 @@ class Manifest:
             doc["hardware"] = self.hardware.to_json()
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
+    def check_sizes(self, limit: int) -> None:
+        """Raise ValueError if a disk or file is larger than ``limit`` bytes."""
+        for s in self.disks + self.files:
+            check_size(s.name, s.size, limit)
+
     @classmethod
-    def decode(cls, data: bytes, where: str) -> "Manifest":
+    def decode(cls, data: bytes, where: str, max_size: int = DEFAULT_MAX_DISK_SIZE) -> "Manifest":
+        """Parse and check a manifest; ``max_size`` bounds the size of each disk and file."""
         try:
             doc = json.loads(data)
             if not isinstance(doc, dict):
@@ -124,6 +133,7 @@ class Manifest:
                 hardware=_hardware(doc.get("hardware")),
                 extra={k: v for k, v in doc.items() if k not in _KNOWN or (k == "hardware" and not _hardware(v))},
             )
+            m.check_sizes(max_size)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
             raise CorruptManifest(f"{where}: invalid manifest ({e})") from None
         return m
@@ -149,9 +159,6 @@ class Manifest:
             names = [s.name for s in group]
             if len(set(names)) != len(names):
                 raise ValueError("duplicate disk or file name")
-        chunks = sum(-(-s.size // self.chunk_size) for s in self.disks + self.files)
-        if chunks > MAX_CHUNKS:
-            raise ValueError(f"{chunks} chunks, more than the {MAX_CHUNKS} an entry may have")
         # Checked out or mounted, disks and files share one directory.
         taken = {RESERVED_FILE} | {n for s in self.disks for n in disk_file_names(s.name)}
         dirs = {p for s in self.files for p in _parents(s.name)}
@@ -161,6 +168,12 @@ class Manifest:
 
     def map_digests(self) -> list[bytes]:
         return [s.map for s in self.disks + self.files]
+
+
+def check_size(name: str, size: int, limit: int) -> None:
+    """Raise ValueError if disk or file ``name`` of ``size`` bytes is over ``limit``."""
+    if size > limit:
+        raise ValueError(f"{name} declares {size} bytes, more than the limit of {limit} (max_disk_size in config.toml)")
 
 
 _KNOWN = {"format", "name", "kind", "created", "message", "chunk_size", "parent", "base", "disks", "files", "hardware"}

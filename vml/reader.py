@@ -171,4 +171,4 @@ class DiskReader:
 
     def allocated(self) -> int:
         """Bytes of the disk that are not holes (what st_blocks reports)."""
-        return sum(self.table.chunk_length(i) for i in range(self.table.count) if self.table.digest(i) != HOLE)
+        return self.table.allocated()

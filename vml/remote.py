@@ -21,9 +21,11 @@ from pathlib import Path
 
 from . import catalog as catalogs
 from .cache import ObjectCache
-from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
-from .errors import BadSignature, Corrupt, CorruptManifest, FetchError, ObjectMissing, ReadOnly
+from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog, ExpiredCatalog
+from .errors import BadSignature, Corrupt, CorruptManifest, FetchError, ObjectMissing, ReadOnly, UsageError
 from .fetch import Fetcher, Settings
+from .manifest import DEFAULT_MAX_DISK_SIZE
+from .names import check_name
 from .objects import decode
 from .progress import SILENT, Progress
 from .repository import Repository
@@ -365,8 +367,8 @@ class RemoteRepository(Repository):
 
     read_only = True
 
-    def __init__(self, store: RemoteStore):
-        super().__init__(store, store.name)
+    def __init__(self, store: RemoteStore, max_disk_size: int = DEFAULT_MAX_DISK_SIZE):
+        super().__init__(store, store.name, max_disk_size=max_disk_size)
 
     def __repr__(self):
         return f"RemoteRepository({self.name!r}, {self.store.rc.url!r})"

@@ -6,24 +6,36 @@ from .repository import Entry, Repository, parse_iso
 TREE_TIME = "%m/%d/%y - %H:%M:%S"
 
 
-def tree_lines(repo: Repository) -> list[str]:
-    """The entry tree: ``+---entry1(10/16/08 - 09:51:25 - full)``, children indented."""
-    children = repo.children()
+def tree_lines(repo: Repository, damaged: dict[str, tuple[bytes, str]] | None = None) -> list[str]:
+    """The entry tree: ``+---entry1(10/16/08 - 09:51:25 - full)``, children indented.
+
+    An entry whose manifest cannot be read is listed as a root, marked
+    DAMAGED, with the entries built on it under it; ``damaged``, if given,
+    receives them (name -> (digest, why)).
+    """
+    damaged = {} if damaged is None else damaged
+    children = repo.children(damaged)
     lines: list[str] = []
 
-    def walk(entry: Entry, prefix: str, last: bool) -> None:
-        m = entry.manifest
-        when = parse_iso(m.created).astimezone().strftime(TREE_TIME)
-        note = ""
-        if m.parent and prefix == "":
-            remote = repo.on_remote(m.parent.manifest)
-            note = f" [on {remote}:{m.parent.name}]" if remote else f" [parent {m.parent.name} not in this repository]"
-        lines.append(f"{prefix}+---{entry.name}({when} - {m.kind}){note}")
-        kids = children.get(entry.name, [])
+    def walk(entry: Entry | str, prefix: str, last: bool) -> None:
+        if isinstance(entry, str):
+            name = entry
+            lines.append(f"{prefix}+---{name}(DAMAGED: {damaged[name][1]})")
+        else:
+            name, m = entry.name, entry.manifest
+            when = parse_iso(m.created).astimezone().strftime(TREE_TIME)
+            note = ""
+            if m.parent and prefix == "":
+                remote = repo.on_remote(m.parent.manifest)
+                note = (
+                    f" [on {remote}:{m.parent.name}]" if remote else f" [parent {m.parent.name} not in this repository]"
+                )
+            lines.append(f"{prefix}+---{name}({when} - {m.kind}){note}")
+        kids = children.get(name, [])
         for i, kid in enumerate(kids):
             walk(kid, prefix + ("    " if last else "|   "), i == len(kids) - 1)
 
-    roots = children.get(None, [])
+    roots: list[Entry | str] = [*children.get(None, []), *sorted(damaged)]
     for i, root in enumerate(roots):
         walk(root, "", i == len(roots) - 1)
     return lines

@@ -16,7 +16,7 @@ from functools import lru_cache
 from . import chunkmap
 from .chunkmap import ChunkTable
 from .errors import Corrupt, CorruptManifest, CorruptObject, NotFound, ObjectMissing, VmlError
-from .manifest import Manifest
+from .manifest import DEFAULT_MAX_DISK_SIZE, Manifest
 from .names import check_name
 from .objects import HOLE
 from .store import METADATA_LIMIT, Store
@@ -55,10 +55,11 @@ class Repository:
 
     read_only = False
 
-    def __init__(self, store: Store, name: str | None = None, fallbacks=()):
+    def __init__(self, store: Store, name: str | None = None, fallbacks=(), max_disk_size: int = DEFAULT_MAX_DISK_SIZE):
         self.store = store
         self.name = name or store.path.name
         self.fallbacks = tuple(fallbacks)
+        self.max_disk_size = max_disk_size
         self._last_fallback = None
         self._manifests = lru_cache(maxsize=1024)(self._load_manifest)
         self._maps = lru_cache(maxsize=64)(self._load_map)
@@ -78,9 +79,20 @@ class Repository:
             raise NotFound(f"no entry {name!r} in repository {self.name}")
         return Entry(name, d, self.manifest(d, name))
 
-    def entries(self) -> list[Entry]:
-        """All entries, oldest first."""
-        out = [Entry(n, d, self.manifest(d, n)) for n, d in self.refs().items()]
+    def entries(self, damaged: dict[str, tuple[bytes, str]] | None = None) -> list[Entry]:
+        """All entries, oldest first.
+
+        With ``damaged``, an entry whose manifest cannot be read is put there
+        (name -> (manifest digest, why)) instead of failing the whole list.
+        """
+        out = []
+        for n, d in self.refs().items():
+            try:
+                out.append(Entry(n, d, self.manifest(d, n)))
+            except Corrupt as e:
+                if damaged is None:
+                    raise
+                damaged[n] = (d, str(e))
         return sorted(out, key=lambda e: (e.manifest.created, e.name))
 
     def manifest(self, digest: bytes, name: str | None = None) -> Manifest:
@@ -146,7 +158,7 @@ class Repository:
 
     def _load_manifest(self, digest: bytes) -> Manifest:
         data = self.read_object(digest, METADATA_LIMIT)
-        return Manifest.decode(data, f"manifest {digest.hex()}")
+        return Manifest.decode(data, f"manifest {digest.hex()}", self.max_disk_size)
 
     def data_chain(self, digest: bytes, stop=None) -> list[tuple[bytes, Manifest]]:
         """The entry and the entries its data builds on, ending at a full one.
@@ -303,15 +315,18 @@ class Repository:
             "hardware": m.hardware.to_json() if m.hardware else None,
         }
 
-    def children(self) -> dict[str | None, list[Entry]]:
+    def children(self, damaged: dict[str, tuple[bytes, str]] | None = None) -> dict[str | None, list[Entry]]:
         """Entries grouped by the name of their parent in this repository.
 
         An entry whose parent is not here (removed, or never imported, as
         for a differential entry shared without its tree parent) is listed
-        under None, as a root.
+        under None, as a root. With ``damaged``, entries whose manifest
+        cannot be read go there (see entries()); their children stay under
+        their name.
         """
-        entries = self.entries()
+        entries = self.entries(damaged)
         by_digest = {e.digest: e.name for e in entries}
+        by_digest.update({d: n for n, (d, _) in (damaged or {}).items()})
         out: dict[str | None, list[Entry]] = {}
         for e in entries:
             p = e.manifest.parent

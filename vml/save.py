@@ -23,7 +23,7 @@ from . import chunkmap, objects
 from .chunkmap import ChunkTable, Record
 from .errors import AlreadyExists, BadSource, UsageError
 from .hardware import Hardware, describe_directory
-from .manifest import KINDS, Link, Manifest, Stream
+from .manifest import KINDS, Link, Manifest, Stream, check_size
 from .names import check_name
 from .objects import HOLE
 from .progress import SILENT, Progress
@@ -84,7 +84,7 @@ class ChunkWriter:
         try:
             with contextlib.suppress(OSError):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            return self.store_chunks(self._read_chunks(fd, path, size), size, ref)
+            return self.store_chunks(self._read_chunks(fd, path, size, ref), size, ref)
         finally:
             os.close(fd)
 
@@ -138,35 +138,52 @@ class ChunkWriter:
             self.created.append(d)
         return index, d, csize
 
-    def _read_chunks(self, fd: int, path: Path, size: int):
-        """Yield (index, bytes) for each chunk, or (index, None) for a known hole."""
+    def _read_chunks(self, fd: int, path: Path, size: int, ref: ChunkTable | None):
+        """Yield (index, bytes) for each chunk with data, and (index, None) for a hole where ``ref`` has data.
+
+        Runs of holes are skipped with SEEK_DATA without visiting their
+        chunks, so a sparse image declaring terabytes costs only its data.
+        """
         cs = self.chunk_size
-        data_start = data_end = 0
+        count = chunkmap.chunk_count(size, cs)
+        index = 0
         seekable = True
-        for index in range(chunkmap.chunk_count(size, cs)):
+        while index < count:
             off = index * cs
-            n = min(cs, size - off)
-            if seekable and off >= data_end:
+            data_start, data_end = off, size
+            if seekable:
                 try:
                     data_start = os.lseek(fd, off, os.SEEK_DATA)
                     data_end = os.lseek(fd, data_start, os.SEEK_HOLE)
                 except OSError as e:
                     if e.errno == errno.ENXIO:  # no data after off
-                        data_start = data_end = 1 << 63
+                        data_start = size
                     else:  # SEEK_DATA unsupported here: read everything
-                        seekable, data_start, data_end = False, 0, 1 << 63
-            if data_start >= off + n:
-                yield index, None
+                        seekable, data_start, data_end = False, off, size
+            first = min(data_start // cs, count)
+            if first > index:  # chunks index..first-1 are holes
+                listed = ref.indexes_in(index, first) if ref else ()
+                for i in listed:
+                    yield i, None  # the reference has data here: counted when collected
+                skipped = min(first * cs, size) - off - sum(chunkmap.chunk_length(size, cs, i) for i in listed)
+                self.progress.advance(skipped)
+                index = first
                 continue
-            data = os.pread(fd, n, off)
-            if len(data) != n:
-                raise BadSource(f"{path}: file shrank while it was being saved")
-            yield index, data
+            stop = min(chunkmap.chunk_count(data_end, cs), count)
+            for i in range(index, stop):
+                n = min(cs, size - i * cs)
+                data = os.pread(fd, n, i * cs)
+                if len(data) != n:
+                    raise BadSource(f"{path}: file shrank while it was being saved")
+                yield i, data
+            index = stop
 
 
-def _manifest(source, **fields) -> Manifest:
+def _manifest(source, max_size: int, **fields) -> Manifest:
     try:
-        return Manifest(**fields)
+        m = Manifest(**fields)
+        m.check_sizes(max_size)
+        return m
     except ValueError as e:
         raise BadSource(f"{source}: cannot be saved as an entry: {e}") from None
 
@@ -228,6 +245,7 @@ def write_entry(
             disks, files = build(writer, plan)
             manifest = _manifest(
                 what,
+                repo.max_disk_size,
                 name=name,
                 kind=kind,
                 created=now_iso(),
@@ -279,6 +297,13 @@ def save(
     if Path(source).is_dir():
         hardware = describe_directory(Path(source), {d.path.name: d.name for d in disks}, {f.name for f in files})
     file_sizes = [f.path.stat().st_size for f in files]
+    try:  # refused before reading anything
+        for d in disks:
+            check_size(d.name, d.size, repo.max_disk_size)
+        for f, size in zip(files, file_sizes, strict=True):
+            check_size(f.name, size, repo.max_disk_size)
+    except ValueError as e:
+        raise BadSource(f"{source}: {e}") from None
     progress.start(sum(d.size for d in disks) + sum(file_sizes))
 
     def build(writer: ChunkWriter, plan: Plan):
