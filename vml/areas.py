@@ -36,6 +36,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import stat
@@ -45,7 +46,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import chunkmap, control
+from . import chunkmap, control, leases
 from .config import Config
 from .errors import AlreadyExists, CorruptManifest, DiskFull, Locked, NotFound, UsageError, VmlError
 from .hardware import Hardware
@@ -57,6 +58,8 @@ from .reader import ChunkCache, DiskReader
 from .repository import Entry, Repository, now_iso
 from .save import ChunkWriter, Plan, write_entry
 from .store import fsync_dir, write_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 RECORD_FILE = "area.json"
@@ -159,14 +162,18 @@ def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: 
     path = "" if repo.read_only else str(repo.store.path)
     save_path = str(save_to.store.path) if repo.read_only else ""
     rec = AreaRecord(name, repo.name, path, entry.name, entry.digest.hex(), 1, block, now_iso(), save_to=save_path)
+    if not repo.read_only:  # the repository records the area, so that no home's gc frees what it reads
+        leases.take(repo, leases.here(home, name, entry.name, entry.digest))
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.creating."))
     try:
         rec.save(staging / RECORD_FILE)
         (staging / "lock").touch()
         os.chmod(staging, 0o700)
         os.rename(staging, target)
-    except OSError:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if not repo.read_only:
+            leases.release(repo, home, name)
         raise
     fsync_dir(parent)
     return rec
@@ -406,6 +413,12 @@ class Area:
     def _switch(self, entry: Entry) -> None:
         rec = self.record
         old = [ov.path for ov in self.disks.values()]
+        # The lease moves to the new entry (one atomic replacement); until
+        # then the old one keeps what the area read, and the ref keeps the new.
+        try:
+            leases.take(self.target, leases.here(self.home, self.name, entry.name, entry.digest), was=self.entry.digest)
+        except VmlError as e:
+            log.warning("working area %s: cannot record its new entry in %s (%s)", self.name, self.target.name, e)
         new_rec = AreaRecord(
             **{
                 **asdict(rec),
@@ -438,6 +451,8 @@ class Area:
             os.rename(self.dir, trash)
             self.close()
         shutil.rmtree(trash, ignore_errors=True)
+        if not self.repo.read_only:
+            leases.release(self.repo, self.home, self.name)
 
     def describe(self) -> dict:
         info = self.repo.describe(self.entry)

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import areas, boot, bundle, catalog, config, control, fetch, incoming, maintenance, publish, remote
+from . import areas, boot, bundle, catalog, config, control, fetch, incoming, leases, maintenance, publish, remote
 from .checkout import checkout
 from .errors import AlreadyExists, Corrupt, NotFound, UsageError, VmlError
 from .manifest import KINDS
@@ -355,7 +355,7 @@ def cmd_import(args) -> int:
 
 def cmd_rm(args) -> int:
     repo = _repo(args)
-    result = maintenance.remove(repo, args.entry, recursive=args.recursive, reparent=args.reparent)
+    result = maintenance.remove(repo, args.entry, recursive=args.recursive, reparent=args.reparent, force=args.force)
     print(f"removed {', '.join(result['removed'])} from {repo.name}")
     if result["rewritten"]:
         print(f"reattached {', '.join(result['rewritten'])} to the removed entry's parent")
@@ -366,7 +366,38 @@ def cmd_rm(args) -> int:
 def cmd_gc(args) -> int:
     repo = _repo(args)
     s = maintenance.gc(repo, keep=areas.roots(config.vml_home(), repo))
-    print(f"{repo.name}: removed {s.removed} objects, freed {format_size(s.freed)}, {s.kept} objects kept")
+    kept = f" (with what {s.areas} working area{'s' if s.areas != 1 else ''} build on)" if s.areas else ""
+    print(f"{repo.name}: removed {s.removed} objects, freed {format_size(s.freed)}, {s.kept} objects kept{kept}")
+    return 0
+
+
+def cmd_leases(args) -> int:
+    repo = _repo(args)
+    found, damaged = leases.read_all(repo)
+    items = [dataclasses.asdict(lease) | {"id": lease.id, "stale": leases.is_stale(lease)} for lease in found]
+    if args.json:
+        print(json.dumps(items, indent=2))
+    elif items:
+        state = {True: "stale", False: "open", None: "other host"}
+        rows = [
+            [i["id"][:12], i["area"], i["entry"], i["user"], i["host"], i["home"], i["since"], state[i["stale"]]]
+            for i in items
+        ]
+        print("\n".join(table(rows, ["id", "area", "entry", "user", "host", "home", "since", "state"])))
+    else:
+        print(f"(no working areas build on entries of {repo.name})")
+    for line in damaged:
+        print(f"vml: {line}", file=sys.stderr)
+    return Corrupt.exit_status if damaged else 0
+
+
+def cmd_leases_drop(args) -> int:
+    repo = _repo(args)
+    dropped = leases.drop(repo, args.ids, stale=args.stale)
+    for lease in dropped:
+        print(f"dropped the lease of {lease.where()} on entry {lease.entry}")
+    if not dropped:
+        print(f"no stale leases in {repo.name}")
     return 0
 
 
@@ -405,10 +436,10 @@ def cmd_publish(args) -> int:
     if repo.read_only:
         raise UsageError(f"{repo.name} is a remote: publish from a local repository")
     with progress_bar(f"publishing {repo.name}", unit="obj") as bar:
-        s = publish.publish(repo, Path(args.dir), Path(args.key), args.entries, bar)
+        s = publish.publish(repo, Path(args.dir), Path(args.key), args.entries, bar, days)
     print(
         f"published {', '.join(s.entries) or 'no entries'} of {repo.name} into {args.dir}: catalog revision "
-        f"{s.revision}, {s.new_objects} new objects ({format_size(s.new_bytes)})"
+        f"{s.revision}, {s.new_objects} new objects ({format_size(s.new_bytes)}), expires {s.expires}"
     )
     return 0
 
@@ -622,8 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
     group = sp.add_mutually_exclusive_group()
     group.add_argument("--recursive", action="store_true", help="also remove the entries built on it")
     group.add_argument("--reparent", action="store_true", help="attach the entries built on it to its parent")
+    sp.add_argument("--force", action="store_true", help="even if working areas build on it (they keep their data)")
 
     add("gc", cmd_gc, "free the objects no entry needs")
+
+    sp = add("leases", cmd_leases, "the working areas of every home that build on a repository's entries")
+    sp.add_argument("--json", action="store_true", help="print a list of objects")
+    lsub = sp.add_subparsers(dest="leases_command", metavar="ACTION")
+    r = lsub.add_parser("drop", help="remove leases whose areas are gone", parents=[common])
+    r.set_defaults(func=cmd_leases_drop)
+    r.add_argument("ids", nargs="*", metavar="ID", help="a lease id, or its first characters (see `vml leases`)")
+    r.add_argument("--stale", action="store_true", help="every lease of this host whose area is gone")
 
     hv = argparse.ArgumentParser(add_help=False)
     g = hv.add_argument_group("hypervisor options")

@@ -4,8 +4,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from . import chunkmap
-from .errors import Corrupt, HasChildren, UsageError
+from . import chunkmap, leases
+from .errors import Corrupt, HasChildren, ObjectMissing, UsageError
 from .manifest import Link, Manifest, Stream
 from .objects import decode
 from .progress import SILENT, Progress
@@ -110,17 +110,27 @@ class GcSummary:
     removed: int
     freed: int
     kept: int
+    areas: int  # working areas whose entries were kept for them (leases)
 
 
 def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
     """Remove every object no entry needs, and leftovers of interrupted writers.
 
-    ``keep`` names more manifests to keep with all they need: those working
-    areas build on, whose entries may have been removed since.
+    The roots are computed under the lock: every ref, and every working
+    area's entry, of any home (its lease), even if the entry was removed
+    since. ``keep`` names more manifests to keep with all they need.
     """
     with repo.store.lock("vml gc"):
+        held = leases.roots(repo)
+        for lease in held:
+            if not repo.store.has(lease.digest):
+                raise ObjectMissing(
+                    f"the entry {lease.where()} builds on (manifest {lease.manifest[:16]}) is missing; "
+                    "nothing is collected until that is understood (see `vml leases`)"
+                )
+        roots = [*repo.refs().values(), *keep, *(lease.digest for lease in held)]
         try:
-            live = repo.needed_objects([*repo.refs().values(), *keep], local_only=True)
+            live = repo.needed_objects(roots, local_only=True)
         except Corrupt as e:
             raise type(e)(f"not collecting garbage while an entry is damaged ({e}); run vml verify") from None
         removed = freed = kept = 0
@@ -131,7 +141,7 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
             freed += path.stat().st_size
             repo.store.remove_object(d)
             removed += 1
-    return GcSummary(removed, freed, kept)
+    return GcSummary(removed, freed, kept, len(held))
 
 
 # -- rm -------------------------------------------------------------------
@@ -155,18 +165,33 @@ def dependents(repo: Repository, entries: list[Entry], digest: bytes) -> list[En
     return out
 
 
-def remove(repo: Repository, name: str, *, recursive: bool = False, reparent: bool = False) -> dict[str, list[str]]:
+def remove(
+    repo: Repository, name: str, *, recursive: bool = False, reparent: bool = False, force: bool = False
+) -> dict[str, list[str]]:
     """Remove an entry; returns {"removed": [...], "rewritten": [...]}.
 
     An entry that others build on is refused unless ``recursive`` (remove
     them too) or ``reparent`` (attach them to the entry's parent, folding
-    its changes into their deltas).
+    its changes into their deltas). An entry that a working area of any
+    home builds on, or one this would remove or rewrite, is refused unless
+    ``force``; the area's lease keeps its data until the area is closed.
     """
     if recursive and reparent:
         raise UsageError("--recursive and --reparent exclude each other")
     with repo.store.lock(f"vml rm {name}"):
         entry = repo.entry(name)
         deps = dependents(repo, repo.entries(), entry.digest)
+        touched = {entry.digest: name}
+        if recursive or reparent:
+            touched.update({e.digest: e.name for e in deps})
+        held = leases.holders(repo, set(touched))
+        if held and not force:
+            lease = held[0]
+            more = f" (and {len(held) - 1} more)" if len(held) > 1 else ""
+            raise HasChildren(
+                f"{lease.where()} builds on entry {touched[lease.digest]!r}{more}: close the area first, "
+                "or use --force (the area keeps what it reads until it is closed)"
+            )
         if not deps:
             repo.store.update_refs(delete=(name,))
             return {"removed": [name], "rewritten": []}

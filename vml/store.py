@@ -7,6 +7,8 @@ Layout of a repository directory::
     objects/ab/cdef...    immutable zstd objects named by BLAKE3 of their content
     tmp/                  files being written; cleared by the next writer
     lock                  flock()ed by the one writer
+    leases/<id>.json      working areas that build on entries here (see vml.leases);
+                          absent until the first area is opened
 
 Crash safety rests on three rules. An object appears under its name only
 once complete (written to tmp/, then hard-linked into place, which also
@@ -48,6 +50,8 @@ from .names import check_name
 FORMAT = 1
 META_FILE = "vml-repository.json"
 REFS_FILE = "refs.json"
+LEASES_DIR = "leases"
+LEASE_LIMIT = 64 << 10
 DEFAULT_CHUNK_SIZE = 256 << 10
 MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 16 << 20
@@ -123,6 +127,7 @@ class Store:
         self.objects_dir = self.path / "objects"
         self.tmp_dir = self.path / "tmp"
         self.refs_path = self.path / REFS_FILE
+        self.leases_dir = self.path / LEASES_DIR
         self._locked = False
         self._tmpfile_ok = True
 
@@ -307,6 +312,36 @@ class Store:
         except OSError as e:
             raise StorageError(f"{self.refs_path}: cannot write refs ({e.strerror})") from None
 
+    # -- leases ----------------------------------------------------------
+
+    def leases(self) -> dict[str, bytes]:
+        """File name -> content of every lease file (see vml.leases); read without the lock."""
+        out = {}
+        try:
+            names = sorted(os.listdir(self.leases_dir))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.startswith(".") or not name.endswith(".json"):
+                continue  # a lease being written
+            try:
+                with open(self.leases_dir / name, "rb") as f:
+                    out[name] = f.read(LEASE_LIMIT + 1)
+            except FileNotFoundError:
+                continue  # dropped meanwhile
+        return out
+
+    def put_lease(self, name: str, data: bytes) -> None:
+        self._require_lock()
+        self.leases_dir.mkdir(mode=0o755, exist_ok=True)
+        write_atomic(self.leases_dir / name, data)
+
+    def drop_lease(self, name: str) -> None:
+        self._require_lock()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.leases_dir / name)
+        fsync_dir(self.leases_dir)
+
     # -- locking ---------------------------------------------------------
 
     @contextlib.contextmanager
@@ -352,7 +387,7 @@ class Store:
         # Whatever is in tmp/ belongs to a writer that died: only lock
         # holders write there, and we hold the lock now. So does a
         # temporary refs file left by a writer killed while replacing it.
-        for p in self.path.glob(f".{REFS_FILE}.*"):
+        for p in [*self.path.glob(f".{REFS_FILE}.*"), *self.leases_dir.glob(".*.json.*")]:
             p.unlink(missing_ok=True)
         for p in self.tmp_dir.iterdir():
             if p.is_dir() and not p.is_symlink():

@@ -1,0 +1,182 @@
+"""Working areas of several homes on one repository: leases keep what they read.
+
+Found in review on main: home B opened an area on g2; home A ran
+`rm g2; rm g1; gc` ("removed 21 objects"); B's `vml save --area` then failed
+with "object ... is missing". Areas are now recorded in the repository
+(leases), which every home's gc and rm respect.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from vml.areas import Area
+
+from conftest import Vml, need_root
+
+CS = 4096
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """A repository shared by two homes, A and B: g1 <- g2 saved by A."""
+    a, b = Vml(tmp_path / "homeA", tmp_path), Vml(tmp_path / "homeB", tmp_path)
+    rep = tmp_path / "rep"
+    a("init", rep, "--chunk-size", "4K")
+    b("init", rep)  # registers the existing repository in B's home
+    disk = tmp_path / "d.img"
+    data = bytearray(os.urandom(32 * CS))
+    disk.write_bytes(data)
+    a("save", "g1", "--from", disk)
+    data[3 * CS : 9 * CS] = os.urandom(6 * CS)
+    disk.write_bytes(data)
+    a("save", "g2", "--from", disk, "--parent", "g1")
+    return a, b, rep, bytes(data)
+
+
+def write_area(home: Path, area: str, offset: int, data: bytes) -> None:
+    with Area(home, area) as opened:
+        opened.write("d", offset, data)
+        opened.sync()
+
+
+def objects_in(rep: Path) -> int:
+    return sum(1 for p in (rep / "objects").rglob("*") if p.is_file())
+
+
+def test_another_homes_gc_keeps_what_an_open_area_reads(shared, tmp_path):
+    a, b, rep, g2 = shared
+    b("open", "g2", "--area", "w")
+    listed = json.loads(a("leases", "--json").stdout)
+    assert [(x["area"], x["entry"], x["home"], x["stale"]) for x in listed] == [
+        ("w", "g2", str(tmp_path / "homeB"), False)
+    ]
+    msg = a.fails("rm", "g2", status=11)
+    assert f"working area 'w' of {tmp_path / 'homeB'}" in msg and "builds on entry 'g2'" in msg and "--force" in msg
+    assert "builds on entry 'g2'" in a.fails("rm", "g1", "--recursive", status=11)
+    a("rm", "g2", "--force")
+    a("rm", "g1")
+    before = objects_in(rep)
+    out = a("gc").stdout
+    assert "removed 0 objects" in out and "(with what 1 working area build on)" in out
+    assert objects_in(rep) == before
+    write_area(tmp_path / "homeB", "w", 5 * CS, b"B was here" * 100)
+    b("save", "g3", "--area", "w")
+    b("checkout", "g3", tmp_path / "co")
+    expected = bytearray(g2)
+    expected[5 * CS : 5 * CS + 1000] = b"B was here" * 100
+    assert (tmp_path / "co/d.img").read_bytes() == bytes(expected)
+    # The lease followed the area to g3: g2 and g1 are now only g3's chain.
+    assert [x["entry"] for x in json.loads(a("leases", "--json").stdout)] == ["g3"]
+    assert a("verify").returncode == 0
+    b("close", "w")
+    assert json.loads(a("leases", "--json").stdout) == []
+    a("rm", "g3")
+    assert "removed 0 objects" not in a("gc").stdout
+    assert objects_in(rep) == 0
+
+
+def test_rm_reparent_refuses_to_rewrite_an_entry_an_area_builds_on(shared, tmp_path):
+    a, b, _, g2 = shared
+    b("open", "g2", "--area", "w")
+    assert "builds on entry 'g2'" in a.fails("rm", "g1", "--reparent", status=11)
+    a("rm", "g1", "--reparent", "--force")  # g2 gets a new manifest; the area keeps reading the old one
+    a("gc")
+    write_area(tmp_path / "homeB", "w", 0, b"x" * CS)
+    b("save", "g3", "--area", "w")
+    b("checkout", "g3", tmp_path / "co")
+    assert (tmp_path / "co/d.img").read_bytes() == b"x" * CS + g2[CS:]
+
+
+def test_stale_leases_are_listed_and_dropped(shared, tmp_path):
+    a, b, _, _ = shared
+    b("open", "g2", "--area", "w")
+    b("open", "g1", "--area", "v")
+    shutil.rmtree(tmp_path / "homeB" / "areas" / "w")  # a home cleaned up by hand
+    listed = {x["area"]: x for x in json.loads(a("leases", "--json").stdout)}
+    assert listed["w"]["stale"] is True and listed["v"]["stale"] is False
+    table = a("leases").stdout
+    assert "stale" in table and "open" in table and listed["w"]["id"][:12] in table
+    out = a("leases", "drop", "--stale").stdout
+    assert "dropped the lease of working area 'w'" in out and "'v'" not in out
+    assert [x["area"] for x in json.loads(a("leases", "--json").stdout)] == ["v"]
+    assert "no lease in repository rep with an id starting 'ffff'" in a.fails("leases", "drop", "ffff", status=3)
+    a("leases", "drop", listed["v"]["id"][:8])
+    assert json.loads(a("leases", "--json").stdout) == []
+
+
+def test_a_damaged_lease_stops_gc_and_is_reported(shared, tmp_path):
+    a, b, rep, _ = shared
+    b("open", "g2", "--area", "w")
+    (lease,) = (rep / "leases").iterdir()
+    lease.write_text("{not json")
+    a("rm", "g2", "--force")
+    before = objects_in(rep)
+    assert f"{lease}: invalid lease" in a.fails("gc", status=6)
+    assert objects_in(rep) == before
+    r = a("leases", ok=False)
+    assert r.returncode == 6 and f"{lease}: invalid lease" in r.stderr
+
+
+def test_an_entry_removed_while_the_area_is_opened_is_not_leased(shared, tmp_path):
+    """gc and the lease check both run under the lock: one of them sees the other."""
+    _, b, rep, _ = shared
+    code = (
+        "import sys\nfrom vml.store import Store\ns = Store(sys.argv[1])\n"
+        "with s.lock('vml rm g2'):\n    print('held', flush=True)\n    sys.stdin.readline()\n"
+        "    s.update_refs(delete=('g2',))\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(rep)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    opener = b.popen("open", "g2", "--area", "w")  # finds g2, then waits for the lock to record its lease
+    assert b"waiting up to 60 s for repository" in opener.stderr.readline()
+    holder.communicate(b"go\n", timeout=10)
+    _, err = opener.communicate(timeout=60)
+    assert opener.returncode == 3
+    assert b"entry 'g2' was removed from repository rep while the area was being opened" in err
+    assert not (tmp_path / "homeB/areas/w").exists() and not list((rep / "leases").glob("*.json"))
+
+
+def test_leases_are_never_exported_or_published(shared, tmp_path):
+    a, b, rep, _ = shared
+    b("open", "g2", "--area", "w")
+    assert list((rep / "leases").glob("*.json"))
+    a("export", "g2", "-o", tmp_path / "g2.vml", "--full")
+    with tarfile.open(tmp_path / "g2.vml") as t:
+        names = t.getnames()
+    assert names[0] == "vml-bundle.json" and all(n.startswith("objects/") for n in names[1:])
+    a("keygen", tmp_path / "key")
+    a("publish", tmp_path / "pub", "--key", tmp_path / "key")
+    published = {p.relative_to(tmp_path / "pub").parts[0] for p in (tmp_path / "pub").rglob("*")}
+    assert "leases" not in published and "objects" in published
+
+
+def test_a_user_who_cannot_write_the_repository_is_warned_at_open(shared):
+    need_root()
+    _, _, rep, _ = shared
+    base = Path(tempfile.mkdtemp(prefix="vml-leases-"))  # outside pytest's 0700 tmp
+    try:
+        os.chmod(base, 0o755)
+        shutil.copytree(rep, base / "rep")
+        home = base / "home"
+        home.mkdir()
+        os.chown(home, 65534, 65534)
+        env = dict(os.environ, VML_HOME=str(home))
+        setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "vml"]
+        subprocess.run([*setpriv, "init", base / "rep"], env=env, check=True, capture_output=True, cwd=base)
+        r = subprocess.run(
+            [*setpriv, "open", "g2", "--area", "w"], env=env, capture_output=True, text=True, cwd=base, check=False
+        )
+        assert r.returncode == 0, r.stderr
+        assert "vml: cannot record working area w in repository rep (Permission denied)" in r.stderr
+        assert "`vml gc` run by someone who can write the repository may remove what the area needs" in r.stderr
+        assert "opened working area w on g2" in r.stdout and not (base / "rep/leases").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

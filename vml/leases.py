@@ -1,0 +1,211 @@
+"""Leases: the working areas of every home, recorded in the repository they build on.
+
+A working area reads its entry's objects for as long as it is open, and its
+entry may be removed meanwhile, by this home or by another user's home that
+shares the repository. So opening an area records a lease in the
+repository, ``leases/<id>.json``, naming the host, the user, the home, the
+area and the manifest it builds on; `vml gc` keeps everything a lease's
+manifest needs, and `vml rm` refuses to remove an entry an area builds on.
+
+Leases are written, replaced and removed only under the repository's writer
+lock, and gc reads them under that same lock, so an area opened while gc
+runs is either seen by it or opened after it (and then checks that its entry
+is still there). A lease is one small JSON file replaced atomically; its id
+is a digest of (host, home, area), so each area has at most one lease per
+repository. Leases belong to the repository directory: they are never
+published, exported or copied, since they say who reads it here.
+
+A lease can outlive its area (a home deleted by hand, a crashed host):
+`vml leases` lists them, says which are stale where it can tell (areas of
+this host), and `vml leases drop` removes them.
+"""
+
+import errno
+import getpass
+import json
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import objects
+from .errors import Corrupt, CorruptManifest, NotFound, StorageError, UsageError
+from .names import check_name
+from .repository import Repository, now_iso
+from .store import storage_error
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Lease:
+    host: str
+    user: str
+    home: str
+    area: str
+    entry: str
+    manifest: str  # hex digest of the entry the area builds on
+    since: str
+    format: int = FORMAT
+
+    @property
+    def id(self) -> str:
+        return lease_id(self.host, self.home, self.area)
+
+    @property
+    def digest(self) -> bytes:
+        return bytes.fromhex(self.manifest)
+
+    def where(self) -> str:
+        """The area and its home, as messages name them."""
+        return f"working area {self.area!r} of {self.home} (user {self.user} on {self.host})"
+
+    def encode(self) -> bytes:
+        return (json.dumps(asdict(self), indent=1) + "\n").encode()
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> "Lease":
+        try:
+            doc = json.loads(data)
+            lease = cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+            if lease.format != FORMAT or objects.parse_hex(lease.manifest) is None:
+                raise ValueError("unsupported format or bad digest")
+            if not all(isinstance(getattr(lease, k), str) for k in ("host", "user", "home", "area", "entry", "since")):
+                raise TypeError("fields must be strings")
+            check_name(lease.area, "area")
+            return lease
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
+            raise CorruptManifest(f"{where}: invalid lease ({e})") from None
+
+
+def lease_id(host: str, home: str, area: str) -> str:
+    return objects.digest(f"{host}\0{home}\0{area}".encode()).hex()[:32]
+
+
+def here(home: Path, area: str, entry: str, manifest: bytes) -> Lease:
+    """The lease of ``area`` of ``home`` on this host, on ``manifest``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return Lease(socket.gethostname(), user, str(home.absolute()), area, entry, manifest.hex(), now_iso())
+
+
+def read_all(repo: Repository) -> tuple[list[Lease], list[str]]:
+    """Every lease of ``repo``, and one line per lease file that cannot be read."""
+    leases, damaged = [], []
+    for name, data in repo.store.leases().items():
+        where = str(repo.store.leases_dir / name)
+        try:
+            lease = Lease.decode(data, where)
+        except Corrupt as e:
+            damaged.append(str(e))
+            continue
+        if f"{lease.id}.json" != name:
+            damaged.append(f"{where}: invalid lease (its name does not match its area)")
+            continue
+        leases.append(lease)
+    return leases, damaged
+
+
+def roots(repo: Repository) -> list[Lease]:
+    """The leases gc must keep; the caller holds the lock. A damaged lease stops gc."""
+    leases, damaged = read_all(repo)
+    if damaged:
+        raise CorruptManifest(
+            f"{damaged[0]}; it may protect an area's data, so nothing is collected: "
+            "fix it, or remove it with `vml leases drop`"
+        )
+    return leases
+
+
+def holders(repo: Repository, digests: set[bytes]) -> list[Lease]:
+    """The leases on any of these manifests; the caller holds the lock."""
+    leases, _ = read_all(repo)
+    return [lease for lease in leases if lease.digest in digests]
+
+
+def take(repo: Repository, lease: Lease, was: bytes | None = None) -> bool:
+    """Record ``lease`` in ``repo``, replacing the area's previous one.
+
+    Its entry must still be in the repository under the lock: named by a ref,
+    or held by a lease (``was``, the area's previous manifest, counts as one).
+    Returns False, with a warning, if this user cannot write the repository:
+    the area works, but another user's gc may remove what it needs.
+    """
+    store = repo.store
+    try:
+        with store.lock(f"vml lease {lease.area}"):
+            live = set(repo.refs().values()) | {lease2.digest for lease2 in read_all(repo)[0]}
+            if was is not None:
+                live.add(was)
+            if lease.digest not in live:
+                raise NotFound(
+                    f"entry {lease.entry!r} was removed from repository {repo.name} while the area was being opened"
+                )
+            store.put_lease(f"{lease.id}.json", lease.encode())
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return _unprotected(repo, lease, e.strerror)
+        raise storage_error(e, f"recording a lease for area {lease.area!r} in {store.path}") from None
+    return True
+
+
+def _unprotected(repo: Repository, lease: Lease, why: str) -> bool:
+    log.warning(
+        "cannot record working area %s in repository %s (%s): while it is open, `vml gc` run by someone who "
+        "can write the repository may remove what the area needs",
+        lease.area,
+        repo.name,
+        why,
+    )
+    return False
+
+
+def release(repo: Repository, home: Path, area: str) -> None:
+    """Remove the lease of ``area`` of ``home`` on this host, if there is one; never fails the caller."""
+    name = f"{lease_id(socket.gethostname(), str(home.absolute()), area)}.json"
+    try:
+        if name not in repo.store.leases():
+            return
+        with repo.store.lock(f"vml close {area}"):
+            repo.store.drop_lease(name)
+    except (OSError, StorageError, Corrupt) as e:
+        log.warning("cannot remove the lease of working area %s from %s (%s): see `vml leases`", area, repo.name, e)
+
+
+def is_stale(lease: Lease) -> bool | None:
+    """Whether the area behind a lease is gone: True or False on this host, None for another host."""
+    if lease.host != socket.gethostname():
+        return None
+    record = Path(lease.home) / "areas" / lease.area / "area.json"
+    try:
+        doc = json.loads(record.read_bytes())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False  # there, but unreadable here: not ours to judge
+    return not isinstance(doc, dict) or doc.get("manifest") != lease.manifest
+
+
+def drop(repo: Repository, ids: list[str], stale: bool = False) -> list[Lease]:
+    """Remove the leases whose id starts with one of ``ids``, and with ``stale`` every stale one."""
+    if not ids and not stale:
+        raise UsageError("say which leases to drop: their ids (see `vml leases`), or --stale")
+    with repo.store.lock("vml leases drop"):
+        leases, _ = read_all(repo)
+        chosen: dict[str, Lease] = {}
+        for prefix in ids:
+            found = [lease for lease in leases if lease.id.startswith(prefix.lower())]
+            if len(found) != 1:
+                what = "no lease" if not found else f"{len(found)} leases"
+                raise NotFound(f"{what} in repository {repo.name} with an id starting {prefix!r} (see `vml leases`)")
+            chosen[found[0].id] = found[0]
+        if stale:
+            chosen.update({lease.id: lease for lease in leases if is_stale(lease)})
+        for lease in chosen.values():
+            repo.store.drop_lease(f"{lease.id}.json")
+    return list(chosen.values())
