@@ -3,37 +3,41 @@
 An area lives in ``$VML_HOME/areas/NAME/``::
 
     area.json             the entry it builds on (repository, name, manifest
-                          digest) and the overlay generation
+                          digest), the generation of its live overlays, and
+                          the generations of overlays frozen by a save
     lock                  flock()ed by the one process serving the area
-    DISK.GEN.overlay      one sparse file per disk, as long as the disk
+    DISK.GEN.overlay      sparse files as long as the disk (see vml.overlay)
 
-The overlay is the whole copy-on-write state: a block of the disk has been
-written exactly when that block of the overlay file is allocated
-(SEEK_DATA), and then the overlay holds its bytes; elsewhere the entry's
-bytes show through. There is no separate dirty map that could disagree with
-the data after a crash: a write that does not cover a whole block first
-fills the rest of the block from the current content, so every allocated
-block is complete. A process killed at any point leaves the page cache, and
-so every write, in place; fdatasync() on the overlay makes acknowledged
-writes durable against power loss as well (it flushes the blocks and the
-allocation that marks them written).
+A disk of an area is a stack: the entry's bytes, then the overlays frozen by
+a save that has not finished (oldest first), then the live overlay, which
+takes the writes. The repository records the area as a lease (see
+vml.leases), so that no home's gc frees what it reads.
 
-Saving an area reads only the chunks that hold written blocks, stores them
-as an incremental entry on the area's entry, then moves the area onto the
-new entry with an empty overlay of the next generation: area.json is
-replaced first, the old overlay removed after, and files of other
-generations are removed when an area is opened.
+Saving never holds up the guest for longer than it takes to create empty
+files and replace area.json. It runs in three steps:
 
-Concurrency rules, for the mount's worker threads: writes and save hold the
-area's mutex (a save sees no write half done, and no write lands between
-the save's reading and the switch to the next overlay). Reads take no lock:
-they use the Overlay object current when they start, which stays usable
-(its file descriptor closes only with the object) and shows the same bytes
-before and after a save.
+1. freeze (under the mutex): empty overlays of the next generation are
+   created, area.json names them live and the old ones frozen, and writes
+   go to them from then on;
+2. store (no mutex): the chunks holding written blocks of the frozen
+   layers are read and stored as an incremental entry on the area's entry;
+3. rebase (under the mutex): the live overlays now rest on the new entry,
+   whose bytes are those of the frozen stack; area.json says so, and the
+   frozen overlays are removed.
+
+A crash at any point leaves area.json naming a stack whose bytes are the
+guest's, and overlay files it does not name are removed when the area is
+opened. A save that fails leaves the frozen layers in the stack, and the
+next save stores them too.
+
+Concurrency rules, for the mount's worker threads: writes and the freeze
+and rebase steps hold the area's mutex; one save runs at a time (and close
+waits for it). Reads take no lock: they use the overlay current when they
+start, which stays usable (its file descriptor closes only with the
+object) and shows the same bytes before and after each step.
 """
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -42,17 +46,17 @@ import shutil
 import stat
 import tempfile
 import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import chunkmap, control, leases
 from .config import Config
-from .errors import AlreadyExists, CorruptManifest, DiskFull, Locked, NotFound, UsageError, VmlError
+from .errors import AlreadyExists, CorruptManifest, Locked, NotFound, UsageError, VmlError
 from .hardware import Hardware
 from .manifest import Stream
 from .names import check_name
 from .objects import parse_hex
+from .overlay import Overlay, check_sparse_files
 from .progress import SILENT, Progress
 from .reader import ChunkCache, DiskReader
 from .repository import Entry, Repository, now_iso
@@ -62,6 +66,7 @@ from .store import fsync_dir, write_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+FROZEN_FORMAT = 2  # a record naming frozen overlays
 RECORD_FILE = "area.json"
 MEMORY_FILE = "vml-memory.state"  # a running VM's memory, saved with its disks (see vml.boot)
 BLOCK = 4096
@@ -79,14 +84,18 @@ class AreaRecord:
     created: str
     format: int = FORMAT
     save_to: str = ""  # path of the local repository saves go to, when the entry is a remote's
+    frozen: list[int] = field(default_factory=list)  # generations of overlays a save froze, oldest first
 
     @classmethod
     def load(cls, path: Path) -> "AreaRecord":
         try:
             doc = json.loads(path.read_bytes())
             rec = cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
-            if rec.format != FORMAT or parse_hex(rec.manifest) is None:
+            if rec.format not in (FORMAT, FROZEN_FORMAT) or parse_hex(rec.manifest) is None:
                 raise ValueError("unsupported format or bad digest")
+            gens = [*rec.frozen, rec.generation]
+            if not all(type(g) is int and g > 0 for g in gens) or gens != sorted(set(gens)):
+                raise ValueError("bad generations")
             check_name(rec.name, "area")
             return rec
         except FileNotFoundError:
@@ -95,7 +104,13 @@ class AreaRecord:
             raise CorruptManifest(f"{path}: invalid working area record ({e})") from None
 
     def save(self, path: Path) -> None:
-        write_atomic(path, (json.dumps(asdict(self), indent=1) + "\n").encode())
+        doc = asdict(self)
+        if self.frozen:  # a version that knows no frozen layers refuses the record instead of dropping them
+            doc["format"] = FROZEN_FORMAT
+        else:
+            del doc["frozen"]
+            doc["format"] = FORMAT
+        write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def areas_dir(home: Path) -> Path:
@@ -115,33 +130,6 @@ def list_areas(home: Path) -> list[AreaRecord]:
     return out
 
 
-def _check_sparse_files(directory: Path, block: int) -> None:
-    """Refuse a file system where allocation does not tell written blocks from holes.
-
-    An overlay's allocated blocks are its written ones; that needs SEEK_DATA
-    and SEEK_HOLE, and written zeros kept as data (ZFS with compression, for
-    one, turns them back into holes).
-    """
-    fd, probe = tempfile.mkstemp(dir=directory, prefix=".vml-sparse-probe.")
-    try:
-        os.ftruncate(fd, 4 * block)
-        os.pwrite(fd, bytes(block), block)  # the second block: written zeros
-        os.fsync(fd)
-        data = os.lseek(fd, 0, os.SEEK_DATA)
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        ok = (data, hole) == (block, 2 * block)
-    except OSError:
-        ok = False
-    finally:
-        os.close(fd)
-        os.unlink(probe)
-    if not ok:
-        raise UsageError(
-            f"{directory}: this file system does not keep sparse files as working areas need "
-            "(SEEK_DATA/SEEK_HOLE, written zeros kept as data); put $VML_HOME on ext4, xfs, btrfs or tmpfs"
-        )
-
-
 def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: Repository | None = None) -> AreaRecord:
     """Create area ``name`` on ``entry``; it is empty until written.
 
@@ -154,7 +142,7 @@ def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: 
     if target.exists():
         raise AlreadyExists(f"working area {name!r} already exists; pick another name with --area")
     block = max(BLOCK, os.statvfs(parent).f_bsize)
-    _check_sparse_files(parent, block)
+    check_sparse_files(parent, block)
     if block > entry.manifest.chunk_size:
         raise UsageError(f"{parent}: file system blocks of {block} bytes are larger than the chunk size")
     if repo.read_only and (save_to is None or save_to.read_only):
@@ -179,95 +167,6 @@ def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: 
     return rec
 
 
-class Overlay:
-    """One disk of an area: the written blocks over the entry's bytes."""
-
-    def __init__(self, path: Path, base: DiskReader, block: int):
-        self.path, self.base, self.block = path, base, block
-        self.size = base.size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        st = os.fstat(self.fd)
-        if st.st_size != self.size:
-            os.ftruncate(self.fd, self.size)
-        self.mtime_ns = st.st_mtime_ns
-        self.written = bytearray(-(-self.size // block))  # 1 per written block
-        self._scan()
-
-    def __del__(self):
-        with contextlib.suppress(AttributeError, OSError):
-            os.close(self.fd)
-
-    def _scan(self) -> None:
-        off = 0
-        while off < self.size:
-            try:
-                data = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    return
-                raise
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-            first, last = data // self.block, -(-hole // self.block)
-            self.written[first:last] = b"\1" * (last - first)
-            off = hole
-
-    def changed_blocks(self) -> int:
-        return self.written.count(1)
-
-    def dirty_chunks(self, chunk_size: int) -> list[int]:
-        per = chunk_size // self.block
-        w = self.written
-        return [i for i in range(-(-len(w) // per)) if 1 in w[i * per : (i + 1) * per]]
-
-    def read(self, offset: int, size: int) -> bytes:
-        end = min(offset + size, self.size)
-        if offset >= end:
-            return b""
-        b0, b1 = offset // self.block, -(-end // self.block)
-        marks = self.written[b0:b1]
-        if 1 not in marks:
-            return self.base.read(offset, end - offset)
-        if 0 not in marks:
-            return os.pread(self.fd, end - offset, offset)
-        parts, pos = [], offset
-        while pos < end:
-            b = pos // self.block
-            state = self.written[b]
-            stop = b + 1
-            while stop < b1 and self.written[stop] == state:
-                stop += 1
-            run_end = min(stop * self.block, end)
-            if state:
-                parts.append(os.pread(self.fd, run_end - pos, pos))
-            else:
-                parts.append(self.base.read(pos, run_end - pos))
-            pos = run_end
-        return b"".join(parts)
-
-    def write(self, offset: int, data: bytes) -> None:
-        """Write ``data``; the caller holds the area's mutex."""
-        end = offset + len(data)
-        if end > self.size:
-            raise DiskFull(f"{self.path.name}: write past the end of the disk ({end} > {self.size})")
-        b0, b1 = offset // self.block, -(-end // self.block)
-        start, stop = b0 * self.block, min(b1 * self.block, self.size)
-        if offset == start and end == stop:
-            buf = data
-        else:  # complete the partial first and last blocks from the current content
-            buf = bytearray(self.read(start, stop - start))
-            buf[offset - start : end - start] = data
-        view = memoryview(buf)
-        pos = start
-        while view:
-            n = os.pwrite(self.fd, view, pos)
-            view, pos = view[n:], pos + n
-        self.written[b0:b1] = b"\1" * (b1 - b0)
-        self.mtime_ns = time.time_ns()
-
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
-
 class Area:
     """An open working area; holds its lock until closed."""
 
@@ -276,8 +175,10 @@ class Area:
         self.home, self.name = home, name
         self.dir = areas_dir(home) / name
         self.cache = cache or ChunkCache()
-        self.mutex = threading.RLock()
+        self.mutex = threading.RLock()  # writes, and the freeze and rebase of a save
+        self._saving = threading.Lock()  # one save at a time; destroy waits for it
         self.handles = 0  # files of the area open in the mount
+        self.version = 0  # changes whenever the disks' stack or the entry does
         if not self.dir.is_dir():
             raise NotFound(f"no working area {name!r} (see `vml consult`)")
         self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -301,25 +202,25 @@ class Area:
         rec = self.record
         self.repo, self.entry = open_entry(self.home, rec)
         self.target = Config.load(self.home).local(rec.save_to) if rec.save_to else self.repo
-        digest = self.entry.digest
-        resolved = self.repo.resolve(digest)
-        where = f"area {self.name}"
-        self.disks = {
-            n: Overlay(
-                self.dir / f"{n}.{rec.generation}.overlay",
-                DiskReader(self.repo, t, f"{where}, disk {n}", self.cache),
-                rec.block_size,
-            )
-            for n, t in resolved.disks.items()
-        }
-        self.files = {
-            n: (DiskReader(self.repo, t, f"{where}, file {n}", self.cache), mode)
+        resolved = self.repo.resolve(self.entry.digest)
+        self.disks = {}
+        for n, table in resolved.disks.items():
+            layer = DiskReader(self.repo, table, f"area {self.name}, disk {n}", self.cache)
+            for gen in [*rec.frozen, rec.generation]:
+                layer = Overlay(self.dir / f"{n}.{gen}.overlay", layer, rec.block_size)
+            self.disks[n] = layer
+        self.files = self._file_readers(resolved)
+        current = {f"{n}.{gen}.overlay" for n in self.disks for gen in [*rec.frozen, rec.generation]}
+        for p in self.dir.glob("*.overlay"):
+            if p.name not in current:  # left by a save interrupted before or after a step
+                p.unlink(missing_ok=True)
+        self.version += 1
+
+    def _file_readers(self, resolved) -> dict:
+        return {
+            n: (DiskReader(self.repo, t, f"area {self.name}, file {n}", self.cache), mode)
             for n, (t, mode) in resolved.files.items()
         }
-        current = {f"{n}.{rec.generation}.overlay" for n in self.disks}
-        for p in self.dir.glob("*.overlay"):
-            if p.name not in current:  # left by a save interrupted after its switch
-                p.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -347,7 +248,8 @@ class Area:
                 ov.sync()
 
     def changed_bytes(self) -> int:
-        return sum(ov.changed_blocks() * ov.block for ov in self.disks.values())
+        """Bytes written since the last save (blocks written in two layers count twice)."""
+        return sum(layer.changed_blocks() * layer.block for ov in self.disks.values() for layer in ov.layers())
 
     # -- save ------------------------------------------------------------
 
@@ -365,18 +267,22 @@ class Area:
         ``files`` adds or replaces files of the entry with local files (a
         running VM's memory state), ``drop`` leaves files of the area's
         entry out, and ``hardware`` replaces the entry's description.
+        Writes go on while the changes are stored (see the module's notes).
         """
         files = files or {}
-        with self.mutex:
+        with self._saving:
+            if name in self.target.refs():  # before freezing: a name taken is the common mistake
+                raise AlreadyExists(f"entry {name!r} already exists in repository {self.target.name}")
+            frozen = self._freeze()
             cs = self.entry.manifest.chunk_size
-            dirty = {n: ov.dirty_chunks(cs) for n, ov in self.disks.items()}
+            dirty = {n: sorted(set().union(*(ly.dirty_chunks(cs) for ly in top.layers()))) for n, top in frozen.items()}
             progress.start(sum(len(v) for v in dirty.values()) * cs)
 
             def build(writer: ChunkWriter, plan: Plan):
                 disks = []
                 for s in self.entry.manifest.disks:
-                    ov = self.disks[s.name]
-                    chunks = ((i, ov.read(i * cs, cs)) for i in dirty[s.name])
+                    top = frozen[s.name]
+                    chunks = ((i, top.read(i * cs, cs)) for i in dirty[s.name])
                     map_digest = writer.store_chunks(chunks, s.size, plan.ref.disks[s.name])
                     disks.append(Stream(s.name, s.size, map_digest))
                 unchanged = writer.put_metadata(chunkmap.encode([]))
@@ -407,33 +313,50 @@ class Area:
                 progress=progress,
                 hardware=hardware,
             )
-            self._switch(entry)
+            self._rebase(entry)
             return entry
 
-    def _switch(self, entry: Entry) -> None:
-        rec = self.record
-        old = [ov.path for ov in self.disks.values()]
+    def _freeze(self) -> dict[str, Overlay]:
+        """Step 1: writes go to fresh overlays from now on; return the frozen tops."""
+        with self.mutex:
+            rec = self.record
+            gen = rec.generation + 1
+            tops = dict(self.disks)
+            live = {n: Overlay(self.dir / f"{n}.{gen}.overlay", top, rec.block_size) for n, top in tops.items()}
+            new_rec = replace(rec, generation=gen, frozen=[*rec.frozen, rec.generation])
+            new_rec.save(self.dir / RECORD_FILE)
+            self.record, self.disks = new_rec, live
+            self.version += 1
+            return tops
+
+    def _rebase(self, entry: Entry) -> None:
+        """Step 3: the live overlays rest on ``entry``; the frozen ones go."""
         # The lease moves to the new entry (one atomic replacement); until
-        # then the old one keeps what the area read, and the ref keeps the new.
+        # then the old one keeps what the area read, and the ref the new.
         try:
             leases.take(self.target, leases.here(self.home, self.name, entry.name, entry.digest), was=self.entry.digest)
         except VmlError as e:
             log.warning("working area %s: cannot record its new entry in %s (%s)", self.name, self.target.name, e)
-        new_rec = AreaRecord(
-            **{
-                **asdict(rec),
-                "repository": self.target.name,
-                "repository_path": str(self.target.store.path),
-                "save_to": "",
-                "entry": entry.name,
-                "manifest": entry.digest.hex(),
-                "generation": rec.generation + 1,
-            }
-        )
-        new_rec.save(self.dir / RECORD_FILE)
-        self.record = new_rec
-        self._load()
-        for p in old:
+        resolved = self.target.resolve(entry.digest)
+        with self.mutex:
+            rec = self.record
+            frozen = [lay.path for ov in self.disks.values() for lay in ov.layers()[1:]]
+            new_rec = replace(
+                rec,
+                repository=self.target.name,
+                repository_path=str(self.target.store.path),
+                save_to="",
+                entry=entry.name,
+                manifest=entry.digest.hex(),
+                frozen=[],
+            )
+            new_rec.save(self.dir / RECORD_FILE)
+            self.record, self.repo, self.entry = new_rec, self.target, entry
+            for n, ov in self.disks.items():
+                ov.base = DiskReader(self.repo, resolved.disks[n], f"area {self.name}, disk {n}", self.cache)
+            self.files = self._file_readers(resolved)
+            self.version += 1
+        for p in frozen:
             p.unlink(missing_ok=True)
 
     def check_saved(self) -> None:
@@ -444,7 +367,7 @@ class Area:
 
     def destroy(self, discard: bool = False) -> None:
         """Delete the area, still holding its lock; refuses unsaved changes unless ``discard``."""
-        with self.mutex:
+        with self._saving, self.mutex:
             if not discard:
                 self.check_saved()
             trash = self.dir.with_name(f".{self.name}.removing")
@@ -490,7 +413,10 @@ def roots(home: Path, repo: Repository) -> tuple[bytes, ...]:
 def changed_bytes(home: Path, rec: AreaRecord) -> int:
     """Bytes written to an area since its last save (read without its lock)."""
     total = 0
-    for p in (areas_dir(home) / rec.name).glob(f"*.{rec.generation}.overlay"):
+    gens = {str(g) for g in [*rec.frozen, rec.generation]}
+    for p in (areas_dir(home) / rec.name).glob("*.overlay"):
+        if p.name.rsplit(".", 2)[1] not in gens:  # DISK.GEN.overlay
+            continue
         with contextlib.suppress(OSError):
             total += p.stat().st_blocks * 512
     return total

@@ -118,12 +118,12 @@ class Logbook:
     def area(self, name: str) -> tuple[Area, FileSet]:
         with self._lock:
             opened = self._areas.get(name)
-        if opened is not None and opened[0].record.generation == opened[1].generation:
+        if opened is not None and opened[0].version == opened[1].generation:
             return opened
         with self._area_open_lock:  # one opener at a time: the second would find the area locked
             with self._lock:
                 opened = self._areas.get(name)
-            if opened is not None and opened[0].record.generation == opened[1].generation:
+            if opened is not None and opened[0].version == opened[1].generation:
                 return opened
             area = opened[0] if opened else Area(self.home, name, self.cache)
             fs = self._area_files(area)
@@ -134,10 +134,9 @@ class Logbook:
     def _area_files(self, area: Area) -> FileSet:
         mtime = int(parse_iso(area.record.created).timestamp() * 1e9)
         # Keys leave out the generation: a saved area's disk stays the same file.
-        fs = FileSet(("area", area.name), mtime, area.describe, area.record.generation)
+        fs = FileSet(("area", area.name), mtime, area.describe, area.version)
         for name, ov in area.disks.items():
-            allocated = ov.base.allocated() + ov.changed_blocks() * ov.block
-            add_disk(fs, name, ov.size, min(allocated, ov.size), lambda n=name: AreaDiskHandle(area, n), False, True)
+            add_disk(fs, name, ov.size, ov.allocated(), lambda n=name: AreaDiskHandle(area, n), False, True)
         for name, (reader, mode) in area.files.items():
             node = Node((*fs.key, "file", name), False, reader.size, reader.allocated(), mtime, mode & 0o555)
             fs.add(tuple(name.split("/")), node, lambda r=reader: ReaderHandle(r))
