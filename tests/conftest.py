@@ -18,7 +18,89 @@ import pytest
 from vml.repository import Repository
 from vml.store import Store
 
+from servers import Nginx
+
 REQUIRE_ALL = os.environ.get("VML_REQUIRE_ALL") == "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--faults-long",
+        action="store_true",
+        help="run the fault loops of tests/test_faults.py 1000 times each instead of 50 (or VML_FAULTS_LONG=1)",
+    )
+
+
+# -- the fault suite's tally -----------------------------------------------------
+
+FAULT_TALLY: list[dict] = []  # one row per fault loop: what, tries, held, outcomes
+
+
+class FaultLoop:
+    """Repeat a fault ``tries`` times; each try's checks run in ``with attempt:``.
+
+    A try whose checks fail is counted, not raised at once, so that the tally
+    shows how often the property held; the loop then fails the test.
+    """
+
+    def __init__(self, what: str, tries: int):
+        self.what, self.tries = what, tries
+        self.failures: list[str] = []
+        self.outcomes: dict[str, int] = {}
+
+    def __iter__(self):
+        for i in range(self.tries):
+            yield _Attempt(self, i)
+        FAULT_TALLY.append(
+            {"fault": self.what, "tries": self.tries, "held": self.tries - len(self.failures), **self.outcomes}
+        )
+        assert not self.failures, (
+            f"{self.what}: {len(self.failures)} of {self.tries} tries failed; first: " + (self.failures[0])
+        )
+
+    def outcome(self, label: str) -> None:
+        self.outcomes[label] = self.outcomes.get(label, 0) + 1
+
+
+class _Attempt:
+    def __init__(self, loop: FaultLoop, index: int):
+        self.loop, self.index = loop, index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, Exception):
+            self.loop.failures.append(f"try {self.index}: {kind.__name__}: {exc}")
+            return True
+        return False
+
+
+@pytest.fixture
+def faults(request):
+    """``faults(what)`` makes a FaultLoop of 50 tries, or 1000 with --faults-long."""
+    long = request.config.getoption("--faults-long") or os.environ.get("VML_FAULTS_LONG") == "1"
+
+    def make(what: str, tries: int = 50, long_tries: int = 1000) -> FaultLoop:
+        return FaultLoop(what, long_tries if long else tries)
+
+    return make
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULT_TALLY:
+        return
+    terminalreporter.section("fault suite: tries and how many held")
+    for row in FAULT_TALLY:
+        extra = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("fault", "tries", "held"))
+        terminalreporter.write_line(
+            f"{row['fault']:<58} {row['tries']:>5} tries {row['held']:>5} held" + (f"  ({extra})" if extra else "")
+        )
+    report = os.environ.get("VML_FAULTS_REPORT")
+    if report:
+        import json
+
+        Path(report).write_text(json.dumps(FAULT_TALLY, indent=1) + "\n")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -212,3 +294,56 @@ def image_copy(ext4_image, tmp_path):
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+# -- a published repository, and remotes on it --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory, ext4_image):
+    """rep1 with base (the ext4 image) and e2 (8 MB of files added), published with a key."""
+    need("nginx")
+    d = tmp_path_factory.mktemp("publisher")
+    vml = Vml(d / "home", d)
+    img = d / "disk.img"
+    shutil.copy(ext4_image, img)
+    vml("init", d / "rep1")
+    vml("save", "base", "--from", img)
+    shutil.copy(img, d / "base.img")
+    debugfs_write(img, {"added.bin": os.urandom(4 << 20), "notes.txt": b"hello remote\n" * 300000}, d / "w")
+    vml("save", "e2", "--from", img, "--parent", "base")
+    vml("keygen", d / "key")
+    vml("publish", d / "pub", "--key", d / "key")
+    return {
+        "dir": d,
+        "pub": d / "pub",
+        "key": d / "key",
+        "pubkey": d / "key.pub",
+        "image": img,
+        "base_image": d / "base.img",
+        "vml": vml,
+    }
+
+
+@pytest.fixture(scope="session")
+def origin(published):
+    """nginx serving the published repository (shared: tests must not change its files)."""
+    server = Nginx(published["pub"])
+    yield server
+    server.stop()
+
+
+def add_remote(vml, origin, published, *extra, name="cern"):
+    vml("remote", "add", name, origin.url, "--key", published["pubkey"], *extra)
+
+
+def set_remote(home: Path, name: str = "cern", **settings) -> None:
+    """Change settings of a remote in config.toml, as a user would."""
+    import tomllib
+
+    import tomli_w
+
+    path = home / "config.toml"
+    doc = tomllib.loads(path.read_text())
+    doc["remotes"][name].update(settings)
+    path.write_text(tomli_w.dumps(doc))

@@ -8,6 +8,7 @@ Everything listens on 127.0.0.1 and free ports only.
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -164,14 +165,23 @@ class FaultProxy:
     mode: "pass"; "reset" (close each connection as the reply starts);
     "stall" (send nothing of the reply); "slow" (trickle the reply at
     ``rate`` bytes/s); "corrupt" (flip one byte of each reply
-    body); "truncate" (end each reply half-way). ``delay`` seconds are added
-    to each direction (so a round trip gains twice that), without limiting
-    bandwidth.
+    body, or with ``rng`` one random bit at a random place in it); "truncate"
+    (end each reply half-way). ``delay`` seconds are added to each direction
+    (so a round trip gains twice that), without limiting bandwidth.
+    ``corrupted`` counts the replies that had a flip.
     """
 
-    def __init__(self, target_port: int, mode: str = "pass", delay: float = 0.0, rate: int = 1000):
+    def __init__(
+        self,
+        target_port: int,
+        mode: str = "pass",
+        delay: float = 0.0,
+        rate: int = 1000,
+        rng: random.Random | None = None,
+    ):
         self.target = target_port
-        self.mode, self.delay, self.rate = mode, delay, rate
+        self.mode, self.delay, self.rate, self.rng = mode, delay, rate, rng
+        self.corrupted = 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._sock = socket.socket()
@@ -279,6 +289,8 @@ class FaultProxy:
             for line in head.split(b"\r\n"):
                 if line.lower().startswith(b"content-length:"):
                     st["length"] = int(line.split(b":")[1])
+            if self.rng is not None and st["length"]:
+                st["flip_at"] = self.rng.randrange(st["length"])
             if mode == "stall":
                 while not self._stopped:
                     time.sleep(0.1)
@@ -288,15 +300,25 @@ class FaultProxy:
         return self._fault_body(data, st)
 
     def _fault_body(self, body: bytes, st: dict) -> bytes | None:
+        start = st["body_seen"]
         st["body_seen"] += len(body)
         if self.mode == "truncate" and st["body_seen"] > st["length"] // 2:
             return None
         if self.mode == "corrupt" and not st["flipped"] and body:
-            st["flipped"] = True
-            i = len(body) // 2
-            body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
+            at = st.get("flip_at")
+            if at is None:
+                i, mask = len(body) // 2, 0xFF
+            elif at < st["body_seen"]:
+                i, mask = at - start, 1 << self.rng.randrange(8)
+            else:
+                i = None  # the random place comes in a later piece
+            if i is not None:
+                st["flipped"] = True
+                body = body[:i] + bytes([body[i] ^ mask]) + body[i + 1 :]
+                with self._lock:
+                    self.corrupted += 1
         if st["body_seen"] >= st["length"]:  # the next reply on this connection starts afresh
-            st.update(length=None, head=b"", body_seen=0, flipped=False)
+            st.update(length=None, head=b"", body_seen=0, flipped=False, flip_at=None)
         return body
 
     def _close(self, *socks) -> None:

@@ -12,41 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Vml, debugfs_write, need
+from conftest import Vml, add_remote, debugfs_write, need, set_remote
 from servers import FaultProxy, Nginx, Squid, free_port
-
-
-@pytest.fixture(scope="session")
-def published(tmp_path_factory, ext4_image):
-    """rep1 with base (the ext4 image) and e2 (8 MB of files added), published with a key."""
-    need("nginx")
-    d = tmp_path_factory.mktemp("publisher")
-    vml = Vml(d / "home", d)
-    img = d / "disk.img"
-    shutil.copy(ext4_image, img)
-    vml("init", d / "rep1")
-    vml("save", "base", "--from", img)
-    shutil.copy(img, d / "base.img")
-    debugfs_write(img, {"added.bin": os.urandom(4 << 20), "notes.txt": b"hello remote\n" * 300000}, d / "w")
-    vml("save", "e2", "--from", img, "--parent", "base")
-    vml("keygen", d / "key")
-    vml("publish", d / "pub", "--key", d / "key")
-    return {
-        "dir": d,
-        "pub": d / "pub",
-        "key": d / "key",
-        "pubkey": d / "key.pub",
-        "image": img,
-        "base_image": d / "base.img",
-        "vml": vml,
-    }
-
-
-@pytest.fixture(scope="session")
-def origin(published):
-    server = Nginx(published["pub"])
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -64,22 +31,6 @@ def own_origin(vml, home, published, tmp_path):
         yield pub, server
     finally:
         server.stop()
-
-
-def add_remote(vml, origin, published, *extra, name="cern"):
-    vml("remote", "add", name, origin.url, "--key", published["pubkey"], *extra)
-
-
-def set_remote(home: Path, name: str = "cern", **settings) -> None:
-    """Change settings of a remote in config.toml, as a user would."""
-    import tomllib
-
-    import tomli_w
-
-    path = home / "config.toml"
-    doc = tomllib.loads(path.read_text())
-    doc["remotes"][name].update(settings)
-    path.write_text(tomli_w.dumps(doc))
 
 
 def objects_of(pub: Path) -> set[str]:
