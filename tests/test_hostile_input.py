@@ -360,3 +360,30 @@ def test_log_lists_every_other_entry_and_marks_a_damaged_one(vml, rep, tmp_path)
     assert r.stderr.strip() == "vml: 1 damaged entry in rep (b): run `vml verify`"
     r = vml("consult", ok=False)
     assert r.returncode == 6 and "+---b(DAMAGED" in r.stdout and "['a', 'c', 'z']" in r.stdout
+
+
+def test_special_files_given_as_key_files_fail_at_once(vml, rep, tmp_path):
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    for args in (
+        ("publish", tmp_path / "pub", "--key", fifo),
+        ("remote", "add", "r", "http://127.0.0.1:9", "--key", fifo),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "vml", *map(str, args)], env=vml.env, capture_output=True, text=True, timeout=20
+        )
+        assert (
+            r.returncode == 2
+            and r.stderr.strip() == f"vml: error: {fifo}: not a regular file (a key file was expected)"
+        )
+    assert "not a regular file" in vml.fails("publish", tmp_path / "pub", "--key", "/dev/zero", status=2)
+
+
+def test_remote_names_the_mount_keeps_or_repositories_use_are_refused(vml, rep, tmp_path, home):
+    cfg = home / "config.toml"
+    saved = cfg.read_text()
+    remote = '\n[remotes.{}]\nurl = "http://127.0.0.1:9"\nkey = "ed25519:' + "A" * 43 + '="\n'
+    cfg.write_text(saved + remote.format("areas"))
+    assert "invalid remote name 'areas': it is reserved" in vml.fails("consult", status=6)
+    cfg.write_text(saved + remote.format("rep"))
+    assert "'rep' names both a repository and a remote" in vml.fails("log", status=6)

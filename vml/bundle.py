@@ -23,7 +23,6 @@ import io
 import json
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import BinaryIO
 
 from .chunkmap import chunk_length
 from .errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
+from .files import open_regular
 from .names import check_name
 from .objects import HOLE, decode, parse_hex
 from .progress import SILENT, Progress
@@ -200,25 +200,11 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
 
 
 def _open_bundle(path: Path) -> BinaryIO:
-    """``path`` opened for reading, if it is a regular file.
-
-    Opened without blocking, so that a FIFO (which would wait for a writer)
-    is refused like any other special file.
-    """
+    """``path`` opened for reading, if it is a regular file (a FIFO is refused, not waited on)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise BadBundle(f"{path}: no such file") from None
-    except OSError as e:
-        raise BadBundle(f"{path}: cannot read it ({e.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BadBundle(f"{path}: not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return open_regular(path, "file")
+    except VmlError as e:
+        raise BadBundle(str(e)) from None
 
 
 def _read_index(tar: TarReader, path: Path) -> dict:

@@ -45,7 +45,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import AlreadyExists, BadSignature, Corrupt, CorruptManifest, NotFound, UsageError
+from .errors import AlreadyExists, BadSignature, CorruptManifest, NotFound, UsageError
+from .files import read_regular
 from .names import check_name
 from .objects import parse_hex
 from .store import storage_error, write_atomic
@@ -54,13 +55,10 @@ FORMAT = 2  # the newest format this module reads and writes
 CATALOG_FILE = "catalog.json"
 CATALOG_LIMIT = 64 << 20
 KEY_PREFIX = "ed25519:"
+KEY_FILE_LIMIT = 64 << 10
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 DEFAULT_EXPIRY_DAYS = 30.0
 MAX_EXPIRY_DAYS = 3650.0
-
-
-class ExpiredCatalog(Corrupt):
-    """A remote catalog past the time it expires: the publisher must re-sign it."""
 
 
 # -- keys ------------------------------------------------------------------
@@ -93,10 +91,12 @@ def public_key_text(key: Ed25519PublicKey) -> str:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
+        data = read_regular(path, KEY_FILE_LIMIT, "key file")
+    except NotFound:
         raise NotFound(f"{path}: no such key file (create one with `vml keygen {path}`)") from None
-    except (OSError, ValueError, TypeError) as e:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
         raise UsageError(f"{path}: not an unencrypted Ed25519 private key ({e})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise UsageError(f"{path}: not an Ed25519 private key")
@@ -117,12 +117,7 @@ def parse_public_key(text: str, where: str) -> Ed25519PublicKey:
 
 def read_public_key(path: Path) -> str:
     """The canonical text of the public key in file ``path``."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        raise NotFound(f"{path}: no such key file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the key ({e.strerror})") from None
+    text = read_regular(path, KEY_FILE_LIMIT, "key file").decode(errors="replace")
     return public_key_text(parse_public_key(text, str(path)))
 
 

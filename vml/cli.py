@@ -121,10 +121,10 @@ def cmd_save(args) -> int:
 
 
 def _save_area(args) -> int:
-    if args.source or args.parent or args.kind or args.format:
+    if args.source or args.parent or args.kind or args.format or args.allow_backing_outside:
         raise UsageError(
             "--area saves what changed in the area as an incremental entry on the area's entry; "
-            "--from, --parent, --kind and --format do not apply"
+            "--from, --parent, --kind, --format and --allow-backing-outside do not apply"
         )
     home = config.vml_home()
     with progress_bar(f"saving {args.entry}") as bar:

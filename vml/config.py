@@ -37,7 +37,7 @@ from .catalog import parse_public_key
 from .errors import AlreadyExists, CorruptManifest, NotFound, UsageError
 from .fetch import Settings, parse_proxies
 from .manifest import DEFAULT_MAX_DISK_SIZE, MAX_STREAM_SIZE
-from .names import check_name, check_repository_name, parse_size
+from .names import check_repository_name, parse_size
 from .remote import RemoteConfig, RemoteRepository, open_remote
 from .repository import Entry, Repository
 from .store import Store, write_atomic
@@ -99,6 +99,9 @@ class Config:
             raise CorruptManifest(f"{path}: remotes must be a table of [remotes.NAME] sections")
         for n, r in doc.get("remotes", {}).items():
             remotes[n] = _remote_config(path, n, r)
+        both = sorted(set(repos) & set(remotes))
+        if both:
+            raise CorruptManifest(f"{path}: {both[0]!r} names both a repository and a remote; rename one")
         limit = _max_disk_size(path, doc.get("limits", {}))
         return cls(path, repos, default if default in repos else None, remotes, limit)
 
@@ -181,7 +184,7 @@ def _max_disk_size(path: Path, limits) -> int:
 def _remote_config(path: Path, name: str, r) -> RemoteConfig:
     where = f"{path}: [remotes.{name}]"
     try:
-        check_name(name, "remote")
+        check_repository_name(name, "remote")
         if not isinstance(r, dict):
             raise ValueError("not a table")
         fields, settings = {}, {}

@@ -107,6 +107,10 @@ class BadSignature(Corrupt):
     """A remote catalog whose signature does not verify with the configured key."""
 
 
+class ExpiredCatalog(Corrupt):
+    """A remote catalog past the time it expires: the publisher must re-sign it."""
+
+
 class HypervisorError(VmlError):
     """A hypervisor could not be reached, or refused or failed to run a VM."""
 

@@ -24,10 +24,11 @@ def check_name(name: str, what: str = "entry") -> str:
     return name
 
 
-def check_repository_name(name: str) -> str:
-    check_name(name, "repository")
+def check_repository_name(name: str, what: str = "repository") -> str:
+    """A repository's or remote's name: an entry name, and none the mount keeps for itself."""
+    check_name(name, what)
     if name in RESERVED_REPOSITORY_NAMES:
-        raise UsageError(f"invalid repository name {name!r}: it is reserved")
+        raise UsageError(f"invalid {what} name {name!r}: it is reserved")
     return name
 
 

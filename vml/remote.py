@@ -21,8 +21,17 @@ from pathlib import Path
 
 from . import catalog as catalogs
 from .cache import ObjectCache
-from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog, ExpiredCatalog
-from .errors import BadSignature, Corrupt, CorruptManifest, FetchError, ObjectMissing, ReadOnly, UsageError
+from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
+from .errors import (
+    BadSignature,
+    Corrupt,
+    CorruptManifest,
+    ExpiredCatalog,
+    FetchError,
+    ObjectMissing,
+    ReadOnly,
+    UsageError,
+)
 from .fetch import Fetcher, Settings
 from .manifest import DEFAULT_MAX_DISK_SIZE
 from .names import check_name
