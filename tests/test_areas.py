@@ -45,8 +45,9 @@ def disk_of(repo, name, tmp_path) -> bytes:
     return (out / "d.img").read_bytes()
 
 
-def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, monkeypatch):
-    home, repo, expected = area
+@pytest.fixture
+def held_in_store(monkeypatch):
+    """Saves wait in their store step: (set once a save is there, set to let it go on)."""
     in_store, release = threading.Event(), threading.Event()
     real = areas.write_entry
 
@@ -56,6 +57,12 @@ def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(areas, "write_entry", slow_write_entry)
+    return in_store, release
+
+
+def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, held_in_store):
+    home, repo, expected = area
+    in_store, release = held_in_store
     with Area(home, "w") as a:
         a.write("d", 3 * CS + 100, b"A" * 5000)
         expected[3 * CS + 100 : 3 * CS + 5100] = b"A" * 5000
@@ -75,8 +82,7 @@ def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, m
         saver.join(30)
         assert a.read("d", 0, SIZE) == bytes(expected)
         assert a.record.entry == "e2" and a.record.frozen == [] and a.changed_bytes() > 0
-        monkeypatch.setattr(areas, "write_entry", real)
-        a.save("e3")
+        a.save("e3")  # released: this one goes straight through
     assert disk_of(repo, "e2", tmp_path) == saved_content
     assert disk_of(repo, "e3", tmp_path) == bytes(expected)
     assert sorted(p.name for p in (home / "areas/w").glob("*.overlay")) == ["d.3.overlay"]
@@ -152,3 +158,25 @@ def test_a_taken_name_is_refused_before_anything_is_frozen(area):
         with pytest.raises(Exception, match="entry 'e1' already exists"):
             a.save("e1")
         assert a.record.frozen == [] and a.record.generation == 1
+
+
+def test_closing_waits_for_a_save_under_way(area, tmp_path, held_in_store):
+    """Close takes the save's lock before the area's mutex, as save does: no deadlock, nothing half done."""
+    home, repo, expected = area
+    in_store, release = held_in_store
+    a = Area(home, "w")
+    a.write("d", 0, b"q" * CS)
+    saver = threading.Thread(target=a.save, args=("e2",))
+    saver.start()
+    assert in_store.wait(30)
+    closer = threading.Thread(target=a.destroy, kwargs={"discard": True})
+    closer.start()
+    time.sleep(0.2)
+    assert closer.is_alive() and (home / "areas/w").exists()  # waits for the save
+    release.set()
+    saver.join(30)
+    closer.join(30)
+    assert not saver.is_alive() and not closer.is_alive()
+    assert not (home / "areas/w").exists() and "e2" in repo.refs()
+    expected[:CS] = b"q" * CS
+    assert disk_of(repo, "e2", tmp_path) == bytes(expected)

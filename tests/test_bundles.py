@@ -361,9 +361,8 @@ def test_an_exported_bundle_imports_and_has_plain_ustar_headers(vml, rep, tmp_pa
     assert_imported(vml, tmp_path / "rep2", tmp_path / "out.vml", tmp_path)
 
 
-@pytest.mark.parametrize("fmt", ["ustar", "gnu", "posix"])
-def test_a_bundle_made_by_gnu_tar_imports(vml, rep, tmp_path, fmt):
-    """Given the files one by one (a directory member is refused), GNU tar writes a bundle."""
+def bundle_tree(tmp_path):
+    """A bundle's members as files in a directory, for GNU tar: (directory, [(name, data)])."""
     need("tar")
     index, objs = contents()
     src = tmp_path / "src"
@@ -371,19 +370,20 @@ def test_a_bundle_made_by_gnu_tar_imports(vml, rep, tmp_path, fmt):
     (src / INDEX).write_bytes(index)
     for name, data in objs:
         (src / name).write_bytes(data)
+    return src, objs
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "posix"])
+def test_a_bundle_made_by_gnu_tar_imports(vml, rep, tmp_path, fmt):
+    """Given the files one by one (a directory member is refused), GNU tar writes a bundle."""
+    src, objs = bundle_tree(tmp_path)
     path = tmp_path / f"{fmt}.vml"
     subprocess.run(["tar", f"--format={fmt}", "-cf", path, "-C", src, INDEX, *(n for n, _ in objs)], check=True)
     assert_imported(vml, rep, path, tmp_path)
 
 
 def test_gnu_tar_of_the_objects_directory_is_refused(vml, rep, tmp_path):
-    need("tar")
-    index, objs = contents()
-    src = tmp_path / "src"
-    (src / "objects").mkdir(parents=True)
-    (src / INDEX).write_bytes(index)
-    for name, data in objs:
-        (src / name).write_bytes(data)
+    src, _ = bundle_tree(tmp_path)
     path = tmp_path / "dir.vml"
     subprocess.run(["tar", "--format=ustar", "-cf", path, "-C", src, INDEX, "objects"], check=True)
     assert_refused(vml, rep, path, "member 'objects/' is a directory", snapshot(rep))

@@ -365,11 +365,22 @@ class Area:
         if changed:
             raise unsaved(self.name, changed)
 
-    def destroy(self, discard: bool = False) -> None:
-        """Delete the area, still holding its lock; refuses unsaved changes unless ``discard``."""
-        with self._saving, self.mutex:
+    def opened(self, delta: int) -> None:
+        """Count a file of the area opened (+1) or closed (-1) in the mount."""
+        with self.mutex:
+            self.handles += delta
+
+    def destroy(self, discard: bool = False, refuse_open: bool = False) -> None:
+        """Delete the area, still holding its lock.
+
+        Refuses unsaved changes unless ``discard``, and with ``refuse_open``
+        files of it still open in the mount. Waits for a save under way.
+        """
+        with self._saving, self.mutex:  # in this order, as save takes them
             if not discard:
                 self.check_saved()
+            if refuse_open and self.handles:
+                raise Locked(f"working area {self.name!r} has {self.handles} open file(s); close them first")
             trash = self.dir.with_name(f".{self.name}.removing")
             os.rename(self.dir, trash)
             self.close()

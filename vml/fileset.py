@@ -79,15 +79,13 @@ class ReaderHandle(Handle):
 class AreaDiskHandle(Handle):
     def __init__(self, area: Area, disk: str):
         self.area, self.disk = area, disk
-        with area.mutex:
-            area.handles += 1
+        area.opened(+1)
         self._open = True
 
     def release(self) -> None:
         if self._open:
             self._open = False
-            with self.area.mutex:
-                self.area.handles -= 1
+            self.area.opened(-1)
 
     def read(self, offset: int, size: int) -> bytes:
         return self.area.read(self.disk, offset, size)

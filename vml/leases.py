@@ -96,6 +96,8 @@ def here(home: Path, area: str, entry: str, manifest: bytes) -> Lease:
 
 def read_all(repo: Repository) -> tuple[list[Lease], list[str]]:
     """Every lease of ``repo``, and one line per lease file that cannot be read."""
+    if repo.read_only:
+        raise UsageError(f"{repo.name} is a remote: leases are kept by local repositories")
     leases, damaged = [], []
     for name, data in repo.store.leases().items():
         where = str(repo.store.leases_dir / name)

@@ -30,7 +30,7 @@ from pathlib import Path
 from . import incoming
 from .areas import Area, areas_dir, list_areas, remove_area
 from .config import Config
-from .errors import AlreadyExists, Corrupt, Locked, NotFound, ReadOnly
+from .errors import AlreadyExists, Corrupt, NotFound, ReadOnly
 from .fileset import AreaDiskHandle, FileHandle, FileSet, Handle, Node, ReaderHandle, add_disk, entry_files, staged_node
 from .names import check_name
 from .reader import ChunkCache
@@ -399,13 +399,7 @@ class Logbook:
             if opened is None:
                 remove_area(self.home, name, discard)
                 return
-            area = opened[0]
-            with area.mutex:
-                if not discard:
-                    area.check_saved()
-                if area.handles:
-                    raise Locked(f"working area {name!r} has {area.handles} open file(s); close them first")
-                area.destroy(discard)
+            opened[0].destroy(discard, refuse_open=True)
             with self._lock:
                 self._areas.pop(name, None)
 
