@@ -36,7 +36,9 @@ def rep(vml, tmp_path):
 
 
 def qemu_img(*args) -> str:
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, check=True).stdout
+    r = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, f"qemu-img {' '.join(map(str, args))}: {r.stderr}"
+    return r.stdout
 
 
 def qemu_write(fmt: str, image: Path, pattern: int, offset: int, length: int) -> None:
@@ -162,7 +164,10 @@ def test_a_raw_disk_that_looks_like_qcow2_is_raw_only_when_told(tmp_path):
 
 
 def make_luks(path: Path) -> None:
-    qemu_img("create", "-q", "--object", "secret,id=s,data=x", "-f", "luks", "-o", "key-secret=s", path, "1M")
+    # A short key-derivation time: the default 2 s benchmark of PBKDF iterations fails on a loaded machine.
+    qemu_img(
+        "create", "-q", "--object", "secret,id=s,data=x", "-f", "luks", "-o", "key-secret=s,iter-time=10", path, "1M"
+    )
 
 
 UNSUPPORTED = {

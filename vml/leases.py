@@ -183,14 +183,9 @@ def is_stale(lease: Lease) -> bool | None:
     """Whether the area behind a lease is gone: True or False on this host, None for another host."""
     if lease.host != socket.gethostname():
         return None
-    record = Path(lease.home) / "areas" / lease.area / "area.json"
-    try:
-        doc = json.loads(record.read_bytes())
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError):
-        return False  # there, but unreadable here: not ours to judge
-    return not isinstance(doc, dict) or doc.get("manifest") != lease.manifest
+    # Gone means no record: an area that moved on to another entry (its lease
+    # not yet moved with it) still reads through this one.
+    return not (Path(lease.home) / "areas" / lease.area / "area.json").exists()
 
 
 def drop(repo: Repository, ids: list[str], stale: bool = False) -> list[Lease]:
