@@ -19,7 +19,7 @@ import pytest
 from vml import imagecheck, sources
 from vml.errors import BadSource
 
-from conftest import need
+from conftest import need, need_root
 
 MIB = 1 << 20
 
@@ -476,3 +476,31 @@ def test_a_copy_of_a_checkout_without_its_flat_extent_keeps_one_disk(vml, rep, t
     info = json.loads(vml("show", "e", "--json").stdout)
     assert [d["name"] for d in info["disks"]] == ["d"] and info["files"] == []
     assert checkout(vml, "e", tmp_path / "co") == {"d.img": (vm / "d.img").read_bytes()}
+
+
+def test_a_block_device_has_no_directory_of_its_own(vml, tmp_path):
+    """Found in review: a device's directory was taken to be /dev, and /dev/shm holds anyone's files."""
+    need_root()
+    need("losetup")
+    vml("init", tmp_path / "rep", "--chunk-size", "4K")
+    secret = Path(f"/dev/shm/vml-test-{os.getpid()}")
+    secret.write_bytes(b"TOP SECRET host data\n" * 100)
+    (tmp_path / "base.raw").write_bytes(b"base" * 4096)
+    devices = []
+    try:
+        for backing in (f"shm/{secret.name}", str(tmp_path / "base.raw")):
+            image = tmp_path / f"guest{len(devices)}.qcow2"
+            qemu_img("create", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", "raw", image, "64K")
+            loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=True)
+            devices.append(loop.stdout.strip())
+        before = sorted(p.name for p in (tmp_path / "rep/objects").rglob("*"))
+        for flags in ((), ("--allow-backing-outside",)):
+            msg = vml.fails("save", "e1", "--from", devices[0], *flags, status=9)
+            assert f"{devices[0]}: backing file" in msg and "is in a system directory; refused" in msg
+        msg = vml.fails("save", "e1", "--from", devices[1], status=9)
+        assert f"{devices[1]}: backing file" in msg and "is named by a device; refused" in msg
+        assert sorted(p.name for p in (tmp_path / "rep/objects").rglob("*")) == before
+    finally:
+        for device in devices:
+            subprocess.run(["losetup", "-d", device], check=False)
+        secret.unlink()

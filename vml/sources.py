@@ -100,8 +100,10 @@ def discover(
         raise BadSource(f"{path}: {e.strerror}") from None
     if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
         # The directory the image really is in, so a link to an image in
-        # libvirt's pool finds its base next to it.
-        root = Path(os.path.realpath(path)).parent
+        # libvirt's pool finds its base next to it. A block device has no
+        # directory of its own (/dev holds files anyone may write): every
+        # file it names is outside.
+        root = None if stat.S_ISBLK(st.st_mode) else Path(os.path.realpath(path)).parent
         return [_disk(path, check_chain(path, fmt, root=root, allow_outside=allow_outside))], []
     if not stat.S_ISDIR(st.st_mode):
         raise BadSource(f"{path}: neither a disk image nor a directory")
@@ -110,8 +112,11 @@ def discover(
     return _discover_dir(path, allow_outside)
 
 
-def check_chain(path: Path, fmt: str | None = None, *, root: Path, allow_outside: bool = False) -> Chain:
-    """Inspect an image and its backing chain, checking every file named, without running qemu."""
+def check_chain(path: Path, fmt: str | None = None, *, root: Path | None, allow_outside: bool = False) -> Chain:
+    """Inspect an image and its backing chain, checking every file named, without running qemu.
+
+    ``root`` is the directory files it names must be in; None for none.
+    """
     shown = path
     current = Path(os.path.realpath(path))
     layers: list[Layer] = []
@@ -147,8 +152,12 @@ def check_chain(path: Path, fmt: str | None = None, *, root: Path, allow_outside
     return Chain(tuple(layers), size, frozenset(parts), missing)
 
 
+# Never a backing file, whatever the user allows: files there are the system's, or anyone's (/dev/shm).
+SYSTEM_DIRS = (Path("/dev"), Path("/proc"), Path("/sys"))
+
+
 def _check_reference(
-    image: Path, here: Path, ref: imagecheck.Reference, root: Path, allow_outside: bool
+    image: Path, here: Path, ref: imagecheck.Reference, root: Path | None, allow_outside: bool
 ) -> Path | None:
     """The file a reference names, or None if it does not exist; refused unless we may read it."""
     name = ref.name
@@ -164,8 +173,11 @@ def _check_reference(
         raise BadSource(f"{image}: {ref.role} {shown}: {e.strerror}") from None
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise BadSource(f"{image}: {ref.role} {shown} is a device or special file; refused")
-    if not allow_outside and target != root and root not in target.parents:
-        raise BadSource(f"{image}: {ref.role} {shown} is outside {root}; refused (--allow-backing-outside accepts it)")
+    if any(target == d or d in target.parents for d in SYSTEM_DIRS):
+        raise BadSource(f"{image}: {ref.role} {shown} is in a system directory; refused")
+    if not allow_outside and (root is None or (target != root and root not in target.parents)):
+        where = f"outside {root}" if root else "named by a device"
+        raise BadSource(f"{image}: {ref.role} {shown} is {where}; refused (--allow-backing-outside accepts it)")
     return None if st is None else target
 
 
