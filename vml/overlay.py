@@ -51,6 +51,79 @@ def check_sparse_files(directory: Path, block: int) -> None:
         )
 
 
+class Blocks:
+    """Which blocks of a layer are written: one byte a block, kept only for pages that hold some.
+
+    A page covers PAGE blocks (256 MiB of disk at 4 KiB); a disk declared as
+    terabytes costs nothing until it is written. Pages are changed in place
+    by writes (under the area's mutex) and replaced whole by a rescan, so a
+    reader without the mutex never sees a page half rebuilt.
+    """
+
+    PAGE = 1 << 16
+
+    def __init__(self):
+        self.pages: dict[int, bytearray] = {}
+
+    def count(self) -> int:
+        return sum(page.count(1) for page in list(self.pages.values()))
+
+    def between(self, b0: int, b1: int) -> list[tuple[int, int, bool]]:
+        """[b0, b1) cut into (start, end, marked) pieces, in order, neighbours of one state joined."""
+        out: list[tuple[int, int, bool]] = []
+
+        def piece(s: int, e: int, marked: bool) -> None:
+            if out and out[-1][2] == marked and out[-1][1] == s:
+                out[-1] = (out[-1][0], e, marked)
+            else:
+                out.append((s, e, marked))
+
+        for p in range(b0 // self.PAGE, (b1 - 1) // self.PAGE + 1):
+            base = p * self.PAGE
+            lo, hi = max(b0, base) - base, min(b1, base + self.PAGE) - base
+            page = self.pages.get(p)
+            if page is None:
+                piece(base + lo, base + hi, False)
+                continue
+            i = lo
+            while i < hi:
+                marked = page[i] == 1
+                j = page.find(b"\0" if marked else b"\1", i, hi)
+                j = hi if j < 0 else j
+                piece(base + i, base + j, marked)
+                i = j
+        return out
+
+    def add(self, b0: int, b1: int) -> None:
+        for p in range(b0 // self.PAGE, (b1 - 1) // self.PAGE + 1):
+            base = p * self.PAGE
+            lo, hi = max(b0, base) - base, min(b1, base + self.PAGE) - base
+            page = self.pages.get(p)
+            if page is None:
+                page = bytearray(self.PAGE)
+                page[lo:hi] = b"\1" * (hi - lo)
+                self.pages[p] = page
+            else:
+                page[lo:hi] = b"\1" * (hi - lo)
+
+    def replace(self, b0: int, b1: int, marked: list[tuple[int, int]]) -> None:
+        """Make [b0, b1) marked exactly where ``marked`` (runs within it) says."""
+        for p in range(b0 // self.PAGE, (b1 - 1) // self.PAGE + 1):
+            base = p * self.PAGE
+            lo, hi = max(b0, base) - base, min(b1, base + self.PAGE) - base
+            old = self.pages.get(p)
+            page = bytearray(old) if old is not None else bytearray(self.PAGE)
+            page[lo:hi] = bytes(hi - lo)
+            for s, e in marked:
+                s, e = max(s - base, lo), min(e - base, hi)
+                if s < e:
+                    page[s:e] = b"\1" * (e - s)
+            if 1 in page:
+                self.pages[p] = page  # one assignment: readers see the old page or the new one
+            else:
+                self.pages.pop(p, None)
+
+
 class Overlay:
     """One layer of a disk: its written blocks over ``base`` (a DiskReader or another Overlay)."""
 
@@ -62,7 +135,7 @@ class Overlay:
         if st.st_size != self.size:
             os.ftruncate(self.fd, self.size)
         self.mtime_ns = st.st_mtime_ns
-        self.written = bytearray(-(-self.size // block))  # 1 per written block
+        self.written = Blocks()
         self._scan(0, self.size)
 
     def __del__(self):
@@ -70,24 +143,23 @@ class Overlay:
             os.close(self.fd)
 
     def _scan(self, start: int, end: int) -> None:
-        """Mark the blocks of [start, end) as the file's allocation says."""
+        """Mark the blocks of [start, end) as the file's allocation says (one replacement)."""
         b0, b1 = start // self.block, -(-end // self.block)
-        self.written[b0:b1] = bytes(b1 - b0)
-        off = b0 * self.block
-        stop = min(b1 * self.block, self.size)
+        off, stop = b0 * self.block, min(b1 * self.block, self.size)
+        found = []
         while off < stop:
             try:
                 data = os.lseek(self.fd, off, os.SEEK_DATA)
             except OSError as e:
                 if e.errno == errno.ENXIO:
-                    return
+                    break
                 raise
             if data >= stop:
-                return
+                break
             hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), stop)
-            first, last = data // self.block, -(-hole // self.block)
-            self.written[first:last] = b"\1" * (last - first)
+            found.append((data // self.block, -(-hole // self.block)))
             off = hole
+        self.written.replace(b0, b1, found)
 
     # -- what this layer holds -------------------------------------------
 
@@ -101,7 +173,7 @@ class Overlay:
         return out
 
     def changed_blocks(self) -> int:
-        return self.written.count(1)
+        return self.written.count()
 
     def allocated(self) -> int:
         """Bytes that are not holes, as st_blocks reports them (an estimate over the layers)."""
@@ -110,8 +182,11 @@ class Overlay:
     def dirty_chunks(self, chunk_size: int) -> set[int]:
         """Chunks with a block written in this layer."""
         per = chunk_size // self.block
-        w = self.written
-        return {i for i in range(-(-len(w) // per)) if 1 in w[i * per : (i + 1) * per]}
+        out: set[int] = set()
+        for s, e, marked in self.written.between(0, -(-self.size // self.block)) if self.size else ():
+            if marked:
+                out.update(range(s // per, (e - 1) // per + 1))
+        return out
 
     # -- I/O ---------------------------------------------------------------
 
@@ -119,26 +194,11 @@ class Overlay:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
-        b0, b1 = offset // self.block, -(-end // self.block)
-        marks = self.written[b0:b1]
-        if 1 not in marks:
-            return self.base.read(offset, end - offset)
-        if 0 not in marks:
-            return os.pread(self.fd, end - offset, offset)
-        parts, pos = [], offset
-        while pos < end:
-            b = pos // self.block
-            state = self.written[b]
-            stop = b + 1
-            while stop < b1 and self.written[stop] == state:
-                stop += 1
-            run_end = min(stop * self.block, end)
-            if state:
-                parts.append(os.pread(self.fd, run_end - pos, pos))
-            else:
-                parts.append(self.base.read(pos, run_end - pos))
-            pos = run_end
-        return b"".join(parts)
+        parts = []
+        for s, e, marked in self.written.between(offset // self.block, -(-end // self.block)):
+            lo, hi = max(offset, s * self.block), min(end, e * self.block)
+            parts.append(os.pread(self.fd, hi - lo, lo) if marked else self.base.read(lo, hi - lo))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data``; the caller holds the area's mutex.
@@ -166,8 +226,10 @@ class Overlay:
         except OSError:
             self._scan(start, stop)
             raise
-        self.written[b0:b1] = b"\1" * (b1 - b0)
+        self.written.add(b0, b1)
         self.mtime_ns = time.time_ns()
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        """Flush this layer and the frozen ones below it: a write acknowledged before a freeze lies there."""
+        for layer in self.layers():
+            os.fdatasync(layer.fd)
