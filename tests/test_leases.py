@@ -180,3 +180,110 @@ def test_a_user_who_cannot_write_the_repository_is_warned_at_open(shared):
         assert "opened working area w on g2" in r.stdout and not (base / "rep/leases").exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_save_records_the_new_entry_with_the_lease_it_published_under(shared, tmp_path, monkeypatch):
+    """Found in review: the lease moved to the new entry only after the save, outside its lock, so an
+    area could build on an entry no lease named. Now the lease names the new entry (and the old one,
+    until the area has moved on) in the same locked step that publishes the entry."""
+    a, b, rep, g2 = shared
+    b("open", "g2", "--area", "w")
+    write_area(tmp_path / "homeB", "w", 0, b"x" * CS)
+    from vml import areas as area_module
+
+    def stop_before_moving_on(self, entry):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(area_module.Area, "_rebase", stop_before_moving_on)
+    with (
+        pytest.raises(Exception, match="entry 'g3' was saved, but working area 'w' could not move on"),
+        Area(tmp_path / "homeB", "w") as area,
+    ):
+        area.save("g3")
+    (lease,) = json.loads(a("leases", "--json").stdout)
+    refs = json.loads((rep / "refs.json").read_text())["entries"]
+    assert (lease["manifest"], lease["previous"]) == (refs["g3"], refs["g2"])
+    assert "builds on entry 'g3'" in a.fails("rm", "g3", status=11)
+    a("rm", "g3", "--force")
+    a("rm", "g2", "--force")
+    a("rm", "g1")
+    a("gc")
+    monkeypatch.undo()
+    with Area(tmp_path / "homeB", "w") as area:  # still on g2, with its frozen layer: every byte readable
+        assert area.read("d", 0, len(g2)) == b"x" * CS + g2[CS:] and area.record.entry == "g2"
+
+
+def test_odd_files_among_the_leases_are_reported_never_opened_and_can_be_dropped(shared, tmp_path):
+    a, b, rep, _ = shared
+    b("open", "g2", "--area", "w")
+    (rep / "leases" / "adir.json").mkdir()
+    os.mkfifo(rep / "leases" / "afifo.json")
+    a("rm", "g2", "--force")
+    r = subprocess.run(
+        [sys.executable, "-m", "vml", "gc"], env=a.env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert r.returncode == 6 and "invalid lease" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = a("leases", ok=False)
+    assert r.returncode == 6 and "adir.json: invalid lease (not a regular file)" in r.stderr
+    assert "dropped the lease of damaged lease adir.json" in a("leases", "drop", "adir").stdout
+    a("leases", "drop", "afifo")
+    assert "removed 0 objects" in a("gc").stdout  # the area's lease still keeps g2
+    assert sorted(p.name for p in (rep / "leases").iterdir()) == [
+        f"{json.loads(a('leases', '--json').stdout)[0]['id']}.json"
+    ]
+
+
+def test_closing_an_area_leaves_a_lease_of_another_area_of_that_name_alone(shared, tmp_path):
+    """Found in review: two `vml open --area w` at once, or a close racing an open, released the lease
+    the other had taken. A lease is released only by the area that holds it (its manifests)."""
+    a, b, _, _ = shared
+    home_b = tmp_path / "homeB"
+    from vml import areas as area_module
+    from vml import config
+
+    cfg = config.Config.load(home_b)
+    repo = cfg.open("rep")
+    real_mkdtemp = area_module.tempfile.mkdtemp
+
+    def other_opener_first(*args, **kwargs):
+        area_module.tempfile.mkdtemp = real_mkdtemp
+        area_module.create_area(home_b, "w", repo, repo.entry("g1"))  # wins the race, on g1
+        return real_mkdtemp(*args, **kwargs)
+
+    area_module.tempfile.mkdtemp = other_opener_first
+    try:
+        with pytest.raises(Exception, match="working area 'w' already exists"):
+            area_module.create_area(home_b, "w", repo, repo.entry("g2"))
+    finally:
+        area_module.tempfile.mkdtemp = real_mkdtemp
+    listed = json.loads(a("leases", "--json").stdout)
+    assert [(x["area"], x["entry"]) for x in listed] == [("w", "g1")]
+    from vml import leases
+
+    leases.release(repo, home_b, "w", {repo.entry("g2").digest})  # not its manifest: stays
+    assert len(json.loads(a("leases", "--json").stdout)) == 1
+    b("close", "w")
+    assert json.loads(a("leases", "--json").stdout) == []
+
+
+def test_leases_of_homes_this_user_cannot_look_into_are_neither_stale_nor_an_error(shared):
+    need_root()
+    _, b, rep, _ = shared
+    b("open", "g2", "--area", "w")
+    base = Path(tempfile.mkdtemp(prefix="vml-leases-"))
+    try:
+        os.chmod(base, 0o755)
+        shutil.copytree(rep, base / "rep")
+        os.chmod(Path(b.env["VML_HOME"]), 0o700)  # another user's home, as homes are
+        home = base / "home"
+        home.mkdir()
+        os.chown(home, 65534, 65534)
+        env = dict(os.environ, VML_HOME=str(home))
+        setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "vml"]
+        r = subprocess.run(
+            [*setpriv, "leases", "--repo", base / "rep", "--json"], env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        assert [x["stale"] for x in json.loads(r.stdout)] == [None]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

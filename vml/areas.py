@@ -38,6 +38,7 @@ object) and shows the same bytes before and after each step.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -61,7 +62,7 @@ from .progress import SILENT, Progress
 from .reader import ChunkCache, DiskReader
 from .repository import Entry, Repository, now_iso
 from .save import ChunkWriter, Plan, write_entry
-from .store import fsync_dir, write_atomic
+from .store import fsync_dir, storage_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class AreaRecord:
         except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError) as e:
             raise CorruptManifest(f"{path}: invalid working area record ({e})") from None
 
-    def save(self, path: Path) -> None:
+    def write(self, path: Path) -> None:
         doc = asdict(self)
         if self.frozen:  # a version that knows no frozen layers refuses the record instead of dropping them
             doc["format"] = FROZEN_FORMAT
@@ -150,20 +151,29 @@ def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: 
     path = "" if repo.read_only else str(repo.store.path)
     save_path = str(save_to.store.path) if repo.read_only else ""
     rec = AreaRecord(name, repo.name, path, entry.name, entry.digest.hex(), 1, block, now_iso(), save_to=save_path)
-    if not repo.read_only:  # the repository records the area, so that no home's gc frees what it reads
-        leases.take(repo, leases.here(home, name, entry.name, entry.digest))
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.creating."))
     try:
-        rec.save(staging / RECORD_FILE)
+        rec.write(staging / RECORD_FILE)
         (staging / "lock").touch()
         os.chmod(staging, 0o700)
         os.rename(staging, target)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # opened at the same moment by another command
+            raise AlreadyExists(f"working area {name!r} already exists; pick another name with --area") from None
+        raise storage_error(e, f"opening working area {name!r}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if not repo.read_only:
-            leases.release(repo, home, name)
         raise
     fsync_dir(parent)
+    # The repository records the area, so that no home's gc frees what it
+    # reads; after the area exists, so that no one takes the lease for stale.
+    if not repo.read_only:
+        try:
+            leases.take(repo, leases.here(home, name, entry.name, entry.digest))
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
     return rec
 
 
@@ -176,7 +186,7 @@ class Area:
         self.dir = areas_dir(home) / name
         self.cache = cache or ChunkCache()
         self.mutex = threading.RLock()  # writes, and the freeze and rebase of a save
-        self._saving = threading.Lock()  # one save at a time; destroy waits for it
+        self._saving = threading.RLock()  # one save at a time; destroy waits for it
         self.handles = 0  # files of the area open in the mount
         self.version = 0  # changes whenever the disks' stack or the entry does
         if not self.dir.is_dir():
@@ -302,6 +312,11 @@ class Area:
                     )
                 return disks, kept + added
 
+            def record_lease(store, digest: bytes) -> None:
+                # Under the lock that published the entry: from that moment the
+                # area's lease names it, and the old entry until the area moves on.
+                leases.put(store, leases.here(self.home, self.name, name, digest, previous=self.entry.digest))
+
             entry = write_entry(
                 self.target,
                 name,
@@ -312,8 +327,14 @@ class Area:
                 what=f"working area {self.name}",
                 progress=progress,
                 hardware=hardware,
+                on_commit=record_lease,
             )
-            self._rebase(entry)
+            try:
+                self._rebase(entry)
+            except OSError as e:
+                raise storage_error(
+                    e, f"entry {name!r} was saved, but working area {self.name!r} could not move on to it"
+                ) from None
             return entry
 
     def _freeze(self) -> dict[str, Overlay]:
@@ -322,21 +343,20 @@ class Area:
             rec = self.record
             gen = rec.generation + 1
             tops = dict(self.disks)
-            live = {n: Overlay(self.dir / f"{n}.{gen}.overlay", top, rec.block_size) for n, top in tops.items()}
             new_rec = replace(rec, generation=gen, frozen=[*rec.frozen, rec.generation])
-            new_rec.save(self.dir / RECORD_FILE)
+            try:
+                live = {n: Overlay(self.dir / f"{n}.{gen}.overlay", top, rec.block_size) for n, top in tops.items()}
+                new_rec.write(self.dir / RECORD_FILE)
+            except OSError as e:
+                for p in self.dir.glob(f"*.{gen}.overlay"):  # named by no record: nothing in them
+                    p.unlink(missing_ok=True)
+                raise storage_error(e, f"saving working area {self.name!r}") from None
             self.record, self.disks = new_rec, live
             self.version += 1
             return tops
 
     def _rebase(self, entry: Entry) -> None:
         """Step 3: the live overlays rest on ``entry``; the frozen ones go."""
-        # The lease moves to the new entry (one atomic replacement); until
-        # then the old one keeps what the area read, and the ref the new.
-        try:
-            leases.take(self.target, leases.here(self.home, self.name, entry.name, entry.digest), was=self.entry.digest)
-        except VmlError as e:
-            log.warning("working area %s: cannot record its new entry in %s (%s)", self.name, self.target.name, e)
         resolved = self.target.resolve(entry.digest)
         with self.mutex:
             rec = self.record
@@ -350,7 +370,7 @@ class Area:
                 manifest=entry.digest.hex(),
                 frozen=[],
             )
-            new_rec.save(self.dir / RECORD_FILE)
+            new_rec.write(self.dir / RECORD_FILE)
             self.record, self.repo, self.entry = new_rec, self.target, entry
             for n, ov in self.disks.items():
                 ov.base = DiskReader(self.repo, resolved.disks[n], f"area {self.name}, disk {n}", self.cache)
@@ -358,12 +378,22 @@ class Area:
             self.version += 1
         for p in frozen:
             p.unlink(missing_ok=True)
+        # The area reads only the new entry now: the lease lets the old one go.
+        # If this fails, the lease keeps both, which keeps more than needed.
+        try:
+            leases.take(self.target, leases.here(self.home, self.name, entry.name, entry.digest))
+        except VmlError as e:
+            log.info("working area %s: its lease still keeps the entry before %s (%s)", self.name, entry.name, e)
 
     def check_saved(self) -> None:
         """Raise UsageError if the area holds changes not saved as an entry."""
         changed = self.changed_bytes()
         if changed:
             raise unsaved(self.name, changed)
+
+    def saving(self):
+        """The save lock: held, no save runs (the mount takes it before its own locks when closing)."""
+        return self._saving
 
     def opened(self, delta: int) -> None:
         """Count a file of the area opened (+1) or closed (-1) in the mount."""
@@ -386,7 +416,7 @@ class Area:
             self.close()
         shutil.rmtree(trash, ignore_errors=True)
         if not self.repo.read_only:
-            leases.release(self.repo, self.home, self.name)
+            leases.release(self.repo, self.home, self.name, {self.entry.digest})
 
     def describe(self) -> dict:
         info = self.repo.describe(self.entry)

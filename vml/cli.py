@@ -394,8 +394,8 @@ def cmd_leases(args) -> int:
 def cmd_leases_drop(args) -> int:
     repo = _repo(args)
     dropped = leases.drop(repo, args.ids, stale=args.stale)
-    for lease in dropped:
-        print(f"dropped the lease of {lease.where()} on entry {lease.entry}")
+    for what in dropped:
+        print(f"dropped the lease of {what}")
     if not dropped:
         print(f"no stale leases in {repo.name}")
     return 0

@@ -50,6 +50,7 @@ class Lease:
     manifest: str  # hex digest of the entry the area builds on
     since: str
     format: int = FORMAT
+    previous: str = ""  # the entry before a save, until the area has moved on (hex digest, or "")
 
     @property
     def id(self) -> str:
@@ -58,6 +59,11 @@ class Lease:
     @property
     def digest(self) -> bytes:
         return bytes.fromhex(self.manifest)
+
+    @property
+    def digests(self) -> set[bytes]:
+        """Every manifest the area may read: its entry's, and while a save finishes, the one before."""
+        return {self.digest} | ({bytes.fromhex(self.previous)} if self.previous else set())
 
     def where(self) -> str:
         """The area and its home, as messages name them."""
@@ -73,6 +79,8 @@ class Lease:
             lease = cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
             if lease.format != FORMAT or objects.parse_hex(lease.manifest) is None:
                 raise ValueError("unsupported format or bad digest")
+            if lease.previous and objects.parse_hex(lease.previous) is None:
+                raise ValueError("bad digest")
             if not all(isinstance(getattr(lease, k), str) for k in ("host", "user", "home", "area", "entry", "since")):
                 raise TypeError("fields must be strings")
             check_name(lease.area, "area")
@@ -85,13 +93,27 @@ def lease_id(host: str, home: str, area: str) -> str:
     return objects.digest(f"{host}\0{home}\0{area}".encode()).hex()[:32]
 
 
-def here(home: Path, area: str, entry: str, manifest: bytes) -> Lease:
-    """The lease of ``area`` of ``home`` on this host, on ``manifest``."""
+def home_key(home: Path) -> str:
+    """The home as leases name it: one spelling however it was reached (links, .., relative)."""
+    return os.path.realpath(home)
+
+
+def here(home: Path, area: str, entry: str, manifest: bytes, previous: bytes | None = None) -> Lease:
+    """The lease of ``area`` of ``home`` on this host, on ``manifest`` (and ``previous`` while a save finishes)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    return Lease(socket.gethostname(), user, str(home.absolute()), area, entry, manifest.hex(), now_iso())
+    return Lease(
+        socket.gethostname(),
+        user,
+        home_key(home),
+        area,
+        entry,
+        manifest.hex(),
+        now_iso(),
+        previous=previous.hex() if previous else "",
+    )
 
 
 def read_all(repo: Repository) -> tuple[list[Lease], list[str]]:
@@ -101,6 +123,9 @@ def read_all(repo: Repository) -> tuple[list[Lease], list[str]]:
     leases, damaged = [], []
     for name, data in repo.store.leases().items():
         where = str(repo.store.leases_dir / name)
+        if isinstance(data, str):
+            damaged.append(f"{where}: invalid lease ({data})")
+            continue
         try:
             lease = Lease.decode(data, where)
         except Corrupt as e:
@@ -127,23 +152,21 @@ def roots(repo: Repository) -> list[Lease]:
 def holders(repo: Repository, digests: set[bytes]) -> list[Lease]:
     """The leases on any of these manifests; the caller holds the lock."""
     leases, _ = read_all(repo)
-    return [lease for lease in leases if lease.digest in digests]
+    return [lease for lease in leases if lease.digests & digests]
 
 
-def take(repo: Repository, lease: Lease, was: bytes | None = None) -> bool:
+def take(repo: Repository, lease: Lease) -> bool:
     """Record ``lease`` in ``repo``, replacing the area's previous one.
 
     Its entry must still be in the repository under the lock: named by a ref,
-    or held by a lease (``was``, the area's previous manifest, counts as one).
+    or held by a lease.
     Returns False, with a warning, if this user cannot write the repository:
     the area works, but another user's gc may remove what it needs.
     """
     store = repo.store
     try:
         with store.lock(f"vml lease {lease.area}"):
-            live = set(repo.refs().values()) | {lease2.digest for lease2 in read_all(repo)[0]}
-            if was is not None:
-                live.add(was)
+            live = set(repo.refs().values()).union(*(other.digests for other in read_all(repo)[0]))
             if lease.digest not in live:
                 raise NotFound(
                     f"entry {lease.entry!r} was removed from repository {repo.name} while the area was being opened"
@@ -167,14 +190,25 @@ def _unprotected(repo: Repository, lease: Lease, why: str) -> bool:
     return False
 
 
-def release(repo: Repository, home: Path, area: str) -> None:
-    """Remove the lease of ``area`` of ``home`` on this host, if there is one; never fails the caller."""
-    name = f"{lease_id(socket.gethostname(), str(home.absolute()), area)}.json"
+def put(store, lease: Lease) -> None:
+    """Write ``lease`` as it is; the caller holds the lock (a save does, right after its refs land)."""
+    store.put_lease(f"{lease.id}.json", lease.encode())
+
+
+def release(repo: Repository, home: Path, area: str, manifests: set[bytes]) -> None:
+    """Remove the lease of ``area`` of ``home`` on this host, if it is on one of ``manifests``; never fails the caller.
+
+    A lease on another manifest belongs to an area of the same name opened
+    since (or being opened): it stays.
+    """
+    name = f"{lease_id(socket.gethostname(), home_key(home), area)}.json"
     try:
         if name not in repo.store.leases():
             return
         with repo.store.lock(f"vml close {area}"):
-            repo.store.drop_lease(name)
+            data = repo.store.leases().get(name)
+            if isinstance(data, bytes) and Lease.decode(data, name).digests & manifests:
+                repo.store.drop_lease(name)
     except (OSError, StorageError, Corrupt) as e:
         log.warning("cannot remove the lease of working area %s from %s (%s): see `vml leases`", area, repo.name, e)
 
@@ -184,25 +218,37 @@ def is_stale(lease: Lease) -> bool | None:
     if lease.host != socket.gethostname():
         return None
     # Gone means no record: an area that moved on to another entry (its lease
-    # not yet moved with it) still reads through this one.
-    return not (Path(lease.home) / "areas" / lease.area / "area.json").exists()
+    # not yet moved with it) still reads through this one. A home this user
+    # may not look into (another user's, 0700) is not ours to judge.
+    try:
+        os.stat(Path(lease.home) / "areas" / lease.area / "area.json")
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return None
+    return False
 
 
-def drop(repo: Repository, ids: list[str], stale: bool = False) -> list[Lease]:
-    """Remove the leases whose id starts with one of ``ids``, and with ``stale`` every stale one."""
+def drop(repo: Repository, ids: list[str], stale: bool = False) -> list[str]:
+    """Remove the leases whose id starts with one of ``ids`` (damaged lease files too), and with ``stale``
+    every stale one; return what was dropped, as messages name it."""
     if not ids and not stale:
         raise UsageError("say which leases to drop: their ids (see `vml leases`), or --stale")
     with repo.store.lock("vml leases drop"):
-        leases, _ = read_all(repo)
-        chosen: dict[str, Lease] = {}
+        leases = {f"{lease.id}.json": lease for lease in read_all(repo)[0]}
+        files = sorted(repo.store.leases())
+        chosen: dict[str, str] = {}
         for prefix in ids:
-            found = [lease for lease in leases if lease.id.startswith(prefix.lower())]
+            found = [name for name in files if name.startswith(prefix.lower())]
             if len(found) != 1:
                 what = "no lease" if not found else f"{len(found)} leases"
                 raise NotFound(f"{what} in repository {repo.name} with an id starting {prefix!r} (see `vml leases`)")
-            chosen[found[0].id] = found[0]
+            lease = leases.get(found[0])
+            chosen[found[0]] = f"{lease.where()} on entry {lease.entry}" if lease else f"damaged lease {found[0]}"
         if stale:
-            chosen.update({lease.id: lease for lease in leases if is_stale(lease)})
-        for lease in chosen.values():
-            repo.store.drop_lease(f"{lease.id}.json")
+            for name, lease in leases.items():
+                if is_stale(lease):
+                    chosen[name] = f"{lease.where()} on entry {lease.entry}"
+        for name in chosen:
+            repo.store.remove_lease_file(name)
     return list(chosen.values())

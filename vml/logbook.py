@@ -18,6 +18,7 @@ resolved once when first used and kept in a small LRU. Areas are opened,
 and so locked by this process, when first used, and stay open until closed.
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -393,7 +394,11 @@ class Logbook:
         Refuses (keeping the area served) while it has unsaved changes,
         unless ``discard``, or while any of its files is open.
         """
-        with self._area_open_lock:
+        with self._lock:
+            opened = self._areas.get(name)
+        # A save under way finishes first, before the open lock is taken, so
+        # that lookups (which may need that lock) are not held up behind it.
+        with opened[0].saving() if opened else contextlib.nullcontext(), self._area_open_lock:
             with self._lock:
                 opened = self._areas.get(name)
             if opened is None:

@@ -123,12 +123,13 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
     with repo.store.lock("vml gc"):
         held = leases.roots(repo)
         for lease in held:
-            if not repo.store.has(lease.digest):
-                raise ObjectMissing(
-                    f"the entry {lease.where()} builds on (manifest {lease.manifest[:16]}) is missing; "
-                    "nothing is collected until that is understood (see `vml leases`)"
-                )
-        roots = [*repo.refs().values(), *keep, *(lease.digest for lease in held)]
+            for digest in lease.digests:
+                if not repo.store.has(digest):
+                    raise ObjectMissing(
+                        f"the entry {lease.where()} builds on (manifest {digest.hex()[:16]}) is missing; "
+                        "nothing is collected until that is understood (see `vml leases`)"
+                    )
+        roots = [*repo.refs().values(), *keep, *(d for lease in held for d in lease.digests)]
         try:
             live = repo.needed_objects(roots, local_only=True)
         except Corrupt as e:
@@ -189,7 +190,8 @@ def remove(
             lease = held[0]
             more = f" (and {len(held) - 1} more)" if len(held) > 1 else ""
             raise HasChildren(
-                f"{lease.where()} builds on entry {touched[lease.digest]!r}{more}: close the area first, "
+                f"{lease.where()} builds on entry {touched[min(lease.digests & set(touched))]!r}{more}: "
+                "close the area first, "
                 "or use --force (the area keeps what it reads until it is closed)"
             )
         if not deps:

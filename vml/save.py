@@ -210,10 +210,13 @@ def write_entry(
     progress: Progress = SILENT,
     workers: int | None = None,
     hardware: Hardware | None = None,
+    on_commit=None,
 ) -> Entry:
     """Create entry ``name``: ``build(writer, plan)`` stores its streams.
 
     ``hardware`` describes the VM; without it the entry keeps its parent's.
+    ``on_commit(store, digest)``, if given, runs under the lock right after
+    the entry's ref lands (a working area records its lease there).
 
     ``build`` returns (disks, files) as Stream tuples. This holds the
     repository lock throughout, commits with one refs update, and removes
@@ -260,6 +263,8 @@ def write_entry(
             digest = writer.put_metadata(manifest.encode())
             store.sync()
             store.update_refs({name: digest})
+            if on_commit is not None:
+                on_commit(store, digest)
         except BaseException as e:
             writer.close()
             if name not in repo.refs():  # the refs update may have landed before a late error

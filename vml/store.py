@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -314,22 +315,47 @@ class Store:
 
     # -- leases ----------------------------------------------------------
 
-    def leases(self) -> dict[str, bytes]:
-        """File name -> content of every lease file (see vml.leases); read without the lock."""
-        out = {}
+    def leases(self) -> dict[str, bytes | str]:
+        """File name -> content of every lease file (see vml.leases), or why it cannot be read.
+
+        Read without the lock. A lease file that is not a regular file (a
+        FIFO, a directory, a link) is reported, never opened for reading.
+        """
+        out: dict[str, bytes | str] = {}
         try:
             names = sorted(os.listdir(self.leases_dir))
         except FileNotFoundError:
             return out
         for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
+            if name.startswith("."):
                 continue  # a lease being written
             try:
-                with open(self.leases_dir / name, "rb") as f:
-                    out[name] = f.read(LEASE_LIMIT + 1)
+                fd = os.open(self.leases_dir / name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # dropped meanwhile
+            except OSError as e:
+                out[name] = e.strerror or str(e)
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    out[name] = "not a regular file"
+                    continue
+                out[name] = os.read(fd, LEASE_LIMIT + 1)
+            except OSError as e:
+                out[name] = e.strerror or str(e)
+            finally:
+                os.close(fd)
         return out
+
+    def remove_lease_file(self, name: str) -> None:
+        """Remove whatever is at a lease's name, a damaged one too."""
+        self._require_lock()
+        path = self.leases_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        fsync_dir(self.leases_dir)
 
     def put_lease(self, name: str, data: bytes) -> None:
         self._require_lock()
