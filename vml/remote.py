@@ -132,9 +132,12 @@ class RemoteStore:
             try:
                 data, cat = self.fetcher.get(CATALOG_FILE, CATALOG_LIMIT, check, fresh=True)
             except (FetchError, ObjectMissing, ExpiredCatalog) as e:
+                # Offline, the cached catalog serves even expired (offline use is
+                # promised). A network that answers with an expired catalog may
+                # be a frozen server: the cached one serves only until it expires too.
+                if isinstance(e, ExpiredCatalog) and (seen is None or seen.expired()):
+                    raise
                 if seen is None:
-                    if isinstance(e, ExpiredCatalog):
-                        raise
                     raise FetchError(f"{self._where()}: no catalog: {e}") from None
                 self._warn_cached(seen, e)
                 cat = seen
@@ -201,10 +204,18 @@ class RemoteStore:
         try:
             return check_name(json.loads(path.read_bytes())["repository"], "repository")
         except FileNotFoundError:
-            return None
+            pass
         except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError) as e:
-            log.warning("%s: unreadable (%s); learning the repository again at the next contact", path, e)
+            log.warning("%s: unreadable (%s); learning the repository again", path, e)
+        # A catalog verified at an earlier contact (by a vml that recorded no
+        # identity) says it as well as a first contact would.
+        cached = self._cached_catalog(None)
+        if cached is None:
             return None
+        with open(self.path / "catalog.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            write_atomic(path, (json.dumps({"repository": cached.repository}) + "\n").encode())
+        return cached.repository
 
     def _age(self) -> float:
         try:
