@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vml.repository import Repository
-from vml.store import Store
+from vml.repo.repository import Repository
+from vml.repo.store import Store
 
 from servers import Nginx
 
@@ -193,7 +193,7 @@ def hold_lock(repo: Path, command: str, then: str = "", seconds: float = 2) -> s
     Returns once the lock is held; ``then`` is Python with ``s`` the Store.
     """
     code = (
-        "import sys, time\nfrom vml.store import Store\nfrom vml import objects\ns = Store(sys.argv[1])\n"
+        "import sys, time\nfrom vml.repo.store import Store\nfrom vml import objects\ns = Store(sys.argv[1])\n"
         f"with s.lock({command!r}):\n    {then or 'pass'}\n    print('held', flush=True)\n    time.sleep({seconds})"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(repo)], stdout=subprocess.PIPE, text=True)

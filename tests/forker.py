@@ -21,7 +21,8 @@ from pathlib import Path
 
 SERVER = r"""
 import json, os, sys
-import vml.cli, vml.maintenance, vml.bundle, vml.publish, vml.areas  # imported once, before any fork
+# imported once, before any fork
+import vml.cli, vml.entries.maintenance, vml.entries.bundle, vml.remotes.publish, vml.vms.areas
 import vmlfs.daemon, vmlfs.mount
 
 for line in sys.stdin:

@@ -1,7 +1,7 @@
 """Working areas through the library, without a mount: saving while the guest writes.
 
 A save freezes the area's overlays, lets writes go to fresh ones at once,
-stores the frozen ones, then rebases (see vml.areas). These tests hold a
+stores the frozen ones, then rebases (see vml.vms.areas). These tests hold a
 save in its store step and write meanwhile, kill a process there, and make
 the store fail, and check that no write is lost or misplaced.
 """
@@ -18,13 +18,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vml import areas, config
-from vml.areas import Area, AreaRecord
-from vml.checkout import checkout
+from vml import config
+from vml.entries.checkout import checkout
+from vml.entries.save import save
 from vml.errors import StorageError
-from vml.overlay import Blocks
-from vml.save import save
-from vml.store import Store
+from vml.repo.store import Store
+from vml.vms import areas
+from vml.vms.areas import Area, AreaRecord
+from vml.vms.overlay import Blocks
 
 from conftest import Vml, need_root
 
@@ -98,8 +99,8 @@ def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, h
 KILLED_IN_STORE = """
 import os, signal, sys
 from pathlib import Path
-from vml import areas
-from vml.areas import Area
+from vml.vms import areas
+from vml.vms.areas import Area
 
 def die(*args, **kwargs):
     area.write("d", 10 * 4096, b"after the freeze" * 1024)  # a guest write during the store step
@@ -240,9 +241,10 @@ def test_an_area_on_a_disk_declared_huge_costs_memory_by_what_is_written(home, t
     code = """
 import resource, sys
 from pathlib import Path
-from vml import areas, config
-from vml.areas import Area
-from vml.save import save
+from vml import config
+from vml.vms import areas
+from vml.vms.areas import Area
+from vml.entries.save import save
 home = Path(sys.argv[1])
 repo = config.Config.load(home).open("rep")
 areas.create_area(home, "w", repo, save(repo, "e1", sys.argv[2]))

@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import pytest
 
-from vml import chunkmap, objects
-from vml.repository import Repository
-from vml.store import Store
+from vml.repo import chunkmap, objects
+from vml.repo.repository import Repository
+from vml.repo.store import Store
 
 from conftest import need, need_root
 

@@ -251,7 +251,7 @@ def test_libvirt_saves_a_running_guest_with_its_memory_and_reopening_resumes_it(
 
     # A save cut short after libvirt wrote the state: the next boot resumes it.
     code = (
-        "import sys; from pathlib import Path; from vml import boot; from vml.hypervisors import driver\n"
+        "import sys; from pathlib import Path; from vml import boot; from vml.vms.hypervisors import driver\n"
         "home = Path(sys.argv[1]); rec = boot.load_record(home, 'run1')\n"
         "driver('libvirt', {}).save_memory(rec, home / 'areas' / 'run1' / boot.MEMORY_FILE)"
     )
@@ -389,8 +389,8 @@ def test_vmware_wrong_password_and_unreachable_host(vml, mounted, tmp_path, gues
 
 
 def test_descriptions_this_version_cannot_use_leave_the_entry_readable():
-    from vml.hardware import Hardware
-    from vml.manifest import Manifest
+    from vml.repo.hardware import Hardware
+    from vml.repo.manifest import Manifest
 
     m = Manifest(name="e", kind="full", created="2026-11-22T00:00:00Z", chunk_size=4096, disks=())
     assert b"hardware" not in m.encode()  # entries without one keep their old encoding

@@ -15,7 +15,7 @@ import tarfile
 
 import pytest
 
-from vml import chunkmap, objects
+from vml.repo import chunkmap, objects
 
 from conftest import need
 from test_bad_input import assert_untouched, snapshot

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from vml import catalog as catalogs
-from vml import config, publish
+from vml import config
 from vml.errors import BadSignature, CorruptManifest, ObjectMissing
-from vml.objects import decode
-from vml.remote import RemoteConfig, RemoteStore
-from vml.repository import Repository
-from vml.store import METADATA_LIMIT
+from vml.remotes import catalog as catalogs
+from vml.remotes import publish
+from vml.remotes.remote import RemoteConfig, RemoteStore
+from vml.repo.objects import decode
+from vml.repo.repository import Repository
+from vml.repo.store import METADATA_LIMIT
 
 from conftest import Vml, need
 from servers import Nginx

@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from vml import chunkmap
-from vml.checkout import checkout
+from vml.entries.checkout import checkout
+from vml.entries.maintenance import gc, remove, verify
+from vml.entries.save import save
 from vml.errors import AlreadyExists, HasChildren, NotFound, ObjectMissing, StorageError, UsageError
-from vml.maintenance import gc, remove, verify
-from vml.objects import HOLE
-from vml.save import save
-from vml.store import Store
+from vml.repo import chunkmap
+from vml.repo.objects import HOLE
+from vml.repo.store import Store
 
 CS = 4096
 

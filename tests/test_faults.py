@@ -21,16 +21,20 @@ from pathlib import Path
 
 import pytest
 
-from vml import areas, bundle, catalog, config, leases
-from vml.areas import Area
-from vml.chunkmap import ChunkTable
+from vml import config
 from vml.config import Config
+from vml.entries import bundle
+from vml.entries.maintenance import gc, remove, verify
+from vml.entries.save import save
 from vml.errors import Corrupt
-from vml.maintenance import gc, remove, verify
-from vml.objects import decode
-from vml.repository import Repository
-from vml.save import save
-from vml.store import METADATA_LIMIT, Store
+from vml.remotes import catalog
+from vml.repo import leases
+from vml.repo.chunkmap import ChunkTable
+from vml.repo.objects import decode
+from vml.repo.repository import Repository
+from vml.repo.store import METADATA_LIMIT, Store
+from vml.vms import areas
+from vml.vms.areas import Area
 
 from conftest import add_remote, need_fuse, need_root, set_remote
 from forker import Forker
@@ -898,7 +902,7 @@ def test_a_bit_flipped_in_a_proxy_reply_is_refused_and_fetched_elsewhere(faults,
         tables = remote_tables(repo)
         chunks = sorted(remote_chunks(tables).items())
         cache = repo.store.cache
-        caplog.set_level("INFO", logger="vml.fetch")
+        caplog.set_level("INFO", logger="vml.remotes.fetch")
         loop = faults("a bit flipped in a proxy's reply")
         for attempt in loop:
             with attempt:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vml import chunkmap, objects
+from vml.repo import chunkmap, objects
 
 from conftest import hold_lock, mount_pid, need_root
 from test_bad_input import assert_untouched, snapshot

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vml import imagecheck, sources
+from vml.entries import imagecheck, sources
 from vml.errors import BadSource
 
 from conftest import need, need_root

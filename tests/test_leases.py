@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vml.areas import Area
+from vml.vms.areas import Area
 
 from conftest import Vml, need_root
 
@@ -129,7 +129,7 @@ def test_an_entry_removed_while_the_area_is_opened_is_not_leased(shared, tmp_pat
     """gc and the lease check both run under the lock: one of them sees the other."""
     _, b, rep, _ = shared
     code = (
-        "import sys\nfrom vml.store import Store\ns = Store(sys.argv[1])\n"
+        "import sys\nfrom vml.repo.store import Store\ns = Store(sys.argv[1])\n"
         "with s.lock('vml rm g2'):\n    print('held', flush=True)\n    sys.stdin.readline()\n"
         "    s.update_refs(delete=('g2',))\n"
     )

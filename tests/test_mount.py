@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from vml.repository import Repository, parse_iso
-from vml.store import Store
+from vml.repo.repository import Repository, parse_iso
+from vml.repo.store import Store
 
 from conftest import debugfs_write, mount_pid, need
 

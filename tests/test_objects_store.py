@@ -7,9 +7,9 @@ import time
 import pytest
 import zstandard
 
-from vml import objects
 from vml.errors import AlreadyExists, CorruptManifest, CorruptObject, Locked, NotFound, ObjectMissing, UsageError
-from vml.store import Store
+from vml.repo import objects
+from vml.repo.store import Store
 
 
 def test_objects_round_trip_and_are_named_by_content(tmp_path):

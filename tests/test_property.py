@@ -7,13 +7,13 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vml.checkout import checkout
-from vml.chunkmap import ChunkTable
-from vml.maintenance import remove, verify
-from vml.objects import HOLE
-from vml.repository import Repository
-from vml.save import save
-from vml.store import Store
+from vml.entries.checkout import checkout
+from vml.entries.maintenance import remove, verify
+from vml.entries.save import save
+from vml.repo.chunkmap import ChunkTable
+from vml.repo.objects import HOLE
+from vml.repo.repository import Repository
+from vml.repo.store import Store
 
 CS = 4096
 

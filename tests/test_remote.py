@@ -131,7 +131,7 @@ def test_damaged_replies_are_refused_and_fetched_elsewhere(vml, home, origin, pu
 
 
 def test_the_preferred_group_comes_back_after_a_while():
-    from vml.fetch import ProxyChain
+    from vml.remotes.fetch import ProxyChain
 
     chain = ProxyChain("http://a:1|http://b:1;http://c:1", reset_after=0.5)
     assert set(chain.order()[:2]) == {"http://a:1", "http://b:1"}
@@ -252,8 +252,8 @@ def test_hostile_objects_are_refused(vml, home, published, own_origin, tmp_path)
     """An object that does not match its name, one larger than allowed, one that is no manifest."""
     pub, _ = own_origin
     set_remote(home, timeout=3.0)
-    from vml import catalog as catalogs
-    from vml.objects import compress, digest
+    from vml.remotes import catalog as catalogs
+    from vml.repo.objects import compress, digest
 
     junk = b"not a manifest at all" * 10
     d = digest(junk)
@@ -341,7 +341,7 @@ def test_a_peer_trickling_header_lines_cannot_outlast_the_deadline():
     import socket
 
     from vml.errors import FetchError
-    from vml.fetch import Fetcher, Settings
+    from vml.remotes.fetch import Fetcher, Settings
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -33,14 +33,14 @@ from pathlib import Path
 
 import tomli_w
 
-from .catalog import parse_public_key
 from .errors import AlreadyExists, CorruptManifest, NotFound, UsageError
-from .fetch import Settings, parse_proxies
-from .manifest import DEFAULT_MAX_DISK_SIZE, MAX_STREAM_SIZE
 from .names import check_repository_name, parse_size
-from .remote import RemoteConfig, RemoteRepository, open_remote
-from .repository import Entry, Repository
-from .store import Store, write_atomic
+from .remotes.catalog import parse_public_key
+from .remotes.fetch import Settings, parse_proxies
+from .remotes.remote import RemoteConfig, RemoteRepository, open_remote
+from .repo.manifest import DEFAULT_MAX_DISK_SIZE, MAX_STREAM_SIZE
+from .repo.repository import Entry, Repository
+from .repo.store import Store, write_atomic
 
 REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float), "repository": str}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}

@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 
 from .errors import AlreadyExists, VmlError
-from .store import write_atomic
+from .repo.store import write_atomic
 
 TIMEOUT = 600.0  # a save of many changes can take a while
 

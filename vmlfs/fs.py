@@ -1,6 +1,6 @@
 """The FUSE operations: inode numbers, attributes and errno, nothing more.
 
-Everything about what the logbook contains comes from vml.logbook.Logbook;
+Everything about what the logbook contains comes from vml.view.logbook.Logbook;
 this class turns its paths and nodes into inodes and its errors into errno.
 
 Rules:
@@ -38,8 +38,8 @@ from vml.errors import (
     UsageError,
     VmlError,
 )
-from vml.fileset import Handle, Node
-from vml.logbook import Logbook
+from vml.view.fileset import Handle, Node
+from vml.view.logbook import Logbook
 
 from .readahead import ReadAhead
 

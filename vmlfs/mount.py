@@ -22,12 +22,14 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from vml import control, incoming, remote
-from vml.areas import MEMORY_FILE, areas_dir
+from vml import control
+from vml.entries import copies as incoming
 from vml.errors import VmlError
-from vml.hardware import Hardware
-from vml.logbook import AREAS, Logbook
 from vml.names import check_name
+from vml.remotes import remote
+from vml.repo.hardware import Hardware
+from vml.view.logbook import AREAS, Logbook
+from vml.vms.areas import MEMORY_FILE, areas_dir
 
 from .fs import VmlFS
 from .readahead import ReadAhead

@@ -26,7 +26,7 @@ import os
 import pyfuse3
 import trio
 
-from vml.reader import DiskReader
+from vml.entries.reader import DiskReader
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,76 @@
+"""Text output: the entry tree, tables and sizes, as the seeds show them."""
+
+from ..names import format_size
+from ..repo.repository import Entry, Repository, parse_iso
+
+TREE_TIME = "%m/%d/%y - %H:%M:%S"
+
+
+def tree_lines(repo: Repository, damaged: dict[str, tuple[bytes, str]] | None = None) -> list[str]:
+    """The entry tree: ``+---entry1(10/16/08 - 09:51:25 - full)``, children indented.
+
+    An entry whose manifest cannot be read is listed as a root, marked
+    DAMAGED, with the entries built on it under it; ``damaged``, if given,
+    receives them (name -> (digest, why)).
+    """
+    damaged = {} if damaged is None else damaged
+    children = repo.children(damaged)
+    lines: list[str] = []
+
+    def walk(entry: Entry | str, prefix: str, last: bool) -> None:
+        if isinstance(entry, str):
+            name = entry
+            lines.append(f"{prefix}+---{name}(DAMAGED: {damaged[name][1]})")
+        else:
+            name, m = entry.name, entry.manifest
+            when = parse_iso(m.created).astimezone().strftime(TREE_TIME)
+            note = ""
+            if m.parent and prefix == "":
+                remote = repo.on_remote(m.parent.manifest)
+                note = (
+                    f" [on {remote}:{m.parent.name}]" if remote else f" [parent {m.parent.name} not in this repository]"
+                )
+            lines.append(f"{prefix}+---{name}({when} - {m.kind}){note}")
+        kids = children.get(name, [])
+        for i, kid in enumerate(kids):
+            walk(kid, prefix + ("    " if last else "|   "), i == len(kids) - 1)
+
+    roots: list[Entry | str] = [*children.get(None, []), *sorted(damaged)]
+    for i, root in enumerate(roots):
+        walk(root, "", i == len(roots) - 1)
+    return lines
+
+
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header).rstrip()] + [fmt.format(*map(str, r)).rstrip() for r in rows]
+
+
+def show_lines(info: dict) -> list[str]:
+    lines = [f"{info['name']}  (repository {info['repository']})"]
+    lines.append(f"  kind:      {info['kind']}")
+    lines.append(f"  parent:    {info['parent'] or '-'}")
+    created = parse_iso(info["created"]).astimezone()
+    lines.append(f"  created:   {created:%Y-%m-%d %H:%M:%S %Z}")
+    if info["message"]:
+        lines.append(f"  message:   {info['message']}")
+    for d in info["disks"]:
+        lines.append(f"  disk:      {d['name']}  {format_size(d['size'])} ({d['size']} bytes)")
+    for f in info["files"]:
+        lines.append(f"  file:      {f['name']}  {format_size(f['size'])}")
+    hw = info.get("hardware")
+    if hw:
+        boot = f", kernel {hw['kernel']}" if hw.get("kernel") else f", {hw['firmware']}"
+        disks = ", ".join(f"{d['name']} on {d['bus']}" for d in hw["disks"]) or "virtio"
+        nics = ", ".join(n["model"] for n in hw["nics"]) or "no network"
+        lines.append(
+            f"  hardware:  {hw['memory_mib']} MiB, {hw['vcpus']} vCPU{boot}, disks {disks}, network {nics}, "
+            f"{hw['console']} console (from {hw['source']})"
+        )
+    else:
+        lines.append("  hardware:  not recorded (booted with the defaults: 1024 MiB, 1 vCPU, virtio)")
+    lines.append(f"  stored:    {format_size(info['stored_bytes'])} ({info['stored_bytes']} bytes) added by this entry")
+    lines.append(f"  chain:     {' -> '.join(info['chain'])} (base)")
+    lines.append(f"  manifest:  {info['manifest']}")
+    return lines

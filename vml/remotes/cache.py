@@ -1,0 +1,211 @@
+"""The local object cache of one remote: quota, LRU eviction, pins, counters.
+
+Objects are kept as fetched (compressed, already checked against their
+digest) under ``objects/ab/cdef...``. A file's mtime is its last use: a hit
+touches it, so eviction removes the least recently used first. The quota is
+soft: passing it evicts down to the low mark (three quarters of the quota),
+never touching the objects of pinned entries. Several processes (the mount
+and commands) share a cache; each keeps its own running total and rescans
+the directory when it evicts, so they cannot drift far.
+
+Counters (hits, misses, bytes fetched) are added to ``stats.json`` under a
+lock every few seconds and when the process ends.
+"""
+
+import atexit
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ..errors import CorruptManifest, StorageError, VmlError
+from ..repo.objects import parse_hex
+from ..repo.store import storage_error, write_atomic
+
+log = logging.getLogger(__name__)
+
+LOW_MARK = 0.75
+STATS_EVERY = 2.0  # seconds between flushes of the counters
+COUNTERS = ("hits", "misses", "fetched_bytes", "evicted")
+
+
+class ObjectCache:
+    def __init__(self, path: Path, quota: int):
+        self.path = path
+        self.quota = quota
+        self.objects = path / "objects"
+        self.tmp = path / "tmp"
+        for d in (self.objects, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._size: int | None = None  # running total, from a scan
+        self._evicting = False
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._flushed = time.monotonic()
+        self.pinned_objects = lambda: set()  # set by the owner: objects pinned entries need
+        atexit.register(self.flush_stats)
+
+    def object_path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.objects / h[:2] / h[2:]
+
+    # -- objects ---------------------------------------------------------
+
+    def get(self, digest: bytes) -> bytes | None:
+        """The stored bytes of a cached object, or None; a hit makes it most recently used."""
+        p = self.object_path(digest)
+        try:
+            with open(p, "rb") as f:
+                blob = f.read()
+                os.utime(f.fileno())
+        except FileNotFoundError:
+            self.count("misses")
+            return None
+        except OSError as e:
+            log.warning("cache %s: cannot read %s (%s); fetching it again", self.path, p, e.strerror)
+            self.count("misses")
+            return None
+        self.count("hits")
+        return blob
+
+    def peek(self, digest: bytes) -> bytes | None:
+        """The stored bytes if cached, without counting a hit or a miss."""
+        try:
+            return self.object_path(digest).read_bytes()
+        except OSError:
+            return None
+
+    def has(self, digest: bytes) -> bool:
+        return self.object_path(digest).exists()
+
+    def size_of(self, digest: bytes) -> int | None:
+        try:
+            return self.object_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def put(self, digest: bytes, blob: bytes) -> None:
+        """Keep a checked object; past the quota, evict down to the low mark."""
+        p = self.object_path(digest)
+        try:
+            p.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.rename(tmp, p)
+        except OSError as e:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+            # A full or broken cache must not fail a read that was served.
+            log.warning("cache %s: cannot keep object %s (%s)", self.path, digest.hex(), storage_error(e, "writing"))
+            return
+        with self._lock:
+            if self._size is not None:
+                self._size += len(blob)
+            over = self._size is None or self._size > self.quota
+        if over:
+            try:
+                self.evict()
+            except (VmlError, OSError) as e:  # the read was served; the cache can shrink later
+                log.warning("cache %s: cannot evict (%s)", self.path, e)
+
+    # -- quota -----------------------------------------------------------
+
+    def scan(self) -> list[tuple[float, int, bytes, Path]]:
+        """(last use, size, digest, path) of every cached object."""
+        out = []
+        for sub in self.objects.iterdir():
+            for p in sub.iterdir():
+                d = parse_hex(sub.name + p.name)
+                with contextlib.suppress(FileNotFoundError):
+                    st = p.stat()
+                    if d is not None:
+                        out.append((st.st_mtime, st.st_size, d, p))
+        return out
+
+    def evict(self, target: int | None = None) -> int:
+        """Remove least recently used, unpinned objects until at most ``target`` bytes remain."""
+        with self._lock:
+            if self._evicting:
+                return 0
+            self._evicting = True
+        try:
+            found = self.scan()
+            total = sum(s for _, s, _, _ in found)
+            limit = int(self.quota * LOW_MARK) if target is None else target
+            removed = 0
+            if total > (self.quota if target is None else target):
+                pinned = self.pinned_objects()
+                for _, size, d, p in sorted(found):
+                    if total <= limit:
+                        break
+                    if d in pinned:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                        total -= size
+                        removed += 1
+                if target is None and total > limit:  # clear keeps pinned objects by design: no warning
+                    log.warning("cache %s: pinned entries alone hold more than the low mark of the quota", self.path)
+                self.count("evicted", removed)
+            with self._lock:
+                self._size = total
+            return removed
+        finally:
+            with self._lock:
+                self._evicting = False
+
+    def usage(self) -> tuple[int, int]:
+        """(objects, bytes) in the cache now."""
+        found = self.scan()
+        return len(found), sum(s for _, s, _, _ in found)
+
+    def clear(self) -> int:
+        """Remove every object that no pinned entry needs; return how many."""
+        before = len(self.scan())
+        self.evict(target=0)
+        return before - len(self.scan())
+
+    # -- counters --------------------------------------------------------
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[what] += n
+            due = time.monotonic() - self._flushed > STATS_EVERY
+        if due:
+            self.flush_stats()
+
+    def flush_stats(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, dict.fromkeys(COUNTERS, 0)
+            self._flushed = time.monotonic()
+        if not any(counts.values()):
+            return
+        try:
+            with self._stats_lock():
+                stats = self.stats()
+                for k, v in counts.items():
+                    stats[k] = stats.get(k, 0) + v
+                write_atomic(self.path / "stats.json", (json.dumps(stats) + "\n").encode())
+        except (OSError, StorageError, CorruptManifest) as e:
+            log.warning("cache %s: cannot update counters (%s)", self.path, e)
+
+    def stats(self) -> dict:
+        try:
+            doc = json.loads((self.path / "stats.json").read_bytes())
+        except FileNotFoundError:
+            return dict.fromkeys(COUNTERS, 0)
+        except (OSError, ValueError) as e:
+            raise CorruptManifest(f"{self.path / 'stats.json'}: unreadable ({e})") from None
+        return {k: int(doc.get(k, 0)) for k in COUNTERS}
+
+    @contextlib.contextmanager
+    def _stats_lock(self):
+        with open(self.path / "stats.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield

@@ -1,0 +1,220 @@
+"""Signing keys and the signed catalog of a published repository.
+
+A published repository is static files: objects under ``objects/ab/cdef...``
+exactly as stored (named by their BLAKE3 digest, so they never change and
+HTTP caches may keep them for ever), and ``catalog.json``, the only file
+that changes. The catalog is::
+
+    {"payload": "<canonical JSON text>", "signature": "<base64 Ed25519>"}
+
+where the payload holds the format, the repository name, a revision that
+grows with every publish, the time, the time it expires, the refs (entry
+name -> manifest digest) and every manifest digest published, so that a
+client can check an entry is there without fetching it. Clients hold the
+public key, as CVMFS clients hold a repository's key; a catalog that does
+not verify is refused whole, and one with a lower revision than already
+seen is refused as a replay. Everything else is checked by digest from the
+signed refs down.
+
+Formats, and how the payload may grow:
+
+- format 1: no expiry; such a catalog is valid until a newer one is seen.
+- format 2: adds ``expires`` (ISO UTC, like ``published``), required.
+  A client refuses an expired catalog from the network, so a server or
+  proxy cannot keep serving a frozen catalog for ever.
+
+A reader ignores payload keys it does not know. A later addition that a
+reader may safely ignore (a certificate, a pack index beside the loose
+objects) is therefore a new key in the same format. The format number goes
+up only when ignoring a change would make an older reader misread the
+catalog (accept what it should refuse, or miss content), as ``expires``
+would have; a reader refuses a format greater than it knows. A catalog
+with no expiry is written as format 1, so that every reader reads it.
+"""
+
+import base64
+import binascii
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from ..errors import AlreadyExists, BadSignature, CorruptManifest, NotFound, UsageError
+from ..files import read_regular
+from ..names import check_name
+from ..repo.objects import parse_hex
+from ..repo.store import storage_error, write_atomic
+
+FORMAT = 2  # the newest format this module reads and writes
+CATALOG_FILE = "catalog.json"
+CATALOG_LIMIT = 64 << 20
+KEY_PREFIX = "ed25519:"
+KEY_FILE_LIMIT = 64 << 10
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+DEFAULT_EXPIRY_DAYS = 30.0
+MAX_EXPIRY_DAYS = 3650.0
+
+
+# -- keys ------------------------------------------------------------------
+
+
+def keygen(path: Path) -> Path:
+    """Write a new private key to ``path`` (mode 0600) and its public key to ``path.pub``."""
+    pub = path.with_name(path.name + ".pub")
+    for p in (path, pub):
+        if p.exists():
+            raise AlreadyExists(f"{p}: exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private)
+        write_atomic(pub, (public_key_text(key.public_key()) + "\n").encode())
+    except OSError as e:
+        raise storage_error(e, f"writing key {path}") from None
+    return pub
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return KEY_PREFIX + base64.b64encode(raw).decode()
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        data = read_regular(path, KEY_FILE_LIMIT, "key file")
+    except NotFound:
+        raise NotFound(f"{path}: no such key file (create one with `vml keygen {path}`)") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: not an unencrypted Ed25519 private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UsageError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def parse_public_key(text: str, where: str) -> Ed25519PublicKey:
+    """A public key as `vml keygen` writes it (``ed25519:<base64>``)."""
+    text = text.strip()
+    try:
+        if not text.startswith(KEY_PREFIX):
+            raise ValueError(f"does not start with {KEY_PREFIX!r}")
+        raw = base64.b64decode(text[len(KEY_PREFIX) :], validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, binascii.Error) as e:
+        raise UsageError(f"{where}: not a VML public key ({e})") from None
+
+
+def read_public_key(path: Path) -> str:
+    """The canonical text of the public key in file ``path``."""
+    text = read_regular(path, KEY_FILE_LIMIT, "key file").decode(errors="replace")
+    return public_key_text(parse_public_key(text, str(path)))
+
+
+# -- catalogs --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Catalog:
+    repository: str
+    revision: int
+    published: str
+    refs: dict[str, bytes]
+    manifests: frozenset[bytes]
+    expires: str | None = None  # ISO UTC; None (format 1) never expires
+
+    def payload(self) -> bytes:
+        doc = {
+            "format": 1 if self.expires is None else 2,
+            "repository": self.repository,
+            "revision": self.revision,
+            "published": self.published,
+            "refs": {n: d.hex() for n, d in sorted(self.refs.items())},
+            "manifests": sorted(d.hex() for d in self.manifests),
+        }
+        if self.expires is not None:
+            doc["expires"] = self.expires
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires is not None and parse_time(self.expires) <= (now or datetime.now(UTC))
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def check_expiry_days(days: float, where: str) -> float:
+    """``days`` if it is a sane validity for a catalog; else UsageError naming ``where``."""
+    if not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
+        raise UsageError(f"{where} {days:g}: give a number of days above 0 and at most {MAX_EXPIRY_DAYS:g}")
+    return days
+
+
+def expiry(days: float, now: datetime | None = None) -> str:
+    """The ``expires`` time of a catalog signed ``now`` and valid for ``days``."""
+    return format_time((now or datetime.now(UTC)) + timedelta(days=days))
+
+
+def sign(catalog: Catalog, key: Ed25519PrivateKey) -> bytes:
+    payload = catalog.payload()
+    doc = {"payload": payload.decode(), "signature": base64.b64encode(key.sign(payload)).decode()}
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def verify(data: bytes, key: Ed25519PublicKey, where: str) -> Catalog:
+    """The catalog in ``data`` if its signature verifies with ``key``; else BadSignature or CorruptManifest."""
+    if len(data) > CATALOG_LIMIT:
+        raise CorruptManifest(f"{where}: catalog larger than {CATALOG_LIMIT} bytes")
+    try:
+        doc = json.loads(data)
+        payload = doc["payload"].encode()
+        signature = base64.b64decode(doc["signature"], validate=True)
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, RecursionError) as e:
+        raise CorruptManifest(f"{where}: not a VML catalog ({e})") from None
+    try:
+        key.verify(signature, payload)
+    except InvalidSignature:
+        raise BadSignature(
+            f"{where}: the catalog's signature does not verify with the configured key; refused"
+        ) from None
+    return _parse_payload(payload, where)
+
+
+def _parse_payload(payload: bytes, where: str) -> Catalog:
+    try:
+        doc = json.loads(payload)
+        fmt = doc["format"]
+        if type(fmt) is not int or fmt < 1:
+            raise ValueError(f"invalid format {fmt!r}")
+        if fmt > FORMAT:
+            raise ValueError(f"format {fmt} is newer than this vml reads (up to {FORMAT}); upgrade vml")
+        expires = None
+        if fmt >= 2:
+            expires = doc["expires"]
+            parse_time(expires)  # a ValueError or TypeError if it is no time
+        refs = {check_name(n): parse_hex(h) for n, h in doc["refs"].items()}
+        manifests = frozenset(parse_hex(h) for h in doc["manifests"])
+        revision = doc["revision"]
+        if None in refs.values() or None in manifests or type(revision) is not int or revision < 1:
+            raise ValueError("bad digest or revision")
+        if not set(refs.values()) <= manifests:
+            raise ValueError("a ref names a manifest that is not listed")
+        repository = check_name(doc["repository"], "repository")
+        return Catalog(repository, revision, str(doc["published"]), refs, manifests, expires)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
+        raise CorruptManifest(f"{where}: invalid catalog ({e})") from None

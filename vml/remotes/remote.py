@@ -1,0 +1,434 @@
+"""Remotes: published repositories read over HTTP, through a local cache.
+
+A remote is a read-only repository whose refs come from its signed catalog
+and whose objects are fetched on first use, checked against their digest,
+and kept in the remote's cache (``$VML_HOME/cache/NAME``). Each object is
+fetched once per process however many readers want it at the same time.
+Sequential readers and preload fetch in parallel connections.
+"""
+
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import (
+    BadSignature,
+    Corrupt,
+    CorruptManifest,
+    ExpiredCatalog,
+    FetchError,
+    ObjectMissing,
+    ReadOnly,
+    UsageError,
+)
+from ..names import check_name
+from ..progress import SILENT, Progress
+from ..repo.manifest import DEFAULT_MAX_DISK_SIZE
+from ..repo.objects import decode
+from ..repo.repository import Repository
+from ..repo.store import METADATA_LIMIT, write_atomic
+from . import catalog as catalogs
+from .cache import ObjectCache
+from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
+from .fetch import Fetcher, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUOTA = 10 << 30
+AHEAD_BYTES = 64 << 20  # fetched-ahead content kept in memory for its reader
+CATALOG_TTL = 60.0
+IDENTITY_FILE = "identity.json"  # in the cache: the repository the remote stands for
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    name: str
+    url: str
+    key: str  # "ed25519:<base64>", as `vml keygen` writes KEYFILE.pub
+    cache_quota: int = DEFAULT_QUOTA
+    catalog_ttl: float = CATALOG_TTL
+    settings: Settings = field(default_factory=Settings)
+    repository: str = ""  # the published repository's name, learnt when the remote is added (see identity())
+
+
+def _blob_limit(limit: int) -> int:
+    """Most bytes a zstd frame of ``limit`` bytes of content can take."""
+    return limit + (limit >> 7) + (64 << 10)
+
+
+class _InFlight:
+    def __init__(self):
+        self.done = threading.Event()
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class RemoteStore:
+    """The read side of a Store, served from a remote's cache and its HTTP server."""
+
+    def __init__(self, home: Path, rc: RemoteConfig):
+        self.rc = rc
+        self.name = rc.name
+        self.path = home / "cache" / rc.name
+        self.cache = ObjectCache(self.path, rc.cache_quota)
+        self.cache.pinned_objects = self.pinned_objects
+        self.key = catalogs.parse_public_key(rc.key, f"remote {rc.name}")
+        self.fetcher = Fetcher(rc.url, rc.settings, f"remote {rc.name}")
+        self.refs_path = self.path / CATALOG_FILE
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, _InFlight] = {}
+        self._catalog: tuple[float, Catalog] | None = None
+        self._catalog_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        # Content fetched ahead of its reader, handed over once so it is not decoded twice.
+        self._ahead: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
+        self._ahead_bytes = 0
+
+    def __repr__(self):
+        return f"RemoteStore({self.name!r}, {self.rc.url!r})"
+
+    # -- catalog ---------------------------------------------------------
+    #
+    # The verified catalog and the remote's identity (the name of the
+    # repository it stands for) are kept in the cache directory, which the
+    # mount and every command of the user share. Each file is replaced
+    # atomically, and only under catalog.lock. The identity is config's
+    # `repository` (learnt by `vml remote add`), or else identity.json,
+    # recorded from the first catalog that came from the network (a remote
+    # added with --no-check, or by an older vml). From then on a catalog of
+    # another repository is refused and never kept, and revisions are
+    # compared only between catalogs of that one repository.
+
+    def catalog(self, refresh: bool = False) -> Catalog:
+        """The verified catalog, fetched again when older than the TTL.
+
+        Offline, or when the network offers only an expired catalog, the
+        last verified catalog is used, even expired, and the log says so.
+        """
+        with self._catalog_lock:
+            now = time.monotonic()
+            if not refresh and self._catalog and now - self._catalog[0] < self.rc.catalog_ttl:
+                return self._catalog[1]
+            identity = self.identity()
+            seen = self._cached_catalog(identity)
+            if (
+                not refresh
+                and self._catalog is None
+                and seen is not None
+                and self._age() < self.rc.catalog_ttl
+                and not seen.expired()
+            ):
+                self._catalog = (now, seen)  # fetched by another process moments ago
+                return seen
+            check = functools.partial(self._check, identity, seen)
+            try:
+                data, cat = self.fetcher.get(CATALOG_FILE, CATALOG_LIMIT, check, fresh=True)
+            except (FetchError, ObjectMissing, ExpiredCatalog) as e:
+                # Offline, the cached catalog serves even expired (offline use is
+                # promised). A network that answers with an expired catalog may
+                # be a frozen server: the cached one serves only until it expires too.
+                if isinstance(e, ExpiredCatalog) and (seen is None or seen.expired()):
+                    raise
+                if seen is None:
+                    raise FetchError(f"{self._where()}: no catalog: {e}") from None
+                self._warn_cached(seen, e)
+                cat = seen
+            else:
+                cat = self._keep_catalog(data, cat)
+            self._catalog = (now, cat)
+            return cat
+
+    def _where(self) -> str:
+        return f"remote {self.name} ({self.rc.url})"
+
+    def _check(self, identity: str | None, seen: Catalog | None, data: bytes) -> tuple[bytes, Catalog]:
+        """A catalog fetched from the network, if it may replace ``seen``; else a Corrupt error."""
+        cat = catalogs.verify(data, self.key, f"{self._where()}: {CATALOG_FILE}")
+        if identity and cat.repository != identity:
+            raise self._other_repository(cat.repository, identity)
+        if seen and seen.repository == cat.repository and cat.revision < seen.revision:
+            raise BadSignature(
+                f"{self._where()}: catalog revision {cat.revision} is older than revision {seen.revision} "
+                "seen before; refused as a replay"
+            )
+        if cat.expired():
+            raise ExpiredCatalog(
+                f"{self._where()}: the catalog expired on {cat.expires}; the publisher must run `vml publish --resign`"
+            )
+        return data, cat
+
+    def _other_repository(self, got: str, identity: str) -> BadSignature:
+        return BadSignature(
+            f"{self._where()}: the catalog is of repository {got!r}, not {identity!r}; refused "
+            f"(if the remote now serves another repository, `vml remote rm {self.name}` and add it again)"
+        )
+
+    def _warn_cached(self, seen: Catalog, why: Exception) -> None:
+        stale = f" (it expired on {seen.expires})" if seen.expired() else ""
+        reason = str(why).removeprefix(f"{self._where()}: ")
+        log.warning("%s: using the cached catalog, revision %d%s: %s", self._where(), seen.revision, stale, reason)
+
+    def _keep_catalog(self, data: bytes, cat: Catalog) -> Catalog:
+        """Keep a fetched catalog, and the identity at first contact; return the newest kept.
+
+        Another process may have recorded the identity, or kept a newer
+        catalog, since this one was checked.
+        """
+        with open(self.path / "catalog.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            identity = self.identity()
+            if identity is None:
+                write_atomic(self.path / IDENTITY_FILE, (json.dumps({"repository": cat.repository}) + "\n").encode())
+                log.info("%s: stands for repository %s from now on", self._where(), cat.repository)
+            elif identity != cat.repository:
+                raise self._other_repository(cat.repository, identity)
+            kept = self._cached_catalog(cat.repository)
+            if kept is not None and kept.revision > cat.revision:
+                return kept
+            write_atomic(self.refs_path, data)  # its mtime says when it was last confirmed
+            return cat
+
+    def identity(self) -> str | None:
+        """The name of the repository this remote stands for, if known yet."""
+        if self.rc.repository:
+            return self.rc.repository
+        path = self.path / IDENTITY_FILE
+        try:
+            return check_name(json.loads(path.read_bytes())["repository"], "repository")
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError) as e:
+            log.warning("%s: unreadable (%s); learning the repository again", path, e)
+        # A catalog verified at an earlier contact (by a vml that recorded no
+        # identity) says it as well as a first contact would.
+        cached = self._cached_catalog(None)
+        if cached is None:
+            return None
+        with open(self.path / "catalog.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            write_atomic(path, (json.dumps({"repository": cached.repository}) + "\n").encode())
+        return cached.repository
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.refs_path.stat().st_mtime
+        except FileNotFoundError:
+            return float("inf")
+
+    def _cached_catalog(self, repository: str | None) -> Catalog | None:
+        """The cached catalog, unless missing, damaged, or of another repository than ``repository``."""
+        try:
+            data = self.refs_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            cat = catalogs.verify(data, self.key, str(self.refs_path))
+        except Corrupt as e:  # the key changed, or the file was damaged: start over
+            log.warning("%s; ignoring it", e)
+            return None
+        return cat if repository is None or cat.repository == repository else None
+
+    def refs(self) -> dict[str, bytes]:
+        return dict(self.catalog().refs)
+
+    def lists(self, digest: bytes) -> bool:
+        """Whether the remote's catalog lists manifest ``digest`` (no object is fetched)."""
+        return digest in self.catalog().manifests
+
+    # -- objects ---------------------------------------------------------
+
+    def has(self, digest: bytes) -> bool:
+        return self.cache.has(digest)
+
+    def object_size(self, digest: bytes) -> int:
+        size = self.cache.size_of(digest)
+        return size if size is not None else len(self.read_raw(digest))
+
+    def read(self, digest: bytes, limit: int) -> bytes:
+        """Content of an object: from the cache, else fetched, checked and cached."""
+        return self._obtain(digest, limit)[1]
+
+    def read_raw(self, digest: bytes) -> bytes:
+        return self._obtain(digest, METADATA_LIMIT)[0]
+
+    def _obtain(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
+        with self._lock:
+            handed = self._ahead.pop(digest, None)
+            if handed is not None:
+                self._ahead_bytes -= len(handed[1])
+        if handed is not None and len(handed[1]) <= limit:
+            return handed
+        blob = self.cache.get(digest)
+        if blob is not None:
+            try:
+                return blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
+            except Corrupt as e:
+                log.warning("%s; fetching it again", e)
+                self.cache.object_path(digest).unlink(missing_ok=True)
+        with self._lock:
+            job = self._inflight.get(digest)
+            leader = job is None
+            if leader:
+                job = self._inflight[digest] = _InFlight()
+        if not leader:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            return job.value
+        try:
+            blob = self.cache.peek(digest)  # a leader that just finished may have cached it
+            if blob is not None:
+                job.value = blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
+            else:
+                job.value = self._fetch(digest, limit)
+            return job.value
+        except BaseException as e:
+            job.error = e
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[digest]
+            job.done.set()
+
+    def _fetch(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
+        h = digest.hex()
+        where = f"remote {self.name}, object {h}"
+
+        def check(blob: bytes) -> tuple[bytes, bytes]:
+            return blob, decode(blob, digest, limit, where)
+
+        try:
+            blob, content = self.fetcher.get(f"objects/{h[:2]}/{h[2:]}", _blob_limit(limit), check)
+        except ObjectMissing:
+            raise ObjectMissing(f"object {h} is missing from remote {self.name} ({self.rc.url})") from None
+        self.cache.count("fetched_bytes", len(blob))
+        self.cache.put(digest, blob)
+        return blob, content
+
+    # -- fetching ahead --------------------------------------------------
+
+    def pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.rc.settings.parallel, thread_name_prefix=f"vml-fetch-{self.name}")
+            return self._pool
+
+    def prefetch(self, digests, limit: int) -> None:
+        """Fetch these objects in the background, if not cached or on their way already."""
+        for d in digests:
+            with self._lock:
+                busy = d in self._inflight
+            if not busy and not self.cache.has(d):
+                self.pool().submit(self._quiet_read, d, limit)
+
+    def _quiet_read(self, digest: bytes, limit: int) -> None:
+        try:
+            got = self._obtain(digest, limit)
+        except Exception as e:  # a read that needs it will fail and say why
+            log.debug("read-ahead of %s from remote %s failed: %s", digest.hex(), self.name, e)
+            return
+        with self._lock:
+            if digest not in self._ahead:
+                self._ahead[digest] = got
+                self._ahead_bytes += len(got[1])
+            while self._ahead_bytes > AHEAD_BYTES:
+                _, (_, old) = self._ahead.popitem(last=False)
+                self._ahead_bytes -= len(old)
+
+    def fetch_all(self, digests, limit: int, progress: Progress = SILENT) -> int:
+        """Make sure every object is cached, in parallel; return bytes fetched."""
+        missing = [d for d in digests if not self.cache.has(d)]
+        progress.start(len(missing))
+        before = self.fetcher.bytes
+        for _ in self.pool().map(lambda d: self._obtain(d, limit), missing):
+            progress.advance(1)
+        return self.fetcher.bytes - before
+
+    # -- pins ------------------------------------------------------------
+
+    def pins(self) -> dict[str, bytes]:
+        try:
+            doc = json.loads((self.path / "pins.json").read_bytes())
+            return {n: bytes.fromhex(h) for n, h in doc.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise CorruptManifest(f"{self.path / 'pins.json'}: unreadable ({e})") from None
+
+    def set_pins(self, pins: dict[str, bytes]) -> None:
+        write_atomic(
+            self.path / "pins.json", (json.dumps({n: d.hex() for n, d in sorted(pins.items())}) + "\n").encode()
+        )
+
+    def pinned_objects(self) -> set[bytes]:
+        pins = self.pins()
+        if not pins:
+            return set()
+        return RemoteRepository(self).needed_objects(pins.values())
+
+    # -- what a writer would need ----------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, command: str, timeout: float = 60.0):
+        raise ReadOnly(f"remote {self.name} is read-only: save into a local repository (--repo)")
+        yield  # pragma: no cover
+
+
+class RemoteRepository(Repository):
+    """A remote seen as a read-only repository."""
+
+    read_only = True
+
+    def __init__(self, store: RemoteStore, max_disk_size: int = DEFAULT_MAX_DISK_SIZE):
+        super().__init__(store, store.name, max_disk_size=max_disk_size)
+
+    def __repr__(self):
+        return f"RemoteRepository({self.name!r}, {self.store.rc.url!r})"
+
+    def is_local(self, digest: bytes) -> bool:
+        return False  # nothing of a remote is a local repository's to keep
+
+    def prefetch(self, digests, limit: int) -> None:
+        self.store.prefetch(digests, limit)
+
+    def entry_objects(self, digest: bytes) -> list[bytes]:
+        """Every object an entry needs, metadata first (so it is fetched first).
+
+        The manifests of all the remote's entries come too (they are small),
+        so that `vml log` works offline.
+        """
+        chain = self.data_chain(digest)
+        out = list(dict.fromkeys([d for d, _ in chain] + sorted(self.store.catalog().refs.values())))
+        out += [md for _, m in chain for md in m.map_digests()]
+        rest = self.needed_objects([digest]) - set(out)
+        return out + sorted(rest)
+
+
+_remotes: dict[tuple, RemoteStore] = {}
+_remotes_lock = threading.Lock()
+
+
+def open_remote(home: Path, rc: RemoteConfig) -> RemoteStore:
+    """The one RemoteStore of this process for ``rc`` (so in-flight fetches and pools are shared)."""
+    key = (str(home), rc)
+    with _remotes_lock:
+        store = _remotes.get(key)
+        if store is None:
+            store = _remotes[key] = RemoteStore(home, rc)
+        return store
+
+
+def flush_counters() -> None:
+    """Write the cache counters of every remote this process has used."""
+    with _remotes_lock:
+        stores = list(_remotes.values())
+    for store in stores:
+        store.cache.flush_stats()

@@ -1,0 +1,86 @@
+"""Object encoding: BLAKE3 digests and zstd frames.
+
+An object is one zstd frame whose header declares its decompressed size; it
+is named by the BLAKE3 digest of the decompressed bytes. Decoding checks the
+declared size against a limit *before* decompressing (python-zstandard
+ignores ``max_output_size`` when the header carries a size, so a forged
+header could otherwise make it allocate anything), then checks that the
+frame is complete, that nothing trails it, and that the digest matches.
+
+Compressor and decompressor contexts are not thread-safe; each thread keeps
+its own. Both libraries release the GIL while they work, so worker threads
+hash and compress in parallel.
+"""
+
+import threading
+
+import blake3
+import zstandard
+
+from ..errors import CorruptObject
+
+DIGEST_SIZE = 32
+HOLE = bytes(DIGEST_SIZE)  # stands for an all-zero chunk; never a real digest
+COMPRESSION_LEVEL = 3
+
+_local = threading.local()
+
+
+def digest(data) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def compress(data) -> bytes:
+    comp = getattr(_local, "compressor", None)
+    if comp is None:
+        comp = _local.compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL, write_content_size=True)
+    return comp.compress(data)
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "decompressor", None)
+    if dec is None:
+        dec = _local.decompressor = zstandard.ZstdDecompressor()
+    return dec
+
+
+def content_size(blob: bytes, where: str) -> int:
+    """The decompressed size a frame declares, or CorruptObject."""
+    try:
+        size = zstandard.get_frame_parameters(blob).content_size
+    except zstandard.ZstdError as e:
+        raise CorruptObject(f"{where}: not a zstd frame ({e})") from None
+    if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
+        raise CorruptObject(f"{where}: zstd frame does not declare its size")
+    return size
+
+
+def decode(blob: bytes, expected: bytes, limit: int, where: str) -> bytes:
+    """Decompress ``blob`` and check it against digest ``expected``.
+
+    ``limit`` bounds the decompressed size; ``where`` names the object in
+    error messages (a path or a hex digest).
+    """
+    size = content_size(blob, where)
+    if size > limit:
+        raise CorruptObject(f"{where}: decompresses to {size} bytes, more than the limit of {limit}")
+    obj = _decompressor().decompressobj()
+    try:
+        data = obj.decompress(blob)
+    except zstandard.ZstdError as e:
+        raise CorruptObject(f"{where}: damaged zstd data ({e})") from None
+    if not obj.eof or obj.unused_data or len(data) != size:
+        raise CorruptObject(f"{where}: truncated or padded zstd frame")
+    if digest(data) != expected:
+        raise CorruptObject(f"{where}: content does not match its name")
+    return data
+
+
+def parse_hex(name: str) -> bytes | None:
+    """The digest a hex object name stands for, or None if it is not one."""
+    if len(name) != 2 * DIGEST_SIZE:
+        return None
+    try:
+        return bytes.fromhex(name)
+    except ValueError:
+        return None

@@ -1,0 +1,463 @@
+"""The repository on disk: objects, refs, the writer lock.
+
+Layout of a repository directory::
+
+    vml-repository.json   format version, chunk size, digest and compression
+    refs.json             entry name -> manifest digest (the only mutable file)
+    objects/ab/cdef...    immutable zstd objects named by BLAKE3 of their content
+    tmp/                  files being written; cleared by the next writer
+    lock                  flock()ed by the one writer
+    leases/<id>.json      working areas that build on entries here (see vml.leases);
+                          absent until the first area is opened
+
+Crash safety rests on three rules. An object appears under its name only
+once complete (written to tmp/, then hard-linked into place, which also
+makes "already there" an atomic answer). Objects are flushed with syncfs()
+before any ref that needs them is written. Refs change only by replacing
+refs.json atomically (temp file, fsync, rename, fsync of the directory), so
+a set of ref changes lands all at once or not at all. A writer killed at any
+point therefore leaves at worst unreferenced objects and files in tmp/,
+which `vml gc` and the next writer remove.
+
+Readers take no lock: objects never change, and refs.json is read whole.
+"""
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import (
+    AlreadyExists,
+    CorruptManifest,
+    Locked,
+    NotFound,
+    ObjectMissing,
+    StorageError,
+    UsageError,
+)
+from ..names import check_name
+from . import objects
+
+FORMAT = 1
+META_FILE = "vml-repository.json"
+REFS_FILE = "refs.json"
+LEASES_DIR = "leases"
+LEASE_LIMIT = 64 << 10
+DEFAULT_CHUNK_SIZE = 256 << 10
+MIN_CHUNK_SIZE = 4 << 10
+MAX_CHUNK_SIZE = 16 << 20
+# Manifests and chunk maps are bounded so that a forged one cannot exhaust
+# memory; 64 MiB of chunk map covers a 1.5 PiB disk at the default chunk size.
+METADATA_LIMIT = 64 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger(__name__)
+
+
+def check_chunk_size(size: int) -> int:
+    if size < MIN_CHUNK_SIZE or size > MAX_CHUNK_SIZE or size & (size - 1):
+        raise UsageError(
+            f"invalid chunk size {size}: use a power of two from "
+            f"{MIN_CHUNK_SIZE >> 10} KiB to {MAX_CHUNK_SIZE >> 20} MiB"
+        )
+    return size
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see old or new, never a mix.
+
+    Without ``sync``, the caller flushes later (many files, one syncfs).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if sync:
+        fsync_dir(path.parent)
+
+
+class Store:
+    """Objects, refs and the lock of one repository directory."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path).absolute()
+        meta_path = self.path / META_FILE
+        try:
+            meta = json.loads(meta_path.read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"{self.path}: not a VML repository (no {META_FILE})") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise CorruptManifest(f"{meta_path}: cannot read repository settings ({e})") from None
+        if not isinstance(meta, dict):
+            raise CorruptManifest(f"{meta_path}: not a JSON object")
+        if meta.get("format") != FORMAT:
+            raise CorruptManifest(f"{meta_path}: unsupported repository format {meta.get('format')!r}")
+        if meta.get("digest") != "blake3" or meta.get("compression") != "zstd":
+            raise CorruptManifest(f"{meta_path}: unsupported digest or compression")
+        try:
+            self.chunk_size = check_chunk_size(meta.get("chunk_size"))
+        except (UsageError, TypeError):
+            raise CorruptManifest(f"{meta_path}: invalid chunk_size") from None
+        self.objects_dir = self.path / "objects"
+        self.tmp_dir = self.path / "tmp"
+        self.refs_path = self.path / REFS_FILE
+        self.leases_dir = self.path / LEASES_DIR
+        self._locked = False
+        self._tmpfile_ok = True
+
+    @classmethod
+    def create(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Store":
+        path = Path(path).absolute()
+        check_chunk_size(chunk_size)
+        if (path / META_FILE).exists():
+            raise AlreadyExists(f"{path}: already a VML repository")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise AlreadyExists(f"{path}: exists and is not an empty directory")
+        parent = path.parent
+        if not parent.is_dir():
+            raise NotFound(f"{parent}: no such directory")
+        # Build the repository beside its final name and rename it into
+        # place, so that a half-created repository is never found.
+        staging = None
+        try:
+            staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.creating."))
+            for i in range(256):
+                (staging / "objects" / f"{i:02x}").mkdir(parents=True)
+            (staging / "tmp").mkdir()
+            (staging / "lock").touch()
+            meta = {"format": FORMAT, "chunk_size": chunk_size, "digest": "blake3", "compression": "zstd"}
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            (staging / REFS_FILE).write_text(json.dumps({"entries": {}}) + "\n")
+            os.chmod(staging, 0o755)
+            if path.exists():
+                path.rmdir()
+            os.rename(staging, path)
+        except OSError as e:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"{path}: cannot create repository ({e.strerror})") from None
+        fsync_dir(parent)
+        return cls(path)
+
+    # -- objects ---------------------------------------------------------
+
+    def object_path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.objects_dir / h[:2] / h[2:]
+
+    def has(self, digest: bytes) -> bool:
+        return os.path.exists(self.object_path(digest))
+
+    def object_size(self, digest: bytes) -> int:
+        """Stored (compressed) size of an object."""
+        try:
+            return os.stat(self.object_path(digest)).st_size
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {digest.hex()} is missing from {self.path}") from None
+
+    def read_raw(self, digest: bytes) -> bytes:
+        """The stored, still compressed bytes of an object."""
+        try:
+            with open(self.object_path(digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {digest.hex()} is missing from {self.path}") from None
+
+    def read(self, digest: bytes, limit: int) -> bytes:
+        """Decompressed, digest-checked content of an object."""
+        return objects.decode(self.read_raw(digest), digest, limit, str(self.object_path(digest)))
+
+    def put(self, data, digest: bytes | None = None) -> tuple[bytes, int, bool]:
+        """Store ``data``; return (digest, stored size, whether it was new).
+
+        ``digest``, when given, must be the digest of ``data``.
+        """
+        d = digest or objects.digest(data)
+        path = self.object_path(d)
+        try:
+            return d, os.stat(path).st_size, False
+        except FileNotFoundError:
+            pass
+        blob = objects.compress(data)
+        return d, len(blob), self.put_raw(d, blob)
+
+    def put_raw(self, digest: bytes, blob: bytes) -> bool:
+        """Store an already compressed object; return False if it was there.
+
+        The caller vouches that ``blob`` decodes to content named ``digest``.
+        The object is written as an unnamed file (O_TMPFILE) and linked into
+        place complete, which needs no temporary name and no unlink; file
+        systems without O_TMPFILE get a named temporary file in tmp/.
+        """
+        self._require_lock()
+        final = self.object_path(digest)
+        if self._tmpfile_ok:
+            try:
+                fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._tmpfile_ok = False
+            else:
+                try:
+                    _write_all(fd, blob)
+                    # linkat(AT_SYMLINK_FOLLOW) on the /proc link; CPython uses
+                    # it only when given a directory fd.
+                    os.link(str(fd), final, src_dir_fd=_proc_fds(), follow_symlinks=True)
+                    return True
+                except FileExistsError:
+                    return False
+                finally:
+                    os.close(fd)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="obj.")
+        try:
+            _write_all(fd, blob)
+            os.close(fd)
+            fd = -1
+            return self.link_in(digest, tmp)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def link_in(self, digest: bytes, tmp: str | Path) -> bool:
+        """Give the complete file ``tmp`` its object name; False if taken."""
+        self._require_lock()
+        try:
+            os.link(tmp, self.object_path(digest))
+            return True
+        except FileExistsError:
+            return False
+
+    def remove_object(self, digest: bytes) -> None:
+        self._require_lock()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.object_path(digest))
+
+    def iter_objects(self) -> Iterator[tuple[bytes | None, Path]]:
+        """Every file under objects/: (digest, path), digest None for stray names."""
+        for sub in sorted(self.objects_dir.iterdir()):
+            if not sub.is_dir():
+                yield None, sub
+                continue
+            for p in sorted(sub.iterdir()):
+                d = objects.parse_hex(sub.name + p.name)
+                yield (d if d is not None and len(sub.name) == 2 else None), p
+
+    def sync(self) -> None:
+        """Flush every object written so far to stable storage (syncfs)."""
+        syncfs(self.objects_dir)
+
+    # -- refs ------------------------------------------------------------
+
+    def refs(self) -> dict[str, bytes]:
+        """Entry name -> manifest digest, as of one atomic read."""
+        try:
+            raw = self.refs_path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptManifest(f"{self.refs_path}: missing") from None
+        try:
+            doc = json.loads(raw)
+            out = {}
+            for name, hexd in doc["entries"].items():
+                d = objects.parse_hex(hexd)
+                if d is None:
+                    raise ValueError(f"bad digest for {name!r}")
+                out[check_name(name)] = d
+            return out
+        except (ValueError, KeyError, TypeError, AttributeError, UsageError) as e:
+            raise CorruptManifest(f"{self.refs_path}: does not parse ({e})") from None
+
+    def update_refs(self, set_refs: dict[str, bytes] | None = None, delete: tuple[str, ...] = ()) -> None:
+        """Apply ref changes in one atomic replacement of refs.json.
+
+        The caller must hold the lock and must have synced every object the
+        new refs need.
+        """
+        self._require_lock()
+        refs = self.refs()
+        for name in delete:
+            refs.pop(name, None)
+        refs.update(set_refs or {})
+        doc = {"entries": {k: v.hex() for k, v in sorted(refs.items())}}
+        try:
+            write_atomic(self.refs_path, (json.dumps(doc, indent=1) + "\n").encode())
+        except OSError as e:
+            raise StorageError(f"{self.refs_path}: cannot write refs ({e.strerror})") from None
+
+    # -- leases ----------------------------------------------------------
+
+    def leases(self) -> dict[str, bytes | str]:
+        """File name -> content of every lease file (see vml.leases), or why it cannot be read.
+
+        Read without the lock. A lease file that is not a regular file (a
+        FIFO, a directory, a link) is reported, never opened for reading.
+        """
+        out: dict[str, bytes | str] = {}
+        try:
+            names = sorted(os.listdir(self.leases_dir))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.startswith("."):
+                continue  # a lease being written
+            try:
+                fd = os.open(self.leases_dir / name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # dropped meanwhile
+            except OSError as e:
+                out[name] = e.strerror or str(e)
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    out[name] = "not a regular file"
+                    continue
+                out[name] = os.read(fd, LEASE_LIMIT + 1)
+            except OSError as e:
+                out[name] = e.strerror or str(e)
+            finally:
+                os.close(fd)
+        return out
+
+    def remove_lease_file(self, name: str) -> None:
+        """Remove whatever is at a lease's name, a damaged one too."""
+        self._require_lock()
+        path = self.leases_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        fsync_dir(self.leases_dir)
+
+    def put_lease(self, name: str, data: bytes) -> None:
+        self._require_lock()
+        self.leases_dir.mkdir(mode=0o755, exist_ok=True)
+        write_atomic(self.leases_dir / name, data)
+
+    def drop_lease(self, name: str) -> None:
+        self._require_lock()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.leases_dir / name)
+        fsync_dir(self.leases_dir)
+
+    # -- locking ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, command: str, timeout: float = 60.0):
+        """Hold the writer lock; waits up to ``timeout`` seconds for it."""
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    if time.monotonic() >= deadline:
+                        raise Locked(f"repository {self.path} is busy: {holder} holds its lock") from None
+                    if not waited:
+                        log.warning(
+                            "waiting up to %.0f s for repository %s: %s holds its lock", timeout, self.path, holder
+                        )
+                        waited = True
+                    time.sleep(0.1)
+            with contextlib.suppress(OSError):  # only a hint for others; a full disk may refuse it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
+            self._locked = True
+            self._clean_tmp()
+            try:
+                yield self
+            finally:
+                self._locked = False
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _require_lock(self) -> None:
+        if not self._locked:
+            raise RuntimeError("repository write without holding the lock")
+
+    def _clean_tmp(self) -> None:
+        # Whatever is in tmp/ belongs to a writer that died: only lock
+        # holders write there, and we hold the lock now. So does a
+        # temporary refs file left by a writer killed while replacing it.
+        for p in [*self.path.glob(f".{REFS_FILE}.*"), *self.leases_dir.glob(".*.json.*")]:
+            p.unlink(missing_ok=True)
+        for p in self.tmp_dir.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    def staging_dir(self, prefix: str) -> Path:
+        self._require_lock()
+        return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=prefix))
+
+
+_proc_fd_dir = (-1, -1)  # (pid, fd of /proc/PID/fd)
+
+
+def _proc_fds() -> int:
+    """A directory fd of this process's /proc fd table; renewed after fork."""
+    global _proc_fd_dir
+    pid = os.getpid()
+    if _proc_fd_dir[0] != pid:
+        _proc_fd_dir = (pid, os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    return _proc_fd_dir[1]
+
+
+def syncfs(path: Path) -> None:
+    """Flush everything written to the file system holding ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise StorageError(f"{path}: syncfs failed ({os.strerror(err)})")
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def storage_error(e: OSError, doing: str) -> StorageError:
+    """Turn an OSError into a one-line StorageError saying what was being done."""
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    where = f" ({e.filename})" if e.filename else ""
+    return StorageError(f"{doing}: {reason}{where}")
