@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from vml import config
 from vml.entries.checkout import checkout
-from vml.entries.save import save
+from vml.entries.save import save_source
 from vml.errors import StorageError
 from vml.repo.store import Store
 from vml.vms import areas
@@ -42,7 +42,7 @@ def area(home, tmp_path):
     repo = config.Config.load(home).open("rep")
     base = os.urandom(SIZE)
     (tmp_path / "d.img").write_bytes(base)
-    entry = save(repo, "e1", tmp_path / "d.img")
+    entry = save_source(repo, "e1", tmp_path / "d.img")
     areas.create_area(home, "w", repo, entry)
     return home, repo, bytearray(base)
 
@@ -75,7 +75,7 @@ def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, h
         a.write("d", 3 * CS + 100, b"A" * 5000)
         expected[3 * CS + 100 : 3 * CS + 5100] = b"A" * 5000
         saved_content = bytes(expected)
-        saver = threading.Thread(target=a.save, args=("e2",))
+        saver = threading.Thread(target=a.save_changes, args=("e2",))
         saver.start()
         assert in_store.wait(30)
         started = time.monotonic()
@@ -89,8 +89,8 @@ def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, h
         release.set()
         saver.join(30)
         assert a.read("d", 0, SIZE) == bytes(expected)
-        assert a.record.entry == "e2" and a.record.frozen == [] and a.changed_bytes() > 0
-        a.save("e3")  # released: this one goes straight through
+        assert a.record.entry == "e2" and a.record.frozen == [] and a.unsaved_bytes() > 0
+        a.save_changes("e3")  # released: this one goes straight through
     assert disk_of(repo, "e2", tmp_path) == saved_content
     assert disk_of(repo, "e3", tmp_path) == bytes(expected)
     assert sorted(p.name for p in (home / "areas/w").glob("*.overlay")) == ["d.3.overlay"]
@@ -111,7 +111,7 @@ areas.write_entry = die
 area = Area(Path(sys.argv[1]), "w")
 area.write("d", 0, b"before the freeze" * 300)
 area.sync()
-area.save("e2")
+area.save_changes("e2")
 """
 
 
@@ -124,11 +124,11 @@ def test_a_save_killed_after_the_freeze_loses_no_write(area, tmp_path):
     rec = AreaRecord.load(home / "areas/w/area.json")
     assert (rec.entry, rec.frozen, rec.generation) == ("e1", [1], 2)
     assert '"format": 2' in (home / "areas/w/area.json").read_text()  # older versions refuse, not drop
-    assert areas.changed_bytes(home, rec) > 0
+    assert areas.overlay_bytes(home, rec) > 0
     with Area(home, "w") as a:
         assert a.read("d", 0, SIZE) == bytes(expected)
-        a.save("e2")
-        assert a.read("d", 0, SIZE) == bytes(expected) and a.changed_bytes() == 0
+        a.save_changes("e2")
+        assert a.read("d", 0, SIZE) == bytes(expected) and a.unsaved_bytes() == 0
     assert disk_of(repo, "e2", tmp_path) == bytes(expected)
     assert '"format": 1' in (home / "areas/w/area.json").read_text()
     assert sorted(p.name for p in (home / "areas/w").glob("*.overlay")) == ["d.3.overlay"]
@@ -146,15 +146,15 @@ def test_a_failed_save_keeps_every_write_and_the_next_one_stores_them(area, tmp_
         expected[5 * CS : 6 * CS] = b"x" * CS
         monkeypatch.setattr(areas, "write_entry", full)
         with pytest.raises(StorageError):
-            a.save("e2")
+            a.save_changes("e2")
         a.write("d", 6 * CS, b"y" * CS)
         expected[6 * CS : 7 * CS] = b"y" * CS
         with pytest.raises(StorageError):
-            a.save("e2")
+            a.save_changes("e2")
         assert a.record.frozen == [1, 2] and a.read("d", 0, SIZE) == bytes(expected)
         monkeypatch.setattr(areas, "write_entry", real)
-        a.save("e2")
-        assert a.record.frozen == [] and a.changed_bytes() == 0
+        a.save_changes("e2")
+        assert a.record.frozen == [] and a.unsaved_bytes() == 0
     assert disk_of(repo, "e2", tmp_path) == bytes(expected)
     assert "e2" in repo.refs() and repo.entry("e2").manifest.parent.name == "e1"
 
@@ -164,7 +164,7 @@ def test_a_taken_name_is_refused_before_anything_is_frozen(area):
     with Area(home, "w") as a:
         a.write("d", 0, b"z" * CS)
         with pytest.raises(Exception, match="entry 'e1' already exists"):
-            a.save("e1")
+            a.save_changes("e1")
         assert a.record.frozen == [] and a.record.generation == 1
 
 
@@ -174,7 +174,7 @@ def test_closing_waits_for_a_save_under_way(area, tmp_path, held_in_store):
     in_store, release = held_in_store
     a = Area(home, "w")
     a.write("d", 0, b"q" * CS)
-    saver = threading.Thread(target=a.save, args=("e2",))
+    saver = threading.Thread(target=a.save_changes, args=("e2",))
     saver.start()
     assert in_store.wait(30)
     closer = threading.Thread(target=a.destroy, kwargs={"discard": True})

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 
+from vml import layout
 from vml.repo import chunkmap, objects
 from vml.repo.repository import Repository
 from vml.repo.store import Store
@@ -164,7 +165,7 @@ def test_missing_objects_are_named_on_checkout_and_verify(vml, tmp_path, image_c
     repo = Repository(Store(tmp_path / "rep1"))
     table = repo.resolve(repo.entry("e1").digest).disks["disk"]
     victim = next(iter(sorted(table.digest_set())))
-    repo.store.object_path(victim).unlink()
+    layout.object_path(repo.store.path, victim).unlink()
     msg = vml.fails("checkout", "e1", tmp_path / "co", status=7)
     assert "entry 'e1', disk disk, chunk" in msg and victim.hex() in msg
     assert not (tmp_path / "co").exists()  # the directory it made is gone again
@@ -270,7 +271,7 @@ def test_damaged_manifest_and_refs_are_reported_by_name(vml, tmp_path, image_cop
     vml("save", "e1", "--from", image_copy())
     repo = Repository(Store(tmp_path / "rep1"))
     d = repo.entry("e1").digest
-    path = repo.store.object_path(d)
+    path = layout.object_path(repo.store.path, d)
     path.write_bytes(objects.compress(b'{"format": 1, "name": "e1"}'))
     msg = vml.fails("show", "e1", status=6)
     assert "entry 'e1'" in msg and "does not match its name" in msg

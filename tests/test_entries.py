@@ -6,9 +6,10 @@ import random
 
 import pytest
 
+from vml import layout
 from vml.entries.checkout import checkout
 from vml.entries.maintenance import gc, remove, verify
-from vml.entries.save import save
+from vml.entries.save import save_source
 from vml.errors import AlreadyExists, HasChildren, NotFound, ObjectMissing, StorageError, UsageError
 from vml.repo import chunkmap
 from vml.repo.objects import HOLE
@@ -38,7 +39,7 @@ def test_full_entry_round_trips_and_stays_sparse(repo, tmp_path):
     data[5000:9000] = os.urandom(4000)
     data[-10:] = b"0123456789"
     src = write(tmp_path / "disk.img", bytes(data))
-    save(repo, "e1", src)
+    save_source(repo, "e1", src)
     assert content(repo, "e1", tmp_path) == {"disk.img": bytes(data)}
     recs = own_records(repo, "e1")
     assert [i for i, _, _ in recs] == [1, 2, 255]  # only non-zero chunks are stored
@@ -49,11 +50,11 @@ def test_full_entry_round_trips_and_stays_sparse(repo, tmp_path):
 
 def test_incremental_stores_only_changed_chunks(repo, tmp_path):
     base = os.urandom(64 * CS)
-    save(repo, "e1", write(tmp_path / "a.img", base))
+    save_source(repo, "e1", write(tmp_path / "a.img", base))
     changed = bytearray(base)
     changed[10 * CS + 7] ^= 0xFF
     changed[40 * CS : 42 * CS] = bytes(2 * CS)  # becomes zeros: a hole record
-    save(repo, "e2", write(tmp_path / "b.img", bytes(changed)), parent="e1")
+    save_source(repo, "e2", write(tmp_path / "b.img", bytes(changed)), parent="e1")
     e2 = repo.entry("e2").manifest
     assert e2.kind == "incremental" and e2.parent.name == "e1"
     assert e2.disks[0].name == "a"  # the parent's disk name, not the file's
@@ -70,9 +71,9 @@ def test_differential_is_taken_against_the_base_not_the_parent(repo, tmp_path):
     v1[0:CS] = os.urandom(CS)
     v2 = bytearray(v1)
     v2[5 * CS : 6 * CS] = os.urandom(CS)
-    save(repo, "base", write(tmp_path / "d.img", v0))
-    save(repo, "inc", write(tmp_path / "d.img", bytes(v1)), parent="base")
-    save(repo, "diff", write(tmp_path / "d.img", bytes(v2)), parent="inc", kind="differential")
+    save_source(repo, "base", write(tmp_path / "d.img", v0))
+    save_source(repo, "inc", write(tmp_path / "d.img", bytes(v1)), parent="base")
+    save_source(repo, "diff", write(tmp_path / "d.img", bytes(v2)), parent="inc", kind="differential")
     m = repo.entry("diff").manifest
     assert (m.kind, m.parent.name, m.base.name) == ("differential", "inc", "base")
     assert [i for i, _, _ in own_records(repo, "diff")] == [0, 5]
@@ -89,7 +90,7 @@ def test_disks_that_grow_and_shrink_along_a_chain(repo, tmp_path, sizes):
         data = bytearray(rng.randbytes(size))
         data[CS : 2 * CS] = bytes(CS)
         name = f"e{n}"
-        save(repo, name, write(tmp_path / "disk.img", bytes(data)), parent=prev)
+        save_source(repo, name, write(tmp_path / "disk.img", bytes(data)), parent=prev)
         expected[name] = bytes(data)
         prev = name
     for name, data in expected.items():
@@ -101,12 +102,12 @@ def test_a_disk_dropped_then_added_again_starts_fresh(repo, tmp_path):
     vm.mkdir()
     write(vm / "a.img", os.urandom(4 * CS))
     write(vm / "b.img", os.urandom(4 * CS))
-    save(repo, "e1", vm)
+    save_source(repo, "e1", vm)
     (vm / "b.img").unlink()
-    save(repo, "e2", vm, parent="e1")
+    save_source(repo, "e2", vm, parent="e1")
     new_b = bytes(2 * CS) + os.urandom(CS)
     write(vm / "b.img", new_b)
-    save(repo, "e3", vm, parent="e2")
+    save_source(repo, "e3", vm, parent="e2")
     assert set(content(repo, "e2", tmp_path)) == {"a.img"}
     assert content(repo, "e3", tmp_path)["b.img"] == new_b
 
@@ -119,7 +120,7 @@ def test_vm_directory_keeps_files_with_their_modes(repo, tmp_path):
     write(vm / "nvram" / "vars.fd", os.urandom(10000))
     os.chmod(vm / "vm.vmx", 0o600)
     (vm / "vm.vmx.lck").mkdir()  # VMware lock directories are not part of the state
-    save(repo, "e1", vm)
+    save_source(repo, "e1", vm)
     m = repo.entry("e1").manifest
     assert [s.name for s in m.disks] == ["disk"]
     assert {s.name: s.mode for s in m.files} == {"vm.vmx": 0o600, "nvram/vars.fd": 0o644}
@@ -132,24 +133,24 @@ def test_vm_directory_keeps_files_with_their_modes(repo, tmp_path):
 
 def test_save_refuses_bad_requests_and_writes_nothing(repo, tmp_path):
     src = write(tmp_path / "d.img", os.urandom(2 * CS))
-    save(repo, "e1", src)
-    before = sorted(p for p in repo.store.objects_dir.rglob("*") if p.is_file())
+    save_source(repo, "e1", src)
+    before = sorted(p for p in (repo.store.path / layout.OBJECTS).rglob("*") if p.is_file())
     for name in ("a/b", "..", "../x", "x..y", "-x", ".hidden", "a:b", ""):
         with pytest.raises(UsageError, match="invalid entry name"):
-            save(repo, name, src)
+            save_source(repo, name, src)
     with pytest.raises(AlreadyExists, match="'e1' already exists"):
-        save(repo, "e1", src)
+        save_source(repo, "e1", src)
     with pytest.raises(NotFound, match="no entry 'nope'"):
-        save(repo, "e2", src, parent="nope")
+        save_source(repo, "e2", src, parent="nope")
     with pytest.raises(UsageError, match="needs --parent"):
-        save(repo, "e2", src, kind="incremental")
-    assert sorted(p for p in repo.store.objects_dir.rglob("*") if p.is_file()) == before
+        save_source(repo, "e2", src, kind="incremental")
+    assert sorted(p for p in (repo.store.path / layout.OBJECTS).rglob("*") if p.is_file()) == before
     assert list(repo.refs()) == ["e1"]
 
 
 def test_a_failing_save_removes_what_it_wrote(repo, tmp_path, monkeypatch):
-    save(repo, "e1", write(tmp_path / "d.img", os.urandom(8 * CS)))
-    before = sorted(p for p in repo.store.objects_dir.rglob("*") if p.is_file())
+    save_source(repo, "e1", write(tmp_path / "d.img", os.urandom(8 * CS)))
+    before = sorted(p for p in (repo.store.path / layout.OBJECTS).rglob("*") if p.is_file())
     calls = []
     real_put_raw = Store.put_raw
 
@@ -161,9 +162,9 @@ def test_a_failing_save_removes_what_it_wrote(repo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Store, "put_raw", failing_put_raw)
     with pytest.raises(StorageError, match=r"saving entry 'e2'.*no space left on device"):
-        save(repo, "e2", write(tmp_path / "d2.img", os.urandom(64 * CS)), parent="e1")
+        save_source(repo, "e2", write(tmp_path / "d2.img", os.urandom(64 * CS)), parent="e1")
     assert len(calls) > 20
-    assert sorted(p for p in repo.store.objects_dir.rglob("*") if p.is_file()) == before
+    assert sorted(p for p in (repo.store.path / layout.OBJECTS).rglob("*") if p.is_file()) == before
     assert list(repo.refs()) == ["e1"] and verify(repo) == []
 
 
@@ -176,7 +177,7 @@ def _tree(repo, tmp_path):
     def step(name, parent=None, kind=None, chunk=None):
         if chunk is not None:
             data[chunk * CS : (chunk + 1) * CS] = rng.randbytes(CS)
-        save(repo, name, write(tmp_path / "disk.img", bytes(data)), parent=parent, kind=kind)
+        save_source(repo, name, write(tmp_path / "disk.img", bytes(data)), parent=parent, kind=kind)
         versions[name] = bytes(data)
 
     step("base")
@@ -234,10 +235,10 @@ def test_verify_names_damaged_and_missing_objects(repo, tmp_path):
     assert verify(repo) == []
     table = repo.resolve(repo.entry("i2").digest).disks["disk"]
     damaged, missing = table.digest(2), table.digest(0)
-    repo.store.object_path(damaged).write_bytes(repo.store.read_raw(table.digest(7)))
-    repo.store.object_path(missing).unlink()
+    layout.object_path(repo.store.path, damaged).write_bytes(repo.store.read_raw(table.digest(7)))
+    layout.object_path(repo.store.path, missing).unlink()
     problems = verify(repo)
-    assert any(str(repo.store.object_path(damaged)) in p and "does not match" in p for p in problems)
+    assert any(str(layout.object_path(repo.store.path, damaged)) in p and "does not match" in p for p in problems)
     assert any(f"entry 'i2', disk disk, chunk 2: object {damaged.hex()}" in p for p in problems)
     assert any(f"entry 'base', disk disk, chunk 0: object {missing.hex()} is missing" in p for p in problems)
     assert not any("entry 'i1', disk disk, chunk 2" in p for p in problems)  # i1 does not use it
@@ -249,7 +250,7 @@ def test_verify_names_damaged_and_missing_objects(repo, tmp_path):
 
 
 def test_verify_catches_a_chunk_of_the_wrong_length(repo, tmp_path):
-    save(repo, "e1", write(tmp_path / "d.img", os.urandom(3 * CS)))
+    save_source(repo, "e1", write(tmp_path / "d.img", os.urandom(3 * CS)))
     m = repo.entry("e1").manifest
     recs = repo.read_map(m, m.disks[0])
     with repo.store.lock("test"):

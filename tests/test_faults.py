@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from vml import config
+from vml import config, layout
 from vml.config import Config
 from vml.entries import bundle
 from vml.entries.maintenance import gc, remove, verify
-from vml.entries.save import save
+from vml.entries.save import save_source
 from vml.errors import Corrupt
 from vml.remotes import catalog
 from vml.repo import leases
@@ -127,7 +127,7 @@ def assert_valid(path: Path, expected: dict[str, bytes]) -> Repository:
 def test_kill_9_during_save(faults, forker, home, rep, tmp_path):
     rng = random.Random(1)
     base = image(rng, 256)
-    save(open_repo(rep), "base", write_disk(tmp_path / "d.img", base))
+    save_source(open_repo(rep), "base", write_disk(tmp_path / "d.img", base))
 
     def changed() -> bytes:  # new chunks each time, so every save has work to do
         new = bytearray(base)
@@ -157,7 +157,7 @@ def test_kill_9_during_save(faults, forker, home, rep, tmp_path):
 def test_kill_9_during_import(faults, forker, home, rep, tmp_path):
     rng = random.Random(2)
     data = image(rng, 384, 0.9)
-    save(open_repo(rep), "big", write_disk(tmp_path / "d.img", data))
+    save_source(open_repo(rep), "big", write_disk(tmp_path / "d.img", data))
     b = bundle.export(open_repo(rep), "big", tmp_path / "big.vml", full=True)
     assert b.objects > 300
     target = tmp_path / "target"
@@ -184,15 +184,15 @@ def test_kill_9_during_gc(faults, forker, home, rep, tmp_path):
     rng = random.Random(3)
     kept = image(rng, 128)
     repo = open_repo(rep)
-    save(repo, "kept", write_disk(tmp_path / "d.img", kept))
+    save_source(repo, "kept", write_disk(tmp_path / "d.img", kept))
     # An area on an entry that is then removed: gc must keep what it reads, killed or not.
     leased = image(rng, 64)
-    areas.create_area(home, "w", repo, save(repo, "leased", write_disk(tmp_path / "d.img", leased)))
+    areas.create_area(home, "w", repo, save_source(repo, "leased", write_disk(tmp_path / "d.img", leased)))
     remove(repo, "leased", force=True)
 
     def make_garbage(n: int) -> None:
         r = open_repo(rep)
-        save(r, f"g{n}", write_disk(tmp_path / "g.img", image(rng, 128, 0.9)))
+        save_source(r, f"g{n}", write_disk(tmp_path / "g.img", image(rng, 128, 0.9)))
         remove(r, f"g{n}")
 
     make_garbage(-1)
@@ -213,7 +213,7 @@ def test_kill_9_during_rm_reparent(faults, forker, home, rep, tmp_path):
     rng = random.Random(4)
     repo = open_repo(rep)
     a = image(rng, 128)
-    save(repo, "a", write_disk(tmp_path / "d.img", a))
+    save_source(repo, "a", write_disk(tmp_path / "d.img", a))
     loop = faults("kill -9 during vml rm --reparent")
     kill = None
     for attempt in loop:
@@ -224,9 +224,9 @@ def test_kill_9_during_rm_reparent(faults, forker, home, rep, tmp_path):
             for name, parent, kind in ((f"b{i}", "a", "incremental"), (f"c{i}", f"b{i}", "differential")):
                 start = rng.randrange(100)
                 data[start * CS : (start + 20) * CS] = image(rng, 20, 0.9)
-                save(open_repo(rep), name, write_disk(tmp_path / "d.img", bytes(data)), parent=parent, kind=kind)
+                save_source(open_repo(rep), name, write_disk(tmp_path / "d.img", bytes(data)), parent=parent, kind=kind)
                 versions[name] = bytes(data)
-            save(open_repo(rep), f"d{i}", write_disk(tmp_path / "d.img", image(rng, 128)), parent=f"c{i}")
+            save_source(open_repo(rep), f"d{i}", write_disk(tmp_path / "d.img", image(rng, 128)), parent=f"c{i}")
             versions[f"d{i}"] = (tmp_path / "d.img").read_bytes()
             if kill is None:
                 kill = Killer(forker, home, forker.timed(home, "rm", f"b{i}", "--reparent"))
@@ -245,13 +245,13 @@ def test_kill_9_during_publish(faults, forker, home, rep, tmp_path):
     catalog.keygen(tmp_path / "key")
     public = catalog.parse_public_key((tmp_path / "key.pub").read_text(), "key")
     out = tmp_path / "pub"
-    save(open_repo(rep), "e", write_disk(tmp_path / "d.img", image(rng, 256)))
+    save_source(open_repo(rep), "e", write_disk(tmp_path / "d.img", image(rng, 256)))
     kill = Killer(forker, home, forker.timed(home, "publish", out, "--key", tmp_path / "key"))
     loop = faults("kill -9 during vml publish")
     for attempt in loop:
         with attempt:
             before = catalog.verify((out / "catalog.json").read_bytes(), public, "catalog").revision
-            save(open_repo(rep), f"e{attempt.index}", write_disk(tmp_path / "d.img", image(rng, 256, 0.9)))
+            save_source(open_repo(rep), f"e{attempt.index}", write_disk(tmp_path / "d.img", image(rng, 256, 0.9)))
             started = time.time()
             code = kill("publish", out, "--key", tmp_path / "key")
             served = catalog.verify((out / "catalog.json").read_bytes(), public, "catalog")
@@ -296,7 +296,7 @@ def test_kill_9_during_area_save(faults, forker, home, rep, tmp_path):
     rng = random.Random(6)
     repo = open_repo(rep)
     base = image(rng, 256)
-    areas.create_area(home, "w", repo, save(repo, "base", write_disk(tmp_path / "d.img", base)))
+    areas.create_area(home, "w", repo, save_source(repo, "base", write_disk(tmp_path / "d.img", base)))
     expected = bytearray(base)
 
     def scribble() -> None:
@@ -363,7 +363,7 @@ def test_the_mount_killed_during_fsynced_writes_loses_no_acknowledged_write(faul
     rng = random.Random(7)
     repo = open_repo(rep)
     base = image(rng, 256)
-    areas.create_area(home, "w", repo, save(repo, "base", write_disk(tmp_path / "d.img", base)))
+    areas.create_area(home, "w", repo, save_source(repo, "base", write_disk(tmp_path / "d.img", base)))
     expected = bytearray(base)
     mp = tmp_path / "mnt"
     mp.mkdir()
@@ -412,13 +412,13 @@ def test_bit_flips_in_stored_objects_give_errors_never_wrong_bytes(faults, home,
     loop = faults("a bit flipped in a stored object, read by the library")
     data = image(rng, max(256, loop.tries // 2), 0.95)
     repo = open_repo(rep)
-    save(repo, "e", write_disk(tmp_path / "d.img", data))
+    save_source(repo, "e", write_disk(tmp_path / "d.img", data))
     (table,) = repo.resolve(repo.entry("e").digest).disks.values()
     chunks = [i for i, _, _ in table.records()]
     for attempt in loop:
         with attempt:
             victim = rng.choice(chunks)
-            path = repo.store.object_path(table.digest(victim))
+            path = layout.object_path(repo.store.path, table.digest(victim))
             old = flip_a_bit(path, rng)
             try:
                 fresh = open_repo(rep)
@@ -452,7 +452,7 @@ def test_bit_flips_read_through_the_mount_are_eio_for_that_chunk_only(faults, fo
     loop = faults("a bit flipped in a stored object, read through the mount")
     data = image(rng, max(256, 4 * loop.tries), 1.0)
     repo = open_repo(rep)
-    save(repo, "e", write_disk(tmp_path / "d.img", data))
+    save_source(repo, "e", write_disk(tmp_path / "d.img", data))
     (table,) = repo.resolve(repo.entry("e").digest).disks.values()
     mp = tmp_path / "mnt"
     mp.mkdir()
@@ -469,7 +469,7 @@ def test_bit_flips_read_through_the_mount_are_eio_for_that_chunk_only(faults, fo
         for attempt in loop:
             with attempt:
                 victim = unread.pop()  # never read before: neither the kernel nor the mount has it cached
-                path = repo.store.object_path(table.digest(victim))
+                path = layout.object_path(repo.store.path, table.digest(victim))
                 old = flip_a_bit(path, rng)
                 try:
                     started = time.monotonic()
@@ -534,13 +534,13 @@ def test_a_full_disk_fails_every_operation_cleanly(faults, forker, home, tmp_pat
     Store.create(tmp_path / "roomy", chunk_size=CS)
     roomy = Repository(Store(tmp_path / "roomy"), "roomy")
     base = image(rng, 64)
-    save(open_repo(full), "base", write_disk(tmp_path / "d.img", base))
+    save_source(open_repo(full), "base", write_disk(tmp_path / "d.img", base))
     expected = {"base": base}
     areas.create_area(home, "w", open_repo(full), open_repo(full).entry("base"))
     in_area = bytearray(base)
     catalog.keygen(tmp_path / "key")
     public = catalog.parse_public_key((tmp_path / "key.pub").read_text(), "key")
-    save(roomy, "pub0", write_disk(tmp_path / "p.img", image(rng, 64)))
+    save_source(roomy, "pub0", write_disk(tmp_path / "p.img", image(rng, 64)))
     publish_dir = small_fs / "pub"
     assert forker.run(home, "publish", publish_dir, "--key", tmp_path / "key", "--repo", tmp_path / "roomy")[0] == 0
     # A home whose areas live on the small disk, for writes that meet a full disk.
@@ -565,7 +565,7 @@ def test_a_full_disk_fails_every_operation_cleanly(faults, forker, home, tmp_pat
                     else:
                         one_line_enospc(code, out, f"'s{i}'")
                 elif op == "import":
-                    save(roomy, f"b{i}", write_disk(tmp_path / "b.img", data))
+                    save_source(roomy, f"b{i}", write_disk(tmp_path / "b.img", data))
                     bundle.export(roomy, f"b{i}", tmp_path / "b.vml", full=True)
                     code, out = forker.run(home, "import", tmp_path / "b.vml", "--repo", "full")
                     if code == 0:
@@ -574,7 +574,7 @@ def test_a_full_disk_fails_every_operation_cleanly(faults, forker, home, tmp_pat
                         one_line_enospc(code, out, "b.vml")
                 elif op == "publish":
                     before = catalog.verify((publish_dir / "catalog.json").read_bytes(), public, "catalog")
-                    save(roomy, f"p{i}", write_disk(tmp_path / "p.img", data))
+                    save_source(roomy, f"p{i}", write_disk(tmp_path / "p.img", data))
                     args = ("publish", publish_dir, "--key", tmp_path / "key", "--repo", tmp_path / "roomy", f"p{i}")
                     code, out = forker.run(home, *args)
                     served = catalog.verify((publish_dir / "catalog.json").read_bytes(), public, "catalog")
@@ -660,11 +660,11 @@ def test_damaged_bundles_are_refused_or_imported_whole(faults, forker, home, rep
     source = Store.create(tmp_path / "source", chunk_size=CS)
     src = Repository(source, "source")
     base = image(rng, 48)
-    save(src, "base", write_disk(tmp_path / "d.img", base))
-    save(open_repo(rep), "base", tmp_path / "d.img")  # the receiver holds the base
+    save_source(src, "base", write_disk(tmp_path / "d.img", base))
+    save_source(open_repo(rep), "base", tmp_path / "d.img")  # the receiver holds the base
     top = bytearray(base)
     top[8 * CS : 24 * CS] = image(rng, 16, 1.0)
-    save(src, "top", write_disk(tmp_path / "d.img", bytes(top)), parent="base")
+    save_source(src, "top", write_disk(tmp_path / "d.img", bytes(top)), parent="base")
     good = bundle.export(src, "top", tmp_path / "top.vml")
     assert good.requires == ["base"]
     intact = (tmp_path / "top.vml").read_bytes()
@@ -734,7 +734,7 @@ def test_two_homes_writing_one_repository_lose_nothing(faults, forker, tmp_path,
     (tmp_path / "b").mkdir()
     forker_b = Forker(tmp_path / "b")  # one per thread: a forker serves one caller at a time
     base = image(rng, 64)
-    save(open_repo(rep), "base", write_disk(tmp_path / "d.img", base))
+    save_source(open_repo(rep), "base", write_disk(tmp_path / "d.img", base))
     expected = {"base": base}
     lock = threading.Lock()
 
@@ -908,7 +908,7 @@ def test_a_bit_flipped_in_a_proxy_reply_is_refused_and_fetched_elsewhere(faults,
             with attempt:
                 d, (name, i) = rng.choice(chunks)
                 h = d.hex()
-                path = cache.object_path(d)
+                path = layout.object_path(cache.path, d)
                 path.unlink(missing_ok=True)  # not cached: this read must come through the proxies
                 flips = bad.corrupted
                 caplog.clear()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vml.entries.checkout import checkout
 from vml.entries.maintenance import remove, verify
-from vml.entries.save import save
+from vml.entries.save import save_source
 from vml.repo.chunkmap import ChunkTable
 from vml.repo.objects import HOLE
 from vml.repo.repository import Repository
@@ -52,13 +52,13 @@ def test_chains_of_random_writes_round_trip(initial, steps):
         repo = Repository(Store.create(tmp / "repo", chunk_size=CS))
         src = tmp / "disk.img"
         src.write_bytes(initial)
-        save(repo, "e0", src)
+        save_source(repo, "e0", src)
         versions = {"e0": initial}
         for n, (kind, pick, writes, size) in enumerate(steps, start=1):
             parent = sorted(versions)[pick % len(versions)]
             data = apply(versions[parent], writes, size)
             src.write_bytes(data)
-            save(repo, f"e{n}", src, parent=parent, kind=kind)
+            save_source(repo, f"e{n}", src, parent=parent, kind=kind)
             versions[f"e{n}"] = data
         for name, data in versions.items():
             out = tmp / f"out-{name}"
@@ -140,11 +140,11 @@ def test_rm_reparent_changes_only_links_and_deltas(kinds, memory, vcpus, message
             "</disk></devices></domain>\n"
         )
         disk = bytearray(6 * CS)
-        save(repo, "h0", vm_with(vm, disk), message=message)
+        save_source(repo, "h0", vm_with(vm, disk), message=message)
         for n, kind in enumerate(kinds, start=1):
             disk[n * CS : n * CS + 10] = bytes([n]) * 10
             (vm / "notes.txt").write_text(f"step {n}\n" * n)
-            save(repo, f"h{n}", vm_with(vm, disk), parent=f"h{n - 1}", kind=kind, message=f"{message} {n}")
+            save_source(repo, f"h{n}", vm_with(vm, disk), parent=f"h{n - 1}", kind=kind, message=f"{message} {n}")
         before = {e.name: e.manifest for e in repo.entries()}
         gone = f"h{victim % len(kinds)}"
         rewritten = remove(repo, gone, reparent=True)["rewritten"]

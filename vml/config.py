@@ -34,13 +34,15 @@ from pathlib import Path
 import tomli_w
 
 from .errors import AlreadyExists, CorruptManifest, NotFound, UsageError
+from .files import write_atomic
+from .layout import config_path
 from .names import check_repository_name, parse_size
 from .remotes.catalog import parse_public_key
 from .remotes.fetch import Settings, parse_proxies
 from .remotes.remote import RemoteConfig, RemoteRepository, open_remote
 from .repo.manifest import DEFAULT_MAX_DISK_SIZE, MAX_STREAM_SIZE
 from .repo.repository import Entry, Repository
-from .repo.store import Store, write_atomic
+from .repo.store import Store
 
 REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float), "repository": str}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
@@ -80,7 +82,7 @@ class Config:
 
     @classmethod
     def load(cls, home: Path | None = None) -> "Config":
-        path = (home or vml_home()) / "config.toml"
+        path = config_path(home or vml_home())
         try:
             doc = tomllib.loads(path.read_text())
         except FileNotFoundError:
@@ -105,7 +107,7 @@ class Config:
         limit = _max_disk_size(path, doc.get("limits", {}))
         return cls(path, repos, default if default in repos else None, remotes, limit)
 
-    def save(self) -> None:
+    def write(self) -> None:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}
         if self.default:
             doc["default"] = self.default
@@ -142,6 +144,23 @@ class Config:
             name = next((n for n, p in self.repositories.items() if p == Path(path)), None)
         fallbacks = [open_remote(self.home, rc) for _, rc in sorted(self.remotes.items())]
         return Repository(Store(path), name, fallbacks, self.max_disk_size)
+
+    def parent_for(self, spec: str | None, repo: Repository) -> str | Entry | None:
+        """What ``--parent SPEC`` names for an entry saved into ``repo``.
+
+        An entry builds on its own repository's entries (SPEC is a name) or on
+        a remote's (REMOTE:ENTRY); another local repository's entry must be
+        imported first, so that each repository holds what it needs.
+        """
+        if not spec or ":" not in spec:
+            return spec
+        parent_repo, parent = self.find_entry(spec, None)
+        if not parent_repo.read_only and parent_repo.store.path != repo.store.path:
+            raise UsageError(
+                f"--parent {spec}: an entry can build on its own repository or a remote; "
+                f"to build on {parent_repo.name}, export and import the entry into {repo.name} first"
+            )
+        return parent
 
     def find_entry(self, spec: str, repo: str | None) -> tuple[Repository, Entry]:
         """The entry ``spec`` names: ``REPO:ENTRY`` (a repository or remote), or ENTRY in ``repo``."""
@@ -239,4 +258,4 @@ def editing(home: Path | None = None):
         fcntl.flock(lock, fcntl.LOCK_EX)
         cfg = Config.load(home)
         yield cfg
-        cfg.save()
+        cfg.write()

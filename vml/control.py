@@ -18,7 +18,8 @@ import struct
 from pathlib import Path
 
 from .errors import AlreadyExists, VmlError
-from .repo.store import write_atomic
+from .files import write_atomic
+from .layout import run_dir
 
 TIMEOUT = 600.0  # a save of many changes can take a while
 
@@ -29,10 +30,6 @@ class MountError(VmlError):
     def __init__(self, message: str, status: int = 1):
         super().__init__(message)
         self.exit_status = status
-
-
-def run_dir(home: Path) -> Path:
-    return home / "run"
 
 
 def socket_address(home: Path) -> str:

@@ -1,15 +1,25 @@
-"""Reading files a user names: regular files only, bounded, and never blocking on a FIFO.
+"""Files: written atomically and flushed, and files a user names read safely.
+
+Every small file VML replaces (refs, records, leases, config) goes through
+write_atomic: readers see the old or the new content, never a mix.
 
 Opening a FIFO for reading waits for a writer, and a device can be read
 for ever; a command given one where it expects a file must refuse at once.
-Files are opened with O_NONBLOCK, checked with fstat, and only then read.
+Files a user names are opened with O_NONBLOCK, checked with fstat, and
+only then read.
 """
 
+import contextlib
+import ctypes
+import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
-from .errors import NotFound, UsageError
+from .errors import NotFound, StorageError, UsageError
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def open_regular(path: Path, what: str = "file"):
@@ -40,3 +50,57 @@ def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
     if len(data) > limit:
         raise UsageError(f"{path}: larger than a {what} can be ({limit} bytes)")
     return data
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see old or new, never a mix.
+
+    Without ``sync``, the caller flushes later (many files, one syncfs).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if sync:
+        fsync_dir(path.parent)
+
+
+def syncfs(path: Path) -> None:
+    """Flush everything written to the file system holding ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise StorageError(f"{path}: syncfs failed ({os.strerror(err)})")
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def storage_error(e: OSError, doing: str) -> StorageError:
+    """Turn an OSError into a one-line StorageError saying what was being done."""
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    where = f" ({e.filename})" if e.filename else ""
+    return StorageError(f"{doing}: {reason}{where}")

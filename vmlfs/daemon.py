@@ -15,15 +15,12 @@ import time
 from pathlib import Path
 
 from vml import control
-from vml.errors import StorageError, VmlError
+from vml.errors import AlreadyExists, StorageError, VmlError
+from vml.layout import log_path
 
 from .mount import serve
 
 STOP_TIMEOUT = 30.0
-
-
-def log_path(home: Path) -> Path:
-    return home / "log" / "vmlfs.log"
 
 
 def _setup_logging(stream, debug: bool) -> None:
@@ -39,6 +36,20 @@ def _setup_logging(stream, debug: bool) -> None:
 def run_foreground(home: Path, mountpoint: Path, debug: bool = False) -> None:
     _setup_logging(sys.stderr, debug)
     serve(home, mountpoint)
+
+
+def mount(home: Path, mountpoint: Path, foreground: bool = False, debug: bool = False) -> None:
+    """Mount the logbook of ``home`` at ``mountpoint``: in the background, or serving here until unmounted."""
+    state = control.mount_state(home)
+    if state:
+        raise AlreadyExists(f"{home} is already mounted at {state['mountpoint']} (pid {state['pid']})")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if control.is_mounted(mountpoint):
+        raise AlreadyExists(f"{mountpoint} is already a mount point; `vml umount {mountpoint}` first")
+    if foreground:
+        run_foreground(home, mountpoint, debug)
+    else:
+        start(home, mountpoint, debug)
 
 
 def start(home: Path, mountpoint: Path, debug: bool = False) -> int:

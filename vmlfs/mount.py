@@ -25,11 +25,12 @@ import trio
 from vml import control
 from vml.entries import copies as incoming
 from vml.errors import VmlError
+from vml.layout import areas_dir
 from vml.names import check_name
 from vml.remotes import remote
 from vml.repo.hardware import Hardware
 from vml.view.logbook import AREAS, Logbook
-from vml.vms.areas import MEMORY_FILE, areas_dir
+from vml.vms.areas import MEMORY_FILE
 
 from .fs import VmlFS
 from .readahead import ReadAhead
@@ -131,7 +132,7 @@ async def _answer(data: bytes, ops: VmlFS) -> dict:
                 files[MEMORY_FILE] = areas_dir(ops.logbook.home) / check_name(area, "area") / MEMORY_FILE
             drop = tuple(_checked(v, str) for v in _checked(req.get("drop", []), list))
             hw = Hardware.from_json(req["hardware"]) if req.get("hardware") is not None else None
-            save = functools.partial(ops.logbook.save_area, files=files, drop=drop, hardware=hw)
+            save = functools.partial(ops.logbook.save_served_area, files=files, drop=drop, hardware=hw)
             entry = await trio.to_thread.run_sync(save, area, name, message, limiter=ops.limiter)
             return {"ok": True, "entry": entry.name, "manifest": entry.digest.hex()}
         if op == "close":

@@ -1,7 +1,13 @@
-"""Text output: the entry tree, tables and sizes, as the seeds show them."""
+"""What the command prints: the entry tree as the seeds show it, tables, descriptions, progress bars."""
 
+import contextlib
+import sys
+
+from ..errors import Corrupt
 from ..names import format_size
-from ..repo.repository import Entry, Repository, parse_iso
+from ..progress import SILENT, Progress
+from ..repo.repository import Entry, Repository
+from ..times import parse_iso
 
 TREE_TIME = "%m/%d/%y - %H:%M:%S"
 
@@ -74,3 +80,50 @@ def show_lines(info: dict) -> list[str]:
     lines.append(f"  chain:     {' -> '.join(info['chain'])} (base)")
     lines.append(f"  manifest:  {info['manifest']}")
     return lines
+
+
+def report_damaged(repo: Repository, damaged: dict) -> int:
+    """After a listing: say on stderr which entries are damaged; the exit status says so too."""
+    if not damaged:
+        return 0
+    print(
+        f"vml: {len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'} in {repo.name} "
+        f"({', '.join(sorted(damaged))}): run `vml verify`",
+        file=sys.stderr,
+    )
+    return Corrupt.exit_status
+
+
+class TerminalProgress(Progress):
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self, what: str, unit: str):
+        self.what, self.unit, self.bar = what, unit, None
+
+    def start(self, total: int | None) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        scale = {"unit_scale": True, "unit_divisor": 1024} if self.unit == "B" else {}
+        self.bar = tqdm(total=total, desc=self.what, unit=self.unit, leave=False, **scale)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def progress_bar(what: str, unit: str = "B"):
+    if not sys.stderr.isatty():
+        yield SILENT
+        return
+    p = TerminalProgress(what, unit)
+    try:
+        yield p
+    finally:
+        p.close()

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
-from ..files import open_regular
+from ..files import open_regular, storage_error
 from ..names import check_name
 from ..progress import SILENT, Progress
 from ..repo.chunkmap import chunk_length
 from ..repo.objects import HOLE, decode, parse_hex
 from ..repo.repository import Repository
-from ..repo.store import METADATA_LIMIT, storage_error
+from ..repo.store import METADATA_LIMIT
 from .tarstream import TarReader, shown
 
 FORMAT = 1

@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import AlreadyExists, StorageError, UsageError
+from ..files import storage_error
 from ..progress import SILENT, Progress
 from ..repo.chunkmap import ChunkTable
 from ..repo.repository import Repository
-from ..repo.store import storage_error
 
 PLAIN_MODE_BITS = 0o777
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -23,11 +23,13 @@ import shutil
 from pathlib import Path
 
 from ..errors import Corrupt, VmlError
+from ..files import storage_error
+from ..layout import incoming_dir
 from ..names import check_name
 from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.objects import HOLE, decode, digest
 from ..repo.repository import Entry, Repository
-from ..repo.store import METADATA_LIMIT, storage_error
+from ..repo.store import METADATA_LIMIT
 from ..view.vmdk import descriptor
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,6 @@ log = logging.getLogger(__name__)
 
 class NotTaken(VmlError):
     """A staged copy that is not exactly an entry; it stays staged."""
-
-
-def incoming_dir(home: Path) -> Path:
-    return home / "incoming"
 
 
 def staging_path(home: Path, repository: str, name: str) -> Path:

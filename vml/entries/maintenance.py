@@ -5,12 +5,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ..errors import Corrupt, HasChildren, ObjectMissing, UsageError
+from ..files import storage_error
 from ..progress import SILENT, Progress
 from ..repo import chunkmap, leases
 from ..repo.manifest import Link, Manifest, Stream
 from ..repo.objects import decode
 from ..repo.repository import Entry, Repository
-from ..repo.store import METADATA_LIMIT, storage_error
+from ..repo.store import METADATA_LIMIT
 from .save import ChunkWriter
 
 MAX_PROBLEMS_PER_ENTRY = 5
@@ -53,7 +54,7 @@ def verify(
 def _check_objects(repo, digests, checked, problems, pool, progress) -> None:
     def one(d: bytes):
         try:
-            return d, len(decode(repo.store.read_raw(d), d, METADATA_LIMIT, str(repo.store.object_path(d)))), None
+            return d, len(decode(repo.store.read_raw(d), d, METADATA_LIMIT, repo.store.where(d))), None
         except Corrupt as e:
             return d, None, str(e)
 

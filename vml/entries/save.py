@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import AlreadyExists, BadSource, UsageError
+from ..files import storage_error
 from ..names import check_name
 from ..progress import SILENT, Progress
 from ..repo import chunkmap, objects
@@ -27,8 +28,9 @@ from ..repo.chunkmap import ChunkTable, Record
 from ..repo.hardware import Hardware, describe_directory
 from ..repo.manifest import KINDS, Link, Manifest, Stream, check_size
 from ..repo.objects import HOLE
-from ..repo.repository import EMPTY, Entry, Repository, Resolved, now_iso
-from ..repo.store import Store, storage_error
+from ..repo.repository import EMPTY, Entry, Repository, Resolved
+from ..repo.store import Store
+from ..times import now_iso
 from .sources import discover, raw_view
 
 
@@ -277,7 +279,7 @@ def write_entry(
     return repo.entry(name)
 
 
-def save(
+def save_source(
     repo: Repository,
     name: str,
     source: Path | str,

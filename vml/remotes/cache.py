@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
+from .. import layout
 from ..errors import CorruptManifest, StorageError, VmlError
-from ..repo.objects import parse_hex
-from ..repo.store import storage_error, write_atomic
+from ..files import storage_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,8 @@ class ObjectCache:
     def __init__(self, path: Path, quota: int):
         self.path = path
         self.quota = quota
-        self.objects = path / "objects"
         self.tmp = path / "tmp"
-        for d in (self.objects, self.tmp):
+        for d in (path / layout.OBJECTS, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._size: int | None = None  # running total, from a scan
@@ -50,15 +49,18 @@ class ObjectCache:
         self.pinned_objects = lambda: set()  # set by the owner: objects pinned entries need
         atexit.register(self.flush_stats)
 
-    def object_path(self, digest: bytes) -> Path:
-        h = digest.hex()
-        return self.objects / h[:2] / h[2:]
+    def _path(self, digest: bytes) -> Path:
+        return layout.object_path(self.path, digest)
+
+    def discard(self, digest: bytes) -> None:
+        """Forget a cached object (found damaged)."""
+        self._path(digest).unlink(missing_ok=True)
 
     # -- objects ---------------------------------------------------------
 
     def get(self, digest: bytes) -> bytes | None:
         """The stored bytes of a cached object, or None; a hit makes it most recently used."""
-        p = self.object_path(digest)
+        p = self._path(digest)
         try:
             with open(p, "rb") as f:
                 blob = f.read()
@@ -76,22 +78,22 @@ class ObjectCache:
     def peek(self, digest: bytes) -> bytes | None:
         """The stored bytes if cached, without counting a hit or a miss."""
         try:
-            return self.object_path(digest).read_bytes()
+            return self._path(digest).read_bytes()
         except OSError:
             return None
 
     def has(self, digest: bytes) -> bool:
-        return self.object_path(digest).exists()
+        return self._path(digest).exists()
 
     def size_of(self, digest: bytes) -> int | None:
         try:
-            return self.object_path(digest).stat().st_size
+            return self._path(digest).stat().st_size
         except FileNotFoundError:
             return None
 
     def put(self, digest: bytes, blob: bytes) -> None:
         """Keep a checked object; past the quota, evict down to the low mark."""
-        p = self.object_path(digest)
+        p = self._path(digest)
         try:
             p.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.tmp)
@@ -119,13 +121,11 @@ class ObjectCache:
     def scan(self) -> list[tuple[float, int, bytes, Path]]:
         """(last use, size, digest, path) of every cached object."""
         out = []
-        for sub in self.objects.iterdir():
-            for p in sub.iterdir():
-                d = parse_hex(sub.name + p.name)
-                with contextlib.suppress(FileNotFoundError):
-                    st = p.stat()
-                    if d is not None:
-                        out.append((st.st_mtime, st.st_size, d, p))
+        for d, p in layout.objects_in(self.path):
+            with contextlib.suppress(FileNotFoundError):
+                st = p.stat()
+                if d is not None:
+                    out.append((st.st_mtime, st.st_size, d, p))
         return out
 
     def evict(self, target: int | None = None) -> int:

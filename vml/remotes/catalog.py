@@ -46,10 +46,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..errors import AlreadyExists, BadSignature, CorruptManifest, NotFound, UsageError
-from ..files import read_regular
+from ..files import read_regular, storage_error, write_atomic
 from ..names import check_name
 from ..repo.objects import parse_hex
-from ..repo.store import storage_error, write_atomic
 
 FORMAT = 2  # the newest format this module reads and writes
 CATALOG_FILE = "catalog.json"

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .. import layout
 from ..errors import BadSignature, NotFound, UsageError
+from ..files import storage_error, syncfs, write_atomic
 from ..progress import SILENT, Progress
 from ..repo.objects import decode
 from ..repo.repository import Repository
-from ..repo.store import METADATA_LIMIT, storage_error, syncfs, write_atomic
+from ..repo.store import METADATA_LIMIT
 from . import catalog as catalogs
 from .catalog import CATALOG_FILE, DEFAULT_EXPIRY_DAYS, Catalog
 
@@ -58,7 +60,7 @@ def publish(
     out = Path(out).absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "objects").mkdir(exist_ok=True)
+        (out / layout.OBJECTS).mkdir(exist_ok=True)
     except OSError as e:
         raise storage_error(e, f"publishing into {out}") from None
     with _locked(out):
@@ -156,7 +158,7 @@ def _previous(out: Path, key) -> Catalog | None:
 def _put(out: Path, digest: bytes, repo: Repository) -> int:
     """Write one object unless it is there, whole; return the bytes written."""
     h = digest.hex()
-    path = out / "objects" / h[:2] / h[2:]
+    path = layout.object_path(out, digest)
     with contextlib.suppress(FileNotFoundError):
         # One a killed publish renamed into place but never flushed may be
         # empty or short after a crash of the machine: write it again.

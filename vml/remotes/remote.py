@@ -19,22 +19,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import layout
 from ..errors import (
     BadSignature,
     Corrupt,
     CorruptManifest,
     ExpiredCatalog,
     FetchError,
+    NotFound,
     ObjectMissing,
     ReadOnly,
     UsageError,
 )
+from ..files import write_atomic
 from ..names import check_name
 from ..progress import SILENT, Progress
 from ..repo.manifest import DEFAULT_MAX_DISK_SIZE
 from ..repo.objects import decode
 from ..repo.repository import Repository
-from ..repo.store import METADATA_LIMIT, write_atomic
+from ..repo.store import METADATA_LIMIT
 from . import catalog as catalogs
 from .cache import ObjectCache
 from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
@@ -77,7 +80,7 @@ class RemoteStore:
     def __init__(self, home: Path, rc: RemoteConfig):
         self.rc = rc
         self.name = rc.name
-        self.path = home / "cache" / rc.name
+        self.path = layout.cache_dir(home, rc.name)
         self.cache = ObjectCache(self.path, rc.cache_quota)
         self.cache.pinned_objects = self.pinned_objects
         self.key = catalogs.parse_public_key(rc.key, f"remote {rc.name}")
@@ -272,7 +275,7 @@ class RemoteStore:
                 return blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
             except Corrupt as e:
                 log.warning("%s; fetching it again", e)
-                self.cache.object_path(digest).unlink(missing_ok=True)
+                self.cache.discard(digest)
         with self._lock:
             job = self._inflight.get(digest)
             leader = job is None
@@ -306,7 +309,9 @@ class RemoteStore:
             return blob, decode(blob, digest, limit, where)
 
         try:
-            blob, content = self.fetcher.get(f"objects/{h[:2]}/{h[2:]}", _blob_limit(limit), check)
+            blob, content = self.fetcher.get(
+                f"{layout.OBJECTS}/{layout.object_name(digest)}", _blob_limit(limit), check
+            )
         except ObjectMissing:
             raise ObjectMissing(f"object {h} is missing from remote {self.name} ({self.rc.url})") from None
         self.cache.count("fetched_bytes", len(blob))
@@ -432,3 +437,38 @@ def flush_counters() -> None:
         stores = list(_remotes.values())
     for store in stores:
         store.cache.flush_stats()
+
+
+def remote_part(repo: Repository, entry) -> tuple[RemoteStore, bytes, str]:
+    """(remote store, manifest digest, entry name) of what ``entry`` builds on over the network.
+
+    For an entry of a remote, that is the entry itself; for a local entry on
+    a remote parent, the remote entry at the end of its local chain.
+    """
+    if repo.read_only:
+        return repo.store, entry.digest, entry.name
+    local = repo.local_chain(entry.digest)
+    link = local[-1][1].reference if local else None
+    if link is None:
+        raise UsageError(f"entry {entry.name!r} of {repo.name} is all local: there is nothing to fetch for it")
+    for store in repo.fallbacks:
+        if store.lists(link.manifest):
+            return store, link.manifest, link.name
+    raise NotFound(f"entry {entry.name!r} builds on {link.name!r}, which no configured remote lists")
+
+
+def preload(store: RemoteStore, digest: bytes, name: str, pin: bool, progress: Progress = SILENT) -> tuple[int, int]:
+    """Fetch every object an entry needs into the cache, and pin it if asked; (objects, bytes fetched)."""
+    objs = RemoteRepository(store).entry_objects(digest)
+    fetched = store.fetch_all(objs, METADATA_LIMIT, progress)
+    if pin:  # only once all is there; eviction during the preload is the quota's business
+        store.set_pins(store.pins() | {name: digest})
+    return len(objs), fetched
+
+
+def unpin(store: RemoteStore, name: str) -> None:
+    pins = store.pins()
+    if name not in pins:
+        raise NotFound(f"{store.name}:{name} is not pinned")
+    del pins[name]
+    store.set_pins(pins)

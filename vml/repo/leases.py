@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import Corrupt, CorruptManifest, NotFound, StorageError, UsageError
+from ..files import storage_error
 from ..names import check_name
+from ..times import now_iso
 from . import objects
-from .repository import Repository, now_iso
-from .store import storage_error
+from .repository import Repository
 
 log = logging.getLogger(__name__)
 

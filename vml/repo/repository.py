@@ -10,7 +10,6 @@ table lookup per chunk.
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import lru_cache
 
 from ..errors import Corrupt, CorruptManifest, CorruptObject, NotFound, ObjectMissing, VmlError
@@ -332,11 +331,3 @@ class Repository:
             p = e.manifest.parent
             out.setdefault(by_digest.get(p.manifest) if p else None, []).append(e)
         return out
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)

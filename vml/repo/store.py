@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .. import layout
 from ..errors import (
     AlreadyExists,
     CorruptManifest,
@@ -45,6 +46,7 @@ from ..errors import (
     StorageError,
     UsageError,
 )
+from ..files import fsync_dir, syncfs, write_all, write_atomic
 from ..names import check_name
 from . import objects
 
@@ -73,36 +75,6 @@ def check_chunk_size(size: int) -> int:
     return size
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that readers see old or new, never a mix.
-
-    Without ``sync``, the caller flushes later (many files, one syncfs).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if sync:
-        fsync_dir(path.parent)
-
-
 class Store:
     """Objects, refs and the lock of one repository directory."""
 
@@ -125,7 +97,6 @@ class Store:
             self.chunk_size = check_chunk_size(meta.get("chunk_size"))
         except (UsageError, TypeError):
             raise CorruptManifest(f"{meta_path}: invalid chunk_size") from None
-        self.objects_dir = self.path / "objects"
         self.tmp_dir = self.path / "tmp"
         self.refs_path = self.path / REFS_FILE
         self.leases_dir = self.path / LEASES_DIR
@@ -149,7 +120,7 @@ class Store:
         try:
             staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.creating."))
             for i in range(256):
-                (staging / "objects" / f"{i:02x}").mkdir(parents=True)
+                (staging / layout.OBJECTS / f"{i:02x}").mkdir(parents=True)
             (staging / "tmp").mkdir()
             (staging / "lock").touch()
             meta = {"format": FORMAT, "chunk_size": chunk_size, "digest": "blake3", "compression": "zstd"}
@@ -168,31 +139,34 @@ class Store:
 
     # -- objects ---------------------------------------------------------
 
-    def object_path(self, digest: bytes) -> Path:
-        h = digest.hex()
-        return self.objects_dir / h[:2] / h[2:]
+    def _path(self, digest: bytes) -> Path:
+        return layout.object_path(self.path, digest)
+
+    def where(self, digest: bytes) -> str:
+        """Object ``digest`` as messages name it."""
+        return str(self._path(digest))
 
     def has(self, digest: bytes) -> bool:
-        return os.path.exists(self.object_path(digest))
+        return os.path.exists(self._path(digest))
 
     def object_size(self, digest: bytes) -> int:
         """Stored (compressed) size of an object."""
         try:
-            return os.stat(self.object_path(digest)).st_size
+            return os.stat(self._path(digest)).st_size
         except FileNotFoundError:
             raise ObjectMissing(f"object {digest.hex()} is missing from {self.path}") from None
 
     def read_raw(self, digest: bytes) -> bytes:
         """The stored, still compressed bytes of an object."""
         try:
-            with open(self.object_path(digest), "rb") as f:
+            with open(self._path(digest), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise ObjectMissing(f"object {digest.hex()} is missing from {self.path}") from None
 
     def read(self, digest: bytes, limit: int) -> bytes:
         """Decompressed, digest-checked content of an object."""
-        return objects.decode(self.read_raw(digest), digest, limit, str(self.object_path(digest)))
+        return objects.decode(self.read_raw(digest), digest, limit, str(self._path(digest)))
 
     def put(self, data, digest: bytes | None = None) -> tuple[bytes, int, bool]:
         """Store ``data``; return (digest, stored size, whether it was new).
@@ -200,7 +174,7 @@ class Store:
         ``digest``, when given, must be the digest of ``data``.
         """
         d = digest or objects.digest(data)
-        path = self.object_path(d)
+        path = self._path(d)
         try:
             return d, os.stat(path).st_size, False
         except FileNotFoundError:
@@ -217,7 +191,7 @@ class Store:
         systems without O_TMPFILE get a named temporary file in tmp/.
         """
         self._require_lock()
-        final = self.object_path(digest)
+        final = self._path(digest)
         if self._tmpfile_ok:
             try:
                 fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
@@ -227,7 +201,7 @@ class Store:
                 self._tmpfile_ok = False
             else:
                 try:
-                    _write_all(fd, blob)
+                    write_all(fd, blob)
                     # linkat(AT_SYMLINK_FOLLOW) on the /proc link; CPython uses
                     # it only when given a directory fd.
                     os.link(str(fd), final, src_dir_fd=_proc_fds(), follow_symlinks=True)
@@ -238,7 +212,7 @@ class Store:
                     os.close(fd)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="obj.")
         try:
-            _write_all(fd, blob)
+            write_all(fd, blob)
             os.close(fd)
             fd = -1
             return self.link_in(digest, tmp)
@@ -252,7 +226,7 @@ class Store:
         """Give the complete file ``tmp`` its object name; False if taken."""
         self._require_lock()
         try:
-            os.link(tmp, self.object_path(digest))
+            os.link(tmp, self._path(digest))
             return True
         except FileExistsError:
             return False
@@ -260,21 +234,15 @@ class Store:
     def remove_object(self, digest: bytes) -> None:
         self._require_lock()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.object_path(digest))
+            os.unlink(self._path(digest))
 
     def iter_objects(self) -> Iterator[tuple[bytes | None, Path]]:
         """Every file under objects/: (digest, path), digest None for stray names."""
-        for sub in sorted(self.objects_dir.iterdir()):
-            if not sub.is_dir():
-                yield None, sub
-                continue
-            for p in sorted(sub.iterdir()):
-                d = objects.parse_hex(sub.name + p.name)
-                yield (d if d is not None and len(sub.name) == 2 else None), p
+        yield from layout.objects_in(self.path)
 
     def sync(self) -> None:
         """Flush every object written so far to stable storage (syncfs)."""
-        syncfs(self.objects_dir)
+        syncfs(self.path / layout.OBJECTS)
 
     # -- refs ------------------------------------------------------------
 
@@ -437,27 +405,3 @@ def _proc_fds() -> int:
     if _proc_fd_dir[0] != pid:
         _proc_fd_dir = (pid, os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     return _proc_fd_dir[1]
-
-
-def syncfs(path: Path) -> None:
-    """Flush everything written to the file system holding ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise StorageError(f"{path}: syncfs failed ({os.strerror(err)})")
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def storage_error(e: OSError, doing: str) -> StorageError:
-    """Turn an OSError into a one-line StorageError saying what was being done."""
-    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    where = f" ({e.filename})" if e.filename else ""
-    return StorageError(f"{doing}: {reason}{where}")

@@ -14,7 +14,8 @@ from pathlib import Path
 from ..entries.reader import ChunkCache, DiskReader
 from ..errors import ReadOnly
 from ..repo.manifest import RESERVED_FILE, disk_file_names
-from ..repo.repository import Entry, Repository, parse_iso
+from ..repo.repository import Entry, Repository
+from ..times import parse_iso
 from ..vms.areas import Area
 from .vmdk import descriptor
 

@@ -32,10 +32,13 @@ from ..config import Config
 from ..entries import copies as incoming
 from ..entries.reader import ChunkCache
 from ..errors import AlreadyExists, Corrupt, NotFound, ReadOnly
+from ..layout import areas_dir, cache_dir, config_path
 from ..names import check_name
-from ..repo.repository import Entry, Repository, parse_iso
+from ..remotes.catalog import CATALOG_FILE
+from ..repo.repository import Entry, Repository
 from ..repo.store import REFS_FILE
-from ..vms.areas import Area, areas_dir, list_areas, remove_area
+from ..times import parse_iso
+from ..vms.areas import Area, list_areas, remove_area
 from .fileset import AreaDiskHandle, FileHandle, FileSet, Handle, Node, ReaderHandle, add_disk, entry_files, staged_node
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ class Logbook:
     # -- sources ---------------------------------------------------------
 
     def config(self) -> Config:
-        path = self.home / "config.toml"
+        path = config_path(self.home)
         stamp = _stamp(path)
         with self._lock:
             if self._config and self._config[0] == stamp:
@@ -149,14 +152,14 @@ class Logbook:
     def listdir(self, path: tuple) -> dict[str, Node]:
         """The children of directory ``path``."""
         if not path:
-            areas_mtime = _mtime(areas_dir(self.home)) or _mtime(self.home / "config.toml")
+            areas_mtime = _mtime(areas_dir(self.home)) or _mtime(config_path(self.home))
             out = {AREAS: Node(("areas",), True, mode=0o755, mtime_ns=areas_mtime)}
             cfg = self.config()
             for name, p in cfg.repositories.items():
                 if name != AREAS:  # a repository changes when its refs do
                     out[name] = Node(("repo", str(p)), True, mode=0o755, mtime_ns=_mtime(p / REFS_FILE))
             for name, rc in cfg.remotes.items():
-                catalog = self.home / "cache" / name / "catalog.json"
+                catalog = cache_dir(self.home, name) / CATALOG_FILE
                 out[name] = Node(("remote", name, rc.url), True, mode=0o555, mtime_ns=_mtime(catalog) or 0)
             return out
         if path[0] == AREAS:
@@ -214,7 +217,7 @@ class Logbook:
         return fs.dirs[sub]
 
     def root(self) -> Node:
-        return Node((), True, mode=0o755, mtime_ns=_mtime(self.home / "config.toml"))
+        return Node((), True, mode=0o755, mtime_ns=_mtime(config_path(self.home)))
 
     def lookup(self, path: tuple) -> Node:
         node = self.listdir(path[:-1]).get(path[-1])
@@ -380,10 +383,10 @@ class Logbook:
 
     # -- areas -------------------------------------------------------------
 
-    def save_area(self, name: str, entry: str, message: str = "", **options) -> Entry:
+    def save_served_area(self, name: str, entry: str, message: str = "", **options) -> Entry:
         """Save area ``name``; ``options`` as for Area.save."""
         area, _ = self.area(name)
-        saved = area.save(entry, message, **options)
+        saved = area.save_changes(entry, message, **options)
         with self._lock:
             self._refs.pop(area.repo.store.path, None)
         return saved

@@ -55,14 +55,16 @@ from ..config import Config
 from ..entries.reader import ChunkCache, DiskReader
 from ..entries.save import ChunkWriter, Plan, write_entry
 from ..errors import AlreadyExists, CorruptManifest, Locked, NotFound, UsageError, VmlError
+from ..files import fsync_dir, storage_error, write_atomic
+from ..layout import areas_dir
 from ..names import check_name
 from ..progress import SILENT, Progress
 from ..repo import chunkmap, leases
 from ..repo.hardware import Hardware
 from ..repo.manifest import Stream
 from ..repo.objects import parse_hex
-from ..repo.repository import Entry, Repository, now_iso
-from ..repo.store import fsync_dir, storage_error, write_atomic
+from ..repo.repository import Entry, Repository
+from ..times import now_iso
 from .overlay import Overlay, check_sparse_files
 
 log = logging.getLogger(__name__)
@@ -115,10 +117,6 @@ class AreaRecord:
         write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
-def areas_dir(home: Path) -> Path:
-    return home / "areas"
-
-
 def list_areas(home: Path) -> list[AreaRecord]:
     """Every area under ``home``, by name; damaged ones are skipped."""
     out = []
@@ -130,6 +128,17 @@ def list_areas(home: Path) -> list[AreaRecord]:
             with contextlib.suppress(VmlError):
                 out.append(AreaRecord.load(p / RECORD_FILE))
     return out
+
+
+def open_area(home: Path, cfg: Config, spec: str, repo_ref: str | None, name: str | None = None) -> AreaRecord:
+    """Open a working area on ``spec`` (ENTRY of ``repo_ref``, or REPO:ENTRY), named ``name`` or after the entry.
+
+    An area on a remote's entry saves into the local repository ``repo_ref``
+    (or the default one).
+    """
+    repo, entry = cfg.find_entry(spec, repo_ref)
+    save_to = cfg.open(repo_ref) if repo.read_only else None
+    return create_area(home, name or entry.name, repo, entry, save_to)
 
 
 def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: Repository | None = None) -> AreaRecord:
@@ -258,13 +267,13 @@ class Area:
             if disk is None or name == disk:
                 ov.sync()
 
-    def changed_bytes(self) -> int:
+    def unsaved_bytes(self) -> int:
         """Bytes written since the last save (blocks written in two layers count twice)."""
         return sum(layer.changed_blocks() * layer.block for ov in self.disks.values() for layer in ov.layers())
 
     # -- save ------------------------------------------------------------
 
-    def save(
+    def save_changes(
         self,
         name: str,
         message: str = "",
@@ -388,7 +397,7 @@ class Area:
 
     def check_saved(self) -> None:
         """Raise UsageError if the area holds changes not saved as an entry."""
-        changed = self.changed_bytes()
+        changed = self.unsaved_bytes()
         if changed:
             raise unsaved(self.name, changed)
 
@@ -452,8 +461,8 @@ def roots(home: Path, repo: Repository) -> tuple[bytes, ...]:
     return tuple(bytes.fromhex(r.manifest) for r in list_areas(home) if Path(r.repository_path).resolve() == here)
 
 
-def changed_bytes(home: Path, rec: AreaRecord) -> int:
-    """Bytes written to an area since its last save (read without its lock)."""
+def overlay_bytes(home: Path, rec: AreaRecord) -> int:
+    """Bytes the area's overlays hold on disk: what was written since its last save, read without its lock."""
     total = 0
     gens = {str(g) for g in [*rec.frozen, rec.generation]}
     for p in (areas_dir(home) / rec.name).glob("*.overlay"):
@@ -481,7 +490,7 @@ def save_area(
     """
     try:
         with Area(home, name) as area:
-            area.save(entry, message, progress, files, drop, hardware)
+            area.save_changes(entry, message, progress, files, drop, hardware)
     except Locked:
         if control.mount_state(home) is None:
             raise

@@ -27,8 +27,8 @@ from pathlib import Path
 from .. import control
 from ..entries.checkout import write_stream
 from ..errors import CorruptManifest, HypervisorError, Locked, NotFound, UsageError
+from ..files import write_atomic
 from ..repo.hardware import Hardware
-from ..repo.store import write_atomic
 from . import areas
 from .hypervisors import STATES, VmDisk, VmRecord, VmSpec, driver
 
@@ -100,7 +100,7 @@ def spec(
     memory_state = None
     # A saved running state resumes only on the disks it was saved with: once
     # the area holds changes, it would corrupt them, so the VM boots afresh.
-    if resume and any(f.name == MEMORY_FILE for f in m.files) and not areas.changed_bytes(home, rec):
+    if resume and any(f.name == MEMORY_FILE for f in m.files) and not areas.overlay_bytes(home, rec):
         if memory_mib or vcpus:
             raise UsageError(
                 f"entry {entry.name} holds a running VM's state, which resumes with the memory and vCPUs it had"
@@ -176,6 +176,15 @@ def boot(home: Path, area: str, hypervisor: str, options: dict, memory_mib=None,
         return rec
 
 
+def boot_new_area(home: Path, area: str, hypervisor: str, options: dict, memory_mib=None, vcpus=None) -> VmRecord:
+    """Boot an area just opened; if the VM does not start, the area is closed again (nothing was written)."""
+    try:
+        return boot(home, area, hypervisor, options, memory_mib, vcpus)
+    except BaseException:
+        areas.close_area(home, area, discard=True)
+        raise
+
+
 def vm_state(home: Path, rec: VmRecord, options: dict | None = None) -> str:
     state = driver(rec.hypervisor, options or {}).state(rec)
     assert state in STATES, state
@@ -213,7 +222,7 @@ def stop(home: Path, area: str, force: bool = False, timeout: float = STOP_TIMEO
         return driver(rec.hypervisor, options or {}).stop(rec, force, timeout)
 
 
-def save(home: Path, area: str, entry: str, message: str = "", progress=None, options: dict | None = None):
+def save_with_vm(home: Path, area: str, entry: str, message: str = "", progress=None, options: dict | None = None):
     """Save ``area`` as ``entry``; with a running libvirt VM, its memory state too.
 
     Returns (area record afterwards, whether the memory state was saved).
@@ -265,7 +274,7 @@ def close(home: Path, area: str, discard: bool = False, options: dict | None = N
                     f"area {area}'s VM is on {rec.hypervisor}, which does not answer: close it once it does"
                 )
             if not discard:
-                changed = areas.changed_bytes(home, areas.AreaRecord.load(_area_dir(home, area) / areas.RECORD_FILE))
+                changed = areas.overlay_bytes(home, areas.AreaRecord.load(_area_dir(home, area) / areas.RECORD_FILE))
                 if changed:
                     raise areas.unsaved(area, changed)
             drv.release(rec)

@@ -21,15 +21,19 @@ from ...repo.hardware import Hardware
 
 NAMES = ("libvirt", "vmware", "qemu")
 __all__ = [
+    "ACCEL",
     "NAMES",
     "STATES",
     "Driver",
     "HypervisorError",
+    "Option",
     "VmDisk",
     "VmRecord",
     "VmSpec",
     "accel",
+    "command_options",
     "driver",
+    "driver_class",
     "wait_until",
 ]
 STATES = ("running", "paused", "stopped", "gone", "unreachable")
@@ -73,11 +77,30 @@ class VmRecord:
     details: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Option:
+    """A setting a driver reads from its options (under ``key``), offered on the command line as ``flag``."""
+
+    flag: str
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # a flag without a value
+
+    @property
+    def key(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+ACCEL = Option("--accel", "KVM or emulation (default auto, or VML_ACCEL)", choices=("auto", "kvm", "tcg"))
+
+
 class Driver:
     """One hypervisor. Every method raises HypervisorError with a one-line message on failure."""
 
     name = ""
     saves_memory = False
+    OPTIONS: tuple[Option, ...] = ()  # what the command line offers for this driver
 
     def __init__(self, options: dict):
         self.options = options
@@ -109,11 +132,31 @@ class Driver:
         raise UsageError(f"{self.name} cannot resume a saved memory state")
 
 
-def driver(name: str, options: dict) -> Driver:
+def driver_class(name: str) -> type[Driver]:
     if name not in NAMES:
         raise UsageError(f"unknown hypervisor {name!r}: use one of {', '.join(NAMES)}")
-    module = importlib.import_module(f".{name}", __name__)
-    return module.DRIVER(options)
+    return importlib.import_module(f".{name}", __name__).DRIVER
+
+
+def driver(name: str, options: dict) -> Driver:
+    return driver_class(name)(options)
+
+
+def command_options() -> list[tuple[Option, str]]:
+    """Every driver's options, once per flag, each with a help text saying which drivers read it."""
+    merged: dict[str, tuple[Option, list[str]]] = {}
+    for name in NAMES:
+        for opt in driver_class(name).OPTIONS:
+            merged.setdefault(opt.flag, (opt, []))[1].append(f"{name}: {opt.help}")
+    out = []
+    for opt, helps in merged.values():
+        texts = [h.partition(": ")[2] for h in helps]
+        if len(set(texts)) == 1:  # the same meaning for all: name them once
+            names = ", ".join(h.partition(": ")[0] for h in helps)
+            out.append((opt, f"{names}: {texts[0]}"))
+        else:
+            out.append((opt, "; ".join(helps)))
+    return out
 
 
 def accel(choice: str | None, remote: bool = False) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ...errors import HypervisorError, UsageError
-from ...repo.repository import now_iso
-from . import Driver, VmRecord, VmSpec, accel, wait_until
+from ...times import now_iso
+from . import ACCEL, Driver, Option, VmRecord, VmSpec, accel, wait_until
 
 DEFAULT_URI = "qemu:///system"
 NS = "https://vml.invalid/xmlns/vm/1"
@@ -50,6 +50,11 @@ def _local_qemu(uri: str) -> bool:
 
 class LibvirtDriver(Driver):
     name = "libvirt"
+    OPTIONS = (
+        Option("--connect", "qemu:///system (default, or VML_LIBVIRT_URI), xen:///system, qemu+ssh://...", "URI"),
+        ACCEL,
+        Option("--network", "a libvirt network (default: user-mode NAT)", "NAME"),
+    )
 
     @property
     def saves_memory(self) -> bool:

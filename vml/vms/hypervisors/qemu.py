@@ -18,8 +18,8 @@ import subprocess
 from pathlib import Path
 
 from ...errors import HypervisorError, UsageError
-from ...repo.repository import now_iso
-from . import Driver, VmRecord, VmSpec, accel, wait_until
+from ...times import now_iso
+from . import ACCEL, Driver, Option, VmRecord, VmSpec, accel, wait_until
 
 START_TIMEOUT = 60
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "rtl8139"}
@@ -29,6 +29,7 @@ OVMF = ("/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd")
 
 class QemuDriver(Driver):
     name = "qemu"
+    OPTIONS = (ACCEL, Option("--qemu", "the emulator (default qemu-system-ARCH)", "BINARY"))
 
     def command(self, spec: VmSpec) -> list[str]:
         hw = spec.hardware

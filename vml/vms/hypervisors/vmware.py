@@ -19,8 +19,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ...errors import HypervisorError, UsageError
-from ...repo.repository import now_iso
-from . import Driver, VmRecord, VmSpec, wait_until
+from ...times import now_iso
+from . import Driver, Option, VmRecord, VmSpec, wait_until
 
 TIMEOUT = 30
 NIC_CLASSES = {"vmxnet3": "VirtualVmxnet3", "e1000": "VirtualE1000", "e1000e": "VirtualE1000e"}
@@ -38,6 +38,15 @@ def _vim():
 
 class VmwareDriver(Driver):
     name = "vmware"
+    OPTIONS = (
+        Option("--host", "https://HOST/sdk (or VML_VMWARE_HOST)", "URL"),
+        Option("--user", "user name (or VML_VMWARE_USER)", "USER"),
+        Option("--password", "better given as VML_VMWARE_PASSWORD", "PASSWORD"),
+        Option("--datastore", "the datastore whose root is the mount point", "NAME"),
+        Option("--vm-datastore", "where the VM's own files go (default: another)", "NAME"),
+        Option("--network", "a port group (default: VM Network)", "NAME"),
+        Option("--insecure", "do not verify the host's TLS certificate", switch=True),
+    )
 
     def _setting(self, key: str, required: bool = True) -> str:
         value = self.options.get(key) or os.environ.get(f"VML_VMWARE_{key.upper()}", "")

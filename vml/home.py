@@ -1,0 +1,82 @@
+"""The user's VML home as a whole: its repositories, remotes, caches and areas kept in step.
+
+A repository is a directory and a line in config.toml; a remote is a line,
+a cache directory, and possibly working areas built on its entries; gc must
+keep what this home's areas read. These functions keep those in step, so
+that the command line only parses and prints.
+"""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from . import config, layout
+from .entries import maintenance
+from .errors import NotFound, UsageError, VmlError
+from .names import check_repository_name
+from .remotes import fetch
+from .remotes.catalog import Catalog
+from .remotes.remote import RemoteConfig, RemoteStore
+from .repo.repository import Repository
+from .repo.store import META_FILE, Store
+from .vms.areas import list_areas, roots
+
+
+def init_repository(home: Path, path: Path, name: str, chunk_size: int, make_default: bool) -> tuple[Store, bool, bool]:
+    """Create the repository at ``path`` (or take the one there) and register it as ``name``.
+
+    Returns (its store, whether it was created, whether it is the default now).
+    """
+    check_repository_name(name)
+    created = not (path / META_FILE).exists()
+    store = Store.create(path, chunk_size) if created else Store(path)
+    with config.editing(home) as cfg:
+        cfg.register(name, path, make_default)
+        return store, created, cfg.default == name
+
+
+def collect(home: Path, repo: Repository) -> maintenance.GcSummary:
+    """vml gc: what no entry, no lease and no area of this home needs goes.
+
+    This home's areas are kept even without a lease (opened by a version that
+    wrote none); every other home's are kept through their leases.
+    """
+    return maintenance.gc(repo, keep=roots(home, repo))
+
+
+def add_remote(home: Path, rc: RemoteConfig, check: bool = True) -> Catalog | None:
+    """Add remote ``rc`` to the config; with ``check``, fetch and verify its catalog now.
+
+    A wrong URL or key is refused now rather than at first use, and leaves
+    neither a config entry nor a cache behind. Returns the catalog checked.
+    """
+    check_repository_name(rc.name, "remote")
+    if not rc.url.startswith(("http://", "https://")):
+        raise UsageError(f"remote URL {rc.url!r}: use http:// or https://")
+    fetch.parse_proxies(rc.settings.proxy)
+    cache = layout.cache_dir(home, rc.name)
+    with config.editing(home) as cfg:
+        cfg.add_remote(rc)
+        # A cache left under this name (config.toml edited by hand) may know another repository.
+        shutil.rmtree(cache, ignore_errors=True)
+        if not check:
+            return None
+        try:
+            cat = RemoteStore(home, rc).catalog(refresh=True)
+        except VmlError:
+            shutil.rmtree(cache, ignore_errors=True)
+            raise
+        cfg.remotes[rc.name] = dataclasses.replace(rc, repository=cat.repository)
+        return cat
+
+
+def remove_remote(home: Path, name: str) -> None:
+    """Remove remote ``name`` and its cache; refused while working areas build on its entries."""
+    with config.editing(home) as cfg:
+        if name not in cfg.remotes:
+            raise NotFound(f"no remote named {name!r}")
+        users = [r.name for r in list_areas(home) if r.repository == name and not r.repository_path]
+        if users:
+            raise UsageError(f"working areas {', '.join(users)} are open on remote {name}: close them first")
+        del cfg.remotes[name]
+    shutil.rmtree(layout.cache_dir(home, name), ignore_errors=True)
