@@ -339,7 +339,7 @@ def test_control_requests_of_the_wrong_shape_change_nothing(vml, home, logbook, 
         {"op": "close", "area": ["wa"]},
         {"op": "nonsense"},
     ):
-        with pytest.raises(control.MountError):
-            control.request(home, **bad)
+        with pytest.raises(control.MountError, match="bad request"):
+            control.exchange(home, (json.dumps(bad) + "\n").encode())
     assert (tmp_path / "rep1" / "refs.json").read_text() == before
     assert sorted(os.listdir(mounted / "rep1")) == ["entry1", "entry2"]

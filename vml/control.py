@@ -1,4 +1,4 @@
-"""Talking to a running mount: where it is, and asking it to act on its areas.
+"""Talking to a running mount, both ends: where it is, the requests it takes, and how it answers them.
 
 The mount writes $VML_HOME/run/vmlfs.json ({"pid", "mountpoint"}), holds
 $VML_HOME/run/vmlfs.lock, and listens on an abstract unix socket named
@@ -6,20 +6,35 @@ after the home (a path could exceed the 108 bytes a socket path may have;
 the mount checks that a peer runs as the same user, or root). A request is
 one line of JSON, the reply one line of JSON: {"ok": true, ...} or
 {"ok": false, "error": MESSAGE, "status": EXIT_STATUS}.
+
+The requests are Status, Save and Close (of an area the mount serves).
+The command side builds them with ask_save and ask_close; the mount side
+reads them with decode, which checks every field, and runs them with
+answer, on its Logbook. Only this module knows the socket, the state files
+and the shape of a request; the rest of the library reaches the mount
+through it, and the mount (vmlfs) only moves the bytes.
 """
 
 import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import AlreadyExists, VmlError
+from .errors import AlreadyExists, UsageError, VmlError
 from .files import write_atomic
-from .layout import run_dir
+from .layout import MEMORY_FILE, memory_state, run_dir
+from .names import check_name
+from .repo.hardware import Hardware
+
+log = logging.getLogger(__name__)
+
+REQUEST_LIMIT = 64 << 10  # a request line is small; more is refused
 
 TIMEOUT = 600.0  # a save of many changes can take a while
 
@@ -98,14 +113,19 @@ def is_mounted(path: Path) -> bool:
     return False
 
 
-def request(home: Path, op: str, **args) -> dict:
-    """Send a request to the mount; raise MountError if it refuses."""
+def request(home: Path, req) -> dict:
+    """Send a request (Status, Save, Close) to the mount; raise MountError if it refuses."""
+    return exchange(home, encode(req))
+
+
+def exchange(home: Path, line: bytes) -> dict:
+    """Send one request line to the mount of ``home`` and read its reply; MountError if it refuses."""
     path = home
     with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as s:
         s.settimeout(TIMEOUT)
         try:
             s.connect(socket_address(home))
-            s.sendall((json.dumps({"op": op, **args}) + "\n").encode())
+            s.sendall(line)
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
@@ -121,3 +141,117 @@ def request(home: Path, op: str, **args) -> dict:
     if not reply.get("ok"):
         raise MountError(reply.get("error", "the mount refused"), int(reply.get("status", 1)))
     return reply
+
+
+# -- requests ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    """Is a mount serving, and which areas has it open?"""
+
+
+@dataclass(frozen=True)
+class Save:
+    """Save an area the mount serves; ``memory`` adds the area's own memory state file (see save_request)."""
+
+    area: str
+    entry: str
+    message: str = ""
+    memory: bool = False
+    drop: tuple[str, ...] = ()
+    hardware: dict | None = None
+
+
+@dataclass(frozen=True)
+class Close:
+    area: str
+    discard: bool = False
+
+
+REQUESTS = {"status": Status, "save": Save, "close": Close}
+
+
+def encode(req) -> bytes:
+    op = next(name for name, kind in REQUESTS.items() if isinstance(req, kind))
+    doc = {"op": op, **asdict(req)}
+    return (json.dumps(doc) + "\n").encode()
+
+
+def decode(data: bytes):
+    """The request in one line of JSON, every field checked; ValueError if it is not one."""
+    if len(data) > REQUEST_LIMIT:
+        raise ValueError("request too long")
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or doc.get("op") not in REQUESTS:
+        raise ValueError(f"unknown request {doc.get('op') if isinstance(doc, dict) else doc!r}")
+    kind = REQUESTS[doc.pop("op")]
+    fields = kind.__dataclass_fields__
+    if set(doc) - set(fields):
+        raise ValueError(f"unknown fields {sorted(set(doc) - set(fields))}")
+    for name in ("area", "entry", "message"):
+        if name in doc and not isinstance(doc[name], str):
+            raise ValueError(f"{name!r} must be a string")
+    for name in ("memory", "discard"):
+        if name in doc and not isinstance(doc[name], bool):
+            raise ValueError(f"{name!r} must be true or false")
+    if "drop" in doc:
+        if not isinstance(doc["drop"], list) or not all(isinstance(x, str) for x in doc["drop"]):
+            raise ValueError("'drop' must be a list of file names")
+        doc["drop"] = tuple(doc["drop"])
+    if doc.get("hardware") is not None:
+        Hardware.from_json(doc["hardware"])  # ValueError if it is no description
+    if "area" in doc:
+        check_name(doc["area"], "area")
+    return kind(**doc)
+
+
+def save_request(home: Path, area: str, entry: str, message: str, files, drop, hardware: Hardware | None) -> Save:
+    """A Save for the mount. The mount adds no file but the area's own memory state, never a path asked for."""
+    files = files or {}
+    if set(files) - {MEMORY_FILE} or any(p != memory_state(home, area) for p in files.values()):
+        raise UsageError(f"the mount saves only {MEMORY_FILE} of the area's directory with its disks")
+    return Save(area, entry, message, bool(files), tuple(drop), hardware.to_json() if hardware else None)
+
+
+# -- the command's side ------------------------------------------------------
+
+
+def ask_save(home: Path, area: str, entry: str, message="", files=None, drop=(), hardware=None) -> dict:
+    return request(home, save_request(home, area, entry, message, files, drop, hardware))
+
+
+def ask_close(home: Path, area: str, discard: bool = False) -> dict:
+    return request(home, Close(area, discard))
+
+
+# -- the mount's side --------------------------------------------------------
+
+
+def answer(logbook, data: bytes) -> tuple[dict, str | None]:
+    """Run one request on the mount's Logbook (in a worker thread: a save takes a while).
+
+    Returns the reply, and the name of an area the mount no longer serves
+    (the kernel's cached name must go).
+    """
+    try:
+        req = decode(data)
+    except (ValueError, KeyError, TypeError, RecursionError, VmlError) as e:
+        return {"ok": False, "error": f"bad request ({e})", "status": 2}, None
+    try:
+        if isinstance(req, Status):
+            return {"ok": True, "pid": os.getpid(), "areas": sorted(logbook.open_areas())}, None
+        if isinstance(req, Save):
+            files = {MEMORY_FILE: memory_state(logbook.home, req.area)} if req.memory else {}
+            hardware = Hardware.from_json(req.hardware) if req.hardware is not None else None
+            entry = logbook.save_served_area(
+                req.area, req.entry, req.message, files=files, drop=req.drop, hardware=hardware
+            )
+            return {"ok": True, "entry": entry.name, "manifest": entry.digest.hex()}, None
+        logbook.close_area(req.area, req.discard)
+        return {"ok": True}, req.area
+    except VmlError as e:
+        return {"ok": False, "error": str(e), "status": e.exit_status}, None
+    except Exception as e:
+        log.exception("control request failed")
+        return {"ok": False, "error": f"internal error in the mount: {e}", "status": 70}, None

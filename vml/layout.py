@@ -49,6 +49,14 @@ def areas_dir(home: Path) -> Path:
     return home / "areas"
 
 
+MEMORY_FILE = "vml-memory.state"  # a running VM's memory, saved with its disks (see vml.vms.boot)
+
+
+def memory_state(home: Path, area: str) -> Path:
+    """Where a running VM's memory state is written before it is saved with the area's disks."""
+    return areas_dir(home) / area / MEMORY_FILE
+
+
 def cache_dir(home: Path, remote: str) -> Path:
     return home / "cache" / remote
 

@@ -12,7 +12,6 @@ over a unix socket (see vml.control): one JSON request per
 connection, one JSON reply.
 """
 
-import functools
 import json
 import logging
 import os
@@ -23,14 +22,10 @@ import pyfuse3
 import trio
 
 from vml import control
-from vml.entries import copies as incoming
+from vml.entries import copies
 from vml.errors import VmlError
-from vml.layout import areas_dir
-from vml.names import check_name
 from vml.remotes import remote
-from vml.repo.hardware import Hardware
 from vml.view.logbook import AREAS, Logbook
-from vml.vms.areas import MEMORY_FILE
 
 from .fs import VmlFS
 from .readahead import ReadAhead
@@ -52,7 +47,7 @@ def mount_options(fsname: str = "vmlfs") -> set[str]:
 def serve(home: Path, mountpoint: Path, ready_fd: int | None = None) -> None:
     """Mount the logbook of ``home`` at ``mountpoint`` and serve it until unmounted."""
     logbook = Logbook(home)
-    incoming.recover(home)
+    copies.recover(home)
     ops = VmlFS(logbook, readahead=ReadAhead())
     run_dir = control.run_dir(home)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -102,52 +97,25 @@ async def _watch_signals(nursery) -> None:
 
 
 async def _serve_control(listener: trio.SocketListener, ops: VmlFS) -> None:
+    """Take one request a connection, run it in a worker thread (a save takes a while), reply."""
+
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             if not control.peer_allowed(stream.socket):
                 log.warning("refused a control request from another user")
                 return
             data = b""
-            while not data.endswith(b"\n") and len(data) < 65536:
+            while not data.endswith(b"\n") and len(data) <= control.REQUEST_LIMIT:
                 chunk = await stream.receive_some(65536)
                 if not chunk:
                     break
                 data += chunk
-            reply = await _answer(data, ops)
+            reply, closed = await trio.to_thread.run_sync(control.answer, ops.logbook, data, limiter=ops.limiter)
+            if closed is not None:
+                _forget_entry(ops, (AREAS,), closed)
             await stream.send_all((json.dumps(reply) + "\n").encode())
 
     await trio.serve_listeners(handle, [listener])
-
-
-async def _answer(data: bytes, ops: VmlFS) -> dict:
-    try:
-        req = json.loads(data)
-        op = req["op"]
-        if op == "status":
-            return {"ok": True, "pid": os.getpid(), "areas": sorted(ops.logbook.open_areas())}
-        if op == "save":
-            area, name, message = _text(req, "area"), _text(req, "entry"), _text(req, "message", "")
-            files = {}
-            if req.get("memory") is True:  # only this file of the area's own directory, never a path asked for
-                files[MEMORY_FILE] = areas_dir(ops.logbook.home) / check_name(area, "area") / MEMORY_FILE
-            drop = tuple(_checked(v, str) for v in _checked(req.get("drop", []), list))
-            hw = Hardware.from_json(req["hardware"]) if req.get("hardware") is not None else None
-            save = functools.partial(ops.logbook.save_served_area, files=files, drop=drop, hardware=hw)
-            entry = await trio.to_thread.run_sync(save, area, name, message, limiter=ops.limiter)
-            return {"ok": True, "entry": entry.name, "manifest": entry.digest.hex()}
-        if op == "close":
-            area = _text(req, "area")
-            await trio.to_thread.run_sync(ops.logbook.close_area, area, req.get("discard") is True)
-            _forget_entry(ops, (AREAS,), area)
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown request {op!r}", "status": 2}
-    except VmlError as e:
-        return {"ok": False, "error": str(e), "status": e.exit_status}
-    except (ValueError, KeyError, TypeError) as e:
-        return {"ok": False, "error": f"bad request ({e})", "status": 2}
-    except Exception as e:
-        log.exception("control request failed")
-        return {"ok": False, "error": f"internal error in the mount: {e}", "status": 70}
 
 
 async def _flush_cache_counters() -> None:
@@ -170,26 +138,13 @@ async def _finalize_copies(ops: VmlFS) -> None:
             try:
                 entry = await trio.to_thread.run_sync(ops.logbook.finalize_copy, repo, name, limiter=ops.limiter)
                 log.info("copied entry %s into %s (manifest %s)", name, repo, entry.digest.hex()[:16])
-            except incoming.NotTaken as e:
+            except copies.NotTaken as e:
                 log.warning("the copy %s/%s stays as it is, not an entry: %s", repo, name, e)
                 continue
             except Exception as e:
                 log.error("cannot make an entry of the copy %s/%s: %s", repo, name, e)
                 continue
             _forget_entry(ops, (repo,), name)
-
-
-def _text(req: dict, key: str, default: str | None = None) -> str:
-    value = req.get(key, default)
-    if not isinstance(value, str):
-        raise TypeError(f"{key!r} must be a string")
-    return value
-
-
-def _checked(value, kind: type):
-    if not isinstance(value, kind):
-        raise TypeError(f"{value!r} is not a {kind.__name__}")
-    return value
 
 
 def _forget_entry(ops: VmlFS, parent: tuple, name: str) -> None:

@@ -139,6 +139,7 @@ class FileSet:
         self.generation = generation  # of an area: the files are rebuilt after each save
         self.dirs: dict[tuple, dict[str, Node]] = {(): {}}
         self.openers: dict[tuple, object] = {}
+        self.disks: dict[str, str] = {}  # file name at the top -> the disk it shows (D.img and D-flat.vmdk)
         self._json: bytes | None = None
 
     def add(self, path: tuple, node: Node, opener) -> None:
@@ -191,6 +192,7 @@ def add_disk(fs: FileSet, name: str, size: int, allocated: int, opener, immutabl
     disk = Node((*fs.key, "disk", name), False, size, allocated, fs.mtime_ns, mode, 2, immutable, writable)
     fs.add((img,), disk, opener)
     fs.add((flat,), disk, opener)
+    fs.disks[img] = fs.disks[flat] = name
     desc = descriptor(name, size)
     fs.add(
         (vmdk,),

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config
-from ..entries import copies as incoming
+from ..entries import copies
 from ..entries.reader import ChunkCache
 from ..errors import AlreadyExists, Corrupt, NotFound, ReadOnly
 from ..layout import areas_dir, cache_dir, config_path
@@ -139,9 +139,9 @@ class Logbook:
         mtime = int(parse_iso(area.record.created).timestamp() * 1e9)
         # Keys leave out the generation: a saved area's disk stays the same file.
         fs = FileSet(("area", area.name), mtime, area.describe, area.version)
-        for name, ov in area.disks.items():
-            add_disk(fs, name, ov.size, ov.allocated(), lambda n=name: AreaDiskHandle(area, n), False, True)
-        for name, (reader, mode) in area.files.items():
+        for name, info in area.disk_info().items():
+            add_disk(fs, name, info.size, info.allocated, lambda n=name: AreaDiskHandle(area, n), False, True)
+        for name, (reader, mode) in area.entry_files().items():
             node = Node((*fs.key, "file", name), False, reader.size, reader.allocated(), mtime, mode & 0o555)
             fs.add(tuple(name.split("/")), node, lambda r=reader: ReaderHandle(r))
         fs.add_json(immutable=False)
@@ -176,8 +176,9 @@ class Logbook:
             area, fs = self.area(path[1])
             nodes = {n: replace(node, mode=node.mode & 0o700) for n, node in self._in_files(fs, path[2:]).items()}
             if path[2:] == ():  # disks show the time of their last write
+                info = area.disk_info()
                 nodes = {
-                    n: replace(node, mtime_ns=area.disks[node.key[3]].mtime_ns) if node.key[2] == "disk" else node
+                    n: replace(node, mtime_ns=info[fs.disks[n]].mtime_ns) if n in fs.disks else node
                     for n, node in nodes.items()
                 }
             return nodes
@@ -197,7 +198,7 @@ class Logbook:
                     immutable=True,
                     mtime_ns=int(parse_iso(m.created).timestamp() * 1e9),
                 )
-            staged = incoming.incoming_dir(self.home) / path[0]
+            staged = copies.incoming_dir(self.home) / path[0]
             if staged.is_dir():
                 for p in staged.iterdir():
                     if p.name not in refs and not p.name.startswith("."):
@@ -246,7 +247,7 @@ class Logbook:
         """Where ``path`` is staged, if it lies in an incoming copy."""
         if len(path) < 2 or path[0] == AREAS or path[0] not in self.config().repositories:
             return None
-        top = incoming.staging_path(self.home, path[0], path[1])
+        top = copies.staging_path(self.home, path[0], path[1])
         if not top.is_dir():
             return None
         for part in path[2:]:
@@ -286,7 +287,7 @@ class Logbook:
             check_name(path[1])
             if path[1] in self.refs(repo):
                 raise AlreadyExists(f"entry {path[1]!r} already exists in repository {repo.name}")
-            staged = incoming.staging_path(self.home, path[0], path[1])
+            staged = copies.staging_path(self.home, path[0], path[1])
             staged.mkdir(parents=True, exist_ok=False)
             self._activity(path)
             return staged_node(staged)
@@ -344,7 +345,7 @@ class Logbook:
         """Incoming copies with nothing open and no change for ``quiet`` seconds."""
         now = time.monotonic()
         out = []
-        for repo, name, _ in incoming.pending(self.home):
+        for repo, name, _ in copies.pending(self.home):
             with self._lock:
                 opened, last = self._incoming.setdefault((repo, name), [0, now])
             if opened == 0 and now - last >= quiet:
@@ -361,16 +362,16 @@ class Logbook:
         """
         target = self.repository(repo_name)
         sources = [self.repository(n) for n in self.config().repositories if n not in (repo_name, AREAS)]
-        staged = incoming.staging_path(self.home, repo_name, name)
-        aside = incoming.aside_path(staged)
+        staged = copies.staging_path(self.home, repo_name, name)
+        aside = copies.aside_path(staged)
         with self._lock:
             opened, _ = self._incoming.get((repo_name, name), (0, 0.0))
             if opened:
-                raise incoming.NotTaken(f"{staged}: files in it are open")
+                raise copies.NotTaken(f"{staged}: files in it are open")
             os.rename(staged, aside)
             self._incoming.pop((repo_name, name), None)
         try:
-            entry = incoming.finalize(target, name, aside, sources)
+            entry = copies.finalize(target, name, aside, sources)
         except BaseException:
             with self._lock:
                 if not staged.exists():

@@ -72,8 +72,14 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 FROZEN_FORMAT = 2  # a record naming frozen overlays
 RECORD_FILE = "area.json"
-MEMORY_FILE = "vml-memory.state"  # a running VM's memory, saved with its disks (see vml.boot)
 BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    size: int
+    allocated: int  # bytes that are not holes, as st_blocks reports them
+    mtime_ns: int  # the last write
 
 
 @dataclass
@@ -252,6 +258,16 @@ class Area:
 
     def __exit__(self, *exc):
         self.close()
+
+    # -- what the area shows ----------------------------------------------
+
+    def disk_info(self) -> dict[str, DiskInfo]:
+        """Each disk's size, allocated bytes and time of last write, by name."""
+        return {n: DiskInfo(ov.size, ov.allocated(), ov.mtime_ns) for n, ov in self.disks.items()}
+
+    def entry_files(self) -> dict[str, tuple[DiskReader, int]]:
+        """The entry's other files (read-only in the area), by name: (reader, mode)."""
+        return dict(self.files)
 
     # -- I/O -------------------------------------------------------------
 
@@ -494,19 +510,7 @@ def save_area(
     except Locked:
         if control.mount_state(home) is None:
             raise
-        files = files or {}
-        if set(files) - {MEMORY_FILE} or any(p != areas_dir(home) / name / MEMORY_FILE for p in files.values()):
-            raise UsageError(f"the mount saves only {MEMORY_FILE} of the area's directory with its disks") from None
-        control.request(
-            home,
-            "save",
-            area=name,
-            entry=entry,
-            message=message,
-            memory=bool(files),
-            drop=list(drop),
-            hardware=hardware.to_json() if hardware else None,
-        )
+        control.ask_save(home, name, entry, message, files, drop, hardware)
     return AreaRecord.load(areas_dir(home) / name / RECORD_FILE)
 
 
@@ -517,4 +521,4 @@ def close_area(home: Path, name: str, discard: bool = False) -> None:
     except Locked:
         if control.mount_state(home) is None:
             raise
-        control.request(home, "close", area=name, discard=discard)
+        control.ask_close(home, name, discard)

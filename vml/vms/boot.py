@@ -28,6 +28,7 @@ from .. import control
 from ..entries.checkout import write_stream
 from ..errors import CorruptManifest, HypervisorError, Locked, NotFound, UsageError
 from ..files import write_atomic
+from ..layout import MEMORY_FILE, memory_state
 from ..repo.hardware import Hardware
 from . import areas
 from .hypervisors import STATES, VmDisk, VmRecord, VmSpec, driver
@@ -35,7 +36,6 @@ from .hypervisors import STATES, VmDisk, VmRecord, VmSpec, driver
 log = logging.getLogger(__name__)
 
 RECORD = "vm.json"
-MEMORY_FILE = areas.MEMORY_FILE
 STOP_TIMEOUT = 60.0
 
 
@@ -247,7 +247,7 @@ def save_with_vm(home: Path, area: str, entry: str, message: str = "", progress=
                 f"area {area} runs on {rec.hypervisor}, which cannot save a running VM: `vml stop {area}` first "
                 "(or boot it with libvirt to save it while it runs)"
             )
-        state_file = _area_dir(home, area) / MEMORY_FILE
+        state_file = memory_state(home, area)
         state_file.unlink(missing_ok=True)
         drv.save_memory(rec, state_file)  # the VM is stopped from here until resume()
         try:
