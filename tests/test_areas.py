@@ -200,7 +200,7 @@ def test_fsync_flushes_the_frozen_layers_too(area, tmp_path, monkeypatch):
         a.write("d", 0, b"w" * CS)
         monkeypatch.setattr(areas, "write_entry", lambda *a, **k: (_ for _ in ()).throw(StorageError("full")))
         with pytest.raises(StorageError):
-            a.save("e2")
+            a.save_changes("e2")
         synced = []
         real = os.fdatasync
         monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
@@ -244,13 +244,13 @@ from pathlib import Path
 from vml import config
 from vml.vms import areas
 from vml.vms.areas import Area
-from vml.entries.save import save
+from vml.entries.save import save_source
 home = Path(sys.argv[1])
 repo = config.Config.load(home).open("rep")
-areas.create_area(home, "w", repo, save(repo, "e1", sys.argv[2]))
+areas.create_area(home, "w", repo, save_source(repo, "e1", sys.argv[2]))
 with Area(home, "w") as a:
     a.write("big", (1 << 40) - 4096, b"end!" * 1024)
-    a.save("e2")
+    a.save_changes("e2")
     assert a.read("big", (1 << 40) - 4096, 4096) == b"end!" * 1024
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -189,7 +189,7 @@ def test_a_save_records_the_new_entry_with_the_lease_it_published_under(shared, 
     a, b, rep, g2 = shared
     b("open", "g2", "--area", "w")
     write_area(tmp_path / "homeB", "w", 0, b"x" * CS)
-    from vml import areas as area_module
+    from vml.vms import areas as area_module
 
     def stop_before_moving_on(self, entry):
         raise OSError(28, "No space left on device")
@@ -199,7 +199,7 @@ def test_a_save_records_the_new_entry_with_the_lease_it_published_under(shared, 
         pytest.raises(Exception, match="entry 'g3' was saved, but working area 'w' could not move on"),
         Area(tmp_path / "homeB", "w") as area,
     ):
-        area.save("g3")
+        area.save_changes("g3")
     (lease,) = json.loads(a("leases", "--json").stdout)
     refs = json.loads((rep / "refs.json").read_text())["entries"]
     assert (lease["manifest"], lease["previous"]) == (refs["g3"], refs["g2"])
@@ -238,8 +238,8 @@ def test_closing_an_area_leaves_a_lease_of_another_area_of_that_name_alone(share
     the other had taken. A lease is released only by the area that holds it (its manifests)."""
     a, b, _, _ = shared
     home_b = tmp_path / "homeB"
-    from vml import areas as area_module
     from vml import config
+    from vml.vms import areas as area_module
 
     cfg = config.Config.load(home_b)
     repo = cfg.open("rep")
@@ -258,7 +258,7 @@ def test_closing_an_area_leaves_a_lease_of_another_area_of_that_name_alone(share
         area_module.tempfile.mkdtemp = real_mkdtemp
     listed = json.loads(a("leases", "--json").stdout)
     assert [(x["area"], x["entry"]) for x in listed] == [("w", "g1")]
-    from vml import leases
+    from vml.repo import leases
 
     leases.release(repo, home_b, "w", {repo.entry("g2").digest})  # not its manifest: stays
     assert len(json.loads(a("leases", "--json").stdout)) == 1
