@@ -23,6 +23,7 @@ from vml.entries.checkout import checkout
 from vml.entries.save import save_source
 from vml.errors import StorageError
 from vml.repo.store import Store
+from vml.vms import area as area_module
 from vml.vms import areas
 from vml.vms.areas import Area, AreaRecord
 from vml.vms.overlay import Blocks
@@ -57,14 +58,14 @@ def disk_of(repo, name, tmp_path) -> bytes:
 def held_in_store(monkeypatch):
     """Saves wait in their store step: (set once a save is there, set to let it go on)."""
     in_store, release = threading.Event(), threading.Event()
-    real = areas.write_entry
+    real = area_module.write_entry
 
     def slow_write_entry(*args, **kwargs):
         in_store.set()
         assert release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(areas, "write_entry", slow_write_entry)
+    monkeypatch.setattr(area_module, "write_entry", slow_write_entry)
     return in_store, release
 
 
@@ -99,7 +100,7 @@ def test_writes_during_a_save_go_on_and_land_in_the_next_entry(area, tmp_path, h
 KILLED_IN_STORE = """
 import os, signal, sys
 from pathlib import Path
-from vml.vms import areas
+from vml.vms import area as area_module
 from vml.vms.areas import Area
 
 def die(*args, **kwargs):
@@ -107,7 +108,7 @@ def die(*args, **kwargs):
     area.sync()
     os.kill(os.getpid(), signal.SIGKILL)
 
-areas.write_entry = die
+area_module.write_entry = die
 area = Area(Path(sys.argv[1]), "w")
 area.write("d", 0, b"before the freeze" * 300)
 area.sync()
@@ -136,7 +137,7 @@ def test_a_save_killed_after_the_freeze_loses_no_write(area, tmp_path):
 
 def test_a_failed_save_keeps_every_write_and_the_next_one_stores_them(area, tmp_path, monkeypatch):
     home, repo, expected = area
-    real = areas.write_entry
+    real = area_module.write_entry
 
     def full(*args, **kwargs):
         raise StorageError("saving entry 'e2': no space left on device")
@@ -144,7 +145,7 @@ def test_a_failed_save_keeps_every_write_and_the_next_one_stores_them(area, tmp_
     with Area(home, "w") as a:
         a.write("d", 5 * CS, b"x" * CS)
         expected[5 * CS : 6 * CS] = b"x" * CS
-        monkeypatch.setattr(areas, "write_entry", full)
+        monkeypatch.setattr(area_module, "write_entry", full)
         with pytest.raises(StorageError):
             a.save_changes("e2")
         a.write("d", 6 * CS, b"y" * CS)
@@ -152,7 +153,7 @@ def test_a_failed_save_keeps_every_write_and_the_next_one_stores_them(area, tmp_
         with pytest.raises(StorageError):
             a.save_changes("e2")
         assert a.record.frozen == [1, 2] and a.read("d", 0, SIZE) == bytes(expected)
-        monkeypatch.setattr(areas, "write_entry", real)
+        monkeypatch.setattr(area_module, "write_entry", real)
         a.save_changes("e2")
         assert a.record.frozen == [] and a.unsaved_bytes() == 0
     assert disk_of(repo, "e2", tmp_path) == bytes(expected)
@@ -198,7 +199,7 @@ def test_fsync_flushes_the_frozen_layers_too(area, tmp_path, monkeypatch):
     home, _, _ = area
     with Area(home, "w") as a:
         a.write("d", 0, b"w" * CS)
-        monkeypatch.setattr(areas, "write_entry", lambda *a, **k: (_ for _ in ()).throw(StorageError("full")))
+        monkeypatch.setattr(area_module, "write_entry", lambda *a, **k: (_ for _ in ()).throw(StorageError("full")))
         with pytest.raises(StorageError):
             a.save_changes("e2")
         synced = []

@@ -189,12 +189,11 @@ def test_a_save_records_the_new_entry_with_the_lease_it_published_under(shared, 
     a, b, rep, g2 = shared
     b("open", "g2", "--area", "w")
     write_area(tmp_path / "homeB", "w", 0, b"x" * CS)
-    from vml.vms import areas as area_module
 
     def stop_before_moving_on(self, entry):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(area_module.Area, "_rebase", stop_before_moving_on)
+    monkeypatch.setattr(Area, "_rebase", stop_before_moving_on)
     with (
         pytest.raises(Exception, match="entry 'g3' was saved, but working area 'w' could not move on"),
         Area(tmp_path / "homeB", "w") as area,

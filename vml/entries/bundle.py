@@ -155,7 +155,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _StagedStore:
-    """Reads objects from a staging directory first, then from the repository."""
+    """An ObjectSource of the objects a bundle brings (staged) and those the repository has."""
 
     def __init__(self, store, staging: Path, sizes: dict[bytes, int]):
         self.store, self.staging, self.sizes = store, staging, sizes
@@ -169,6 +169,17 @@ class _StagedStore:
 
     def has(self, digest: bytes) -> bool:
         return digest in self.sizes or self.store.has(digest)
+
+    def read_raw(self, digest: bytes) -> bytes:
+        if digest in self.sizes:
+            return (self.staging / digest.hex()).read_bytes()
+        return self.store.read_raw(digest)
+
+    def object_size(self, digest: bytes) -> int:
+        return len(self.read_raw(digest))
+
+    def refs(self) -> dict[str, bytes]:
+        return self.store.refs()
 
 
 def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SILENT) -> list[str]:

@@ -14,24 +14,18 @@ raw for qemu; formats that qemu reads but this module does not parse are
 refused rather than passed through.
 """
 
-import contextlib
-import os
-import re
-import stat
 import struct
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadSource
+from .imagebase import HEAD, MAX_NAME, SECTOR, Image, ImageInfo, Reference, c_string, file_name, opened
+from .vmdkcheck import check_extent, looks_like_descriptor, vmdk
+
+__all__ = ["FORMATS", "ImageInfo", "Reference", "check_extent", "inspect"]
 
 FORMATS = ("raw", "qcow2", "qcow", "qed", "vmdk", "vdi", "vpc", "vhdx")
-SECTOR = 512
-HEAD = 64 << 10  # bytes read from the start of an image; qcow2 extensions past this are refused
 PROBE = 2048  # what qemu looks at to guess a format
-MAX_DESCRIPTOR = 64 << 10
-MAX_NAME = 1023  # qemu's own limit for a qcow2 backing file name
-MAX_EXTENTS = 2048
 
 # Formats qemu would detect that we do not parse: refused, not trusted.
 _UNSUPPORTED = [
@@ -57,92 +51,6 @@ _VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B").bytes_
 _VHDX_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8").bytes_le
 _VHDX_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C").bytes_le
 _VHDX_HAS_PARENT = 1 << 1
-_VMDK_GD_AT_END = 0xFFFFFFFFFFFFFFFF
-_VMDK_DESC_SIZE = 20 * SECTOR  # how much of a descriptor qemu searches for parentFileNameHint
-_VMDK_CREATE_TYPES = {
-    b"monolithicFlat",
-    b"vmfs",
-    b"vmfsSparse",
-    b"seSparse",
-    b"twoGbMaxExtentSparse",
-    b"twoGbMaxExtentFlat",
-}
-_VMDK_EXTENT_TYPES = {b"FLAT", b"SPARSE", b"VMFS", b"VMFSSPARSE", b"SESPARSE"}
-SPARSE_EXTENTS = {"SPARSE", "VMFSSPARSE"}
-_INT = re.compile(rb"[+-]?[0-9]+")
-_WORD = re.compile(rb"[^ \t\n\v\f\r]{1,10}")
-_QUOTED = re.compile(rb'[^\n\r"]{1,511}')
-_SPACE = re.compile(rb"[ \t\n\v\f\r]*")
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A file an image names, as the image spells it."""
-
-    role: str  # "backing file", "data file" or "extent"
-    name: str
-    format: str | None = None  # a backing file's declared format, or an extent's type (FLAT, SPARSE, ...)
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    format: str
-    size: int  # virtual size in bytes, as the header declares it
-    references: tuple[Reference, ...] = ()
-
-
-class _Image:
-    """An open image: its size, its first bytes, and bounded reads at any offset."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            # O_NONBLOCK: a FIFO must not hang the save; it is refused below.
-            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError as e:
-            raise BadSource(f"{path}: {e.strerror}") from None
-        try:
-            st = os.fstat(self.fd)
-            if stat.S_ISREG(st.st_mode):
-                self.size = st.st_size
-            elif stat.S_ISBLK(st.st_mode):
-                self.size = os.lseek(self.fd, 0, os.SEEK_END)
-            else:
-                raise BadSource(f"{path}: not a regular file or block device")
-            self.head = self.read(0, HEAD)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def read(self, offset: int, n: int) -> bytes:
-        """Up to ``n`` bytes at ``offset``; fewer at the end of the file."""
-        if offset < 0 or offset >= self.size:
-            return b""
-        n = min(n, self.size - offset)
-        chunks = []
-        try:
-            while n > 0:
-                data = os.pread(self.fd, n, offset)
-                if not data:
-                    break
-                chunks.append(data)
-                offset += len(data)
-                n -= len(data)
-        except OSError as e:
-            raise BadSource(f"{self.path}: {e.strerror}") from None
-        return b"".join(chunks)
-
-    def bad(self, why: str) -> BadSource:
-        return BadSource(f"{self.path}: {why}")
-
-
-@contextlib.contextmanager
-def _opened(path: Path):
-    img = _Image(path)
-    try:
-        yield img
-    finally:
-        os.close(img.fd)
 
 
 def inspect(path: Path | str, fmt: str | None = None) -> ImageInfo:
@@ -150,29 +58,11 @@ def inspect(path: Path | str, fmt: str | None = None) -> ImageInfo:
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise BadSource(f"{path}: format {fmt} is not supported (supported: {', '.join(FORMATS)})")
-    with _opened(path) as img:
+    with opened(path) as img:
         return _PARSERS[fmt or _detect(img)](img)
 
 
-def check_extent(path: Path | str, kind: str) -> None:
-    """Refuse a sparse VMDK extent that qemu would not read as plain grains.
-
-    A sparse extent whose header has capacity 0 carries a descriptor of its
-    own, and qemu would open the extents that one names too.
-    """
-    if kind not in SPARSE_EXTENTS:
-        return
-    with _opened(Path(path)) as img:
-        if img.head[:4] == b"COWD":
-            return
-        if img.head[:4] != b"KDMV" or len(img.head) < 44:
-            raise img.bad(f"not a sparse VMDK extent, as its descriptor says ({kind})")
-        capacity, desc_offset = struct.unpack_from("<Q8xQ", img.head, 12)
-        if capacity == 0 and desc_offset:
-            raise img.bad("a sparse VMDK extent with a descriptor of its own is not supported")
-
-
-def _detect(img: _Image) -> str:
+def _detect(img: Image) -> str:
     """The format qemu would probe for, or BadSource for one we do not read."""
     head = img.head[:PROBE]
     for magic, name in _UNSUPPORTED:
@@ -192,50 +82,17 @@ def _detect(img: _Image) -> str:
         return "vhdx"
     if len(head) >= SECTOR and struct.unpack_from("<I", head, 64)[0] == _VDI_SIGNATURE:
         return "vdi"
-    if head[:4] in (b"KDMV", b"COWD") or _looks_like_descriptor(head):
+    if head[:4] in (b"KDMV", b"COWD") or looks_like_descriptor(head):
         return "vmdk"
     if img.size >= SECTOR and img.read(img.size - SECTOR, 4) == b"koly":
         raise img.bad("format dmg is not supported")
     return "raw"
 
 
-def _looks_like_descriptor(buf: bytes) -> bool:
-    """qemu's test for a VMDK text descriptor: comments and blank lines, then version=1, 2 or 3."""
-    p = 0
-    while p < len(buf):
-        if buf[p] == ord("#"):
-            end = buf.find(b"\n", p)
-            p = len(buf) if end < 0 else end + 1
-        elif buf[p] == ord(" "):
-            while p < len(buf) and buf[p] == ord(" "):
-                p += 1
-            if p < len(buf) and buf[p] == ord("\r"):
-                p += 1
-            if p == len(buf) or buf[p] != ord("\n"):
-                return False
-            p += 1
-        else:
-            return re.match(rb"version=[123]\r?\n", buf[p : p + 11]) is not None
-    return False
-
-
-def _c_string(data: bytes) -> bytes:
-    """What C code sees of ``data``: everything up to the first NUL."""
-    end = data.find(b"\0")
-    return data if end < 0 else data[:end]
-
-
-def _name(img: _Image, raw: bytes, what: str) -> str:
-    raw = _c_string(raw)
-    if len(raw) > MAX_NAME:
-        raise img.bad(f"{what} name longer than {MAX_NAME} bytes")
-    return os.fsdecode(raw)
-
-
 # -- qcow2, qcow, QED ---------------------------------------------------------
 
 
-def _qcow2(img: _Image) -> ImageInfo:
+def _qcow2(img: Image) -> ImageInfo:
     h = img.head
     if len(h) < 72 or not h.startswith(_QCOW_MAGIC):
         raise img.bad("not a qcow2 image")
@@ -262,7 +119,7 @@ def _qcow2(img: _Image) -> ImageInfo:
         limit = MAX_NAME if bf_offset > cluster else min(MAX_NAME, cluster - bf_offset)
         if bf_size > limit:
             raise img.bad("backing file name too long")
-        name = _name(img, img.read(bf_offset, bf_size), "backing file")
+        name = file_name(img, img.read(bf_offset, bf_size), "backing file")
         if name:
             refs.append(Reference("backing file", name, backing_format))
     if incompatible & _QCOW2_INCOMPAT_DATA_FILE:
@@ -272,7 +129,7 @@ def _qcow2(img: _Image) -> ImageInfo:
     return ImageInfo("qcow2", size, tuple(refs))
 
 
-def _qcow2_extensions(img: _Image, offset: int, end: int) -> tuple[str | None, str | None]:
+def _qcow2_extensions(img: Image, offset: int, end: int) -> tuple[str | None, str | None]:
     """The declared backing format and external data file name among the header extensions."""
     backing_format = data_file = None
     h = img.head
@@ -289,14 +146,14 @@ def _qcow2_extensions(img: _Image, offset: int, end: int) -> tuple[str | None, s
         if kind == _QCOW2_BACKING_FORMAT:
             if length >= 16:
                 raise img.bad("invalid qcow2 backing format extension")
-            backing_format = _c_string(data).decode("ascii", "replace") or None
+            backing_format = c_string(data).decode("ascii", "replace") or None
         elif kind == _QCOW2_DATA_FILE:
-            data_file = _name(img, data, "data file")
+            data_file = file_name(img, data, "data file")
         offset += (length + 7) & ~7
     return backing_format, data_file
 
 
-def _qcow(img: _Image) -> ImageInfo:
+def _qcow(img: Image) -> ImageInfo:
     h = img.head
     if len(h) < 48 or not h.startswith(_QCOW_MAGIC) or struct.unpack_from(">I", h, 4)[0] != 1:
         raise img.bad("not a qcow image")
@@ -307,12 +164,12 @@ def _qcow(img: _Image) -> ImageInfo:
     if bf_offset:
         if bf_size > MAX_NAME:
             raise img.bad("backing file name too long")
-        name = _name(img, img.read(bf_offset, bf_size), "backing file")
+        name = file_name(img, img.read(bf_offset, bf_size), "backing file")
         refs = (Reference("backing file", name),) if name else ()
     return ImageInfo("qcow", size, refs)
 
 
-def _qed(img: _Image) -> ImageInfo:
+def _qed(img: Image) -> ImageInfo:
     h = img.head
     if len(h) < 64 or not h.startswith(b"QED\0"):
         raise img.bad("not a QED image")
@@ -322,130 +179,16 @@ def _qed(img: _Image) -> ImageInfo:
     if features & _QED_BACKING_FILE:
         if bf_offset + bf_size > cluster * header_clusters or bf_size > MAX_NAME:
             raise img.bad("invalid backing file name")
-        name = _name(img, img.read(bf_offset, bf_size), "backing file")
+        name = file_name(img, img.read(bf_offset, bf_size), "backing file")
         fmt = "raw" if features & _QED_BACKING_RAW else None
         refs = (Reference("backing file", name, fmt),) if name else ()
     return ImageInfo("qed", size, refs)
 
 
-# -- VMDK ---------------------------------------------------------------------
-
-
-def _vmdk(img: _Image) -> ImageInfo:
-    h = img.head
-    if h[:4] == b"COWD" and len(h) >= 16:
-        size = struct.unpack_from("<I", h, 12)[0] * SECTOR
-        return ImageInfo("vmdk", size, _vmdk_parent(img, img.read(0x200, _VMDK_DESC_SIZE)))
-    if h[:4] != b"KDMV":
-        text = _descriptor(img, 0)
-        size, extents = _vmdk_extents(img, text)
-        return ImageInfo("vmdk", size, extents + _vmdk_parent(img, text[:_VMDK_DESC_SIZE]))
-    if len(h) < 77:
-        raise img.bad("truncated VMDK header")
-    capacity, desc_offset = struct.unpack_from("<Q8xQ", h, 12)
-    gd_offset = struct.unpack_from("<Q", h, 56)[0]
-    extents = ()
-    if capacity == 0 and desc_offset:
-        # qemu reads such a file as a descriptor and opens the extents it names.
-        size, extents = _vmdk_extents(img, _descriptor(img, desc_offset * SECTOR))
-    elif gd_offset == _VMDK_GD_AT_END:
-        # streamOptimized: the header that counts is in the footer, 1024 bytes before the end.
-        footer = img.read(-(-img.size // SECTOR) * SECTOR - 1024, SECTOR)
-        if footer[:4] != b"KDMV" or len(footer) < 20:
-            raise img.bad("invalid streamOptimized VMDK footer")
-        size = struct.unpack_from("<Q", footer, 12)[0] * SECTOR
-    else:
-        size = capacity * SECTOR
-    # qemu looks for a parent in the embedded descriptor at sector 1, whatever the header says.
-    return ImageInfo("vmdk", size, extents + _vmdk_parent(img, img.read(0x200, _VMDK_DESC_SIZE)))
-
-
-def _descriptor(img: _Image, offset: int) -> bytes:
-    text = _c_string(img.read(offset, MAX_DESCRIPTOR + 1))
-    if len(text) > MAX_DESCRIPTOR:
-        raise img.bad(f"VMDK descriptor larger than {MAX_DESCRIPTOR >> 10} KiB")
-    return text
-
-
-def _vmdk_field(text: bytes, name: bytes) -> bytes | None:
-    """A ``name="value"`` field found the way qemu finds it: the first occurrence anywhere."""
-    at = text.find(name)
-    if at < 0:
-        return None
-    start = at + len(name) + 2  # qemu skips '="' without looking at it
-    end = text.find(b'"', start)
-    return None if start > len(text) or end < 0 else text[start:end]
-
-
-def _vmdk_parent(img: _Image, text: bytes) -> tuple[Reference, ...]:
-    text = _c_string(text)
-    if b"parentFileNameHint" not in text:
-        return ()
-    hint = _vmdk_field(text, b"parentFileNameHint")
-    if hint is None:
-        raise img.bad("invalid parentFileNameHint in the VMDK descriptor")
-    name = _name(img, hint, "parent")
-    return (Reference("backing file", name, "vmdk"),) if name else ()
-
-
-def _vmdk_extents(img: _Image, text: bytes) -> tuple[int, tuple[Reference, ...]]:
-    """The size and extents a descriptor declares, read line by line as qemu reads them."""
-    kind = _vmdk_field(text, b"createType")
-    if kind is None:
-        raise img.bad("not a VMDK image: no createType in its descriptor")
-    if kind not in _VMDK_CREATE_TYPES:
-        raise img.bad(f"VMDK createType {os.fsdecode(kind)!r} is not supported")
-    sectors, extents = 0, []
-    for start in [0, *(m.end() for m in re.finditer(rb"\n", text))]:
-        fields = _scan_extent(text, start)
-        if len(fields) < 4 or fields[0] != b"RW":
-            continue
-        count, kind = fields[1], fields[2]
-        if kind == b"FLAT" and (len(fields) != 5 or fields[4] < 0):
-            raise img.bad("invalid VMDK extent line: a FLAT extent needs an offset")
-        if kind != b"FLAT" and len(fields) != 4:
-            raise img.bad(f"invalid VMDK extent line for a {os.fsdecode(kind)} extent")
-        if count <= 0 or kind not in _VMDK_EXTENT_TYPES:
-            continue  # qemu skips these lines and opens nothing for them
-        if len(extents) == MAX_EXTENTS:
-            raise img.bad(f"more than {MAX_EXTENTS} VMDK extents")
-        extents.append(Reference("extent", _name(img, fields[3], "extent"), kind.decode()))
-        sectors += count
-    return sectors * SECTOR, tuple(extents)
-
-
-def _scan_extent(text: bytes, p: int) -> list:
-    """What qemu's ``sscanf("%10s %ld %10s \\"%511[^\\n\\r\\"]\\" %ld")`` reads from ``text[p:]``.
-
-    sscanf reads across line ends, so this does too; qemu uses the line
-    only when at least the four first fields are read.
-    """
-    fields: list = []
-    for pattern in (_WORD, _INT, _WORD, None, _INT):
-        p = _SPACE.match(text, p).end()
-        if pattern is None:  # the quoted file name
-            if not text.startswith(b'"', p):
-                break
-            m = _QUOTED.match(text, p + 1)
-            if m is None:
-                break
-            fields.append(m.group())
-            if not text.startswith(b'"', m.end()):
-                break
-            p = m.end() + 1
-            continue
-        m = pattern.match(text, p)
-        if m is None:
-            break
-        fields.append(int(m.group()) if pattern is _INT else m.group())
-        p = m.end()
-    return fields
-
-
 # -- VDI, VHD, VHDX, raw ------------------------------------------------------
 
 
-def _vdi(img: _Image) -> ImageInfo:
+def _vdi(img: Image) -> ImageInfo:
     h = img.head
     if len(h) < SECTOR or struct.unpack_from("<I", h, 64)[0] != _VDI_SIGNATURE:
         raise img.bad("not a VDI image")
@@ -458,7 +201,7 @@ def _vdi(img: _Image) -> ImageInfo:
     return ImageInfo("vdi", -(-size // SECTOR) * SECTOR)
 
 
-def _vpc(img: _Image) -> ImageInfo:
+def _vpc(img: Image) -> ImageInfo:
     footer = img.head[:SECTOR]
     if not footer.startswith(b"conectix"):
         footer = img.read(img.size - SECTOR, SECTOR) if img.size >= SECTOR else b""  # a fixed VHD
@@ -475,7 +218,7 @@ def _vpc(img: _Image) -> ImageInfo:
     return ImageInfo("vpc", sectors * SECTOR)
 
 
-def _vhdx(img: _Image) -> ImageInfo:
+def _vhdx(img: Image) -> ImageInfo:
     if not img.head.startswith(b"vhdxfile"):
         raise img.bad("not a VHDX image")
     regions = img.read(0x30000, 64 << 10)
@@ -507,7 +250,7 @@ def _vhdx(img: _Image) -> ImageInfo:
     return ImageInfo("vhdx", struct.unpack("<Q", size)[0])
 
 
-def _raw(img: _Image) -> ImageInfo:
+def _raw(img: Image) -> ImageInfo:
     return ImageInfo("raw", img.size)
 
 
@@ -516,7 +259,7 @@ _PARSERS = {
     "qcow2": _qcow2,
     "qcow": _qcow,
     "qed": _qed,
-    "vmdk": _vmdk,
+    "vmdk": vmdk,
     "vdi": _vdi,
     "vpc": _vpc,
     "vhdx": _vhdx,

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 from ..errors import Corrupt, CorruptManifest, CorruptObject, NotFound, ObjectMissing, VmlError
 from ..names import check_name
@@ -18,9 +19,33 @@ from . import chunkmap
 from .chunkmap import ChunkTable
 from .manifest import DEFAULT_MAX_DISK_SIZE, Manifest
 from .objects import HOLE
-from .store import METADATA_LIMIT, Store
+from .store import METADATA_LIMIT
 
 log = logging.getLogger(__name__)
+
+
+class ObjectSource(Protocol):
+    """Where a Repository finds objects, by digest: a local Store, a remote's RemoteStore, or the
+    objects a bundle brings while it is checked. Nothing here names a file: the storage underneath
+    (one file per object today) can change without touching the code that reads entries."""
+
+    def has(self, digest: bytes) -> bool: ...
+
+    def read(self, digest: bytes, limit: int) -> bytes:
+        """The content, checked against its digest; at most ``limit`` bytes."""
+        ...
+
+    def read_raw(self, digest: bytes) -> bytes:
+        """The object as stored (compressed), for copying it elsewhere unchanged."""
+        ...
+
+    def object_size(self, digest: bytes) -> int:
+        """The stored size."""
+        ...
+
+    def refs(self) -> dict[str, bytes]:
+        """Entry name -> manifest digest."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +79,9 @@ class Repository:
 
     read_only = False
 
-    def __init__(self, store: Store, name: str | None = None, fallbacks=(), max_disk_size: int = DEFAULT_MAX_DISK_SIZE):
+    def __init__(
+        self, store: ObjectSource, name: str | None = None, fallbacks=(), max_disk_size: int = DEFAULT_MAX_DISK_SIZE
+    ):
         self.store = store
         self.name = name or store.path.name
         self.fallbacks = tuple(fallbacks)
@@ -64,7 +91,7 @@ class Repository:
         self._maps = lru_cache(maxsize=64)(self._load_map)
 
     def __repr__(self):
-        return f"Repository({self.name!r}, {str(self.store.path)!r})"
+        return f"Repository({self.name!r})"
 
     # -- entries ---------------------------------------------------------
 
@@ -255,7 +282,7 @@ class Repository:
         configured remote: a damaged chain is never taken for a remote one.
         """
         if not self.is_local(digest):
-            raise ObjectMissing(f"manifest {digest.hex()} is missing from {self.store.path}")
+            raise ObjectMissing(f"manifest {digest.hex()} is missing from repository {self.name}")
         chain = []
         while True:
             m = self.manifest(digest)

@@ -16,7 +16,7 @@ from ..errors import ReadOnly
 from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.repository import Entry, Repository
 from ..times import parse_iso
-from ..vms.areas import Area
+from ..vms.area import Area
 from .vmdk import descriptor
 
 

@@ -38,7 +38,8 @@ from ..remotes.catalog import CATALOG_FILE
 from ..repo.repository import Entry, Repository
 from ..repo.store import REFS_FILE
 from ..times import parse_iso
-from ..vms.areas import Area, list_areas, remove_area
+from ..vms.area import Area
+from ..vms.areas import list_areas, remove_area
 from .fileset import AreaDiskHandle, FileHandle, FileSet, Handle, Node, ReaderHandle, add_disk, entry_files, staged_node
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from ..files import write_atomic
 from ..layout import MEMORY_FILE, memory_state
 from ..repo.hardware import Hardware
 from . import areas
+from .area import RECORD_FILE, AreaRecord, open_entry, unsaved
 from .hypervisors import STATES, VmDisk, VmRecord, VmSpec, driver
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ STOP_TIMEOUT = 60.0
 
 def _area_dir(home: Path, area: str) -> Path:
     d = areas.areas_dir(home) / area
-    if not (d / areas.RECORD_FILE).is_file():
+    if not (d / RECORD_FILE).is_file():
         raise NotFound(f"no working area {area!r} (see `vml status`)")
     return d
 
@@ -94,8 +95,8 @@ def spec(
     """What a VM of ``area`` runs: the entry's hardware (with the given changes) on the area's disks."""
     d = _area_dir(home, area)
     mountpoint, mount_dir = _mount_dir(home, area)
-    rec = areas.AreaRecord.load(d / areas.RECORD_FILE)
-    repo, entry = areas.open_entry(home, rec)
+    rec = AreaRecord.load(d / RECORD_FILE)
+    repo, entry = open_entry(home, rec)
     m = entry.manifest
     memory_state = None
     # A saved running state resumes only on the disks it was saved with: once
@@ -274,9 +275,9 @@ def close(home: Path, area: str, discard: bool = False, options: dict | None = N
                     f"area {area}'s VM is on {rec.hypervisor}, which does not answer: close it once it does"
                 )
             if not discard:
-                changed = areas.overlay_bytes(home, areas.AreaRecord.load(_area_dir(home, area) / areas.RECORD_FILE))
+                changed = areas.overlay_bytes(home, AreaRecord.load(_area_dir(home, area) / RECORD_FILE))
                 if changed:
-                    raise areas.unsaved(area, changed)
+                    raise unsaved(area, changed)
             drv.release(rec)
             _clear_record(home, area)
         areas.close_area(home, area, discard)
