@@ -4,6 +4,7 @@ With VML_REQUIRE_ALL=1 (as .ci/run sets it) a test that skips for a missing
 prerequisite is reported as a failure: CI must run everything.
 """
 
+import importlib.util
 import os
 import random
 import shutil
@@ -226,6 +227,25 @@ def mounted(vml, home, tmp_path):
 
 
 @pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)`` mounts a small tmpfs (a disk that fills up) under tmp_path; all go in teardown."""
+    need_root()
+    need("mount", "umount")
+    mounted = []
+
+    def make(size: str) -> Path:
+        mnt = tmp_path / f"small{len(mounted)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+        mounted.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
 def repo(tmp_path) -> Repository:
     """A library-level repository with small chunks, for fast tests."""
     return Repository(Store.create(tmp_path / "repo", chunk_size=4096), "repo")
@@ -347,3 +367,12 @@ def set_remote(home: Path, name: str = "cern", **settings) -> None:
     doc = tomllib.loads(path.read_text())
     doc["remotes"][name].update(settings)
     path.write_text(tomli_w.dumps(doc))
+
+
+@pytest.fixture(scope="session")
+def guest_disk() -> Path:
+    need("qemu-system-x86_64", "apt-get", "dpkg-deb", "cpio", "mkfs.vfat", "syslinux", "mcopy", "mtype")
+    spec = importlib.util.spec_from_file_location("guest_build", Path(__file__).parent / "guest" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build()

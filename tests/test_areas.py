@@ -6,7 +6,6 @@ save in its store step and write meanwhile, kill a process there, and make
 the store fail, and check that no write is lost or misplaced.
 """
 
-import itertools
 import os
 import subprocess
 import sys
@@ -15,8 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from vml import config
 from vml.entries.checkout import checkout
@@ -26,9 +23,9 @@ from vml.repo.store import Store
 from vml.vms import area as area_module
 from vml.vms import areas
 from vml.vms.areas import Area, AreaRecord
-from vml.vms.overlay import Blocks
 
-from conftest import Vml, need_root
+from conftest import Vml
+from helpers import fill
 
 CS = 4096
 SIZE = 64 * CS
@@ -209,27 +206,6 @@ def test_fsync_flushes_the_frozen_layers_too(area, tmp_path, monkeypatch):
     assert sorted(Path(p).name for p in synced) == ["d.1.overlay", "d.2.overlay"]
 
 
-@settings(max_examples=200, deadline=None)
-@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 3 * Blocks.PAGE), st.integers(1, 2 * Blocks.PAGE))))
-def test_blocks_behave_as_one_byte_a_block(ops):
-    blocks, model = Blocks(), bytearray(6 * Blocks.PAGE)
-    for add, start, length in ops:
-        if add:
-            blocks.add(start, start + length)
-            model[start : start + length] = b"\1" * length
-        else:  # a rescan of [start, start + length) that finds every other run of 7 blocks written
-            found = [(b, min(b + 7, start + length)) for b in range(start, start + length, 14)]
-            blocks.replace(start, start + length, found)
-            model[start : start + length] = bytes(length)
-            for s, e in found:
-                model[s:e] = b"\1" * (e - s)
-    assert blocks.count() == model.count(1)
-    pieces = blocks.between(0, len(model))
-    assert b"".join((b"\1" if m else b"\0") * (e - s) for s, e, m in pieces) == bytes(model)
-    assert all(a[2] != b[2] for a, b in itertools.pairwise(pieces))  # neighbours joined
-    assert len(blocks.pages) <= sum(1 for p in range(6) if 1 in model[p * Blocks.PAGE : (p + 1) * Blocks.PAGE])
-
-
 def test_an_area_on_a_disk_declared_huge_costs_memory_by_what_is_written(home, tmp_path):
     """Found in review: an area kept one byte per block of the declared disk (552 MiB to open one of 1 TiB)."""
     Store.create(tmp_path / "rep", chunk_size=256 << 10)
@@ -260,26 +236,19 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     assert int(r.stdout) < 150 << 10, f"peak {int(r.stdout) >> 10} MiB"
 
 
-def test_a_full_home_refuses_an_area_save_in_one_line(tmp_path):
-    need_root()
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
-    try:
-        vml = Vml(small / "home", tmp_path)
-        vml("init", tmp_path / "rep", "--chunk-size", "4K")
-        (tmp_path / "d.img").write_bytes(os.urandom(64 * CS))
-        vml("save", "e1", "--from", tmp_path / "d.img")
-        vml("open", "e1", "--area", "w")
-        with Area(small / "home", "w") as a:
-            a.write("d", 0, b"z" * CS)
-        filler = small / "filler"
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True, check=False)
-        msg = vml.fails("save", "e2", "--area", "w", status=10)
-        assert "saving working area 'w'" in msg and "no space left" in msg
-        filler.unlink()
-        vml("save", "e2", "--area", "w")
-        vml("checkout", "e2", tmp_path / "co")
-        assert (tmp_path / "co/d.img").read_bytes()[:CS] == b"z" * CS
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
+def test_a_full_home_refuses_an_area_save_in_one_line(tmp_path, tmpfs):
+    small = tmpfs("2m")
+    vml = Vml(small / "home", tmp_path)
+    vml("init", tmp_path / "rep", "--chunk-size", "4K")
+    (tmp_path / "d.img").write_bytes(os.urandom(64 * CS))
+    vml("save", "e1", "--from", tmp_path / "d.img")
+    vml("open", "e1", "--area", "w")
+    with Area(small / "home", "w") as a:
+        a.write("d", 0, b"z" * CS)
+    filler = fill(small)
+    msg = vml.fails("save", "e2", "--area", "w", status=10)
+    assert "saving working area 'w'" in msg and "no space left" in msg
+    filler.unlink()
+    vml("save", "e2", "--area", "w")
+    vml("checkout", "e2", tmp_path / "co")
+    assert (tmp_path / "co/d.img").read_bytes()[:CS] == b"z" * CS

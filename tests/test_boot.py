@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from test_guest import guest_disk, mtype  # noqa: F401 (guest_disk is a fixture)
+from helpers import mtype
 
 WAIT = 180
 
@@ -69,7 +69,7 @@ def vcsim(vcsim_binary):
 
 
 @pytest.fixture
-def guest_vm(tmp_path, guest_disk) -> Path:  # noqa: F811
+def guest_vm(tmp_path, guest_disk) -> Path:
     """A VM directory: the test guest's disk and a libvirt description (256 MiB, 1 vCPU)."""
     vm = tmp_path / "vm"
     vm.mkdir()

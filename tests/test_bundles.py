@@ -18,7 +18,7 @@ import pytest
 from vml.repo import chunkmap, objects
 
 from conftest import need
-from test_bad_input import assert_untouched, snapshot
+from helpers import assert_untouched, snapshot
 
 CS = 4096
 INDEX = "vml-bundle.json"
@@ -387,3 +387,24 @@ def test_gnu_tar_of_the_objects_directory_is_refused(vml, rep, tmp_path):
     path = tmp_path / "dir.vml"
     subprocess.run(["tar", "--format=ustar", "-cf", path, "-C", src, INDEX, "objects"], check=True)
     assert_refused(vml, rep, path, "member 'objects/' is a directory", snapshot(rep))
+
+
+def test_a_forged_tar_header_size_is_refused_without_reading_it(vml, rep, tmp_path):
+    path = tmp_path / "pax.vml"
+    header = bytearray(tarfile.TarInfo("vml-bundle.json").tobuf(format=tarfile.USTAR_FORMAT))
+    header[156:157] = b"x"  # a pax header...
+    header[124:136] = b"\x80" + (1 << 33).to_bytes(11, "big")  # ...claiming 8 GiB (base-256 size)
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(512 + (1 << 33))  # sparse: costs nothing on disk
+    r = subprocess.run(
+        ["bash", "-c", f"ulimit -v 1000000; exec {sys.executable} -m vml import {path}"],
+        env=vml.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 6 and "a tar header of 8589934592 bytes" in r.stderr, r.stderr

@@ -36,8 +36,9 @@ from vml.repo.store import METADATA_LIMIT, Store
 from vml.vms import areas
 from vml.vms.areas import Area
 
-from conftest import add_remote, need_fuse, need_root, set_remote
+from conftest import add_remote, need_fuse, set_remote
 from forker import Forker
+from helpers import fill
 from servers import FaultProxy
 
 CS = 4096
@@ -494,29 +495,6 @@ def test_bit_flips_read_through_the_mount_are_eio_for_that_chunk_only(faults, fo
 # -- a full disk ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 16 MiB tmpfs, unmounted in teardown."""
-    need_root()
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(fs: Path, leave: int) -> Path:
-    """Take all but about ``leave`` bytes of ``fs``."""
-    filler = fs / "filler"
-    filler.unlink(missing_ok=True)
-    st = os.statvfs(fs)
-    size = max(0, st.f_bavail * st.f_frsize - leave)
-    with open(filler, "wb") as f:
-        if size:
-            os.posix_fallocate(f.fileno(), 0, size)
-    return filler
-
-
 def one_line_enospc(code: int, out: str, *names: str) -> None:
     """The output of a command refused for a full disk: one line, exit 10, naming what it was doing."""
     lines = out.strip().splitlines()
@@ -524,8 +502,9 @@ def one_line_enospc(code: int, out: str, *names: str) -> None:
     assert "no space left on device" in lines[0] and all(n in lines[0] for n in names), out
 
 
-def test_a_full_disk_fails_every_operation_cleanly(faults, forker, home, tmp_path, small_fs):
+def test_a_full_disk_fails_every_operation_cleanly(faults, forker, home, tmp_path, tmpfs):
     """save, import, publish, area save and gc on a disk with too little room, and area writes on a full one."""
+    small_fs = tmpfs("16m")
     rng = random.Random(10)
     full = small_fs / "rep"
     Store.create(full, chunk_size=CS)

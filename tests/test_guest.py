@@ -4,7 +4,6 @@ The guest (tests/guest/build.py, Debian kernel + busybox on a syslinux FAT
 disk) reads BASE.TXT of its disk, writes GUEST.TXT and powers off.
 """
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,17 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import need
+from helpers import mtype
 
 BOOT_TIMEOUT = 180
-
-
-@pytest.fixture(scope="session")
-def guest_disk() -> Path:
-    need("qemu-system-x86_64", "apt-get", "dpkg-deb", "cpio", "mkfs.vfat", "syslinux", "mcopy", "mtype")
-    spec = importlib.util.spec_from_file_location("guest_build", Path(__file__).parent / "guest" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build()
 
 
 def boot(disk: Path, cache: str) -> str:
@@ -46,10 +37,6 @@ def boot(disk: Path, cache: str) -> str:
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     return r.stdout
-
-
-def mtype(image: Path, name: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mtype", "-i", str(image), f"::{name}"], capture_output=True, text=True, check=False)
 
 
 @pytest.mark.parametrize("cache", ["none", "writeback"])

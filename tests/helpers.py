@@ -1,0 +1,108 @@
+"""Helpers the test modules share (no test module imports another)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from vml.repo import chunkmap, objects
+
+CS = 4096
+
+
+def snapshot(repo_path):
+    """Everything that defines a repository's state: refs and the set of objects."""
+    objs = sorted(str(p.relative_to(repo_path)) for p in (repo_path / "objects").rglob("*") if p.is_file())
+    return (repo_path / "refs.json").read_text(), objs
+
+
+def assert_untouched(vml, repo_path, before):
+    assert snapshot(repo_path) == before
+    assert list((repo_path / "tmp").iterdir()) == []
+    assert vml("verify", "--repo", repo_path).returncode == 0
+
+
+def rewrite_bundle(src, dst, change):
+    """Copy a bundle, passing each (name, data) through ``change`` (None drops it)."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin:
+            data = tin.extractfile(m).read()
+            new = change(m.name, data)
+            if new is None:
+                continue
+            info = tarfile.TarInfo(new[0])
+            info.size = len(new[1])
+            tout.addfile(info, io.BytesIO(new[1]))
+
+
+def manifest(name="x", size=2 * CS, map_digest=None, files=(), **over) -> bytes:
+    """A manifest made by hand, of one disk x (4 KiB chunks unless ``chunk_size`` says otherwise)."""
+    doc = {
+        "format": 1,
+        "name": name,
+        "kind": "full",
+        "created": "2026-11-21T10:00:00Z",
+        "message": "",
+        "chunk_size": CS,
+        "parent": None,
+        "base": None,
+        "disks": [{"name": "x", "size": size, "map": (map_digest or objects.digest(chunkmap.MAGIC)).hex()}],
+        "files": list(files),
+    }
+    doc.update(over)
+    return json.dumps(doc).encode()
+
+
+def bundle(path, entries, blobs, objects_count=None):
+    """A bundle made by hand: entries [(name, manifest bytes)], plus raw contents to store."""
+    contents = {objects.digest(b): b for b in blobs}
+    contents.update({objects.digest(m): m for _, m in entries})
+    index = {
+        "format": 1,
+        "entries": [{"name": n, "manifest": objects.digest(m).hex()} for n, m in entries],
+        "requires": [],
+        "objects": len(contents) if objects_count is None else objects_count,
+    }
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in [("vml-bundle.json", json.dumps(index).encode())] + [
+            (f"objects/{d.hex()}", objects.compress(b)) for d, b in contents.items()
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def child_peak_rss(vml, *args) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `vml ARGS`; return its result and its peak resident memory in bytes."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run([sys.executable, '-m', 'vml', *sys.argv[1:]], capture_output=True, text=True)\n"
+        "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr)\n"
+        "sys.exit(r.returncode)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env=vml.env, capture_output=True, text=True, check=False
+    )
+    *err, peak = r.stderr.strip().splitlines()
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout, "\n".join(err)), int(peak)
+
+
+def mtype(image: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mtype", "-i", str(image), f"::{name}"], capture_output=True, text=True, check=False)
+
+
+def fill(fs: Path, leave: int = 0) -> Path:
+    """Take all but about ``leave`` bytes of file system ``fs``; return the file that does."""
+    filler = fs / "filler"
+    filler.unlink(missing_ok=True)
+    st = os.statvfs(fs)
+    size = max(0, st.f_bavail * st.f_frsize - leave)
+    with open(filler, "wb") as f:
+        if size:
+            os.posix_fallocate(f.fileno(), 0, size)
+    return filler

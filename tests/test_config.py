@@ -1,0 +1,75 @@
+"""Settings and files a user names: damaged config, limits, special files, names reserved or taken."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vml.repo import chunkmap, objects
+
+from helpers import CS, assert_untouched, bundle, manifest, snapshot
+
+
+@pytest.fixture
+def rep(vml, tmp_path):
+    vml("init", tmp_path / "rep", "--chunk-size", "4K")
+    return tmp_path / "rep"
+
+
+def test_damaged_settings_give_one_line_errors(vml, rep, tmp_path, home):
+    (rep / "vml-repository.json").write_text("[1]")
+    assert "not a JSON object" in vml.fails("log", "--repo", rep, status=6)
+    cfg = home / "config.toml"
+    saved = cfg.read_text()
+    cfg.write_text('repositories = "x"\n')
+    assert "invalid [repositories] section" in vml.fails("consult", status=6)
+    cfg.write_text('default = ["rep"]\n' + saved.replace('default = "rep"', ""))
+    assert "default must be a repository name" in vml.fails("consult", status=6)
+    assert "cannot create repository" in vml.fails("init", "/proc/vml-test", status=10)
+
+
+def test_a_configured_size_limit_refuses_larger_entries(vml, rep, tmp_path, home):
+    chunk = os.urandom(CS)
+    m = chunkmap.encode([(0, objects.digest(chunk), 0)])
+    b = bundle(tmp_path / "big.vml", [("x", manifest(size=2 << 40, map_digest=objects.digest(m)))], [m, chunk])
+    before = snapshot(rep)
+    with open(home / "config.toml", "a") as f:
+        f.write('\n[limits]\nmax_disk_size = "1T"\n')
+    msg = vml.fails("import", b, status=6)
+    assert "x declares 2199023255552 bytes, more than the limit of 1099511627776" in msg and "big.vml" in msg
+    assert_untouched(vml, rep, before)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(CS))
+    os.truncate(disk, (1 << 40) + CS)
+    assert "d declares 1099511631872 bytes, more than the limit" in vml.fails("save", "big", "--from", disk, status=9)
+    assert_untouched(vml, rep, before)
+    (home / "config.toml").write_text((home / "config.toml").read_text().replace('"1T"', '"a lot"'))
+    assert "[limits] max_disk_size" in vml.fails("log", status=6)
+
+
+def test_special_files_given_as_key_files_fail_at_once(vml, rep, tmp_path):
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    for args in (
+        ("publish", tmp_path / "pub", "--key", fifo),
+        ("remote", "add", "r", "http://127.0.0.1:9", "--key", fifo),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "vml", *map(str, args)], env=vml.env, capture_output=True, text=True, timeout=20
+        )
+        assert (
+            r.returncode == 2
+            and r.stderr.strip() == f"vml: error: {fifo}: not a regular file (a key file was expected)"
+        )
+    assert "not a regular file" in vml.fails("publish", tmp_path / "pub", "--key", "/dev/zero", status=2)
+
+
+def test_remote_names_the_mount_keeps_or_repositories_use_are_refused(vml, rep, tmp_path, home):
+    cfg = home / "config.toml"
+    saved = cfg.read_text()
+    remote = '\n[remotes.{}]\nurl = "http://127.0.0.1:9"\nkey = "ed25519:' + "A" * 43 + '="\n'
+    cfg.write_text(saved + remote.format("areas"))
+    assert "invalid remote name 'areas': it is reserved" in vml.fails("consult", status=6)
+    cfg.write_text(saved + remote.format("rep"))
+    assert "'rep' names both a repository and a remote" in vml.fails("log", status=6)
