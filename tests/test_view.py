@@ -16,13 +16,13 @@ from vml.entries.checkout import checkout
 from vml.entries.copies import staging_path
 from vml.entries.reader import ChunkCache
 from vml.entries.save import save_source
+from vml.entries.vmdk import descriptor
 from vml.errors import Corrupt, Locked, NotFound, ReadOnly, UsageError
 from vml.repo.manifest import RESERVED_FILE
 from vml.repo.repository import Repository
 from vml.repo.store import Store
 from vml.view.fileset import FileHandle, entry_files
 from vml.view.logbook import AREAS, Logbook
-from vml.view.vmdk import descriptor
 from vml.vms import areas
 
 CS = 4096

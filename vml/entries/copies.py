@@ -30,7 +30,7 @@ from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.objects import HOLE, decode, digest
 from ..repo.repository import Entry, Repository
 from ..repo.store import METADATA_LIMIT
-from ..view.vmdk import descriptor
+from .vmdk import descriptor
 
 log = logging.getLogger(__name__)
 

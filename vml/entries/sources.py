@@ -9,7 +9,7 @@ regular file in it (configuration, NVRAM, logs). Files that belong to a disk
 disk, not separate files.
 
 Every file an image names is checked before qemu-img sees the image: the
-headers are read in Python (vml/imagecheck.py) through the whole backing
+headers are read in Python (vml/entries/imagecheck.py) through the whole backing
 chain, a URL, ``json:`` name, device or file outside the source's directory
 is refused, and qemu-img then gets the chain pinned layer by layer, so it
 opens nothing the checks did not pass.

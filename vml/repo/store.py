@@ -7,7 +7,7 @@ Layout of a repository directory::
     objects/ab/cdef...    immutable zstd objects named by BLAKE3 of their content
     tmp/                  files being written; cleared by the next writer
     lock                  flock()ed by the one writer
-    leases/<id>.json      working areas that build on entries here (see vml.leases);
+    leases/<id>.json      working areas that build on entries here (see vml.repo.leases);
                           absent until the first area is opened
 
 Crash safety rests on three rules. An object appears under its name only
@@ -284,7 +284,7 @@ class Store:
     # -- leases ----------------------------------------------------------
 
     def leases(self) -> dict[str, bytes | str]:
-        """File name -> content of every lease file (see vml.leases), or why it cannot be read.
+        """File name -> content of every lease file (see vml.repo.leases), or why it cannot be read.
 
         Read without the lock. A lease file that is not a regular file (a
         FIFO, a directory, a link) is reported, never opened for reading.

@@ -2,7 +2,7 @@
 
 A FileSet is built once per entry (or per generation of an area): a small
 tree of Node values (what `stat` shows) and openers that return Handles
-(what `read`/`write` use). See vml.logbook for the whole tree.
+(what `read`/`write` use). See vml.view.logbook for the whole tree.
 """
 
 import json
@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..entries.reader import ChunkCache, DiskReader
+from ..entries.vmdk import descriptor
 from ..errors import ReadOnly
 from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.repository import Entry, Repository
 from ..times import parse_iso
 from ..vms.area import Area
-from .vmdk import descriptor
 
 
 @dataclass(frozen=True)

@@ -354,7 +354,7 @@ class Logbook:
         return out
 
     def finalize_copy(self, repo_name: str, name: str) -> Entry:
-        """Turn an incoming copy into an entry, if it is exactly one (see vml.incoming).
+        """Turn an incoming copy into an entry, if it is exactly one (see vml.entries.copies).
 
         The staged directory is first moved aside, under the lock and with
         nothing in it open, so that anything written into the copy from then

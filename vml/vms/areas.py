@@ -6,12 +6,12 @@ An area lives in ``$VML_HOME/areas/NAME/``::
                           digest), the generation of its live overlays, and
                           the generations of overlays frozen by a save
     lock                  flock()ed by the one process serving the area
-    DISK.GEN.overlay      sparse files as long as the disk (see vml.overlay)
+    DISK.GEN.overlay      sparse files as long as the disk (see vml.vms.overlay)
 
 A disk of an area is a stack: the entry's bytes, then the overlays frozen by
 a save that has not finished (oldest first), then the live overlay, which
 takes the writes. The repository records the area as a lease (see
-vml.leases), so that no home's gc frees what it reads.
+vml.repo.leases), so that no home's gc frees what it reads.
 
 Saving never holds up the guest for longer than it takes to create empty
 files and replace area.json. It runs in three steps:

@@ -12,7 +12,7 @@ makes acknowledged writes durable against power loss as well.
 Overlays stack. The layer below the newest is either the entry's disk (a
 DiskReader) or an older overlay that a save froze: saving switches writes
 to a fresh overlay at once, then stores the frozen one without holding up
-the guest (see vml.areas).
+the guest (see vml.vms.area).
 """
 
 import contextlib

@@ -3,7 +3,7 @@
 Each driver turns a VmSpec (the neutral hardware description plus the
 paths of the area's disks on the mount) into its own configuration. A
 driver's start() returns what it needs to find the VM again; that goes into
-the area's vm.json (see vml.boot) and comes back as a VmRecord.
+the area's vm.json (see vml.vms.boot) and comes back as a VmRecord.
 
 State names are shared by all drivers: ``running``, ``paused``,
 ``stopped`` (defined or registered, not running), ``gone`` (the hypervisor

@@ -1,0 +1,96 @@
+"""The layers of docs/architecture.md, as the imports have them: nothing imports upward.
+
+Read from the source (every import statement, also inside functions), so a
+shortcut across layers fails here before it spreads.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Lowest first, as docs/architecture.md lists them bottom up. A module may import its own layer or lower ones.
+LAYERS = [
+    ("vml", "vml.errors", "vml.names", "vml.files", "vml.times", "vml.progress"),
+    ("vml.repo.objects",),
+    ("vml.layout",),
+    ("vml.repo",),
+    ("vml.control",),
+    ("vml.remotes",),
+    ("vml.entries",),
+    ("vml.config",),
+    ("vml.vms",),
+    ("vml.view",),
+    ("vml.home",),
+    ("vml.cli", "vml.__main__"),
+    ("vmlfs",),
+]
+
+
+def layer(module: str) -> int:
+    """The layer of ``module``: the longest prefix named in LAYERS decides."""
+    best, rank = "", None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, rank = name, i
+    assert rank is not None, f"{module} is in no layer of docs/architecture.md"
+    return rank
+
+
+def modules():
+    for package in ("vml", "vmlfs"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            yield name, path, path.name == "__init__.py"
+
+
+def imports(name: str, path: Path, is_package: bool):
+    """(imported module, line) for every import of vml or vmlfs in the file."""
+    here = name.split(".") if is_package else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found = [f"{module}.{a.name}" for a in node.names]  # a submodule or a name in module: same layer
+        else:
+            continue
+        for target in found:
+            if target.split(".")[0] in ("vml", "vmlfs"):
+                yield target, node.lineno
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for name, path, is_package in modules()
+        for target, line in imports(name, path, is_package)
+        if layer(target) > layer(name) and not (name == "vml.cli.areas" and target.startswith("vmlfs.daemon"))
+    ]
+    assert upward == []
+
+
+def test_only_the_mount_commands_load_the_mount_package():
+    loaders = {
+        name
+        for name, path, is_package in modules()
+        if name.startswith("vml") and not name.startswith("vmlfs")
+        for target, _ in imports(name, path, is_package)
+        if target.startswith("vmlfs")
+    }
+    assert loaders == {"vml.cli.areas"}
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for _, p, _ in modules() if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+def test_the_readme_and_the_architecture_name_every_layer():
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "architecture.md").read_text()
+    folders = sorted(p.name for p in (ROOT / "vml").iterdir() if (p / "__init__.py").exists())
+    assert folders == ["cli", "entries", "remotes", "repo", "view", "vms"]
+    assert [f for f in folders if f"`{f}/`" not in text and f"`vml/{f}/`" not in text] == []
