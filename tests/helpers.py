@@ -8,9 +8,20 @@ import sys
 import tarfile
 from pathlib import Path
 
+from vml import config
 from vml.repo import chunkmap, objects
+from vml.repo.repository import Repository
+from vml.repo.store import Store
 
 CS = 4096
+
+
+def registered(home: Path, path: Path, name: str = "rep", chunk_size: int = CS) -> Repository:
+    """A new repository at ``path``, registered in ``home`` as ``name``, opened as vml opens it."""
+    Store.create(path, chunk_size=chunk_size)
+    with config.editing(home) as cfg:
+        cfg.register(name, path)
+    return config.Config.load(home).open(name)
 
 
 def snapshot(repo_path):

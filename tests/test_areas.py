@@ -15,17 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from vml import config
 from vml.entries.checkout import checkout
 from vml.entries.save import save_source
 from vml.errors import StorageError
-from vml.repo.store import Store
 from vml.vms import area as area_module
 from vml.vms import areas
 from vml.vms.areas import Area, AreaRecord
 
 from conftest import Vml
-from helpers import fill
+from helpers import fill, registered
 
 CS = 4096
 SIZE = 64 * CS
@@ -34,10 +32,7 @@ SIZE = 64 * CS
 @pytest.fixture
 def area(home, tmp_path):
     """Area "w" on entry e1 (random bytes) of repository "rep" in ``home``."""
-    Store.create(tmp_path / "rep", chunk_size=CS)
-    with config.editing(home) as cfg:
-        cfg.register("rep", tmp_path / "rep")
-    repo = config.Config.load(home).open("rep")
+    repo = registered(home, tmp_path / "rep")
     base = os.urandom(SIZE)
     (tmp_path / "d.img").write_bytes(base)
     entry = save_source(repo, "e1", tmp_path / "d.img")
@@ -208,9 +203,7 @@ def test_fsync_flushes_the_frozen_layers_too(area, tmp_path, monkeypatch):
 
 def test_an_area_on_a_disk_declared_huge_costs_memory_by_what_is_written(home, tmp_path):
     """Found in review: an area kept one byte per block of the declared disk (552 MiB to open one of 1 TiB)."""
-    Store.create(tmp_path / "rep", chunk_size=256 << 10)
-    with config.editing(home) as cfg:
-        cfg.register("rep", tmp_path / "rep")
+    registered(home, tmp_path / "rep", chunk_size=256 << 10)
     img = tmp_path / "big.img"
     with open(img, "wb") as f:
         f.truncate(1 << 40)

@@ -10,14 +10,15 @@ import os
 
 import pytest
 
-from vml import config, control
+from vml import control
 from vml.control import Close, Save, Status
 from vml.entries.save import save_source
 from vml.errors import UsageError
 from vml.layout import MEMORY_FILE, memory_state
-from vml.repo.store import Store
 from vml.view.logbook import Logbook
 from vml.vms import areas
+
+from helpers import registered
 
 CS = 4096
 
@@ -68,10 +69,7 @@ def test_the_mount_saves_no_file_but_the_areas_own_memory_state(home):
 @pytest.fixture
 def served(home, tmp_path):
     """A Logbook serving area "w" on entry e1, with one block written."""
-    Store.create(tmp_path / "rep", chunk_size=CS)
-    with config.editing(home) as cfg:
-        cfg.register("rep", tmp_path / "rep")
-    repo = config.Config.load(home).open("rep")
+    repo = registered(home, tmp_path / "rep")
     vm = tmp_path / "vm"
     vm.mkdir()
     (vm / "disk.img").write_bytes(os.urandom(8 * CS))

@@ -38,7 +38,7 @@ from vml.vms.areas import Area
 
 from conftest import add_remote, need_fuse, set_remote
 from forker import Forker
-from helpers import fill
+from helpers import fill, registered
 from servers import FaultProxy
 
 CS = 4096
@@ -54,9 +54,7 @@ def forker(tmp_path):
 @pytest.fixture
 def rep(home, tmp_path):
     """Repository "rep" (4 KiB chunks) registered in ``home``, and a way to open it afresh."""
-    Store.create(tmp_path / "rep", chunk_size=CS)
-    with config.editing(home) as cfg:
-        cfg.register("rep", tmp_path / "rep")
+    registered(home, tmp_path / "rep")
     return tmp_path / "rep"
 
 

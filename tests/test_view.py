@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from vml import config, layout
+from vml import layout
 from vml.entries.checkout import checkout
 from vml.entries.copies import staging_path
 from vml.entries.reader import ChunkCache
@@ -25,17 +25,16 @@ from vml.view.fileset import FileHandle, entry_files
 from vml.view.logbook import AREAS, Logbook
 from vml.vms import areas
 
+from helpers import registered
+
 CS = 4096
 
 
 @pytest.fixture
 def book(home, tmp_path):
     """A logbook of home with repository rep1: e1 (a disk and vm.xml), e2 on e1; rep2 empty."""
-    for name in ("rep1", "rep2"):
-        Store.create(tmp_path / name, chunk_size=CS)
-        with config.editing(home) as cfg:
-            cfg.register(name, tmp_path / name)
-    repo = config.Config.load(home).open("rep1")
+    repo = registered(home, tmp_path / "rep1", "rep1")
+    registered(home, tmp_path / "rep2", "rep2")
     vm = tmp_path / "vm"
     vm.mkdir()
     disk = bytearray(os.urandom(8 * CS) + bytes(8 * CS))
