@@ -98,9 +98,20 @@ http {{
         wait_port(self.port, self.proc, "nginx")
 
     def requests(self) -> list[tuple[str, str, int, int]]:
-        """(method, path, status, body bytes) of every request so far."""
+        """(method, path, status, body bytes) of every request so far.
+
+        nginx logs a request after its reply is sent, so a client can have
+        the reply before the line is written: read until the log stops growing.
+        """
+        text, deadline = self.log.read_text(), time.monotonic() + 2
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            again = self.log.read_text()
+            if again == text:
+                break
+            text = again
         out = []
-        for line in self.log.read_text().splitlines():
+        for line in text.splitlines():
             method, path, status, size = line.split()
             out.append((method, path, int(status), int(size)))
         return out
