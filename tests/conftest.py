@@ -194,7 +194,7 @@ def hold_lock(repo: Path, command: str, then: str = "", seconds: float = 2) -> s
     Returns once the lock is held; ``then`` is Python with ``s`` the Store.
     """
     code = (
-        "import sys, time\nfrom vml.repo.store import Store\nfrom vml import objects\ns = Store(sys.argv[1])\n"
+        "import sys, time\nfrom vml.repo import objects\nfrom vml.repo.store import Store\ns = Store(sys.argv[1])\n"
         f"with s.lock({command!r}):\n    {then or 'pass'}\n    print('held', flush=True)\n    time.sleep({seconds})"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(repo)], stdout=subprocess.PIPE, text=True)

@@ -251,9 +251,10 @@ def test_libvirt_saves_a_running_guest_with_its_memory_and_reopening_resumes_it(
 
     # A save cut short after libvirt wrote the state: the next boot resumes it.
     code = (
-        "import sys; from pathlib import Path; from vml import boot; from vml.vms.hypervisors import driver\n"
+        "import sys; from pathlib import Path; from vml.layout import MEMORY_FILE; from vml.vms import boot\n"
+        "from vml.vms.hypervisors import driver\n"
         "home = Path(sys.argv[1]); rec = boot.load_record(home, 'run1')\n"
-        "driver('libvirt', {}).save_memory(rec, home / 'areas' / 'run1' / boot.MEMORY_FILE)"
+        "driver('libvirt', {}).save_memory(rec, home / 'areas' / 'run1' / MEMORY_FILE)"
     )
     subprocess.run([sys.executable, "-c", code, str(home)], check=True)
     cut = int(wait_console(home, "run1", r"VML-GUEST-ALIVE (\d+)")[1])
