@@ -5,7 +5,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ..errors import Corrupt, HasChildren, ObjectMissing, UsageError
-from ..files import storage_error
 from ..progress import SILENT, Progress
 from ..repo import chunkmap, leases
 from ..repo.manifest import Link, Manifest, Stream
@@ -227,7 +226,7 @@ def _reparent(repo: Repository, removed: Entry, deps: list[Entry]) -> dict[str, 
     renamed: dict[bytes, bytes | None] = {removed.digest: up.manifest if up else None}
     names: dict[bytes, str] = {up.manifest: up.name} if up else {}
     writer = ChunkWriter(repo.store, removed.manifest.chunk_size)
-    try:
+    with writer.undone_on_failure(f"rewriting the entries built on {removed.name!r}"):
         todo = list(deps)
         while todo:
             ready = [e for e in todo if not _waits_on(e, todo)]
@@ -239,13 +238,6 @@ def _reparent(repo: Repository, removed: Entry, deps: list[Entry]) -> dict[str, 
                 names[new_digest] = e.name
                 todo.remove(e)
         repo.store.sync()
-    except BaseException as e:
-        writer.rollback()
-        if isinstance(e, OSError):
-            raise storage_error(e, f"rewriting the entries built on {removed.name!r}") from None
-        raise
-    finally:
-        writer.close()
     return {e.name: renamed[e.digest] for e in deps}
 
 

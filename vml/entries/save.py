@@ -70,6 +70,25 @@ class ChunkWriter:
             self.store.remove_object(d)
         self.created.clear()
 
+    @contextlib.contextmanager
+    def undone_on_failure(self, what: str, landed=lambda: False):
+        """Run the block; if it fails, remove the objects it created, unless ``landed()`` says its result is in.
+
+        The workers are stopped first, so none stores an object after the
+        roll back. An OSError becomes one line naming ``what``.
+        """
+        try:
+            yield self
+        except BaseException as e:
+            self.close()
+            if not landed():
+                self.rollback()
+            if isinstance(e, OSError):
+                raise storage_error(e, what) from None
+            raise
+        finally:
+            self.close()
+
     def put_metadata(self, data: bytes) -> bytes:
         d, _, created = self.store.put(data)
         if created:
@@ -246,7 +265,8 @@ def write_entry(
         chunk_size = parent_entry.manifest.chunk_size if parent_entry else store.chunk_size
         plan = Plan(kind, parent_entry, chunk_size, repo.resolve(reference) if reference else EMPTY)
         writer = ChunkWriter(store, chunk_size, progress, workers)
-        try:
+        # The refs update may land before a late error: then the objects stay.
+        with writer.undone_on_failure(f"saving entry {name!r} into {store.path}", lambda: name in repo.refs()):
             disks, files = build(writer, plan)
             manifest = _manifest(
                 what,
@@ -267,15 +287,6 @@ def write_entry(
             store.update_refs({name: digest})
             if on_commit is not None:
                 on_commit(store, digest)
-        except BaseException as e:
-            writer.close()
-            if name not in repo.refs():  # the refs update may have landed before a late error
-                writer.rollback()
-            if isinstance(e, OSError):
-                raise storage_error(e, f"saving entry {name!r} into {store.path}") from None
-            raise
-        finally:
-            writer.close()
     return repo.entry(name)
 
 
