@@ -53,14 +53,54 @@ def _public_dir(prefix: str) -> Path:
     return d
 
 
+def self_signed(directory: Path, ip: str = "127.0.0.1", dns: str | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) for ``ip``, or for the host name ``dns`` only."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns or ip)])
+    alt = x509.DNSName(dns) if dns else x509.IPAddress(ipaddress.ip_address(ip))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{dns or ip}.crt", directory / f"{dns or ip}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
 class Nginx:
     """nginx serving ``root`` as a published repository; logs every request."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tls: tuple[Path, Path] | None = None):
+        """``tls``: (certificate, key) files to serve HTTPS with instead of HTTP."""
         self.root = Path(root)
         self.dir = _public_dir("vml-nginx.")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        listen = (
+            f"127.0.0.1:{self.port} ssl;\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]}"
+            if tls
+            else f"127.0.0.1:{self.port}"
+        )
         self.log = self.dir / "access.log"
         user = "user root;" if os.geteuid() == 0 else ""
         conf = f"""
@@ -83,7 +123,7 @@ http {{
     uwsgi_temp_path {self.dir}/uwsgi;
     scgi_temp_path {self.dir}/scgi;
     server {{
-        listen 127.0.0.1:{self.port};
+        listen {listen};
         root {self.root};
         location /objects/ {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
         location = /catalog.json {{ add_header Cache-Control "no-cache"; }}

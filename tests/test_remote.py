@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Vml, add_remote, debugfs_write, need, set_remote
-from servers import FaultProxy, Nginx, Squid, free_port
+from servers import FaultProxy, Nginx, Squid, free_port, self_signed
 
 
 @pytest.fixture
@@ -401,3 +401,30 @@ def test_a_catalog_of_another_repository_signed_with_the_same_key_is_refused(vml
     shutil.copy(tmp_path / "pub2" / "catalog.json", pub / "catalog.json")
     msg = vml.fails("log", "cern", status=6)
     assert "of repository 'rep2', not 'rep1'" in msg
+
+
+def test_tls_is_verified_against_certifi_or_the_given_ca_bundle(vml, home, published, tmp_path):
+    good = self_signed(tmp_path)  # for 127.0.0.1
+    server = Nginx(published["pub"], tls=good)
+    try:
+        vml("remote", "add", "cern", server.url, "--key", published["pubkey"], "--no-check")
+        set_remote(home, timeout=3)  # a refused certificate is retried, like any failure, until then
+        # certifi's authorities never signed this certificate.
+        assert "certificate" in vml.fails("log", "cern").lower()
+        set_remote(home, verify_tls=str(good[0]))
+        assert "base(" in vml("log", "cern").stdout
+        set_remote(home, verify_tls=False)
+        assert "e2(" in vml("log", "cern").stdout
+    finally:
+        server.stop()
+    # A certificate the bundle trusts, but for another host name, is refused.
+    other = self_signed(tmp_path, dns="elsewhere.example")
+    server = Nginx(published["pub"], tls=other)
+    try:
+        vml("remote", "rm", "cern")
+        vml("remote", "add", "cern", server.url, "--key", published["pubkey"], "--no-check")
+        set_remote(home, verify_tls=str(other[0]), timeout=3)
+        err = vml.fails("log", "cern").lower()
+        assert "127.0.0.1" in err or "certificate" in err, err
+    finally:
+        server.stop()

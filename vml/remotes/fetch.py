@@ -11,25 +11,19 @@ first. One fetch ends, successfully or not, before its deadline: a read
 that cannot be served fails in bounded time instead of hanging.
 """
 
-import contextlib
 import logging
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import requests
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+import certifi
+import pycurl
 
 from ..errors import Corrupt, FetchError, ObjectMissing, UsageError
 
 log = logging.getLogger(__name__)
-
-BLOCK = 256 << 10
-WATCHDOG_GRACE = 0.5  # seconds past the deadline before a request's sockets are shut down
 
 
 @dataclass(frozen=True)
@@ -123,62 +117,6 @@ class ProxyChain:
         return next(i for i, g in enumerate(self.groups) if member in g)
 
 
-# A watchdog enforces each request's deadline: a socket timeout bounds each
-# recv, not the request, so a peer trickling header lines could hold a
-# request for hours. Connections note themselves when they send a request,
-# and the watchdog shuts down the sockets of its request when time is up.
-_active = threading.local()
-
-
-class _Noted:
-    def request(self, *args, **kwargs):
-        noted = getattr(_active, "connections", None)
-        if noted is not None:
-            noted.append(self)
-        return super().request(*args, **kwargs)
-
-
-class _HTTPConnection(_Noted, HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_Noted, HTTPSConnection):
-    pass
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-def _noting(manager):
-    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-    return manager
-
-
-class _Adapter(requests.adapters.HTTPAdapter):
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        _noting(self.poolmanager)
-
-    def proxy_manager_for(self, proxy, **kwargs):
-        fresh = proxy not in self.proxy_manager
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        return _noting(manager) if fresh else manager
-
-
-def _cut(connections: list, fired: threading.Event) -> None:
-    fired.set()
-    for c in connections:
-        sock = getattr(c, "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
 class _Failed(Exception):
     """One member failed one request; try the next."""
 
@@ -188,7 +126,7 @@ class _Failed(Exception):
 
 
 class Fetcher:
-    """GETs from one base URL through a ProxyChain, one requests session per thread."""
+    """GETs from one base URL through a ProxyChain, one libcurl handle (and its connections) per thread."""
 
     def __init__(self, base_url: str, settings: Settings, what: str):
         self.base = base_url.rstrip("/") + "/"
@@ -199,17 +137,11 @@ class Fetcher:
         self._lock = threading.Lock()
         self.bytes = 0
 
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            s.trust_env = False  # the remote's proxy setting decides, not http_proxy
-            adapter = _Adapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            s.verify = self.settings.verify_tls
-            self._local.session = s
-        return s
+    def _curl(self) -> pycurl.Curl:
+        c = getattr(self._local, "curl", None)
+        if c is None:
+            c = self._local.curl = pycurl.Curl()
+        return c
 
     def get(self, path: str, max_bytes: int, check=None, fresh: bool = False, deadline: float | None = None):
         """The body at ``path``, passed through ``check`` (which may raise Corrupt to reject it).
@@ -260,78 +192,75 @@ class Fetcher:
             pause = min(pause * 2, 2.0)
 
     def _get_once(self, url: str, member: str | None, max_bytes: int, fresh: bool, deadline: float) -> bytes:
-        # identity: bodies are checked byte for byte, and nothing is inflated unbounded.
-        headers = {"Accept-Encoding": "identity"} | ({"Cache-Control": "no-cache"} if fresh else {})
+        """One GET through ``member`` (None: direct), bounded in time and size, on this thread's handle.
+
+        libcurl enforces the whole request's deadline (TIMEOUT_MS covers
+        connecting, a peer trickling header lines and the body alike), the
+        minimum transfer rate, the size (MAXFILESIZE for a declared
+        Content-Length; the write callback for the bytes that come), and
+        reports a reply cut short of its Content-Length.
+        """
+        st = self.settings
         remaining = max(0.1, deadline - time.monotonic())
-        _active.connections = noted = []
-        fired = threading.Event()
-        watchdog = threading.Timer(remaining + WATCHDOG_GRACE, _cut, (noted, fired))
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            body = self._get_watched(url, member, max_bytes, headers, remaining, deadline)
-        finally:
-            watchdog.cancel()
-            _active.connections = None
-        if fired.is_set():  # what came was cut short, whatever it looks like
-            raise _Failed("deadline passed during the request")
-        return body
+        body = bytearray()
 
-    def _get_watched(self, url, member, max_bytes, headers, remaining, deadline) -> bytes:
-        st = self.settings
-        try:
-            r = self._session().get(
-                url,
-                proxies={"http": member, "https": member},
-                headers=headers,
-                stream=True,
-                timeout=(min(st.connect_timeout, remaining), min(st.read_timeout, remaining)),
-                allow_redirects=False,
-            )
-        except requests.RequestException as e:
-            raise _Failed(_reason(e)) from None
-        try:
-            if r.status_code != 200:
-                raise _Failed(f"HTTP {r.status_code}", missing=r.status_code == 404)
-            length = r.headers.get("Content-Length")
-            if length is not None and (not length.isdigit() or int(length) > max_bytes):
-                raise _Failed(f"reply of {length} bytes, more than the {max_bytes} it may have")
-            return self._body(r, max_bytes, deadline)
-        finally:
-            r.close()
+        def write(block: bytes):
+            body.extend(block)
+            if len(body) > max_bytes:
+                return 0  # libcurl stops with CURLE_WRITE_ERROR
 
-    def _body(self, r: requests.Response, max_bytes: int, deadline: float) -> bytes:
-        st = self.settings
-        buf = bytearray()
-        window_start, window_bytes = time.monotonic(), 0
+        c = self._curl()
+        c.reset()  # options back to defaults; open connections stay for reuse
+        c.setopt(pycurl.URL, url)
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.FOLLOWLOCATION, 0)
+        c.setopt(pycurl.NOSIGNAL, 1)  # timeouts without SIGALRM, so threads are safe
+        # The remote's proxy setting decides, never http_proxy or no_proxy.
+        c.setopt(pycurl.PROXY, member or "")
+        c.setopt(pycurl.NOPROXY, "" if member else "*")
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(min(st.connect_timeout, remaining) * 1000)))
+        c.setopt(pycurl.TIMEOUT_MS, max(1, int(remaining * 1000)))
+        # libcurl has one stall rule: below LIMIT bytes/s for TIME seconds. It also
+        # catches "no byte for read_timeout", as nothing is below any limit.
+        if st.low_speed_limit > 0:
+            limit, within = st.low_speed_limit, min(st.low_speed_time, st.read_timeout)
+        else:
+            limit, within = 1, st.read_timeout
+        c.setopt(pycurl.LOW_SPEED_LIMIT, limit)
+        c.setopt(pycurl.LOW_SPEED_TIME, max(1, round(within)))
+        c.setopt(pycurl.MAXFILESIZE_LARGE, max_bytes)
+        # identity: bodies are checked byte for byte, and nothing is inflated unbounded.
+        headers = ["Accept-Encoding: identity"] + (["Cache-Control: no-cache", "Pragma: no-cache"] if fresh else [])
+        c.setopt(pycurl.HTTPHEADER, headers)
+        if st.verify_tls is False:
+            c.setopt(pycurl.SSL_VERIFYPEER, 0)
+            c.setopt(pycurl.SSL_VERIFYHOST, 0)
+        else:
+            c.setopt(pycurl.CAINFO, certifi.where() if st.verify_tls is True else str(st.verify_tls))
+        c.setopt(pycurl.WRITEFUNCTION, write)
         try:
-            while block := r.raw.read1(BLOCK):  # returns after each arrival, so a trickle is seen
-                buf += block
-                window_bytes += len(block)
-                if len(buf) > max_bytes:
-                    raise _Failed(f"reply longer than the {max_bytes} bytes it may have")
-                now = time.monotonic()
-                if now >= deadline:
-                    raise _Failed("deadline passed during the transfer")
-                if now - window_start >= st.low_speed_time:
-                    rate = window_bytes / (now - window_start)
-                    if rate < st.low_speed_limit:
-                        raise _Failed(f"transfer stalled at {rate:.0f} B/s")
-                    window_start, window_bytes = now, 0
-        except requests.RequestException as e:
-            raise _Failed(_reason(e)) from None
-        except Exception as e:  # urllib3 errors: reset, incomplete read, timeout
-            if isinstance(e, _Failed):
-                raise
-            raise _Failed(_reason(e)) from None
-        length = r.headers.get("Content-Length")
-        if length is not None and int(length) != len(buf):
-            raise _Failed(f"truncated reply: {len(buf)} of {length} bytes")
+            c.perform()
+        except pycurl.error as e:
+            code, message = e.args
+            if code == pycurl.E_WRITE_ERROR and len(body) > max_bytes:
+                raise _Failed(f"reply longer than the {max_bytes} bytes it may have") from None
+            if code == pycurl.E_FILESIZE_EXCEEDED:
+                raise _Failed(f"reply declared more than the {max_bytes} bytes it may have") from None
+            if code == pycurl.E_OPERATION_TIMEDOUT:
+                if time.monotonic() >= deadline - 0.05:
+                    raise _Failed("deadline passed during the request") from None
+                raise _Failed(f"transfer stalled ({_curl_reason(code, message)})") from None
+            if code == pycurl.E_PARTIAL_FILE:
+                raise _Failed(f"truncated reply ({_curl_reason(code, message)})") from None
+            raise _Failed(_curl_reason(code, message)) from None
+        status = c.getinfo(pycurl.RESPONSE_CODE)
+        if status != 200:
+            raise _Failed(f"HTTP {status}", missing=status == 404)
         with self._lock:
-            self.bytes += len(buf)
-        return bytes(buf)
+            self.bytes += len(body)
+        return bytes(body)
 
 
-def _reason(e: Exception) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return f"{type(e).__name__}: {text[:200]}"
+def _curl_reason(code: int, message: str) -> str:
+    first = message.splitlines()[0][:200] if message else "no message"
+    return f"curl error {code}: {first}"
