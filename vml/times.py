@@ -5,8 +5,12 @@ from datetime import UTC, datetime
 FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
+def format_iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime(FORMAT)
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).strftime(FORMAT)
+    return format_iso(datetime.now(UTC))
 
 
 def parse_iso(text: str) -> datetime:

@@ -49,13 +49,13 @@ from ..errors import AlreadyExists, BadSignature, CorruptManifest, NotFound, Usa
 from ..files import read_regular, storage_error, write_atomic
 from ..names import check_name
 from ..repo.objects import parse_hex
+from ..times import format_iso, parse_iso
 
 FORMAT = 2  # the newest format this module reads and writes
 CATALOG_FILE = "catalog.json"
 CATALOG_LIMIT = 64 << 20
 KEY_PREFIX = "ed25519:"
 KEY_FILE_LIMIT = 64 << 10
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 DEFAULT_EXPIRY_DAYS = 30.0
 MAX_EXPIRY_DAYS = 3650.0
 
@@ -146,15 +146,7 @@ class Catalog:
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     def expired(self, now: datetime | None = None) -> bool:
-        return self.expires is not None and parse_time(self.expires) <= (now or datetime.now(UTC))
-
-
-def format_time(t: datetime) -> str:
-    return t.astimezone(UTC).strftime(TIME_FORMAT)
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+        return self.expires is not None and parse_iso(self.expires) <= (now or datetime.now(UTC))
 
 
 def check_expiry_days(days: float, where: str) -> float:
@@ -166,7 +158,7 @@ def check_expiry_days(days: float, where: str) -> float:
 
 def expiry(days: float, now: datetime | None = None) -> str:
     """The ``expires`` time of a catalog signed ``now`` and valid for ``days``."""
-    return format_time((now or datetime.now(UTC)) + timedelta(days=days))
+    return format_iso((now or datetime.now(UTC)) + timedelta(days=days))
 
 
 def sign(catalog: Catalog, key: Ed25519PrivateKey) -> bytes:
@@ -205,7 +197,7 @@ def _parse_payload(payload: bytes, where: str) -> Catalog:
         expires = None
         if fmt >= 2:
             expires = doc["expires"]
-            parse_time(expires)  # a ValueError or TypeError if it is no time
+            parse_iso(expires)  # a ValueError or TypeError if it is no time
         refs = {check_name(n): parse_hex(h) for n, h in doc["refs"].items()}
         manifests = frozenset(parse_hex(h) for h in doc["manifests"])
         revision = doc["revision"]

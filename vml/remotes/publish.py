@@ -29,6 +29,7 @@ from ..progress import SILENT, Progress
 from ..repo.objects import decode
 from ..repo.repository import Repository
 from ..repo.store import METADATA_LIMIT
+from ..times import format_iso
 from . import catalog as catalogs
 from .catalog import CATALOG_FILE, DEFAULT_EXPIRY_DAYS, Catalog
 
@@ -91,7 +92,7 @@ def publish(
             cat = Catalog(
                 repo.name,
                 (previous.revision if previous else 0) + 1,
-                catalogs.format_time(now),
+                format_iso(now),
                 new_refs,
                 frozenset(manifests),
                 catalogs.expiry(expires_in, now),

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..errors import Corrupt, CorruptManifest, NotFound, StorageError, UsageError
 from ..files import storage_error
+from ..layout import areas_dir
 from ..names import check_name
 from ..times import now_iso
 from . import objects
@@ -222,7 +223,7 @@ def is_stale(lease: Lease) -> bool | None:
     # not yet moved with it) still reads through this one. A home this user
     # may not look into (another user's, 0700) is not ours to judge.
     try:
-        os.stat(Path(lease.home) / "areas" / lease.area / "area.json")
+        os.stat(areas_dir(Path(lease.home)) / lease.area / "area.json")
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:

@@ -10,10 +10,10 @@ later versions can add fields without breaking older readers; a different
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from ..errors import CorruptManifest, UsageError
 from ..names import check_name, check_relative_path
+from ..times import parse_iso
 from .hardware import Hardware
 from .objects import parse_hex
 from .store import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -201,7 +201,7 @@ def _str(v) -> str:
 
 
 def _timestamp(v) -> str:
-    datetime.strptime(_str(v), "%Y-%m-%dT%H:%M:%SZ")  # ValueError if malformed
+    parse_iso(_str(v))  # ValueError if malformed
     return v
 
 

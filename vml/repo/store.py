@@ -23,7 +23,6 @@ Readers take no lock: objects never change, and refs.json is read whole.
 """
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -62,7 +61,6 @@ MAX_CHUNK_SIZE = 16 << 20
 # memory; 64 MiB of chunk map covers a 1.5 PiB disk at the default chunk size.
 METADATA_LIMIT = 64 << 20
 
-_libc = ctypes.CDLL(None, use_errno=True)
 log = logging.getLogger(__name__)
 
 
