@@ -40,7 +40,9 @@ class Libvirtd:
             subprocess.run(["useradd", "-r", "-g", "libvirt-qemu", "libvirt-qemu"], check=True)
         for d in LIBVIRT_DIRS:
             os.makedirs(d, exist_ok=True)
-        subprocess.run(["virtlogd", "-d"], check=True)
+        # A virtlogd left by a run that was killed holds its pid file: use it.
+        if subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["virtlogd", "-d"], check=True)
         subprocess.run(["libvirtd", "-d"], check=True)
         self.started = True
         deadline = time.monotonic() + 60
