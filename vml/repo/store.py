@@ -184,12 +184,17 @@ class Store:
         """Store an already compressed object; return False if it was there.
 
         The caller vouches that ``blob`` decodes to content named ``digest``.
-        The object is written as an unnamed file (O_TMPFILE) and linked into
-        place complete, which needs no temporary name and no unlink; file
-        systems without O_TMPFILE get a named temporary file in tmp/.
+        """
+        return self.place(self._path(digest), blob)
+
+    def place(self, final: Path, data: bytes) -> bool:
+        """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists.
+
+        The file is written unnamed (O_TMPFILE) in its directory and linked
+        into place complete, which needs no temporary name and no unlink;
+        file systems without O_TMPFILE get a named temporary file in tmp/.
         """
         self._require_lock()
-        final = self._path(digest)
         if self._tmpfile_ok:
             try:
                 fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
@@ -199,7 +204,7 @@ class Store:
                 self._tmpfile_ok = False
             else:
                 try:
-                    write_all(fd, blob)
+                    write_all(fd, data)
                     # linkat(AT_SYMLINK_FOLLOW) on the /proc link; CPython uses
                     # it only when given a directory fd.
                     os.link(str(fd), final, src_dir_fd=_proc_fds(), follow_symlinks=True)
@@ -210,10 +215,14 @@ class Store:
                     os.close(fd)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="obj.")
         try:
-            write_all(fd, blob)
+            write_all(fd, data)
             os.close(fd)
             fd = -1
-            return self.link_in(digest, tmp)
+            try:
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                return False
         finally:
             if fd >= 0:
                 os.close(fd)

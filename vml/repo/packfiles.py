@@ -1,0 +1,270 @@
+"""A repository's packs on disk: writing them, finding objects in them, pack sets.
+
+Layout (format 2, see docs/format2.md)::
+
+    packs/ab/<pack digest>        object frames back to back
+    packs/ab/<pack digest>.idx    the pack's index (vml.repo.packs)
+    packsets/<manifest digest>    the packs holding the chunks of that entry's data chain
+
+A pack and its index are created complete or not at all (Store.place);
+the pack first, then its index, so an index always has its pack. A pack
+set is replaced atomically and only after the packs it names are flushed,
+so a pack set names only packs that are there. Readers load the indexes of
+the packs an entry's pack set names, not of the whole repository; writers
+may load them all, to find every object already stored.
+"""
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import blake3
+
+from ..errors import CorruptObject, ObjectMissing
+from ..files import fsync_dir, write_atomic
+from .objects import DIGEST_SIZE, parse_hex
+from .packs import Index, Location, PackBuilder
+
+PACKS = "packs"
+PACKSETS = "packsets"
+PACK_SIZE = 8 << 20  # a pack is sealed once it holds this much (docs/format2.md)
+PACKSET_MAGIC = b"VMLPSET1"
+MAX_PACKSET = len(PACKSET_MAGIC) + (1 << 20) * DIGEST_SIZE + DIGEST_SIZE
+OPEN_PACKS = 64  # pack descriptors kept open for reading
+
+
+def pack_path(root: Path, pack: bytes) -> Path:
+    h = pack.hex()
+    return root / PACKS / h[:2] / h
+
+
+def index_path(root: Path, pack: bytes) -> Path:
+    h = pack.hex()
+    return root / PACKS / h[:2] / f"{h}.idx"
+
+
+def packset_path(root: Path, manifest: bytes) -> Path:
+    return root / PACKSETS / manifest.hex()
+
+
+def encode_packset(packs: Iterable[bytes]) -> bytes:
+    body = PACKSET_MAGIC + b"".join(sorted(set(packs)))
+    return body + blake3.blake3(body).digest()
+
+
+def decode_packset(data: bytes, where: str) -> list[bytes]:
+    n = len(data) - len(PACKSET_MAGIC) - DIGEST_SIZE
+    if len(data) > MAX_PACKSET or n < 0 or n % DIGEST_SIZE or not data.startswith(PACKSET_MAGIC):
+        raise CorruptObject(f"{where}: not a pack set")
+    if blake3.blake3(data[:-DIGEST_SIZE]).digest() != data[-DIGEST_SIZE:]:
+        raise CorruptObject(f"{where}: pack set is damaged (checksum)")
+    body = data[len(PACKSET_MAGIC) : -DIGEST_SIZE]
+    return [body[i : i + DIGEST_SIZE] for i in range(0, n, DIGEST_SIZE)]
+
+
+class _Open:
+    """A pack's descriptor, closed once evicted and no read uses it."""
+
+    def __init__(self, fd: int):
+        self.fd, self.users, self.evicted = fd, 0, False
+
+
+class PackFiles:
+    """The packs of one repository directory; thread-safe for readers."""
+
+    def __init__(self, root: Path, place: Callable[[Path, bytes], bool]):
+        """``place(path, data)`` creates an immutable file complete (the Store's, which checks the lock)."""
+        self.root = root
+        self._place = place
+        self._lock = threading.Lock()
+        self._where: dict[bytes, Location] = {}
+        self._indexed: set[bytes] = set()  # packs whose index is loaded
+        self._all = False
+        self._open: OrderedDict[bytes, _Open] = OrderedDict()
+
+    # -- finding ---------------------------------------------------------
+
+    def load(self, packs: Iterable[bytes]) -> None:
+        """Load the indexes of ``packs`` (once each)."""
+        for pack in packs:
+            if pack in self._indexed:
+                continue
+            path = index_path(self.root, pack)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise ObjectMissing(f"pack index {path} is missing") from None
+            index = Index(data, str(path), pack)
+            with self._lock:
+                for d, loc in index:
+                    self._where.setdefault(d, loc)
+                self._indexed.add(pack)
+
+    def load_all(self) -> None:
+        """Load every pack's index: what a writer does to find any stored object."""
+        if not self._all:
+            self.load(self.packs())
+            self._all = True
+
+    def locate(self, digest: bytes) -> Location | None:
+        """Where a loaded index puts ``digest``; at the first miss, every index is loaded."""
+        loc = self._where.get(digest)
+        if loc is None and not self._all:
+            self.load_all()
+            loc = self._where.get(digest)
+        return loc
+
+    def packs(self) -> Iterator[bytes]:
+        """Every pack that has its index, in name order."""
+        top = self.root / PACKS
+        if not top.is_dir():
+            return
+        for sub in sorted(top.iterdir()):
+            for p in sorted(sub.glob("*.idx")):
+                d = parse_hex(p.name[: -len(".idx")])
+                if d is not None and p.name.startswith(sub.name):
+                    yield d
+
+    # -- reading ---------------------------------------------------------
+
+    def read(self, loc: Location) -> bytes:
+        """The frame at ``loc``; a pack shorter than its index says is CorruptObject."""
+        handle = self._acquire(loc.pack)
+        try:
+            frame = os.pread(handle.fd, loc.length, loc.offset)
+        finally:
+            self._release(handle)
+        if len(frame) != loc.length:
+            raise CorruptObject(f"pack {pack_path(self.root, loc.pack)} is shorter than its index says")
+        return frame
+
+    def _acquire(self, pack: bytes) -> _Open:
+        with self._lock:
+            handle = self._open.get(pack)
+            if handle is not None:
+                self._open.move_to_end(pack)
+                handle.users += 1
+                return handle
+        path = pack_path(self.root, pack)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectMissing(f"pack {path} is missing") from None
+        with self._lock:
+            handle = self._open.get(pack)
+            if handle is not None:  # another thread opened it meanwhile
+                os.close(fd)
+            else:
+                handle = self._open[pack] = _Open(fd)
+                while len(self._open) > OPEN_PACKS:
+                    _, old = self._open.popitem(last=False)
+                    old.evicted = True
+                    if not old.users:
+                        os.close(old.fd)
+            handle.users += 1
+            return handle
+
+    def _release(self, handle: _Open) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.evicted and not handle.users:
+                os.close(handle.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._open.values():
+                handle.evicted = True
+                if not handle.users:
+                    os.close(handle.fd)
+            self._open.clear()
+
+    # -- pack sets -------------------------------------------------------
+
+    def packset(self, manifest: bytes) -> list[bytes] | None:
+        """The packs an entry's data lies in, or None if it has no pack set."""
+        path = packset_path(self.root, manifest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return decode_packset(data, str(path))
+
+    def write_packset(self, manifest: bytes, packs: Iterable[bytes]) -> None:
+        """Replace an entry's pack set; the caller holds the lock and has flushed the packs."""
+        path = packset_path(self.root, manifest)
+        path.parent.mkdir(mode=0o755, exist_ok=True)
+        write_atomic(path, encode_packset(packs), sync=False)
+
+    def remove_packset(self, manifest: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            packset_path(self.root, manifest).unlink()
+
+    # -- writing ---------------------------------------------------------
+
+    def writer(self, target: int = PACK_SIZE) -> "PackWriter":
+        return PackWriter(self, target)
+
+    def add_pack(self, builder: PackBuilder, data: bytes) -> bytes:
+        """Store one sealed pack and its index; return the pack's digest."""
+        pack, index = builder.seal()
+        path = pack_path(self.root, pack)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._place(path, data)
+        self._place(index_path(self.root, pack), index)
+        with self._lock:
+            for d, offset, length in builder.records:
+                self._where.setdefault(d, Location(pack, offset, length))
+            self._indexed.add(pack)
+        return pack
+
+    def remove_pack(self, pack: bytes) -> None:
+        """Remove a pack and its index (index first, so no index is left without its pack)."""
+        with self._lock:
+            self._indexed.discard(pack)
+            self._where = {d: loc for d, loc in self._where.items() if loc.pack != pack}
+            handle = self._open.pop(pack, None)
+            if handle is not None:
+                handle.evicted = True
+                if not handle.users:
+                    os.close(handle.fd)
+        for path in (index_path(self.root, pack), pack_path(self.root, pack)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(pack_path(self.root, pack).parent)
+
+
+class PackWriter:
+    """Appends the objects of one save to packs of about ``target`` bytes, in the order given."""
+
+    def __init__(self, files: PackFiles, target: int):
+        self.files = files
+        self.target = target
+        self.created: list[bytes] = []  # packs this writer stored, for a roll back
+        self._builder = PackBuilder()
+        self._data = bytearray()
+
+    def add(self, digest: bytes, frame: bytes) -> bool:
+        """Append an object; False if a pack (stored or being built) holds it already."""
+        if digest in self._builder or self.files.locate(digest) is not None:
+            return False
+        self._builder.add(digest, frame)
+        self._data += frame
+        if self._builder.size >= self.target:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Store the pack being built, if it holds anything."""
+        if len(self._builder):
+            self.created.append(self.files.add_pack(self._builder, bytes(self._data)))
+            self._builder, self._data = PackBuilder(), bytearray()
+
+    def rollback(self) -> None:
+        self._builder, self._data = PackBuilder(), bytearray()
+        for pack in self.created:
+            self.files.remove_pack(pack)
+        self.created.clear()
