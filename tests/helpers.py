@@ -16,9 +16,9 @@ from vml.repo.store import Store
 CS = 4096
 
 
-def registered(home: Path, path: Path, name: str = "rep", chunk_size: int = CS) -> Repository:
+def registered(home: Path, path: Path, name: str = "rep", chunk_size: int = CS, format: int = 1) -> Repository:
     """A new repository at ``path``, registered in ``home`` as ``name``, opened as vml opens it."""
-    Store.create(path, chunk_size=chunk_size)
+    Store.create(path, chunk_size=chunk_size, format=format)
     with config.editing(home) as cfg:
         cfg.register(name, path)
     return config.Config.load(home).open(name)

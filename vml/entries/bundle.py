@@ -167,6 +167,9 @@ class _StagedStore:
             return decode(p.read_bytes(), digest, limit, f"bundle object {digest.hex()}")
         return self.store.read(digest, limit)
 
+    def prepare(self, manifest: bytes) -> None:
+        """Nothing to load before reading an entry: objects are found by name."""
+
     def has(self, digest: bytes) -> bool:
         return digest in self.sizes or self.store.has(digest)
 

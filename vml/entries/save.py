@@ -59,6 +59,8 @@ class ChunkWriter:
         self.workers = workers or os.cpu_count() or 2
         self.max_inflight = 4 * self.workers
         self.created: list[bytes] = []
+        # Format 2: chunks go into packs, in stream order (the collector adds them).
+        self.packer = store.packs.writer() if store.format == 2 else None
         self._zero = bytes(chunk_size)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vml-save")
 
@@ -69,6 +71,20 @@ class ChunkWriter:
         for d in self.created:
             self.store.remove_object(d)
         self.created.clear()
+        if self.packer is not None:
+            self.packer.rollback()
+
+    def seal(self, repo: Repository, digest: bytes) -> None:
+        """Store the last pack, and the pack set of the entry with manifest ``digest`` (format 2)."""
+        if self.packer is None:
+            return
+        self.packer.flush()
+        resolved = repo.resolve(digest)
+        chunks: set[bytes] = set()
+        for table in [*resolved.disks.values(), *(t for t, _ in resolved.files.values())]:
+            chunks |= table.digest_set()
+        packs = {loc.pack for d in chunks if (loc := self.store.packs.locate(d)) is not None}
+        self.store.packs.write_packset(digest, packs)
 
     @contextlib.contextmanager
     def undone_on_failure(self, what: str, landed=lambda: False):
@@ -121,7 +137,9 @@ class ChunkWriter:
         pending: deque = deque()
 
         def collect(fut) -> None:
-            index, d, csize = fut.result()
+            index, d, csize, frame = fut.result()
+            if frame is not None:
+                self.packer.add(d, frame)
             if d != (ref.digest(index) if ref else HOLE):
                 records.append((index, d, csize))
             self.progress.advance(min(self.chunk_size, size - index * self.chunk_size))
@@ -129,7 +147,7 @@ class ChunkWriter:
         try:
             for index, data in chunks:
                 if data is None:
-                    pending.append(_Done((index, HOLE, 0)))
+                    pending.append(_Done((index, HOLE, 0, None)))
                 else:
                     ref_digest = ref.digest(index) if ref else HOLE
                     pending.append(self._pool.submit(self._process, index, data, ref_digest))
@@ -147,17 +165,23 @@ class ChunkWriter:
             raise
         return self.put_metadata(chunkmap.encode(records))
 
-    def _process(self, index: int, data: bytes, ref_digest: bytes) -> Record:
+    def _process(self, index: int, data: bytes, ref_digest: bytes) -> tuple[int, bytes, int, bytes | None]:
+        """(index, digest, stored size, frame for the collector to pack or None)."""
         zero = self._zero if len(data) == self.chunk_size else bytes(len(data))
         if data == zero:
-            return index, HOLE, 0
+            return index, HOLE, 0, None
         d = objects.digest(data)
         if d == ref_digest:  # unchanged: not stored, not listed
-            return index, d, 0
+            return index, d, 0, None
+        if self.packer is not None:
+            if self.store.has(d):
+                return index, d, self.store.object_size(d), None
+            frame = objects.compress(data)
+            return index, d, len(frame), frame
         d, csize, created = self.store.put(data, d)
         if created:
             self.created.append(d)
-        return index, d, csize
+        return index, d, csize, None
 
     def _read_chunks(self, fd: int, path: Path, size: int, ref: ChunkTable | None):
         """Yield (index, bytes) for each chunk with data, and (index, None) for a hole where ``ref`` has data.
@@ -283,6 +307,7 @@ def write_entry(
                 hardware=hardware or (parent_entry.manifest.hardware if parent_entry else None),
             )
             digest = writer.put_metadata(manifest.encode())
+            writer.seal(repo, digest)
             store.sync()
             store.update_refs({name: digest})
             if on_commit is not None:

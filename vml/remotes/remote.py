@@ -248,6 +248,9 @@ class RemoteStore:
 
     # -- objects ---------------------------------------------------------
 
+    def prepare(self, manifest: bytes) -> None:
+        """Nothing to load before reading an entry: objects are found by name."""
+
     def has(self, digest: bytes) -> bool:
         return self.cache.has(digest)
 

@@ -109,6 +109,10 @@ class PackFiles:
             self.load(self.packs())
             self._all = True
 
+    def forget_misses(self) -> None:
+        """Let the next miss look for packs written since (a writer calls this once it holds the lock)."""
+        self._all = False
+
     def locate(self, digest: bytes) -> Location | None:
         """Where a loaded index puts ``digest``; at the first miss, every index is loaded."""
         loc = self._where.get(digest)
@@ -116,6 +120,13 @@ class PackFiles:
             self.load_all()
             loc = self._where.get(digest)
         return loc
+
+    def located(self, digest: bytes) -> Location | None:
+        """Where an already loaded index puts ``digest`` (loads nothing)."""
+        return self._where.get(digest)
+
+    def pack_name(self, pack: bytes) -> str:
+        return str(pack_path(self.root, pack))
 
     def packs(self) -> Iterator[bytes]:
         """Every pack that has its index, in name order."""

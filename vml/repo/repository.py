@@ -47,6 +47,10 @@ class ObjectSource(Protocol):
         """Entry name -> manifest digest."""
         ...
 
+    def prepare(self, manifest: bytes) -> None:
+        """Get ready to read the entry with this manifest (a pack store loads its pack set's indexes)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -224,6 +228,7 @@ class Repository:
         """Chunk tables of every disk and file of the entry with manifest ``digest``."""
         disks: dict[str, ChunkTable] = {}
         files: dict[str, tuple[ChunkTable, int]] = {}
+        self.store.prepare(digest)
         for _, m in reversed(self.data_chain(digest)):
             fresh = m.kind == "full"
             disks = {s.name: self._apply(m, s, None if fresh else disks.get(s.name)) for s in m.disks}

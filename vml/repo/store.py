@@ -48,8 +48,10 @@ from ..errors import (
 from ..files import fsync_dir, syncfs, write_all, write_atomic
 from ..names import check_name
 from . import objects
+from .packfiles import PackFiles
 
-FORMAT = 1
+FORMAT = 1  # what `vml init` creates, until format 2 is complete (docs/format2.md)
+FORMATS = (1, 2)  # what this version reads
 META_FILE = "vml-repository.json"
 REFS_FILE = "refs.json"
 LEASES_DIR = "leases"
@@ -87,8 +89,9 @@ class Store:
             raise CorruptManifest(f"{meta_path}: cannot read repository settings ({e})") from None
         if not isinstance(meta, dict):
             raise CorruptManifest(f"{meta_path}: not a JSON object")
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in FORMATS:
             raise CorruptManifest(f"{meta_path}: unsupported repository format {meta.get('format')!r}")
+        self.format = meta["format"]
         if meta.get("digest") != "blake3" or meta.get("compression") != "zstd":
             raise CorruptManifest(f"{meta_path}: unsupported digest or compression")
         try:
@@ -100,9 +103,10 @@ class Store:
         self.leases_dir = self.path / LEASES_DIR
         self._locked = False
         self._tmpfile_ok = True
+        self.packs = PackFiles(self.path, self.place)
 
     @classmethod
-    def create(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Store":
+    def create(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK_SIZE, format: int = FORMAT) -> "Store":
         path = Path(path).absolute()
         check_chunk_size(chunk_size)
         if (path / META_FILE).exists():
@@ -121,7 +125,7 @@ class Store:
                 (staging / layout.OBJECTS / f"{i:02x}").mkdir(parents=True)
             (staging / "tmp").mkdir()
             (staging / "lock").touch()
-            meta = {"format": FORMAT, "chunk_size": chunk_size, "digest": "blake3", "compression": "zstd"}
+            meta = {"format": format, "chunk_size": chunk_size, "digest": "blake3", "compression": "zstd"}
             (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             (staging / REFS_FILE).write_text(json.dumps({"entries": {}}) + "\n")
             os.chmod(staging, 0o755)
@@ -141,30 +145,45 @@ class Store:
         return layout.object_path(self.path, digest)
 
     def where(self, digest: bytes) -> str:
-        """Object ``digest`` as messages name it."""
+        """Object ``digest`` as messages name it: its file, or its pack and offset."""
+        loc = self.packs.located(digest) if self.format == 2 else None
+        if loc is not None and not os.path.exists(self._path(digest)):
+            return f"pack {self.packs.pack_name(loc.pack)} at offset {loc.offset}"
         return str(self._path(digest))
 
     def has(self, digest: bytes) -> bool:
-        return os.path.exists(self._path(digest))
+        return os.path.exists(self._path(digest)) or (self.format == 2 and self.packs.locate(digest) is not None)
 
     def object_size(self, digest: bytes) -> int:
         """Stored (compressed) size of an object."""
         try:
             return os.stat(self._path(digest)).st_size
         except FileNotFoundError:
-            raise ObjectMissing(f"object {digest.hex()} is missing from {self.path}") from None
+            return self._packed(digest).length
 
     def read_raw(self, digest: bytes) -> bytes:
-        """The stored, still compressed bytes of an object."""
+        """The stored, still compressed bytes of an object: a loose file, else its frame in a pack."""
         try:
             with open(self._path(digest), "rb") as f:
                 return f.read()
         except FileNotFoundError:
-            raise ObjectMissing(f"object {digest.hex()} is missing from {self.path}") from None
+            return self.packs.read(self._packed(digest))
+
+    def prepare(self, manifest: bytes) -> None:
+        """Load the indexes of the packs the entry's data lies in (format 2); a damaged pack set is CorruptObject."""
+        if self.format == 2:
+            self.packs.load(self.packs.packset(manifest) or ())
+
+    def _packed(self, digest: bytes):
+        loc = self.packs.locate(digest) if self.format == 2 else None
+        if loc is None:
+            raise ObjectMissing(f"object {digest.hex()} is missing from {self.path}")
+        return loc
 
     def read(self, digest: bytes, limit: int) -> bytes:
         """Decompressed, digest-checked content of an object."""
-        return objects.decode(self.read_raw(digest), digest, limit, str(self._path(digest)))
+        blob = self.read_raw(digest)
+        return objects.decode(blob, digest, limit, self.where(digest))
 
     def put(self, data, digest: bytes | None = None) -> tuple[bytes, int, bool]:
         """Store ``data``; return (digest, stored size, whether it was new).
@@ -371,6 +390,7 @@ class Store:
                 os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
             self._locked = True
             self._clean_tmp()
+            self.packs.forget_misses()  # others may have written packs before we got the lock
             try:
                 yield self
             finally:

@@ -1,0 +1,45 @@
+"""Repository format 2 (packs), as far as it goes: saving into packs and reading back."""
+
+import os
+import random
+import subprocess
+
+from vml.repo import packfiles
+
+from helpers import registered
+
+
+def files_in(path):
+    return sum(len(fs) for _, _, fs in os.walk(path))
+
+
+def write_random(path, offset: int, size: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(rng.randbytes(size))
+
+
+def test_a_save_stores_its_chunks_in_a_few_packs_and_reads_back_byte_exact(vml, home, tmp_path):
+    repo_path = tmp_path / "rep2"
+    registered(home, repo_path, chunk_size=256 << 10, format=2)
+    img = tmp_path / "disk.img"
+    subprocess.run(["truncate", "-s", "1G", img], check=True)
+    for i in range(8):  # 160 MB of incompressible data in 8 places
+        write_random(img, i * (120 << 20), 20 << 20, seed=i)
+    vml("save", "e1", "--from", img)
+    # 640 chunks with data, in packs of about 8 MiB: far under the 300-file bound.
+    n = files_in(repo_path)
+    assert n <= 300, n
+    packs = list(packfiles.PackFiles(repo_path, None).packs())
+    assert 15 <= len(packs) <= 25, len(packs)
+    assert not list((repo_path / "objects").rglob("*.*"))
+    vml("checkout", "e1", tmp_path / "out")
+    assert (tmp_path / "out" / "disk.img").read_bytes() == img.read_bytes()
+    # An incremental save adds only a pack or two, and reads back through its parent's packs.
+    write_random(img, 500 << 20, 1 << 20, seed=99)
+    vml("save", "e2", "--from", img, "--parent", "e1")
+    assert len(list(packfiles.PackFiles(repo_path, None).packs())) == len(packs) + 1
+    vml("checkout", "e2", tmp_path / "out2")
+    assert (tmp_path / "out2" / "disk.img").read_bytes() == img.read_bytes()
+    assert vml("verify", "--repo", repo_path).returncode == 0
