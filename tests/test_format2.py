@@ -1,5 +1,6 @@
 """Repository format 2 (packs), as far as it goes: saving into packs and reading back."""
 
+import errno
 import os
 import random
 import subprocess
@@ -43,3 +44,38 @@ def test_a_save_stores_its_chunks_in_a_few_packs_and_reads_back_byte_exact(vml, 
     vml("checkout", "e2", tmp_path / "out2")
     assert (tmp_path / "out2" / "disk.img").read_bytes() == img.read_bytes()
     assert vml("verify", "--repo", repo_path).returncode == 0
+
+
+def test_a_bit_flipped_in_a_pack_fails_that_chunk_only_in_verify_and_the_mount(vml, home, tmp_path, mounted):
+    cs = 64 << 10
+    repo = registered(home, tmp_path / "rep2", chunk_size=cs, format=2)
+    img = tmp_path / "d.img"
+    subprocess.run(["truncate", "-s", "8M", img], check=True)
+    write_random(img, 0, 4 << 20, seed=5)
+    vml("save", "e", "--from", img)
+    table = repo.resolve(repo.entry("e").digest).disks["d"]
+    victim = 20
+    loc = repo.store.packs.locate(table.digest(victim))
+    pack = packfiles.pack_path(repo.store.path, loc.pack)
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 0x08
+    os.chmod(pack, 0o644)
+    pack.write_bytes(bytes(data))
+    # verify names the pack, the offset and the entry.
+    r = vml("verify", "--repo", repo.store.path, ok=False)
+    assert r.returncode != 0
+    assert f"pack {pack} at offset {loc.offset}" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert f"entry 'e', disk d, chunk {victim}" in r.stdout + r.stderr, r.stdout + r.stderr
+    # Through the mount: EIO for that chunk, its pack neighbours read right.
+    good = img.read_bytes()
+    fd = os.open(mounted / "rep" / "e" / "d.img", os.O_RDONLY)
+    try:
+        for i in (victim - 1, victim + 1, 0, 63):
+            assert os.pread(fd, cs, i * cs) == good[i * cs : (i + 1) * cs]
+        try:
+            os.pread(fd, cs, victim * cs)
+            raise AssertionError("a damaged chunk was read")
+        except OSError as e:
+            assert e.errno == errno.EIO
+    finally:
+        os.close(fd)

@@ -37,6 +37,10 @@ def verify(
                     problems.append(f"{path}: stray file among the objects (not an object name)")
                 else:
                     digests.append(d)
+            if repo.store.format == 2:
+                packed, bad_packs = repo.store.packs.inventory()
+                digests += packed
+                problems += bad_packs
             progress.start(len(digests))
             _check_objects(repo, digests, checked, problems, pool, progress)
             try:

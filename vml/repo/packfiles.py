@@ -90,18 +90,22 @@ class PackFiles:
     def load(self, packs: Iterable[bytes]) -> None:
         """Load the indexes of ``packs`` (once each)."""
         for pack in packs:
-            if pack in self._indexed:
-                continue
-            path = index_path(self.root, pack)
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise ObjectMissing(f"pack index {path} is missing") from None
-            index = Index(data, str(path), pack)
-            with self._lock:
-                for d, loc in index:
-                    self._where.setdefault(d, loc)
-                self._indexed.add(pack)
+            if pack not in self._indexed:
+                self._register(self._read_index(pack))
+
+    def _read_index(self, pack: bytes) -> Index:
+        path = index_path(self.root, pack)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(f"pack index {path} is missing") from None
+        return Index(data, str(path), pack)
+
+    def _register(self, index: Index) -> None:
+        with self._lock:
+            for d, loc in index:
+                self._where.setdefault(d, loc)
+            self._indexed.add(index.pack)
 
     def load_all(self) -> None:
         """Load every pack's index: what a writer does to find any stored object."""
@@ -112,6 +116,31 @@ class PackFiles:
     def forget_misses(self) -> None:
         """Let the next miss look for packs written since (a writer calls this once it holds the lock)."""
         self._all = False
+
+    def inventory(self) -> tuple[list[bytes], list[str]]:
+        """Every object in a pack with a readable index, and one line per pack or stray file that is not right."""
+        found, problems = [], []
+        top = self.root / PACKS
+        for sub in sorted(top.iterdir()) if top.is_dir() else []:
+            for p in sorted(sub.iterdir()) if sub.is_dir() else [sub]:
+                name = p.name.removesuffix(".idx")
+                pack = parse_hex(name)
+                if pack is None or not name.startswith(sub.name) or p.parent == top:
+                    problems.append(f"{p}: stray file among the packs")
+                elif p.suffix != ".idx" and not index_path(self.root, pack).exists():
+                    problems.append(f"{p}: pack without an index (left by an interrupted writer; vml gc removes it)")
+                elif p.suffix == ".idx":
+                    try:
+                        index = self._read_index(pack)
+                    except (CorruptObject, ObjectMissing) as e:
+                        problems.append(str(e))
+                        continue
+                    if not pack_path(self.root, pack).exists():
+                        problems.append(f"{p}: index without its pack")
+                        continue
+                    self._register(index)
+                    found += [d for d, _ in index]
+        return found, problems
 
     def locate(self, digest: bytes) -> Location | None:
         """Where a loaded index puts ``digest``; at the first miss, every index is loaded."""
