@@ -79,3 +79,33 @@ def test_a_bit_flipped_in_a_pack_fails_that_chunk_only_in_verify_and_the_mount(v
             assert e.errno == errno.EIO
     finally:
         os.close(fd)
+
+
+def stored_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_gc_repacks_until_the_repository_is_about_a_fresh_save_of_what_is_left(vml, home, tmp_path):
+    repo_path = tmp_path / "rep2"
+    registered(home, repo_path, chunk_size=64 << 10, format=2)
+    img = tmp_path / "d.img"
+    subprocess.run(["truncate", "-s", "64M", img], check=True)
+    write_random(img, 0, 24 << 20, seed=1)
+    vml("save", "e1", "--from", img)
+    for i in (2, 3, 4):  # each rewrites a third of the data
+        write_random(img, (i - 2) * (8 << 20), 8 << 20, seed=10 + i)
+        vml("save", f"e{i}", "--from", img, "--parent", f"e{i - 1}")
+    for name in ("e1", "e2", "e3"):
+        vml("rm", name, "--reparent")
+    out = vml("gc", "--repo", repo_path).stdout
+    assert "packs:" in out and "rewritten" in out, out
+    vml("checkout", "e4", tmp_path / "out")
+    assert (tmp_path / "out" / "d.img").read_bytes() == img.read_bytes()
+    assert vml("verify", "--repo", repo_path).returncode == 0
+    # A fresh repository holding only that disk, for comparison.
+    registered(home, tmp_path / "fresh", name="fresh", chunk_size=64 << 10, format=2)
+    vml("save", "only", "--from", img, "--repo", "fresh")
+    ours, fresh = stored_bytes(repo_path / "packs"), stored_bytes(tmp_path / "fresh" / "packs")
+    assert ours <= 1.1 * fresh, (ours, fresh)
+    # Nothing more to do: a second gc rewrites nothing.
+    assert "packs:" not in vml("gc", "--repo", repo_path).stdout

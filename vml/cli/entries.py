@@ -108,7 +108,11 @@ def cmd_gc(args) -> int:
     repo = _repo(args)
     s = home.collect(config.vml_home(), repo)
     kept = f" (with what {s.areas} working area{'s' if s.areas != 1 else ''} build on)" if s.areas else ""
-    print(f"{repo.name}: removed {s.removed} objects, freed {format_size(s.freed)}, {s.kept} objects kept{kept}")
+    packs = ""
+    if s.packs is not None and (s.packs.removed or s.packs.rewritten):
+        p = s.packs
+        packs = f"; packs: {p.removed} removed, {p.rewritten} rewritten into {p.written}"
+    print(f"{repo.name}: removed {s.removed} objects, freed {format_size(s.freed)}, {s.kept} objects kept{kept}{packs}")
     return 0
 
 

@@ -11,6 +11,7 @@ from ..repo.manifest import Link, Manifest, Stream
 from ..repo.objects import decode
 from ..repo.repository import Entry, Repository
 from ..repo.store import METADATA_LIMIT
+from .repack import RepackSummary, repack
 from .save import ChunkWriter
 
 MAX_PROBLEMS_PER_ENTRY = 5
@@ -115,6 +116,7 @@ class GcSummary:
     freed: int
     kept: int
     areas: int  # working areas whose entries were kept for them (leases)
+    packs: RepackSummary | None = None  # format 2
 
 
 def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
@@ -146,7 +148,10 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
             freed += path.stat().st_size
             repo.store.remove_object(d)
             removed += 1
-    return GcSummary(removed, freed, kept, len(held))
+        packs = repack(repo, live) if repo.store.format == 2 else None
+    if packs is not None:
+        freed += packs.freed
+    return GcSummary(removed, freed, kept, len(held), packs)
 
 
 # -- rm -------------------------------------------------------------------

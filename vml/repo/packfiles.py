@@ -238,6 +238,29 @@ class PackFiles:
         path.parent.mkdir(mode=0o755, exist_ok=True)
         write_atomic(path, encode_packset(packs), sync=False)
 
+    def packset_manifests(self) -> list[bytes]:
+        """The manifests that have a pack set."""
+        try:
+            names = os.listdir(self.root / PACKSETS)
+        except FileNotFoundError:
+            return []
+        return [d for n in sorted(names) if (d := parse_hex(n)) is not None]
+
+    def remove_leftovers(self) -> int:
+        """Remove packs without an index and indexes without a pack (a killed writer's or gc's); bytes freed."""
+        freed = 0
+        top = self.root / PACKS
+        for sub in sorted(top.iterdir()) if top.is_dir() else []:
+            names = set(os.listdir(sub)) if sub.is_dir() else set()
+            for name in names:
+                other = name.removesuffix(".idx") if name.endswith(".idx") else f"{name}.idx"
+                if parse_hex(name.removesuffix(".idx")) is not None and other not in names:
+                    path = sub / name
+                    with contextlib.suppress(FileNotFoundError):
+                        freed += path.stat().st_size
+                        path.unlink()
+        return freed
+
     def remove_packset(self, manifest: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             packset_path(self.root, manifest).unlink()
@@ -254,9 +277,9 @@ class PackFiles:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         self._place(path, data)
         self._place(index_path(self.root, pack), index)
-        with self._lock:
+        with self._lock:  # the new place wins: a repack copies objects out of packs it then removes
             for d, offset, length in builder.records:
-                self._where.setdefault(d, Location(pack, offset, length))
+                self._where[d] = Location(pack, offset, length)
             self._indexed.add(pack)
         return pack
 

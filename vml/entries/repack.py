@@ -1,0 +1,94 @@
+"""Garbage collection of packs (format 2): drop dead packs, rewrite mostly dead and small ones.
+
+As restic's prune: a pack whose live objects fill less than ``KEEP_LIVE``
+of it, or one of several small packs, has its live objects copied, in
+their order, into new packs; then every pack set is rewritten; only then
+are the old packs removed. So a kill at any moment leaves every pack set
+naming packs that exist (old or new), and at worst some packs no pack set
+names, which the next gc removes.
+"""
+
+from dataclasses import dataclass
+
+from ..errors import Corrupt
+from ..repo.objects import decode
+from ..repo.packfiles import PACK_SIZE
+from ..repo.packs import PackBuilder
+from ..repo.repository import Repository
+from ..repo.store import METADATA_LIMIT
+
+KEEP_LIVE = 0.8  # a pack stays as it is while at least this share of it is live
+SMALL = PACK_SIZE // 4  # smaller packs are merged when there are two or more
+
+
+@dataclass(frozen=True)
+class RepackSummary:
+    removed: int  # packs removed
+    rewritten: int  # packs whose live objects were copied into new ones
+    written: int  # new packs
+    freed: int  # bytes
+
+
+def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
+    """Collect the packs of ``repo`` (whose lock the caller holds), keeping the objects in ``live``."""
+    store = repo.store
+    files = store.packs
+    packed, _ = files.inventory()  # loads every readable index
+    contents: dict[bytes, list] = {}  # pack -> [(digest, Location)]
+    for d in packed:
+        loc = files.located(d)
+        if loc is not None:
+            contents.setdefault(loc.pack, []).append((d, loc))
+    sizes = {pack: sum(loc.length for _, loc in objs) for pack, objs in contents.items()}
+    live_bytes = {pack: sum(loc.length for d, loc in objs if d in live) for pack, objs in contents.items()}
+    dead = [p for p in contents if live_bytes[p] == 0]
+    sparse = [p for p in contents if 0 < live_bytes[p] < KEEP_LIVE * sizes[p]]
+    small = [p for p in contents if p not in sparse and 0 < sizes[p] < SMALL]
+    rewrite = sparse + (small if len(small) >= 2 else [])
+    in_order = [r for p in rewrite for r in sorted(contents[p], key=lambda r: r[1].offset)]
+    written = _copy_live(repo, in_order, live)
+    store.sync()
+    # Every pack set anew, from where its entry's chunks lie now; then the packs nothing names go.
+    for manifest in files.packset_manifests():
+        if manifest in live:
+            files.write_packset(manifest, _packs_of(repo, manifest))
+        else:
+            files.remove_packset(manifest)
+    store.sync()
+    freed = 0
+    for pack in dead + rewrite:
+        freed += sizes[pack]
+        files.remove_pack(pack)
+    freed += files.remove_leftovers()
+    return RepackSummary(len(dead), len(rewrite), written, freed)
+
+
+def _packs_of(repo: Repository, manifest: bytes) -> set[bytes]:
+    """The packs holding the chunks of the entry with this manifest."""
+    resolved = repo.resolve(manifest)
+    tables = [*resolved.disks.values(), *(t for t, _ in resolved.files.values())]
+    chunks = set().union(*(t.digest_set() for t in tables))
+    return {loc.pack for d in chunks if (loc := repo.store.packs.locate(d)) is not None}
+
+
+def _copy_live(repo: Repository, objects, live: set[bytes]) -> int:
+    """Copy the live ones of ``objects`` ((digest, Location) in order) into new packs; how many were written."""
+    files = repo.store.packs
+    builder, data, written = PackBuilder(), bytearray(), 0
+    for d, loc in objects:
+        if d not in live or d in builder:
+            continue
+        frame = files.read(loc)
+        try:  # a damaged object is never copied, and its pack is kept for `vml verify` to name
+            decode(frame, d, METADATA_LIMIT, files.pack_name(loc.pack))
+        except Corrupt as e:
+            raise type(e)(f"not repacking: {e}; run vml verify") from None
+        builder.add(d, frame)
+        data += frame
+        if builder.size >= PACK_SIZE:
+            files.add_pack(builder, bytes(data))
+            builder, data, written = PackBuilder(), bytearray(), written + 1
+    if len(builder):
+        files.add_pack(builder, bytes(data))
+        written += 1
+    return written
