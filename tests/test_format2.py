@@ -109,3 +109,46 @@ def test_gc_repacks_until_the_repository_is_about_a_fresh_save_of_what_is_left(v
     assert ours <= 1.1 * fresh, (ours, fresh)
     # Nothing more to do: a second gc rewrites nothing.
     assert "packs:" not in vml("gc", "--repo", repo_path).stdout
+
+
+def test_upgrade_moves_a_format_1_repository_into_packs_keeping_every_entry(vml, home, tmp_path):
+    repo_path = tmp_path / "rep1"
+    vml("init", repo_path)
+    img = tmp_path / "d.img"
+    subprocess.run(["truncate", "-s", "32M", img], check=True)
+    write_random(img, 0, 12 << 20, seed=3)
+    vml("save", "e1", "--from", img)
+    write_random(img, 4 << 20, 2 << 20, seed=4)
+    vml("save", "e2", "--from", img, "--parent", "e1")
+    before = {}
+    for name in ("e1", "e2"):
+        vml("checkout", name, tmp_path / f"before-{name}")
+        before[name] = (tmp_path / f"before-{name}" / "d.img").read_bytes()
+    refs = (repo_path / "refs.json").read_text()
+    loose = files_in(repo_path / "objects")
+    out = vml("upgrade", "--repo", repo_path).stdout
+    assert "format 2" in out and "chunks moved into packs" in out, out
+    assert '"format": 2' in (repo_path / "vml-repository.json").read_text()
+    assert (repo_path / "refs.json").read_text() == refs  # every entry keeps its manifest digest
+    assert files_in(repo_path / "objects") <= 4 < loose  # two manifests and their maps stay loose
+    for name in ("e1", "e2"):
+        vml("checkout", name, tmp_path / f"after-{name}")
+        assert (tmp_path / f"after-{name}" / "d.img").read_bytes() == before[name]
+    assert vml("verify", "--repo", repo_path).returncode == 0
+    assert "already format 2" in vml("upgrade", "--repo", repo_path).stdout
+
+
+def test_a_format_2_repository_imports_a_format_1_bundle_into_packs(vml, home, tmp_path):
+    vml("init", tmp_path / "rep1")  # format 1
+    img = tmp_path / "d.img"
+    subprocess.run(["truncate", "-s", "16M", img], check=True)
+    write_random(img, 0, 6 << 20, seed=6)
+    vml("save", "e1", "--from", img, "--repo", "rep1")
+    vml("export", "e1", "-o", tmp_path / "e1.vml", "--repo", "rep1")
+    registered(home, tmp_path / "rep2", name="rep2", chunk_size=256 << 10, format=2)
+    vml("import", tmp_path / "e1.vml", "--repo", "rep2")
+    assert files_in(tmp_path / "rep2" / "objects") == 2  # the manifest and its map; the chunks are packed
+    assert len(list(packfiles.PackFiles(tmp_path / "rep2", None).packs())) == 1
+    vml("checkout", "e1", tmp_path / "out", "--repo", "rep2")
+    assert (tmp_path / "out" / "d.img").read_bytes() == img.read_bytes()
+    assert vml("verify", "--repo", "rep2").returncode == 0

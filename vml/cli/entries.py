@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import config, home
-from ..entries import bundle, maintenance
+from ..entries import bundle, maintenance, repack
 from ..entries.checkout import checkout
 from ..entries.save import save_source
 from ..errors import Corrupt, UsageError
@@ -116,6 +116,16 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    repo = _repo(args)
+    s = repack.upgrade(repo)
+    if s.was == 2 and not s.packed and not s.dropped:
+        print(f"{repo.name}: already format 2")
+    else:
+        print(f"{repo.name}: format 2; {s.packed} chunks moved into packs, {s.dropped} loose copies removed")
+    return 0
+
+
 def cmd_verify(args) -> int:
     repo = _repo(args)
     with progress_bar(f"verifying {repo.name}", unit="obj") as bar:
@@ -203,6 +213,8 @@ def register(cli) -> None:
     sp.add_argument("--force", action="store_true", help="even if working areas build on it (they keep their data)")
 
     cli.add("gc", cmd_gc, "free the objects no entry needs")
+
+    cli.add("upgrade", cmd_upgrade, "convert a repository to the current format (2: packs), in place")
 
     sp = cli.add("verify", cmd_verify, "check objects and entries; exit 1 if anything is wrong")
     sp.add_argument("entry", nargs="?", metavar="ENTRY")

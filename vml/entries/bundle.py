@@ -37,6 +37,7 @@ from ..repo.chunkmap import chunk_length
 from ..repo.objects import HOLE, decode, parse_hex
 from ..repo.repository import Repository
 from ..repo.store import METADATA_LIMIT
+from .repack import pack_loose
 from .tarstream import TarReader, shown
 
 FORMAT = 1
@@ -204,6 +205,8 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
                 _check_complete(repo, _StagedStore(repo.store, staging, sizes), entries, path)
                 for obj in sizes:
                     repo.store.link_in(obj, staging / obj.hex())
+                if repo.store.format == 2:  # the bundle's chunks came loose: into packs, in disk order
+                    pack_loose(repo, entries.values())
                 repo.store.sync()
                 repo.store.update_refs(entries)
             except OSError as e:

@@ -1,4 +1,5 @@
-"""Garbage collection of packs (format 2): drop dead packs, rewrite mostly dead and small ones.
+"""Packs over time (format 2): gc drops dead packs and rewrites mostly dead and small ones;
+loose chunks (a format-1 repository's, a bundle's) move into packs.
 
 As restic's prune: a pack whose live objects fill less than ``KEEP_LIVE``
 of it, or one of several small packs, has its live objects copied, in
@@ -11,6 +12,7 @@ names, which the next gc removes.
 from dataclasses import dataclass
 
 from ..errors import Corrupt
+from ..repo import leases
 from ..repo.objects import decode
 from ..repo.packfiles import PACK_SIZE
 from ..repo.packs import PackBuilder
@@ -92,3 +94,63 @@ def _copy_live(repo: Repository, objects, live: set[bytes]) -> int:
         files.add_pack(builder, bytes(data))
         written += 1
     return written
+
+
+def pack_loose(repo: Repository, manifests) -> int:
+    """Move the loose chunks of these entries into packs, in disk order, and write their pack sets.
+
+    For a repository being upgraded and for entries a bundle or a copy
+    brought as loose objects. The caller holds the lock. Packs and pack
+    sets are flushed before any loose chunk is removed, so a kill leaves
+    each chunk loose, packed, or both (the next upgrade or gc ends that).
+    Returns how many chunks were packed.
+    """
+    store = repo.store
+    files = store.packs
+    writer = files.writer()
+    moved: list[bytes] = []
+    manifests = list(dict.fromkeys(manifests))
+    for manifest in manifests:
+        resolved = repo.resolve(manifest)
+        for table in [*resolved.disks.values(), *(t for t, _ in resolved.files.values())]:
+            for _, d, _ in table.records():
+                if files.locate(d) is None and store.has(d) and writer.add(d, store.read_raw(d)):
+                    moved.append(d)
+    writer.flush()
+    for manifest in manifests:
+        files.write_packset(manifest, _packs_of(repo, manifest))
+    store.sync()
+    for d in moved:
+        store.remove_object(d)
+    return len(moved)
+
+
+@dataclass(frozen=True)
+class UpgradeSummary:
+    was: int  # the format before
+    packed: int  # chunks moved into packs
+    dropped: int  # loose copies of chunks already in packs, removed
+
+
+def upgrade(repo: Repository) -> UpgradeSummary:
+    """Convert a repository to format 2 in place; safe to kill and to run again.
+
+    Every chunk an entry (or a working area's lease) needs moves into
+    packs; the repository says format 2 only once they are all flushed;
+    loose copies go after that. Manifests and chunk maps stay loose, with
+    their digests, so nothing that names an entry changes.
+    """
+    store = repo.store
+    with store.lock("vml upgrade"):
+        was = store.format
+        roots = [*repo.refs().values(), *(d for lease in leases.roots(repo) for d in lease.digests)]
+        manifests = [d for root in roots for d, _ in repo.local_chain(root)]
+        packed = pack_loose(repo, manifests)
+        if was == 1:
+            store.set_format(2)
+        dropped = 0
+        for d, _ in store.iter_objects():
+            if d is not None and store.packs.locate(d) is not None:  # a loose copy a killed run left
+                store.remove_object(d)
+                dropped += 1
+    return UpgradeSummary(was, packed, dropped)

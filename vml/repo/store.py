@@ -139,6 +139,15 @@ class Store:
         fsync_dir(parent)
         return cls(path)
 
+    def set_format(self, version: int) -> None:
+        """Declare the repository's format (vml upgrade, once the new layout is complete and flushed)."""
+        self._require_lock()
+        meta_path = self.path / META_FILE
+        meta = json.loads(meta_path.read_bytes())
+        meta["format"] = version
+        write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+        self.format = version
+
     # -- objects ---------------------------------------------------------
 
     def _path(self, digest: bytes) -> Path:
