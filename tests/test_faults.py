@@ -213,6 +213,72 @@ def test_kill_9_during_gc(faults, forker, home, rep, tmp_path):
     assert gc(open_repo(rep)).removed >= 0
 
 
+def test_kill_9_during_gc_repacking_format_2(faults, forker, home, tmp_path):
+    rng = random.Random(31)
+    path = tmp_path / "rep2"
+    registered(home, path, name="rep2", format=2)
+    kept = image(rng, 96, 0.9)
+    save_source(open_repo(path), "kept", write_disk(tmp_path / "d.img", kept))
+
+    def make_sparse_packs(n: int) -> dict[str, bytes]:
+        """g{n} then h{n} rewriting half of it; g{n} removed: its packs stay half live."""
+        r = open_repo(path)
+        g = image(rng, 96, 0.9)
+        save_source(r, f"g{n}", write_disk(tmp_path / "g.img", g))
+        h = g[: 48 * CS] + image(rng, 48, 0.9)
+        save_source(r, f"h{n}", write_disk(tmp_path / "g.img", h), parent=f"g{n}")
+        remove(r, f"g{n}", reparent=True)
+        return {f"h{n}": h}
+
+    expected = {"kept": kept, **make_sparse_packs(-1)}
+    kill = Killer(forker, home, forker.timed(home, "gc", "--repo", "rep2"))
+    loop = faults("kill -9 during vml gc repacking (format 2)", tries=20, long_tries=400)
+    for attempt in loop:
+        with attempt:
+            expected |= make_sparse_packs(attempt.index)
+            code = kill("gc", "--repo", "rep2")
+            assert_valid(path, expected)
+            loop.outcome("finished" if code == 0 else "killed mid-way")
+    code, out = forker.run(home, "gc", "--repo", "rep2")
+    assert code == 0, out
+    assert_valid(path, expected)
+
+
+def test_kill_9_during_upgrade(faults, forker, home, tmp_path):
+    rng = random.Random(32)
+    template = tmp_path / "format1"
+    registered(home, template, name="template")
+    data = {"e0": image(rng, 128, 0.9)}
+    save_source(open_repo(template), "e0", write_disk(tmp_path / "d.img", data["e0"]))
+    for i in (1, 2):
+        data[f"e{i}"] = data[f"e{i - 1}"][: 64 * CS] + image(rng, 64, 0.9)
+        save_source(open_repo(template), f"e{i}", write_disk(tmp_path / "d.img", data[f"e{i}"]), parent=f"e{i - 1}")
+    path = tmp_path / "rep"
+    with config.editing(home) as cfg:
+        cfg.register("rep", path)
+
+    def fresh() -> None:
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+        subprocess.run(["cp", "-a", str(template), str(path)], check=True)
+
+    fresh()
+    kill = Killer(forker, home, forker.timed(home, "upgrade", "--repo", "rep"))
+    loop = faults("kill -9 during vml upgrade", tries=20, long_tries=400)
+    for attempt in loop:
+        with attempt:
+            fresh()
+            code = kill("upgrade", "--repo", "rep")
+            assert_valid(path, data)
+            how = "finished" if code == 0 else f"killed mid-way, format {Store(path).format}"
+            code, out = forker.run(home, "upgrade", "--repo", "rep")  # run again: it finishes
+            assert code == 0, out
+            repo = assert_valid(path, data)
+            assert repo.store.format == 2
+            loose = [d for d, _ in repo.store.iter_objects()]
+            assert len(loose) == 3 * 2  # a manifest and a map per entry; every chunk is packed
+            loop.outcome(how)
+
+
 def test_kill_9_during_rm_reparent(faults, forker, home, rep, tmp_path):
     rng = random.Random(4)
     repo = open_repo(rep)

@@ -96,14 +96,16 @@ def _copy_live(repo: Repository, objects, live: set[bytes]) -> int:
     return written
 
 
-def pack_loose(repo: Repository, manifests) -> int:
+def pack_loose(repo: Repository, manifests, drop_loose: bool = True) -> int:
     """Move the loose chunks of these entries into packs, in disk order, and write their pack sets.
 
     For a repository being upgraded and for entries a bundle or a copy
     brought as loose objects. The caller holds the lock. Packs and pack
     sets are flushed before any loose chunk is removed, so a kill leaves
     each chunk loose, packed, or both (the next upgrade or gc ends that).
-    Returns how many chunks were packed.
+    With ``drop_loose`` False the loose copies stay (a format-1
+    repository must keep them until it says format 2). Returns how many
+    chunks were packed.
     """
     store = repo.store
     files = store.packs
@@ -120,8 +122,9 @@ def pack_loose(repo: Repository, manifests) -> int:
     for manifest in manifests:
         files.write_packset(manifest, _packs_of(repo, manifest))
     store.sync()
-    for d in moved:
-        store.remove_object(d)
+    if drop_loose:
+        for d in moved:
+            store.remove_object(d)
     return len(moved)
 
 
@@ -145,7 +148,7 @@ def upgrade(repo: Repository) -> UpgradeSummary:
         was = store.format
         roots = [*repo.refs().values(), *(d for lease in leases.roots(repo) for d in lease.digests)]
         manifests = [d for root in roots for d, _ in repo.local_chain(root)]
-        packed = pack_loose(repo, manifests)
+        packed = pack_loose(repo, manifests, drop_loose=False)  # format 1 reads only loose objects
         if was == 1:
             store.set_format(2)
         dropped = 0
