@@ -111,8 +111,15 @@ class DiskReader:
         return self.cache.get(d, lambda: self.repo.read_chunk(self.table, index, self.where))
 
     def _fetch_ahead(self, index: int) -> None:
-        """Keep up to FETCH_AHEAD chunks on their way for a sequential reader of remote objects."""
-        sequential = index - self._last in (0, 1)
+        """Keep up to FETCH_AHEAD chunks on their way for a sequential reader of remote objects.
+
+        Sequential means the chunk after the one read last. Reading the same
+        chunk again (a read split in two by FUSE, or the page-cache push after
+        a random read) says nothing either way.
+        """
+        if index == self._last:
+            return
+        sequential = index == self._last + 1
         self._last = index
         if not sequential or self._ahead_to - index > FETCH_AHEAD // 2:
             return
