@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import Corrupt
 from ..repo import leases
+from ..repo.chunkmap import HOLE
 from ..repo.objects import decode
 from ..repo.packfiles import PACK_SIZE
 from ..repo.packs import PackBuilder
@@ -53,7 +54,7 @@ def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
     # Every pack set anew, from where its entry's chunks lie now; then the packs nothing names go.
     for manifest in files.packset_manifests():
         if manifest in live:
-            files.write_packset(manifest, _packs_of(repo, manifest))
+            files.write_packset(manifest, repo.packs_of(manifest))
         else:
             files.remove_packset(manifest)
     store.sync()
@@ -63,14 +64,6 @@ def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
         files.remove_pack(pack)
     freed += files.remove_leftovers()
     return RepackSummary(len(dead), len(rewrite), written, freed)
-
-
-def _packs_of(repo: Repository, manifest: bytes) -> set[bytes]:
-    """The packs holding the chunks of the entry with this manifest."""
-    resolved = repo.resolve(manifest)
-    tables = [*resolved.disks.values(), *(t for t, _ in resolved.files.values())]
-    chunks = set().union(*(t.digest_set() for t in tables))
-    return {loc.pack for d in chunks if (loc := repo.store.packs.locate(d)) is not None}
 
 
 def _copy_live(repo: Repository, objects, live: set[bytes]) -> int:
@@ -113,14 +106,14 @@ def pack_loose(repo: Repository, manifests, drop_loose: bool = True) -> int:
     moved: list[bytes] = []
     manifests = list(dict.fromkeys(manifests))
     for manifest in manifests:
-        resolved = repo.resolve(manifest)
-        for table in [*resolved.disks.values(), *(t for t, _ in resolved.files.values())]:
-            for _, d, _ in table.records():
-                if files.locate(d) is None and store.has(d) and writer.add(d, store.read_raw(d)):
-                    moved.append(d)
+        for _, m in reversed(repo.local_chain(manifest)):  # parents first, each disk front to back
+            for s in m.disks + m.files:
+                for _, c, _ in repo.read_map(m, s):
+                    if c != HOLE and files.locate(c) is None and store.has(c) and writer.add(c, store.read_raw(c)):
+                        moved.append(c)
     writer.flush()
     for manifest in manifests:
-        files.write_packset(manifest, _packs_of(repo, manifest))
+        files.write_packset(manifest, repo.packs_of(manifest))
     store.sync()
     if drop_loose:
         for d in moved:

@@ -79,12 +79,7 @@ class ChunkWriter:
         if self.packer is None:
             return
         self.packer.flush()
-        resolved = repo.resolve(digest)
-        chunks: set[bytes] = set()
-        for table in [*resolved.disks.values(), *(t for t, _ in resolved.files.values())]:
-            chunks |= table.digest_set()
-        packs = {loc.pack for d in chunks if (loc := self.store.packs.locate(d)) is not None}
-        self.store.packs.write_packset(digest, packs)
+        self.store.packs.write_packset(digest, repo.packs_of(digest))
 
     @contextlib.contextmanager
     def undone_on_failure(self, what: str, landed=lambda: False):

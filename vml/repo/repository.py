@@ -229,7 +229,15 @@ class Repository:
         disks: dict[str, ChunkTable] = {}
         files: dict[str, tuple[ChunkTable, int]] = {}
         self.store.prepare(digest)
-        for _, m in reversed(self.data_chain(digest)):
+        chain = self.data_chain(digest)
+        for d, _ in chain:  # the first entry of the chain that is on a remote brings the rest
+            if self.fallbacks and not self.store.has(d):
+                for remote in self.fallbacks:
+                    if remote.lists(d):
+                        remote.prepare(d)
+                        break
+                break
+        for _, m in reversed(chain):
             fresh = m.kind == "full"
             disks = {s.name: self._apply(m, s, None if fresh else disks.get(s.name)) for s in m.disks}
             files = {
@@ -279,6 +287,15 @@ class Repository:
                 if d not in needed:
                     needed |= self.objects_of(d, m)
         return needed
+
+    def packs_of(self, manifest: bytes, files=None, local_only: bool = True) -> set[bytes]:
+        """The packs holding objects of the entry's data chain (its pack set); of ``files``, else this store's.
+
+        With ``local_only``, only the part of the chain in this store: what a
+        remote parent holds is the remote's.
+        """
+        files = files or self.store.packs
+        return {loc.pack for d in self.needed_objects([manifest], local_only) if (loc := files.locate(d))}
 
     def local_chain(self, digest: bytes) -> list[tuple[bytes, Manifest]]:
         """The start of the data chain that is in this store, up to the first entry on a remote.
