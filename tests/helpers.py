@@ -11,12 +11,12 @@ from pathlib import Path
 from vml import config
 from vml.repo import chunkmap, objects
 from vml.repo.repository import Repository
-from vml.repo.store import Store
+from vml.repo.store import FORMAT, Store
 
 CS = 4096
 
 
-def registered(home: Path, path: Path, name: str = "rep", chunk_size: int = CS, format: int = 1) -> Repository:
+def registered(home: Path, path: Path, name: str = "rep", chunk_size: int = CS, format: int = FORMAT) -> Repository:
     """A new repository at ``path``, registered in ``home`` as ``name``, opened as vml opens it."""
     Store.create(path, chunk_size=chunk_size, format=format)
     with config.editing(home) as cfg:

@@ -247,7 +247,7 @@ def test_kill_9_during_gc_repacking_format_2(faults, forker, home, tmp_path):
 def test_kill_9_during_upgrade(faults, forker, home, tmp_path):
     rng = random.Random(32)
     template = tmp_path / "format1"
-    registered(home, template, name="template")
+    registered(home, template, name="template", format=1)
     data = {"e0": image(rng, 128, 0.9)}
     save_source(open_repo(template), "e0", write_disk(tmp_path / "d.img", data["e0"]))
     for i in (1, 2):

@@ -113,7 +113,7 @@ def test_gc_repacks_until_the_repository_is_about_a_fresh_save_of_what_is_left(v
 
 def test_upgrade_moves_a_format_1_repository_into_packs_keeping_every_entry(vml, home, tmp_path):
     repo_path = tmp_path / "rep1"
-    vml("init", repo_path)
+    vml("init", repo_path, "--format", "1")
     img = tmp_path / "d.img"
     subprocess.run(["truncate", "-s", "32M", img], check=True)
     write_random(img, 0, 12 << 20, seed=3)
@@ -139,7 +139,7 @@ def test_upgrade_moves_a_format_1_repository_into_packs_keeping_every_entry(vml,
 
 
 def test_a_format_2_repository_imports_a_format_1_bundle_into_packs(vml, home, tmp_path):
-    vml("init", tmp_path / "rep1")  # format 1
+    vml("init", tmp_path / "rep1", "--format", "1")
     img = tmp_path / "d.img"
     subprocess.run(["truncate", "-s", "16M", img], check=True)
     write_random(img, 0, 6 << 20, seed=6)

@@ -18,18 +18,20 @@ from .remotes import fetch
 from .remotes.catalog import Catalog
 from .remotes.remote import RemoteConfig, RemoteStore
 from .repo.repository import Repository
-from .repo.store import META_FILE, Store
+from .repo.store import FORMAT, META_FILE, Store
 from .vms.areas import list_areas, roots
 
 
-def init_repository(home: Path, path: Path, name: str, chunk_size: int, make_default: bool) -> tuple[Store, bool, bool]:
-    """Create the repository at ``path`` (or take the one there) and register it as ``name``.
+def init_repository(
+    home: Path, path: Path, name: str, chunk_size: int, make_default: bool, format: int = FORMAT
+) -> tuple[Store, bool, bool]:
+    """Create the repository at ``path`` in ``format`` (or take the one there) and register it as ``name``.
 
     Returns (its store, whether it was created, whether it is the default now).
     """
     check_repository_name(name)
     created = not (path / META_FILE).exists()
-    store = Store.create(path, chunk_size) if created else Store(path)
+    store = Store.create(path, chunk_size, format) if created else Store(path)
     with config.editing(home) as cfg:
         cfg.register(name, path, make_default)
         return store, created, cfg.default == name

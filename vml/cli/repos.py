@@ -1,13 +1,14 @@
 """vml init, log, consult, show: repositories and what they hold."""
 
 import json
+import sys
 from pathlib import Path
 
 from .. import config, control, home
 from ..entries import copies
 from ..errors import VmlError
 from ..names import check_repository_name, format_size, parse_size
-from ..repo.store import DEFAULT_CHUNK_SIZE, check_chunk_size
+from ..repo.store import DEFAULT_CHUNK_SIZE, FORMAT, FORMATS, check_chunk_size
 from ..vms import areas
 from .output import report_damaged, show_lines, table, tree_lines
 
@@ -16,10 +17,16 @@ def cmd_init(args) -> int:
     path = Path(args.path).absolute()
     name = check_repository_name(args.name or path.name)
     chunk_size = check_chunk_size(parse_size(args.chunk_size)) if args.chunk_size else DEFAULT_CHUNK_SIZE
-    store, created, default = home.init_repository(config.vml_home(), path, name, chunk_size, args.default)
+    store, created, default = home.init_repository(
+        config.vml_home(), path, name, chunk_size, args.default, args.format or FORMAT
+    )
+    if not created and args.format and args.format != store.format:
+        print(f"vml: {path} is a repository of format {store.format} already; registered as it is", file=sys.stderr)
     verb = "created" if created else "registered existing"
     star = " (default)" if default else ""
-    print(f"{verb} repository {name}{star} at {path}, chunk size {format_size(store.chunk_size)}")
+    print(
+        f"{verb} repository {name}{star} at {path}, format {store.format}, chunk size {format_size(store.chunk_size)}"
+    )
     return 0
 
 
@@ -89,6 +96,12 @@ def register(cli) -> None:
     sp.add_argument("--name", help="name to register it under (default: the directory name)")
     sp.add_argument("--chunk-size", metavar="SIZE", help=f"chunk size, e.g. 256K (default {DEFAULT_CHUNK_SIZE >> 10}K)")
     sp.add_argument("--default", action="store_true", help="make it the default repository")
+    sp.add_argument(
+        "--format",
+        type=int,
+        choices=FORMATS,
+        help=f"repository format (default {FORMAT}; 1 for a repository older vml versions must also use)",
+    )
 
     sp = cli.add("log", cmd_log, "print the tree of entries")
     sp.add_argument("repository", nargs="?", metavar="REPO")

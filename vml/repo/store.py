@@ -50,7 +50,7 @@ from ..names import check_name
 from . import objects
 from .packfiles import PackFiles
 
-FORMAT = 1  # what `vml init` creates, until format 2 is complete (docs/format2.md)
+FORMAT = 2  # what `vml init` creates
 FORMATS = (1, 2)  # what this version reads
 META_FILE = "vml-repository.json"
 REFS_FILE = "refs.json"
