@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
 from vml import config
@@ -24,6 +25,8 @@ from vml.remotes import catalog as catalogs
 from vml.remotes import publish
 from vml.remotes.remote import RemoteConfig, RemoteStore
 from vml.repo.objects import decode
+from vml.repo.packfiles import decode_packset, index_path, pack_path, packset_path
+from vml.repo.packs import Index
 from vml.repo.repository import Repository
 from vml.repo.store import METADATA_LIMIT
 
@@ -116,7 +119,8 @@ def configure(home: Path, name: str = "cern", url: str | None = None, **settings
 
 
 def objects_in(pub: Path) -> list[str]:
-    return sorted(str(p.relative_to(pub)) for p in (pub / "objects").rglob("*") if p.is_file())
+    """Every published file but the catalog: objects, packs, indexes and pack sets."""
+    return sorted(str(p.relative_to(pub)) for d in ("objects", "packs", "packsets") for p in (pub / d).rglob("*"))
 
 
 # -- the repository a remote stands for ----------------------------------------
@@ -183,27 +187,40 @@ def test_payload_formats_and_unknown_keys(publisher, served):
     pub, _ = served
     public = private_key(publisher).public_key()
     cat = served_catalog(pub, publisher)
-    assert payload_of(cat)["format"] == 2 and cat.expires is not None and not cat.expired()
+    assert payload_of(cat)["format"] == 3 and cat.expires is not None and not cat.expired()
+    assert cat.packsets.keys() == cat.manifests and cat.indexes  # chunks are published in packs
     doc = payload_of(cat)
+    # Format 2, as vml published loose objects before packs: read, with no packs.
+    loose = {k: v for k, v in doc.items() if k not in ("packsets", "indexes")} | {"format": 2}
+    write_payload(pub, publisher, loose)
+    got = catalogs.verify((pub / "catalog.json").read_bytes(), public, "test")
+    assert got.refs == cat.refs and got.packsets == {} and got.indexes == {}
+    assert payload_of(dataclasses.replace(cat, packsets={}, indexes={}))["format"] == 2
 
     # Format 1, exactly as vml wrote it before expiry: read, and it never expires.
     old = {k: v for k, v in doc.items() if k != "expires"} | {"format": 1}
     write_payload(pub, publisher, old)
     got = catalogs.verify((pub / "catalog.json").read_bytes(), public, "test")
     assert got.expires is None and not got.expired() and got.refs == cat.refs
-    assert payload_of(dataclasses.replace(cat, expires=None))["format"] == 1  # what has no expiry is format 1
+    no_expiry = dataclasses.replace(cat, expires=None, packsets={}, indexes={})
+    assert payload_of(no_expiry)["format"] == 1  # what has no expiry is format 1
 
-    # Keys a reader does not know are ignored, in format 2 as in format 1.
-    for base in (doc, old):
-        write_payload(pub, publisher, base | {"certificates": [{"key": "ed25519:x"}], "packs": {"p1": [1, 2]}})
+    # Keys a reader does not know are ignored, in every format.
+    for base in (doc, loose, old):
+        write_payload(pub, publisher, base | {"certificates": [{"key": "ed25519:x"}], "pack_sizes": {"p1": [1, 2]}})
         assert catalogs.verify((pub / "catalog.json").read_bytes(), public, "test").refs == cat.refs
 
-    # A newer format is refused whole; format 2 must say when it expires.
+    # A newer format is refused whole; format 2 must say when it expires, format 3 where its packs are.
+    some = next(iter(doc["indexes"]))
     for bad, why in (
-        (doc | {"format": 3}, "newer than this vml reads"),
+        (doc | {"format": 4}, "newer than this vml reads"),
         ({k: v for k, v in doc.items() if k != "expires"}, "expires"),
         (doc | {"expires": "next week"}, "does not match format"),
         (doc | {"format": "2"}, "invalid format"),
+        ({k: v for k, v in doc.items() if k != "indexes"}, "indexes"),
+        (doc | {"indexes": {some: "zz"}}, "bad digest"),
+        (doc | {"indexes": [some]}, "expected an object"),
+        (doc | {"packsets": {"ab" * 32: "cd" * 32}}, "not listed"),
     ):
         write_payload(pub, publisher, bad)
         with pytest.raises(CorruptManifest, match=why):
@@ -360,18 +377,25 @@ def test_remote_add_checks_its_numbers(vml, publisher):
 # -- publish under kill -9 ---------------------------------------------------------
 
 
-def test_publish_writes_again_an_object_cut_short(publisher, tmp_path):
+def test_publish_writes_again_an_object_or_a_pack_cut_short(publisher, tmp_path):
     """As a crash of the machine can leave one that a killed publish renamed into place unflushed."""
     pub = copy_published(publisher["pub"], tmp_path / "pub")
-    victim = sorted((pub / "objects").glob("*/*"))[7]
+    victim = sorted((pub / "objects").glob("*/*"))[1]
     replace(victim, b"")
     out = publisher["vml"]("publish", pub, "--key", publisher["key"]).stdout
     assert "1 new objects" in out
-    check_published(pub, private_key(publisher).public_key())
+    cat = check_published(pub, private_key(publisher).public_key())
+    pack = sorted(cat.indexes)[0]
+    held = Index(index_path(pub, pack).read_bytes(), "test", pack).count
+    replace(pack_path(pub, pack), pack_path(pub, pack).read_bytes()[:1000])
+    out = publisher["vml"]("publish", pub, "--key", publisher["key"]).stdout
+    assert f"{held} new objects" in out
+    after = check_published(pub, private_key(publisher).public_key())
+    assert after.refs == cat.refs and pack_path(pub, pack).stat().st_size > 1000
 
 
 class PublishedObjects:
-    """The objects of a published directory, read as Repository reads a Store."""
+    """The loose objects of a published directory (manifests and chunk maps), read as Repository reads a Store."""
 
     def __init__(self, root: Path):
         self.path = root
@@ -379,6 +403,9 @@ class PublishedObjects:
     def object_path(self, digest: bytes) -> Path:
         h = digest.hex()
         return self.path / "objects" / h[:2] / h[2:]
+
+    def prepare(self, manifest: bytes) -> None:
+        pass
 
     def has(self, digest: bytes) -> bool:
         return self.object_path(digest).exists()
@@ -394,13 +421,32 @@ class PublishedObjects:
 
 
 def check_published(pub: Path, public) -> catalogs.Catalog:
-    """The catalog ``pub`` serves, once checked: it verifies, every object its manifests
-    need is there, and every file under an object's name is that object, complete."""
+    """The catalog ``pub`` serves, once checked: it verifies; every pack set and index is the one
+    it names, and every pack is complete; every object its manifests need is there, loose or in a
+    pack of the entry's pack set; and every object is the one its name says."""
     cat = catalogs.verify((pub / "catalog.json").read_bytes(), public, str(pub))
-    objects = PublishedObjects(pub)
-    needed = Repository(objects, cat.repository).needed_objects(cat.manifests)
+    assert cat.packsets.keys() == cat.manifests
+    in_pack = {}
+    for pack, digest in cat.indexes.items():
+        data = index_path(pub, pack).read_bytes()
+        assert blake3.blake3(data).digest() == digest, f"index of {pack.hex()} is not the one the catalog names"
+        body = pack_path(pub, pack).read_bytes()
+        assert blake3.blake3(body).digest() == pack, f"pack {pack.hex()} is not whole"
+        for d, loc in Index(data, "test", pack):
+            decode(body[loc.offset : loc.offset + loc.length], d, METADATA_LIMIT, f"pack {pack.hex()}")
+            in_pack[d] = pack
+    repo = Repository(PublishedObjects(pub), cat.repository)
+    for manifest, digest in cat.packsets.items():
+        data = packset_path(pub, manifest).read_bytes()
+        assert blake3.blake3(data).digest() == digest
+        packs = set(decode_packset(data, "test"))
+        assert packs <= cat.indexes.keys()
+        chunks = repo.needed_objects([manifest]) - set(m for m, _ in repo.data_chain(manifest))
+        chunks -= {md for _, m in repo.data_chain(manifest) for md in m.map_digests()}
+        assert {in_pack.get(d) for d in chunks} <= packs, f"a chunk of {manifest.hex()} is outside its pack set"
+    needed = repo.needed_objects(cat.manifests)
     present = {p.parent.name + p.name: p for p in (pub / "objects").glob("*/*") if not p.name.startswith(".")}
-    missing = {d.hex() for d in needed} - set(present)
+    missing = {d.hex() for d in needed if d not in in_pack} - set(present)
     assert not missing, f"{pub}: the catalog names objects that are not there: {sorted(missing)[:3]}"
     for name, p in present.items():
         decode(p.read_bytes(), bytes.fromhex(name), METADATA_LIMIT, str(p))

@@ -22,6 +22,12 @@ Formats, and how the payload may grow:
 - format 2: adds ``expires`` (ISO UTC, like ``published``), required.
   A client refuses an expired catalog from the network, so a server or
   proxy cannot keep serving a frozen catalog for ever.
+- format 3: chunks are published in packs (docs/format.md), no longer as
+  loose objects, so a format-2 reader would miss content. Adds
+  ``packsets`` (manifest digest -> BLAKE3 of ``packsets/<manifest>``) and
+  ``indexes`` (pack digest -> BLAKE3 of ``packs/ab/<pack>.idx``): the
+  signature covers every pack set and index, and each pack is named by the
+  BLAKE3 of its bytes.
 
 A reader ignores payload keys it does not know. A later addition that a
 reader may safely ignore (a certificate, a pack index beside the loose
@@ -37,7 +43,7 @@ import binascii
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -51,7 +57,7 @@ from ..names import check_name
 from ..repo.objects import parse_hex
 from ..times import format_iso, parse_iso
 
-FORMAT = 2  # the newest format this module reads and writes
+FORMAT = 3  # the newest format this module reads and writes
 CATALOG_FILE = "catalog.json"
 CATALOG_LIMIT = 64 << 20
 KEY_PREFIX = "ed25519:"
@@ -131,10 +137,18 @@ class Catalog:
     refs: dict[str, bytes]
     manifests: frozenset[bytes]
     expires: str | None = None  # ISO UTC; None (format 1) never expires
+    packsets: dict[bytes, bytes] = field(default_factory=dict)  # manifest -> BLAKE3 of its pack set (format 3)
+    indexes: dict[bytes, bytes] = field(default_factory=dict)  # pack -> BLAKE3 of its index (format 3)
+
+    @property
+    def format(self) -> int:
+        return 1 if self.expires is None else 3 if self.packsets or self.indexes else 2
 
     def payload(self) -> bytes:
+        if self.format == 1 and (self.packsets or self.indexes):
+            raise ValueError("a catalog of packs must expire")
         doc = {
-            "format": 1 if self.expires is None else 2,
+            "format": self.format,
             "repository": self.repository,
             "revision": self.revision,
             "published": self.published,
@@ -143,6 +157,9 @@ class Catalog:
         }
         if self.expires is not None:
             doc["expires"] = self.expires
+        if self.format >= 3:
+            doc["packsets"] = {m.hex(): d.hex() for m, d in sorted(self.packsets.items())}
+            doc["indexes"] = {p.hex(): d.hex() for p, d in sorted(self.indexes.items())}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     def expired(self, now: datetime | None = None) -> bool:
@@ -206,6 +223,21 @@ def _parse_payload(payload: bytes, where: str) -> Catalog:
         if not set(refs.values()) <= manifests:
             raise ValueError("a ref names a manifest that is not listed")
         repository = check_name(doc["repository"], "repository")
-        return Catalog(repository, revision, str(doc["published"]), refs, manifests, expires)
+        packsets, indexes = {}, {}
+        if fmt >= 3:
+            packsets, indexes = _digest_map(doc["packsets"]), _digest_map(doc["indexes"])
+            if not set(packsets) <= manifests:
+                raise ValueError("a pack set is of a manifest that is not listed")
+        return Catalog(repository, revision, str(doc["published"]), refs, manifests, expires, packsets, indexes)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
         raise CorruptManifest(f"{where}: invalid catalog ({e})") from None
+
+
+def _digest_map(doc) -> dict[bytes, bytes]:
+    """{hex digest: hex digest} as bytes; a ValueError for anything else."""
+    if not isinstance(doc, dict):
+        raise ValueError("expected an object of digests")
+    out = {parse_hex(k): parse_hex(v) for k, v in doc.items()}
+    if None in out or None in out.values():
+        raise ValueError("bad digest")
+    return out

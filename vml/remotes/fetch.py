@@ -143,8 +143,19 @@ class Fetcher:
             c = self._local.curl = pycurl.Curl()
         return c
 
-    def get(self, path: str, max_bytes: int, check=None, fresh: bool = False, deadline: float | None = None):
+    def get(
+        self,
+        path: str,
+        max_bytes: int,
+        check=None,
+        fresh: bool = False,
+        deadline: float | None = None,
+        span: tuple[int, int] | None = None,
+    ):
         """The body at ``path``, passed through ``check`` (which may raise Corrupt to reject it).
+
+        With ``span`` (offset, length), only those bytes, by a Range request:
+        a server that answers with anything but exactly them has failed.
 
         Tries members in order and rounds of them with back-off until the
         deadline; raises ObjectMissing when every member of a round said 404,
@@ -163,7 +174,7 @@ class Fetcher:
                 if time.monotonic() >= deadline:
                     break
                 try:
-                    body = self._get_once(url, member, max_bytes, fresh, deadline)
+                    body = self._get_once(url, member, max_bytes, fresh, deadline, span)
                     result = check(body) if check else body
                 except _Failed as e:
                     if not e.missing:  # a 404 is the origin's answer, not the proxy's failure
@@ -191,7 +202,9 @@ class Fetcher:
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
 
-    def _get_once(self, url: str, member: str | None, max_bytes: int, fresh: bool, deadline: float) -> bytes:
+    def _get_once(
+        self, url: str, member: str | None, max_bytes: int, fresh: bool, deadline: float, span: tuple[int, int] | None
+    ) -> bytes:
         """One GET through ``member`` (None: direct), bounded in time and size, on this thread's handle.
 
         libcurl enforces the whole request's deadline (TIMEOUT_MS covers
@@ -238,6 +251,8 @@ class Fetcher:
         else:
             c.setopt(pycurl.CAINFO, certifi.where() if st.verify_tls is True else str(st.verify_tls))
         c.setopt(pycurl.WRITEFUNCTION, write)
+        if span is not None:
+            c.setopt(pycurl.RANGE, f"{span[0]}-{span[0] + span[1] - 1}")
         try:
             c.perform()
         except pycurl.error as e:
@@ -254,8 +269,10 @@ class Fetcher:
                 raise _Failed(f"truncated reply ({_curl_reason(code, message)})") from None
             raise _Failed(_curl_reason(code, message)) from None
         status = c.getinfo(pycurl.RESPONSE_CODE)
-        if status != 200:
-            raise _Failed(f"HTTP {status}", missing=status == 404)
+        if status != (200 if span is None else 206):
+            raise _Failed(f"HTTP {status}" + (" to a Range request" if span else ""), missing=status == 404)
+        if span is not None and len(body) != span[1]:
+            raise _Failed(f"{len(body)} bytes in reply to a Range request of {span[1]}")
         with self._lock:
             self.bytes += len(body)
         return bytes(body)

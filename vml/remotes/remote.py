@@ -42,6 +42,7 @@ from . import catalog as catalogs
 from .cache import ObjectCache
 from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
 from .fetch import Fetcher, Settings
+from .remotepacks import RemotePacks
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class RemoteStore:
         self.key = catalogs.parse_public_key(rc.key, f"remote {rc.name}")
         self.fetcher = Fetcher(rc.url, rc.settings, f"remote {rc.name}")
         self.refs_path = self.path / CATALOG_FILE
+        self.packs = RemotePacks(self.path, self.fetcher, self.cache, self._where())
         self._lock = threading.Lock()
         self._inflight: dict[bytes, _InFlight] = {}
         self._catalog: tuple[float, Catalog] | None = None
@@ -248,14 +250,17 @@ class RemoteStore:
 
     # -- objects ---------------------------------------------------------
 
-    def prepare(self, manifest: bytes) -> None:
-        """Nothing to load before reading an entry: objects are found by name."""
-
     def has(self, digest: bytes) -> bool:
         return self.cache.has(digest)
 
+    def prepare(self, manifest: bytes) -> None:
+        """Learn where the chunks of this entry lie, if the remote publishes packs."""
+        self.packs.prepare(self.catalog(), manifest)
+
     def object_size(self, digest: bytes) -> int:
         size = self.cache.size_of(digest)
+        if size is None and (loc := self.packs.locate(digest)) is not None:
+            size = loc.length
         return size if size is not None else len(self.read_raw(digest))
 
     def read(self, digest: bytes, limit: int) -> bytes:
@@ -311,10 +316,16 @@ class RemoteStore:
         def check(blob: bytes) -> tuple[bytes, bytes]:
             return blob, decode(blob, digest, limit, where)
 
+        loc = self.packs.locate(digest, self.catalog())
         try:
-            blob, content = self.fetcher.get(
-                f"{layout.OBJECTS}/{layout.object_name(digest)}", _blob_limit(limit), check
-            )
+            if loc is None:
+                blob, content = self.fetcher.get(
+                    f"{layout.OBJECTS}/{layout.object_name(digest)}", _blob_limit(limit), check
+                )
+            elif self.packs.wait(loc.pack) and (cached := self.cache.peek(digest)) is not None:
+                return check(cached)  # its pack was on its way, and is in the cache now
+            else:
+                blob, content = self.packs.fetch_frame(loc, check)
         except ObjectMissing:
             raise ObjectMissing(f"object {h} is missing from remote {self.name} ({self.rc.url})") from None
         self.cache.count("fetched_bytes", len(blob))
@@ -331,10 +342,10 @@ class RemoteStore:
 
     def prefetch(self, digests, limit: int) -> None:
         """Fetch these objects in the background, if not cached or on their way already."""
-        for d in digests:
+        for d in self.packs.prefetch([d for d in digests if not self.cache.has(d)]):
             with self._lock:
                 busy = d in self._inflight
-            if not busy and not self.cache.has(d):
+            if not busy:
                 self.pool().submit(self._quiet_read, d, limit)
 
     def _quiet_read(self, digest: bytes, limit: int) -> None:
@@ -356,8 +367,10 @@ class RemoteStore:
         missing = [d for d in digests if not self.cache.has(d)]
         progress.start(len(missing))
         before = self.fetcher.bytes
-        for _ in self.pool().map(lambda d: self._obtain(d, limit), missing):
+        packed, loose = self.packs.by_pack(missing)
+        for _ in self.pool().map(lambda d: self._obtain(d, limit), loose):
             progress.advance(1)
+        self.packs.fetch_packs(packed, progress)
         return self.fetcher.bytes - before
 
     # -- pins ------------------------------------------------------------
@@ -413,6 +426,7 @@ class RemoteRepository(Repository):
         The manifests of all the remote's entries come too (they are small),
         so that `vml log` works offline.
         """
+        self.store.prepare(digest)
         chain = self.data_chain(digest)
         out = list(dict.fromkeys([d for d, _ in chain] + sorted(self.store.catalog().refs.values())))
         out += [md for _, m in chain for md in m.map_digests()]

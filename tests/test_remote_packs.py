@@ -1,0 +1,134 @@
+"""The published layout of packs: what goes over HTTP, how much, and what is checked (real nginx, real mount)."""
+
+import mmap
+import os
+import shutil
+
+import pytest
+
+from vml.config import Config
+from vml.errors import Corrupt
+from vml.remotes import catalog as catalogs
+from vml.remotes.remotepacks import RANDOM_READ_BOUND
+from vml.repo.packfiles import decode_packset, index_path, packset_path
+from vml.repo.packs import Index
+
+from conftest import Vml, add_remote, debugfs_write
+from servers import Nginx
+
+
+def pack_requests(origin, since: int) -> list[tuple[str, int]]:
+    """(path, body bytes) of the pack requests (not indexes) served since request number ``since``."""
+    return [(p, n) for _, p, st, n in origin.requests()[since:] if p.startswith("/packs/") and not p.endswith(".idx")]
+
+
+def packs_of(pub, cat, name) -> dict[str, Index]:
+    """The published packs of entry ``name``: URL path -> index."""
+    manifest = cat.refs[name]
+    out = {}
+    for pack in decode_packset(packset_path(pub, manifest).read_bytes(), "test"):
+        h = pack.hex()
+        out[f"/packs/{h[:2]}/{h}"] = Index(index_path(pub, pack).read_bytes(), "test", pack)
+    return out
+
+
+def served_catalog(published) -> catalogs.Catalog:
+    key = catalogs.load_private_key(published["key"]).public_key()
+    return catalogs.verify((published["pub"] / "catalog.json").read_bytes(), key, "test")
+
+
+def test_a_random_read_fetches_one_frame_and_a_sequential_read_whole_packs(vml, home, mounted, origin, published):
+    add_remote(vml, origin, published)
+    cat = served_catalog(published)
+    packs = packs_of(published["pub"], cat, "e2")
+    (disk,) = [p for p in (mounted / "cern" / "e2").iterdir() if p.suffix == ".img"]
+    repo = Config.load(home).open("cern")
+    (table,) = repo.resolve(cat.refs["e2"]).disks.values()
+    # A chunk in the middle of a pack of e2, so that neither neighbour has been read.
+    chunks = [i for i, d, _ in table.records()]
+    i = chunks[len(chunks) // 2]
+
+    before = len(origin.requests())
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        os.preadv(fd, [buf], i * table.chunk_size)
+    finally:
+        os.close(fd)
+    assert bytes(buf) == published["image"].read_bytes()[i * table.chunk_size :][:4096]
+    got = pack_requests(origin, before)
+    assert len(got) == 1, got  # one Range request, of that chunk's frame
+    path, size = got[0]
+    assert size == packs[path].find(table.digest(i)).length <= RANDOM_READ_BOUND
+
+    # A whole sequential read: whole packs, each at most once.
+    before = len(origin.requests())
+    assert disk.read_bytes() == published["image"].read_bytes()
+    got = pack_requests(origin, before)
+    whole = [p for p, n in got if n == packs[p].pack_size]
+    assert len(got) - len(whole) <= 2, got  # the first read or two, before the run is seen, are frames
+    assert len(set(whole)) == len(whole)
+    assert sum(n for _, n in got) <= 1.1 * sum(ix.pack_size for ix in packs.values())
+
+
+def test_preload_fetches_whole_packs_and_reads_offline(vml, home, origin, published, tmp_path):
+    add_remote(vml, origin, published)
+    cat = served_catalog(published)
+    wanted = packs_of(published["pub"], cat, "e2")
+    before = len(origin.requests())
+    vml("cache", "preload", "cern:e2")
+    got = pack_requests(origin, before)
+    assert sorted(p for p, _ in got) == sorted(wanted)  # every pack of the entry, once
+    assert all(n == wanted[p].pack_size for p, n in got)  # whole
+    after = len(origin.requests())
+    vml("checkout", "cern:e2", tmp_path / "co")
+    assert {p for _, p, _, _ in origin.requests()[after:]} <= {"/catalog.json"}  # the cache serves it all
+    (img,) = (tmp_path / "co").glob("*.img")
+    assert img.read_bytes() == published["image"].read_bytes()
+
+
+def test_publishing_a_new_entry_on_a_published_base_writes_only_new_packs(published, tmp_path):
+    # Copies of the publisher's repository and published directory (the originals are shared).
+    v = Vml(tmp_path / "home", tmp_path)
+    shutil.copytree(published["dir"] / "rep1", tmp_path / "rep1")
+    v("init", tmp_path / "rep1")
+    pub = tmp_path / "pub"
+    shutil.copytree(published["pub"], pub)
+    before = {p: p.stat().st_mtime_ns for p in (pub / "packs").rglob("*") if p.is_file()}
+    img = tmp_path / "e3.img"
+    shutil.copy(published["image"], img)
+    new_bytes = os.urandom(1 << 20)
+    debugfs_write(img, {"e3.bin": new_bytes}, tmp_path / "w")
+    v("save", "e3", "--from", img, "--parent", "e2")
+    out = v("publish", pub, "--key", published["key"]).stdout
+    after = {p: p.stat().st_mtime_ns for p in (pub / "packs").rglob("*") if p.is_file()}
+    assert all(after[p] == t for p, t in before.items())  # no published pack or index changed
+    new = [p for p in after if p not in before and p.suffix != ".idx"]
+    assert len(new) == 1, out  # e3's chunks, in one pack of their own
+    assert new[0].stat().st_size < 2 * len(new_bytes)
+    cat = served_catalog(dict(published, pub=pub))
+    assert set(cat.refs) == {"base", "e2", "e3"} and cat.packsets.keys() == cat.manifests
+
+
+@pytest.mark.parametrize("victim", ["index", "packset"])
+def test_an_index_or_pack_set_that_is_not_the_signed_one_is_refused(vml, home, published, tmp_path, victim):
+    pub = tmp_path / "pub"
+    shutil.copytree(published["pub"], pub)
+    cat = served_catalog(published)
+    if victim == "index":  # a valid index, of another pack: well formed, and not the one the catalog names
+        a, b = sorted(cat.indexes)[:2]
+        shutil.copy(index_path(pub, b), index_path(pub, a))
+        path = f"packs/{a.hex()[:2]}/{a.hex()}.idx"
+    else:
+        a, b = sorted(cat.packsets)[:2]
+        shutil.copy(packset_path(pub, b), packset_path(pub, a))
+        path = f"packsets/{a.hex()}"
+    server = Nginx(pub)
+    try:
+        add_remote(vml, server, published)
+        repo = Config.load(home).open("cern")
+        with pytest.raises(Corrupt, match=f"{path} does not match the catalog"):
+            for name in cat.refs:
+                repo.resolve(cat.refs[name])
+    finally:
+        server.stop()

@@ -1,0 +1,212 @@
+"""A remote's chunks read out of its published packs (catalog format 3).
+
+A repository published as packs (docs/format.md) serves ``packs/ab/<pack>``
+with its index ``packs/ab/<pack>.idx``, and for every entry
+``packsets/<manifest>``, the packs its data lies in. The signed catalog
+gives the BLAKE3 of every pack set and every index, and a pack is named by
+the BLAKE3 of its bytes: everything is checked against the signature before
+it is used, and each chunk is still checked against its digest when read.
+
+A reader of an entry first loads its pack set and those packs' indexes
+(kept in the cache directory, so an entry once opened opens offline). Then:
+
+- a sequential reader's fetch-ahead and preload fetch **whole packs**, on a
+  few connections, each checked in one pass and split into the cache as
+  its chunks. Whole packs are what Squid and CDNs cache, and one request
+  brings tens of chunks;
+- any other read fetches only its chunk's frame, by a Range request: at
+  most one frame, the chunk size plus zstd's bound (``RANDOM_READ_BOUND``).
+"""
+
+import logging
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import blake3
+
+from ..errors import CorruptManifest, CorruptObject
+from ..files import write_atomic
+from ..progress import SILENT, Progress
+from ..repo.packfiles import MAX_PACKSET, decode_packset
+from ..repo.packs import MAX_INDEX, MAX_OBJECT, Index, Location
+from .cache import ObjectCache
+from .catalog import Catalog
+from .fetch import Fetcher
+
+log = logging.getLogger(__name__)
+
+PACK_CONNECTIONS = 4  # whole packs fetched at once (bench/packs.py: 4 reach curl's rate)
+RANDOM_READ_BOUND = MAX_OBJECT  # bytes a read outside a sequential run may fetch: one frame
+
+
+def pack_url(pack: bytes) -> str:
+    h = pack.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
+class _Job:
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class RemotePacks:
+    """Where a remote's chunks lie in its packs, and fetching them from there."""
+
+    def __init__(self, cache_dir: Path, fetcher: Fetcher, cache: ObjectCache, where: str):
+        self.dir, self.fetcher, self.cache, self.where = cache_dir, fetcher, cache, where
+        self._lock = threading.Lock()
+        self._where: dict[bytes, Location] = {}
+        self._indexes: dict[bytes, Index] = {}
+        self._prepared: set[bytes] = set()
+        self._jobs: dict[bytes, _Job] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- indexes ---------------------------------------------------------
+
+    def prepare(self, catalog: Catalog, manifest: bytes) -> None:
+        """Load the indexes of the packs an entry's data lies in (fetched once, then from the cache)."""
+        want = catalog.packsets.get(manifest)
+        if want is None or manifest in self._prepared:
+            return  # not published as packs: its objects are loose
+        h = manifest.hex()
+        data = self._small_file(f"packsets/{h}", self.dir / "packsets" / h, want, MAX_PACKSET, f"pack set of {h}")
+        packs = decode_packset(data, f"{self.where}: packsets/{h}")
+        missing = [p for p in packs if p not in self._indexes]
+        for pack in missing:
+            if pack not in catalog.indexes:
+                raise CorruptManifest(f"{self.where}: pack set of {h} names pack {pack.hex()}, unknown to the catalog")
+        for index in self._pool_of().map(lambda p: self._load_index(p, catalog.indexes[p]), missing):
+            with self._lock:
+                self._indexes[index.pack] = index
+                for d, loc in index:
+                    self._where.setdefault(d, loc)
+        self._prepared.add(manifest)
+
+    def _load_index(self, pack: bytes, digest: bytes) -> Index:
+        h = pack.hex()
+        where = f"{self.where}: {pack_url(pack)}.idx"
+        data = self._small_file(f"{pack_url(pack)}.idx", self.dir / "indexes" / f"{h}.idx", digest, MAX_INDEX, where)
+        return Index(data, where, pack)
+
+    def _small_file(self, url: str, kept: Path, digest: bytes, limit: int, what: str) -> bytes:
+        """A file whose BLAKE3 the catalog gives: from the cache directory, else fetched and kept there."""
+        try:
+            data = kept.read_bytes()
+            if blake3.blake3(data).digest() == digest:
+                return data
+            log.warning("%s: %s does not match the catalog; fetching it again", self.where, kept)
+        except FileNotFoundError:
+            pass
+
+        def check(body: bytes) -> bytes:
+            if blake3.blake3(body).digest() != digest:
+                raise CorruptObject(f"{self.where}: {url} does not match the catalog ({what})")
+            return body
+
+        data = self.fetcher.get(url, limit, check)
+        kept.parent.mkdir(exist_ok=True)
+        write_atomic(kept, data, sync=False)
+        return data
+
+    def locate(self, digest: bytes, catalog: Catalog | None = None) -> Location | None:
+        """Where a loaded index puts ``digest``; with ``catalog``, a miss loads every entry's indexes first.
+
+        Readers of an entry have loaded its indexes (``prepare``); a lookup
+        of an object outside any prepared entry costs every index once.
+        """
+        loc = self._where.get(digest)
+        if loc is None and catalog is not None and not catalog.packsets.keys() <= self._prepared:
+            for manifest in sorted(catalog.packsets):
+                self.prepare(catalog, manifest)
+            loc = self._where.get(digest)
+        return loc
+
+    # -- fetching --------------------------------------------------------
+
+    def wait(self, pack: bytes) -> bool:
+        """Wait for a whole-pack fetch of ``pack`` if one is under way; whether there was one."""
+        with self._lock:
+            job = self._jobs.get(pack)
+        if job is not None:
+            job.done.wait()
+        return job is not None
+
+    def fetch_frame(self, loc: Location, check):
+        """One object's frame by a Range request, passed through ``check``."""
+        return self.fetcher.get(pack_url(loc.pack), loc.length, check, span=(loc.offset, loc.length))
+
+    def fetch_pack(self, pack: bytes) -> int:
+        """Fetch a whole pack into the cache as its objects (once, however many ask); bytes fetched."""
+        with self._lock:
+            job = self._jobs.get(pack)
+            leader = job is None
+            if leader:
+                job = self._jobs[pack] = _Job()
+        if not leader:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            return 0
+        try:
+            index = self._indexes[pack]
+
+            def check(body: bytes) -> bytes:
+                if len(body) != index.pack_size or blake3.blake3(body).digest() != pack:
+                    raise CorruptObject(f"{self.where}: {pack_url(pack)} does not match its name")
+                return body
+
+            data = self.fetcher.get(pack_url(pack), index.pack_size, check)
+            view = memoryview(data)
+            for d, loc in index:
+                if not self.cache.has(d):
+                    self.cache.put(d, view[loc.offset : loc.offset + loc.length])
+            self.cache.count("fetched_bytes", len(data))
+            return len(data)
+        except BaseException as e:
+            job.error = e
+            raise
+        finally:
+            with self._lock:
+                del self._jobs[pack]
+            job.done.set()
+
+    def by_pack(self, digests) -> tuple[dict[bytes, list[bytes]], list[bytes]]:
+        """({pack: its digests among these}, digests in no known pack)."""
+        packed, loose = defaultdict(list), []
+        for d in digests:
+            loc = self._where.get(d)
+            if loc is None:
+                loose.append(d)
+            else:
+                packed[loc.pack].append(d)
+        return packed, loose
+
+    def prefetch(self, digests) -> list[bytes]:
+        """Start fetching the packs of these objects in the background; return the ones in no pack."""
+        packed, loose = self.by_pack(digests)
+        for pack in packed:
+            with self._lock:
+                busy = pack in self._jobs
+            if not busy:
+                self._pool_of().submit(self._quiet_fetch, pack)
+        return loose
+
+    def _quiet_fetch(self, pack: bytes) -> None:
+        try:
+            self.fetch_pack(pack)
+        except Exception as e:  # a read that needs it will fetch its frame and say why if that fails
+            log.debug("%s: fetching pack %s ahead failed: %s", self.where, pack.hex(), e)
+
+    def fetch_packs(self, packed: dict[bytes, list[bytes]], progress: Progress = SILENT) -> None:
+        """Fetch these packs whole (``packed``: pack -> the wanted objects in it), on a few connections."""
+        for pack in self._pool_of().map(lambda p: (self.fetch_pack(p), p)[1], packed):
+            progress.advance(len(packed[pack]))
+
+    def _pool_of(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(PACK_CONNECTIONS, thread_name_prefix="vml-packs")
+            return self._pool
