@@ -166,18 +166,26 @@ http {{
 
 
 class Squid:
-    """Squid on a free port, caching in memory (objects up to 16 MiB)."""
+    """Squid on a free port: caching in memory (objects up to 16 MiB), or with ``settings``, the cache
+    settings given (docs/remote.md's), with their spool directory moved into a temporary one."""
 
-    def __init__(self):
+    def __init__(self, settings: str | None = None):
         self.dir = _public_dir("vml-squid.")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        conf = f"""
-http_port 127.0.0.1:{self.port}
-pid_filename {self.dir}/squid.pid
+        cache = """
 cache_mem 256 MB
 maximum_object_size_in_memory 16 MB
 maximum_object_size 16 MB
+collapsed_forwarding on
+refresh_pattern . 0 20% 4320
+"""
+        if settings is not None:
+            cache = settings.replace("/var/spool/squid", str(self.dir / "spool")) + "\nrefresh_pattern . 0 20% 4320\n"
+        conf = f"""
+http_port 127.0.0.1:{self.port}
+pid_filename {self.dir}/squid.pid
+{cache}
 memory_replacement_policy lru
 access_log stdio:{self.dir}/access.log
 cache_log {self.dir}/cache.log
@@ -186,8 +194,6 @@ coredump_dir {self.dir}
 acl local src 127.0.0.1/32
 http_access allow local
 http_access deny all
-collapsed_forwarding on
-refresh_pattern . 0 20% 4320
 shutdown_lifetime 0 seconds
 visible_hostname vml-test-squid
 netdb_filename none
@@ -198,6 +204,8 @@ client_db off
         if os.geteuid() == 0:
             proxy = pwd.getpwnam("proxy")
             os.chown(self.dir, proxy.pw_uid, proxy.pw_gid)
+        if "cache_dir" in cache:  # the spool is made once, as DESIGN.md's recipe says
+            subprocess.run(["squid", "-f", str(self.dir / "squid.conf"), "-z", "-N"], check=True, capture_output=True)
         self.proc = subprocess.Popen(
             ["squid", "-f", str(self.dir / "squid.conf"), "-N"],
             stdout=subprocess.DEVNULL,

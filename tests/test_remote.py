@@ -2,7 +2,6 @@
 the tests' own fault-injecting TCP proxy (tests/servers.py).
 """
 
-import collections
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Vml, add_remote, debugfs_write, need, set_remote
-from servers import FaultProxy, Nginx, Squid, free_port, self_signed
+from servers import FaultProxy, Nginx, free_port, self_signed
 
 
 @pytest.fixture
@@ -76,29 +75,6 @@ def test_publishing_again_adds_only_new_objects(published, tmp_path):
     vml("keygen", other)
     msg = vml.fails("publish", published["pub"], "--key", other)
     assert "signed with another key" in msg
-
-
-def test_many_clients_behind_squid_fetch_each_object_once_from_the_origin(origin, published, tmp_path):
-    need("squid")
-    squid = Squid()
-    try:
-        clients = []
-        for i in range(4):
-            v = Vml(tmp_path / f"home{i}", tmp_path)
-            add_remote(v, origin, published, "--proxy", squid.url)
-            clients.append(v)
-        before = len(origin.requests())
-        procs = [v.popen("cache", "preload", "cern:e2") for v in clients]
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err
-        for v in clients:
-            checkout_equal(v, "cern:e2", published["image"], tmp_path / f"co{id(v)}")
-        served = collections.Counter(p for _, p, st, _ in origin.requests()[before:] if p.startswith("/objects/"))
-        assert set(served) == objects_of(published["pub"])
-        assert max(served.values()) == 1, served.most_common(3)
-    finally:
-        squid.stop()
 
 
 def test_a_dead_and_a_too_slow_proxy_are_failed_over(vml, home, origin, published, tmp_path):

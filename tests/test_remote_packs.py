@@ -3,6 +3,10 @@
 import mmap
 import os
 import shutil
+import subprocess
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +17,8 @@ from vml.remotes.remotepacks import RANDOM_READ_BOUND
 from vml.repo.packfiles import decode_packset, index_path, packset_path
 from vml.repo.packs import Index
 
-from conftest import Vml, add_remote, debugfs_write
-from servers import Nginx
+from conftest import Vml, add_remote, debugfs_write, need, need_fuse
+from servers import Nginx, Squid
 
 
 def pack_requests(origin, since: int) -> list[tuple[str, int]]:
@@ -132,3 +136,54 @@ def test_an_index_or_pack_set_that_is_not_the_signed_one_is_refused(vml, home, p
                 repo.resolve(cat.refs[name])
     finally:
         server.stop()
+
+
+def documented_squid_settings() -> str:
+    """The Squid settings docs/remote.md prescribes, exactly as written there."""
+    doc = (Path(__file__).parent.parent / "docs" / "remote.md").read_text()
+    block = doc.split("<!-- squid settings for vml: begin -->")[1].split("<!-- squid settings for vml: end -->")[0]
+    return block.strip().removeprefix("```").removesuffix("```")
+
+
+def test_eight_clients_with_their_own_mounts_behind_one_squid_cost_the_origin_the_entry_once(
+    origin, published, tmp_path
+):
+    """The fan-out case: 8 nodes boot the same entry at once through the site's Squid (docs/remote.md)."""
+    need("squid")
+    need_fuse()
+    squid = Squid(documented_squid_settings())
+    clients, mounts = [], []
+    try:
+        for i in range(8):
+            v = Vml(tmp_path / f"home{i}", tmp_path)
+            add_remote(v, origin, published, "--proxy", squid.url)
+            mp = tmp_path / f"mnt{i}"
+            mp.mkdir()
+            v("mount", mp)
+            clients.append(v)
+            mounts.append(mp)
+        cat = served_catalog(published)
+        pub = published["pub"]
+        packs = packs_of(pub, cat, "e2")
+        chain = [cat.refs["e2"], cat.refs["base"]]
+        stored = sum(ix.pack_size + index_path(pub, ix.pack).stat().st_size for ix in packs.values())
+        stored += sum(packset_path(pub, m).stat().st_size for m in chain)
+        stored += sum(p.stat().st_size for p in (pub / "objects").rglob("*") if p.is_file())
+        before = len(origin.requests())
+
+        want = published["image"].read_bytes()
+
+        def read(mp) -> bool:
+            (disk,) = [p for p in (mp / "cern" / "e2").iterdir() if p.suffix == ".img"]
+            return disk.read_bytes() == want
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(read, mounts))
+        served = [(p, n) for _, p, _, n in origin.requests()[before:] if p != "/catalog.json"]
+        origin_bytes = sum(n for _, n in served)
+        assert origin_bytes <= 1.1 * stored, (origin_bytes, stored, Counter(p for p, _ in served).most_common(3))
+        assert origin_bytes >= 0.9 * sum(ix.pack_size for ix in packs.values())  # the packs did come from it
+    finally:
+        for mp in mounts:
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
+        squid.stop()

@@ -95,7 +95,7 @@ class DiskReader:
     def __init__(self, repo: Repository, table: ChunkTable, where: str, cache: ChunkCache):
         self.repo, self.table, self.where, self.cache = repo, table, where, cache
         self.fetches = repo.read_only or bool(repo.fallbacks)  # objects may come over the network
-        self._last = -2  # the chunk read last, to spot a sequential reader
+        self._last = -1  # the chunk read last, to spot a sequential reader (one starting at 0 is one)
         self._ahead_to = 0  # chunks before this one have been asked for
 
     @property
@@ -113,9 +113,11 @@ class DiskReader:
     def _fetch_ahead(self, index: int) -> None:
         """Keep up to FETCH_AHEAD chunks on their way for a sequential reader of remote objects.
 
-        Sequential means the chunk after the one read last. Reading the same
-        chunk again (a read split in two by FUSE, or the page-cache push after
-        a random read) says nothing either way.
+        Sequential means the chunk after the one read last, or the first
+        chunk, where booting and copying start. Reading the same chunk again
+        (a read split in two by FUSE, or the page-cache push after a random
+        read) says nothing either way. The chunk being read is asked for too,
+        so that it comes with its pack when packs are fetched whole.
         """
         if index == self._last:
             return
@@ -123,7 +125,7 @@ class DiskReader:
         self._last = index
         if not sequential or self._ahead_to - index > FETCH_AHEAD // 2:
             return
-        start, end = max(index + 1, self._ahead_to), min(self.table.count, index + 1 + FETCH_AHEAD)
+        start, end = max(index, self._ahead_to), min(self.table.count, index + 1 + FETCH_AHEAD)
         self._ahead_to = end
         wanted = [d for i in range(start, end) if (d := self.table.digest(i)) != HOLE and self.cache.peek(d) is None]
         if wanted:

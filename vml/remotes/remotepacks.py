@@ -138,18 +138,26 @@ class RemotePacks:
         """One object's frame by a Range request, passed through ``check``."""
         return self.fetcher.get(pack_url(loc.pack), loc.length, check, span=(loc.offset, loc.length))
 
-    def fetch_pack(self, pack: bytes) -> int:
-        """Fetch a whole pack into the cache as its objects (once, however many ask); bytes fetched."""
+    def _job(self, pack: bytes) -> tuple[_Job, bool]:
+        """The fetch of ``pack`` under way, or a new one; and whether it is new (the caller runs it)."""
         with self._lock:
             job = self._jobs.get(pack)
-            leader = job is None
-            if leader:
-                job = self._jobs[pack] = _Job()
-        if not leader:
-            job.done.wait()
-            if job.error is not None:
-                raise job.error
-            return 0
+            if job is not None:
+                return job, False
+            job = self._jobs[pack] = _Job()
+            return job, True
+
+    def fetch_pack(self, pack: bytes) -> int:
+        """Fetch a whole pack into the cache as its objects (once, however many ask); bytes fetched."""
+        job, leader = self._job(pack)
+        if leader:
+            return self._run(pack, job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return 0
+
+    def _run(self, pack: bytes, job: _Job) -> int:
         try:
             index = self._indexes[pack]
 
@@ -188,15 +196,14 @@ class RemotePacks:
         """Start fetching the packs of these objects in the background; return the ones in no pack."""
         packed, loose = self.by_pack(digests)
         for pack in packed:
-            with self._lock:
-                busy = pack in self._jobs
-            if not busy:
-                self._pool_of().submit(self._quiet_fetch, pack)
+            job, leader = self._job(pack)  # on its way from now on: readers of its chunks wait for it
+            if leader:
+                self._pool_of().submit(self._quiet_run, pack, job)
         return loose
 
-    def _quiet_fetch(self, pack: bytes) -> None:
+    def _quiet_run(self, pack: bytes, job: _Job) -> None:
         try:
-            self.fetch_pack(pack)
+            self._run(pack, job)
         except Exception as e:  # a read that needs it will fetch its frame and say why if that fails
             log.debug("%s: fetching pack %s ahead failed: %s", self.where, pack.hex(), e)
 
