@@ -8,8 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from vml import config
-from vml.repo import chunkmap, objects
+from vml import config, layout
+from vml.repo import chunkmap, objects, packfiles
 from vml.repo.repository import Repository
 from vml.repo.store import FORMAT, Store
 
@@ -24,10 +24,48 @@ def registered(home: Path, path: Path, name: str = "rep", chunk_size: int = CS, 
     return config.Config.load(home).open(name)
 
 
+def stored_files(repo_path: Path) -> list[str]:
+    """Every file that holds objects: loose objects, packs, their indexes and pack sets."""
+    return sorted(
+        str(p.relative_to(repo_path))
+        for d in (layout.OBJECTS, packfiles.PACKS, packfiles.PACKSETS)
+        for p in (repo_path / d).rglob("*")
+        if p.is_file()
+    )
+
+
 def snapshot(repo_path):
-    """Everything that defines a repository's state: refs and the set of objects."""
-    objs = sorted(str(p.relative_to(repo_path)) for p in (repo_path / "objects").rglob("*") if p.is_file())
-    return (repo_path / "refs.json").read_text(), objs
+    """Everything that defines a repository's state: refs and the set of stored files."""
+    return (repo_path / "refs.json").read_text(), stored_files(repo_path)
+
+
+def stored_place(repo_path: Path, digest: bytes) -> tuple[Path, int, int]:
+    """Where an object's stored bytes lie: (file, offset, length), a loose file or a frame in a pack."""
+    loose = layout.object_path(repo_path, digest)
+    if loose.exists():
+        return loose, 0, loose.stat().st_size
+    files = packfiles.PackFiles(repo_path, None)
+    loc = files.locate(digest)
+    assert loc is not None, f"object {digest.hex()} is not stored in {repo_path}"
+    return packfiles.pack_path(repo_path, loc.pack), loc.offset, loc.length
+
+
+def flip_stored(repo_path: Path, digest: bytes, at: float = 0.5) -> Path:
+    """Flip every bit of one byte of an object's stored bytes (at that fraction of them); the file changed."""
+    path, offset, length = stored_place(repo_path, digest)
+    with open(path, "r+b") as f:
+        f.seek(offset + int(at * (length - 1)))
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return path
+
+
+def remove_stored(repo_path: Path, digest: bytes) -> Path:
+    """Make an object missing: its loose file, or the pack it lies in (its index stays). The file removed."""
+    path, _, _ = stored_place(repo_path, digest)
+    path.unlink()
+    return path
 
 
 def assert_untouched(vml, repo_path, before):

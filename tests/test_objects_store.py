@@ -131,6 +131,6 @@ def test_the_next_writer_clears_what_a_dead_writer_left_in_tmp(tmp_path):
 def test_create_is_all_or_nothing(tmp_path):
     store = Store.create(tmp_path / "r", chunk_size=64 << 10)
     meta = json.loads((store.path / "vml-repository.json").read_text())
-    assert meta == {"format": 1, "chunk_size": 65536, "digest": "blake3", "compression": "zstd"}
+    assert meta == {"format": 2, "chunk_size": 65536, "digest": "blake3", "compression": "zstd"}
     assert len(list((store.path / "objects").iterdir())) == 256
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no staging directory left

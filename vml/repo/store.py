@@ -176,7 +176,11 @@ class Store:
             with open(self._path(digest), "rb") as f:
                 return f.read()
         except FileNotFoundError:
-            return self.packs.read(self._packed(digest))
+            loc = self._packed(digest)
+        try:
+            return self.packs.read(loc)
+        except ObjectMissing as e:  # its pack is gone
+            raise ObjectMissing(f"object {digest.hex()} is missing: {e}") from None
 
     def prepare(self, manifest: bytes) -> None:
         """Load the indexes of the packs the entry's data lies in (format 2); a damaged pack set is CorruptObject."""
