@@ -4,6 +4,8 @@ import errno
 import os
 import random
 import subprocess
+import sys
+from pathlib import Path
 
 from vml.repo import packfiles
 
@@ -152,3 +154,62 @@ def test_a_format_2_repository_imports_a_format_1_bundle_into_packs(vml, home, t
     vml("checkout", "e1", tmp_path / "out", "--repo", "rep2")
     assert (tmp_path / "out" / "d.img").read_bytes() == img.read_bytes()
     assert vml("verify", "--repo", "rep2").returncode == 0
+
+
+# The last commit whose `vml init` created format 1: the release before format 2.
+FORMAT_1_RELEASE = "91b173d6855731ccc164ac4e7f368c5f1f87c319"
+
+
+def test_upgrade_converts_a_repository_made_by_the_previous_release(vml, home, tmp_path):
+    """The previous release's own code makes the repository (git archive of its commit), this one upgrades it."""
+    source = Path(__file__).parent.parent
+    old = tmp_path / "previous-release"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(source), "archive", FORMAT_1_RELEASE, "vml"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    env = dict(vml.env, PYTHONPATH=str(old))  # that release's vml package, nothing of this one
+
+    def previous(*args):
+        r = subprocess.run(
+            [sys.executable, "-m", "vml", *map(str, args)], env=env, cwd=old, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    repo_path = tmp_path / "old"
+    previous("init", repo_path, "--name", "old")
+    img = tmp_path / "d.img"
+    subprocess.run(["truncate", "-s", "24M", img], check=True)
+    images = {}
+    write_random(img, 0, 6 << 20, seed=11)
+    previous("save", "base", "--from", img, "--repo", "old")
+    images["base"] = img.read_bytes()
+    write_random(img, 3 << 20, 1 << 20, seed=12)
+    previous("save", "incr", "--from", img, "--repo", "old", "--parent", "base")
+    images["incr"] = img.read_bytes()
+    write_random(img, 20 << 20, 1 << 20, seed=13)
+    previous("save", "diff", "--from", img, "--repo", "old", "--parent", "incr", "--kind", "differential")
+    images["diff"] = img.read_bytes()
+    previous("export", "incr", "--full", "-o", tmp_path / "incr.vml", "--repo", "old")
+    assert '"format": 1' in (repo_path / "vml-repository.json").read_text()
+    refs = (repo_path / "refs.json").read_text()
+
+    # This release reads the old repository as it is, then upgrades it in place.
+    vml("checkout", "diff", tmp_path / "before", "--repo", "old")
+    assert (tmp_path / "before" / "d.img").read_bytes() == images["diff"]
+    out = vml("upgrade", "--repo", "old").stdout
+    assert "format 2" in out and "chunks moved into packs" in out, out
+    assert '"format": 2' in (repo_path / "vml-repository.json").read_text()
+    assert (repo_path / "refs.json").read_text() == refs  # every entry keeps its manifest digest
+    assert list(packfiles.PackFiles(repo_path, None).packs())
+    for name, data in images.items():
+        vml("checkout", name, tmp_path / f"after-{name}", "--repo", "old")
+        assert (tmp_path / f"after-{name}" / "d.img").read_bytes() == data, name
+    assert vml("verify", "--repo", "old").returncode == 0
+    # A bundle the previous release exported imports into a new format-2 repository.
+    vml("init", tmp_path / "new")
+    vml("import", tmp_path / "incr.vml", "--repo", "new")
+    vml("checkout", "incr", tmp_path / "imported", "--repo", "new")
+    assert (tmp_path / "imported" / "d.img").read_bytes() == images["incr"]
