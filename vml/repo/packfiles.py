@@ -1,6 +1,6 @@
 """A repository's packs on disk: writing them, finding objects in them, pack sets.
 
-Layout (format 2, see docs/format2.md)::
+Layout (format 2, see docs/format.md)::
 
     packs/ab/<pack digest>        object frames back to back
     packs/ab/<pack digest>.idx    the pack's index (vml.repo.packs)
@@ -30,7 +30,7 @@ from .packs import Index, Location, PackBuilder
 
 PACKS = "packs"
 PACKSETS = "packsets"
-PACK_SIZE = 8 << 20  # a pack is sealed once it holds this much (docs/format2.md)
+PACK_SIZE = 8 << 20  # a pack is sealed once it holds this much (docs/format.md)
 PACKSET_MAGIC = b"VMLPSET1"
 MAX_PACKSET = len(PACKSET_MAGIC) + (1 << 20) * DIGEST_SIZE + DIGEST_SIZE
 OPEN_PACKS = 64  # pack descriptors kept open for reading
