@@ -17,6 +17,10 @@ move exactly the same bytes over the same path.
    far more than its boot touches); the guest boots under TCG from a working
    area opened on the remote entry, and nginx's log gives the bytes fetched.
    Target < 10% of the entry's stored bytes.
+4. Squid fan-out: 8 clients, each with its own VML home and mount, read the
+   1 GiB entry at once through one real Squid configured with exactly the
+   settings docs/remote.md prescribes; nginx's log gives the bytes the
+   origin served. Target <= 1.1x the entry's stored bytes.
 
     .venv/bin/python bench/remote.py [--workdir DIR] [--repeat N]
 """
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from common import drop_caches, mkfs_ext4, need, print_table, real_tree, run
-from servers import FaultProxy, Nginx
+from servers import FaultProxy, Nginx, Squid, documented_squid_settings
 
 VML = [sys.executable, "-m", "vml"]
 
@@ -62,11 +66,20 @@ def publish(work: Path, name: str, source: Path) -> tuple[Path, Path]:
     vml(home, "save", name, "--from", source)
     vml(home, "keygen", key)
     vml(home, "publish", pub, "--key", key)
-    # The same bytes as one file, on the same server.
+    # The same bytes as one file, on the same server: every object and pack (and index) published.
     with open(pub / "all-objects.bin", "wb") as out:
-        for p in sorted((pub / "objects").glob("*/*")):
+        for p in stored_files(pub):
             out.write(p.read_bytes())
     return pub, key.with_name(key.name + ".pub")
+
+
+def stored_files(pub: Path) -> list[Path]:
+    return sorted(p for d in ("objects", "packs", "packsets") for p in (pub / d).rglob("*") if p.is_file())
+
+
+def served_bytes(origin: Nginx, since: int = 0) -> int:
+    """Body bytes the origin served for objects, packs, indexes and pack sets."""
+    return sum(n for _, p, st, n in origin.requests()[since:] if p.split("/")[1] in ("objects", "packs", "packsets"))
 
 
 def client(work: Path, tag: str, url: str, pubkey: Path, *extra) -> Path:
@@ -183,8 +196,8 @@ def bench_boot(work: Path, origin_dir: Path, pubkey: Path) -> list:
         seconds = time.perf_counter() - t0
         if "VML-GUEST-DONE" not in r.stdout:
             sys.exit(f"bench: the guest did not finish booting:\n{r.stdout[-2000:]}")
-        fetched = sum(size for _, p, st, size in origin.requests() if p.startswith("/objects/") and st == 200)
-        stored = sum(p.stat().st_size for p in (origin_dir / "objects").glob("*/*"))
+        fetched = served_bytes(origin)
+        stored = sum(p.stat().st_size for p in stored_files(origin_dir))
         vml(home, "close", "run", "--discard")
     finally:
         vml(home, "umount", mp, check=False)
@@ -198,11 +211,48 @@ def bench_boot(work: Path, origin_dir: Path, pubkey: Path) -> list:
     ]
 
 
+def bench_fanout(work: Path, pub: Path, pubkey: Path, origin: Nginx, clients: int = 8) -> list:
+    need("squid")
+    squid = Squid(documented_squid_settings())
+    mounts = []
+    try:
+        homes = [client(work, f"fanout{i}", origin.url, pubkey, "--proxy", squid.url) for i in range(clients)]
+        for i, home in enumerate(homes):
+            mp = work / f"mnt-fanout{i}"
+            mp.mkdir(exist_ok=True)
+            vml(home, "mount", mp)
+            mounts.append((home, mp))
+        drop_caches()
+        before = len(origin.requests())
+        t0 = time.perf_counter()
+        procs = []
+        for _, mp in mounts:
+            (disk,) = [p for p in (mp / "cern" / "disk").iterdir() if p.suffix == ".img"]
+            procs.append(subprocess.Popen(["dd", f"if={disk}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL))
+        if any(p.wait() != 0 for p in procs):
+            sys.exit("bench: a fan-out reader failed")
+        seconds = time.perf_counter() - t0
+        served = served_bytes(origin, before)
+    finally:
+        for home, mp in mounts:
+            vml(home, "umount", mp, check=False)
+        squid.stop()
+    stored = sum(p.stat().st_size for p in stored_files(pub))
+    return [
+        f"Squid fan-out: {clients} mounts read the entry at once ({seconds:.0f} s)",
+        f"{stored >> 20} MiB stored",
+        f"{served / 2**20:.0f} MiB from the origin",
+        f"{served / stored:.2f}x",
+        "<= 1.1x",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/vml-bench/remote"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-boot", action="store_true")
+    ap.add_argument("--skip-fanout", action="store_true")
     args = ap.parse_args()
     need("nginx", "curl", "mkfs.ext4", "dd")
     work = args.workdir
@@ -217,6 +267,8 @@ def main() -> None:
     try:
         rows.append(bench_preload(work, pub, pubkey, origin, args.repeat))
         rows.append(bench_cold_read(work, pub, pubkey, origin, args.repeat))
+        if not args.skip_fanout:
+            rows.append(bench_fanout(work, pub, pubkey, origin))
     finally:
         origin.stop()
     if not args.skip_boot:

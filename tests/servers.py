@@ -165,6 +165,13 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def documented_squid_settings() -> str:
+    """The Squid settings docs/remote.md prescribes, exactly as written there."""
+    doc = (Path(__file__).parent.parent / "docs" / "remote.md").read_text()
+    block = doc.split("<!-- squid settings for vml: begin -->")[1].split("<!-- squid settings for vml: end -->")[0]
+    return block.strip().removeprefix("```").removesuffix("```")
+
+
 class Squid:
     """Squid on a free port: caching in memory (objects up to 16 MiB), or with ``settings``, the cache
     settings given (docs/remote.md's), with their spool directory moved into a temporary one."""

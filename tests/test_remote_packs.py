@@ -6,7 +6,6 @@ import shutil
 import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +17,7 @@ from vml.repo.packfiles import decode_packset, index_path, packset_path
 from vml.repo.packs import Index
 
 from conftest import Vml, add_remote, debugfs_write, need, need_fuse
-from servers import Nginx, Squid
+from servers import Nginx, Squid, documented_squid_settings
 
 
 def pack_requests(origin, since: int) -> list[tuple[str, int]]:
@@ -136,13 +135,6 @@ def test_an_index_or_pack_set_that_is_not_the_signed_one_is_refused(vml, home, p
                 repo.resolve(cat.refs[name])
     finally:
         server.stop()
-
-
-def documented_squid_settings() -> str:
-    """The Squid settings docs/remote.md prescribes, exactly as written there."""
-    doc = (Path(__file__).parent.parent / "docs" / "remote.md").read_text()
-    block = doc.split("<!-- squid settings for vml: begin -->")[1].split("<!-- squid settings for vml: end -->")[0]
-    return block.strip().removeprefix("```").removesuffix("```")
 
 
 def test_eight_clients_with_their_own_mounts_behind_one_squid_cost_the_origin_the_entry_once(
