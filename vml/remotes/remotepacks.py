@@ -208,8 +208,22 @@ class RemotePacks:
             log.debug("%s: fetching pack %s ahead failed: %s", self.where, pack.hex(), e)
 
     def fetch_packs(self, packed: dict[bytes, list[bytes]], progress: Progress = SILENT) -> None:
-        """Fetch these packs whole (``packed``: pack -> the wanted objects in it), on a few connections."""
-        for pack in self._pool_of().map(lambda p: (self.fetch_pack(p), p)[1], packed):
+        """Fetch these packs whole (``packed``: pack -> the wanted objects in it), on a few connections.
+
+        Only the pool's threads fetch and only this thread waits, so a pack
+        already on its way (asked for ahead) is waited for, never fetched twice,
+        and no pool thread ever waits for work queued behind it.
+        """
+        jobs = []
+        for pack in packed:
+            job, leader = self._job(pack)
+            if leader:
+                self._pool_of().submit(self._quiet_run, pack, job)
+            jobs.append((pack, job))
+        for pack, job in jobs:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
             progress.advance(len(packed[pack]))
 
     def _pool_of(self) -> ThreadPoolExecutor:
