@@ -16,21 +16,18 @@ import threading
 import time
 from pathlib import Path
 
-import blake3
 import pytest
 
 from vml import config
-from vml.errors import BadSignature, CorruptManifest, ObjectMissing
+from vml.errors import BadSignature, CorruptManifest
 from vml.remotes import catalog as catalogs
 from vml.remotes import publish
 from vml.remotes.remote import RemoteConfig, RemoteStore
-from vml.repo.objects import decode
-from vml.repo.packfiles import decode_packset, index_path, pack_path, packset_path
+from vml.repo.packfiles import index_path, pack_path
 from vml.repo.packs import Index
-from vml.repo.repository import Repository
-from vml.repo.store import METADATA_LIMIT
 
 from conftest import Vml, need
+from helpers import check_published
 from servers import Nginx
 
 PAST = "2001-01-01T00:00:00Z"
@@ -392,62 +389,3 @@ def test_publish_writes_again_an_object_or_a_pack_cut_short(publisher, tmp_path)
     assert f"{held} new objects" in out
     after = check_published(pub, private_key(publisher).public_key())
     assert after.refs == cat.refs and pack_path(pub, pack).stat().st_size > 1000
-
-
-class PublishedObjects:
-    """The loose objects of a published directory (manifests and chunk maps), read as Repository reads a Store."""
-
-    def __init__(self, root: Path):
-        self.path = root
-
-    def object_path(self, digest: bytes) -> Path:
-        h = digest.hex()
-        return self.path / "objects" / h[:2] / h[2:]
-
-    def prepare(self, manifest: bytes) -> None:
-        pass
-
-    def has(self, digest: bytes) -> bool:
-        return self.object_path(digest).exists()
-
-    def read_raw(self, digest: bytes) -> bytes:
-        try:
-            return self.object_path(digest).read_bytes()
-        except FileNotFoundError:
-            raise ObjectMissing(f"{self.object_path(digest)}: missing") from None
-
-    def read(self, digest: bytes, limit: int) -> bytes:
-        return decode(self.read_raw(digest), digest, limit, str(self.object_path(digest)))
-
-
-def check_published(pub: Path, public) -> catalogs.Catalog:
-    """The catalog ``pub`` serves, once checked: it verifies; every pack set and index is the one
-    it names, and every pack is complete; every object its manifests need is there, loose or in a
-    pack of the entry's pack set; and every object is the one its name says."""
-    cat = catalogs.verify((pub / "catalog.json").read_bytes(), public, str(pub))
-    assert cat.packsets.keys() == cat.manifests
-    in_pack = {}
-    for pack, digest in cat.indexes.items():
-        data = index_path(pub, pack).read_bytes()
-        assert blake3.blake3(data).digest() == digest, f"index of {pack.hex()} is not the one the catalog names"
-        body = pack_path(pub, pack).read_bytes()
-        assert blake3.blake3(body).digest() == pack, f"pack {pack.hex()} is not whole"
-        for d, loc in Index(data, "test", pack):
-            decode(body[loc.offset : loc.offset + loc.length], d, METADATA_LIMIT, f"pack {pack.hex()}")
-            in_pack[d] = pack
-    repo = Repository(PublishedObjects(pub), cat.repository)
-    for manifest, digest in cat.packsets.items():
-        data = packset_path(pub, manifest).read_bytes()
-        assert blake3.blake3(data).digest() == digest
-        packs = set(decode_packset(data, "test"))
-        assert packs <= cat.indexes.keys()
-        chunks = repo.needed_objects([manifest]) - set(m for m, _ in repo.data_chain(manifest))
-        chunks -= {md for _, m in repo.data_chain(manifest) for md in m.map_digests()}
-        assert {in_pack.get(d) for d in chunks} <= packs, f"a chunk of {manifest.hex()} is outside its pack set"
-    needed = repo.needed_objects(cat.manifests)
-    present = {p.parent.name + p.name: p for p in (pub / "objects").glob("*/*") if not p.name.startswith(".")}
-    missing = {d.hex() for d in needed if d not in in_pack} - set(present)
-    assert not missing, f"{pub}: the catalog names objects that are not there: {sorted(missing)[:3]}"
-    for name, p in present.items():
-        decode(p.read_bytes(), bytes.fromhex(name), METADATA_LIMIT, str(p))
-    return cat

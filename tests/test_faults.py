@@ -39,7 +39,7 @@ from vml.vms.areas import Area
 
 from conftest import add_remote, need_fuse, set_remote
 from forker import Forker
-from helpers import fill, registered
+from helpers import check_published, fill, registered, stored_files, stored_place
 from servers import FaultProxy
 
 CS = 4096
@@ -326,40 +326,22 @@ def test_kill_9_during_publish(faults, forker, home, rep, tmp_path):
             code = kill("publish", out, "--key", tmp_path / "key")
             served = catalog.verify((out / "catalog.json").read_bytes(), public, "catalog")
             assert served.revision in (before, before + 1)
-            assert_published_whole(out, served)
+            assert check_published(out, public) == served  # every file it names there, whole
             if served.revision > before:
                 loop.outcome("finished")
             else:
                 assert code == -9
-                written = any(p.stat().st_mtime > started for p in out.glob("objects/*/*"))
-                loop.outcome("killed after writing objects" if written else "killed before writing objects")
+                written = any(p.stat().st_mtime > started for p in stored_files_of(out))
+                loop.outcome("killed after writing files" if written else "killed before writing files")
     code, text = forker.run(home, "publish", out, "--key", tmp_path / "key")  # completes over what was left
     assert code == 0, text
-    assert not list(out.glob("objects/*/.*")) and not list(out.glob(".catalog.json.*"))
+    for leftover in ("objects/*/.*", "packs/*/.*", "packsets/.*", ".catalog.json.*"):
+        assert not list(out.glob(leftover))
+    check_published(out, public)
 
 
-def assert_published_whole(out: Path, served) -> None:
-    """Every object the served catalog's entries need is there and decodes to its name."""
-    reader = Repository(_PublishedStore(out), "pub")
-    for digest in served.manifests:
-        for d in reader.needed_objects([digest]):
-            blob = (out / "objects" / d.hex()[:2] / d.hex()[2:]).read_bytes()
-            decode(blob, d, METADATA_LIMIT, d.hex())
-
-
-class _PublishedStore:
-    """A published directory read as a store (objects only)."""
-
-    def __init__(self, root: Path):
-        self.path = root
-
-    def read(self, digest: bytes, limit: int) -> bytes:
-        h = digest.hex()
-        return decode((self.path / "objects" / h[:2] / h[2:]).read_bytes(), digest, limit, h)
-
-    def has(self, digest: bytes) -> bool:
-        h = digest.hex()
-        return (self.path / "objects" / h[:2] / h[2:]).exists()
+def stored_files_of(out: Path) -> list[Path]:
+    return [p for d in ("objects", "packs", "packsets") for p in (out / d).rglob("*") if p.is_file()]
 
 
 def test_kill_9_during_area_save(faults, forker, home, rep, tmp_path):
@@ -467,14 +449,32 @@ def test_the_mount_killed_during_fsynced_writes_loses_no_acknowledged_write(faul
 # -- damaged objects ----------------------------------------------------------------
 
 
-def flip_a_bit(path: Path, rng: random.Random) -> bytes:
-    """Flip one random bit of the file; return its old content."""
-    old = path.read_bytes()
-    data = bytearray(old)
-    pos = rng.randrange(len(data))
-    data[pos] ^= 1 << rng.randrange(8)
-    path.write_bytes(bytes(data))
-    return old
+def flip_a_bit(path: Path, rng: random.Random, offset: int = 0, length: int | None = None):
+    """Flip one random bit of the file's bytes [offset, offset + length) (all of it by default).
+
+    Returns a function that puts the byte back.
+    """
+    if length is None:
+        length = path.stat().st_size - offset
+    pos = offset + rng.randrange(length)
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        old = f.read(1)
+        f.seek(pos)
+        f.write(bytes([old[0] ^ (1 << rng.randrange(8))]))
+
+    def restore() -> None:
+        with open(path, "r+b") as f:
+            f.seek(pos)
+            f.write(old)
+
+    return restore
+
+
+def flip_a_bit_of(repo_path: Path, digest: bytes, rng: random.Random):
+    """Flip one random bit of an object's stored bytes, loose or in its pack; (the file, a function to undo it)."""
+    path, offset, length = stored_place(repo_path, digest)
+    return path, flip_a_bit(path, rng, offset, length)
 
 
 def test_bit_flips_in_stored_objects_give_errors_never_wrong_bytes(faults, home, rep, tmp_path):
@@ -488,8 +488,7 @@ def test_bit_flips_in_stored_objects_give_errors_never_wrong_bytes(faults, home,
     for attempt in loop:
         with attempt:
             victim = rng.choice(chunks)
-            path = layout.object_path(repo.store.path, table.digest(victim))
-            old = flip_a_bit(path, rng)
+            path, restore = flip_a_bit_of(repo.store.path, table.digest(victim), rng)
             try:
                 fresh = open_repo(rep)
                 for i in sorted({victim, *rng.sample(chunks, 8)}):
@@ -503,7 +502,7 @@ def test_bit_flips_in_stored_objects_give_errors_never_wrong_bytes(faults, home,
                 assert problems and any(f"chunk {victim}" in p or str(path) in p for p in problems), problems
                 loop.outcome("detected")
             finally:
-                path.write_bytes(old)
+                restore()
 
 
 def direct_read(fd: int, offset: int, size: int) -> bytes:
@@ -539,8 +538,7 @@ def test_bit_flips_read_through_the_mount_are_eio_for_that_chunk_only(faults, fo
         for attempt in loop:
             with attempt:
                 victim = unread.pop()  # never read before: neither the kernel nor the mount has it cached
-                path = layout.object_path(repo.store.path, table.digest(victim))
-                old = flip_a_bit(path, rng)
+                _, restore = flip_a_bit_of(repo.store.path, table.digest(victim), rng)
                 try:
                     started = time.monotonic()
                     try:
@@ -551,7 +549,7 @@ def test_bit_flips_read_through_the_mount_are_eio_for_that_chunk_only(faults, fo
                     for i in (victim - 1, victim + 1):
                         assert direct_read(fd, i * CS, CS) == data[i * CS : (i + 1) * CS]
                 finally:
-                    path.write_bytes(old)
+                    restore()
                 assert direct_read(fd, victim * CS, CS) == data[victim * CS : (victim + 1) * CS]  # errors not kept
                 loop.outcome("EIO, neighbours intact")
         os.close(fd)
@@ -627,7 +625,7 @@ def test_a_full_disk_fails_every_operation_cleanly(faults, forker, home, tmp_pat
                     code, out = forker.run(home, *args)
                     served = catalog.verify((publish_dir / "catalog.json").read_bytes(), public, "catalog")
                     assert served.revision == before.revision + (code == 0)
-                    assert_published_whole(publish_dir, served)
+                    assert check_published(publish_dir, public) == served  # the old or the new, whole
                     if code:
                         one_line_enospc(code, out, "publishing into")
                 elif op == "area save":
@@ -721,7 +719,7 @@ def test_damaged_bundles_are_refused_or_imported_whole(faults, forker, home, rep
         with attempt:
             damaged, how = mutate(intact, rng)
             (tmp_path / "bad.vml").write_bytes(damaged)
-            before = sorted(p.name for p in (rep / "objects").rglob("*"))
+            before = stored_files(rep)
             code, out = forker.run(home, "import", tmp_path / "bad.vml")
             repo = assert_valid(rep, {"base": base})
             if code == 0:  # the damage missed everything that counts (padding, or the index's spacing)
@@ -733,7 +731,7 @@ def test_damaged_bundles_are_refused_or_imported_whole(faults, forker, home, rep
             else:
                 lines = out.strip().splitlines()
                 assert code in (4, 6, 8) and len(lines) == 1 and "bad.vml" in lines[0], out
-                assert sorted(p.name for p in (rep / "objects").rglob("*")) == before
+                assert stored_files(rep) == before
                 loop.outcome(f"{how}: refused")
 
 
@@ -848,9 +846,16 @@ def test_two_homes_writing_one_repository_lose_nothing(faults, forker, tmp_path,
 
 
 def origin_blob(published: dict, digest: bytes) -> bytes:
-    """An object exactly as the publisher wrote it (and the origin serves it)."""
-    h = digest.hex()
-    return (published["pub"] / "objects" / h[:2] / h[2:]).read_bytes()
+    """An object exactly as the publisher wrote it (and the origin serves it), loose or in its pack."""
+    path, offset, length = stored_place(published["pub"], digest)
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
+
+
+def url_of(published: dict, digest: bytes) -> str:
+    """The path the origin serves an object at: its own, or its pack's (fetched by a Range request)."""
+    path, _, _ = stored_place(published["pub"], digest)
+    return "/" + str(path.relative_to(published["pub"]))
 
 
 def remote_tables(repo: Repository) -> dict[str, ChunkTable]:
@@ -874,8 +879,12 @@ def chunk_bytes(published: dict, name: str, table: ChunkTable, index: int) -> by
 
 
 def fetches_of(origin, since: int) -> list[str]:
-    """Objects served by the origin after its request number ``since``."""
-    return [p for _, p, st, _ in origin.requests()[since:] if p.startswith("/objects/") and st == 200]
+    """Objects and packs (whole or a range of them) served by the origin after its request number ``since``."""
+    return [
+        p
+        for _, p, st, _ in origin.requests()[since:]
+        if p.startswith(("/objects/", "/packs/")) and not p.endswith(".idx") and st in (200, 206)
+    ]
 
 
 def test_a_bit_flipped_in_a_cached_object_is_dropped_and_fetched_again(faults, vml, home, origin, published, caplog):
@@ -916,7 +925,7 @@ def test_a_bit_flipped_in_a_cached_object_is_dropped_and_fetched_again(faults, v
                 path.write_bytes(good)
                 loop.outcome("flip harmless: same content, kept")
                 continue
-            assert fetches_of(origin, since) == [f"/objects/{d.hex()[:2]}/{d.hex()[2:]}"]
+            assert fetches_of(origin, since) == [url_of(published, d)]
             assert path.read_bytes() == good  # fetched again and cached again, as published
             assert len(warned) == 1 and "fetching it again" in warned[0] and "cache" in warned[0], warned
             loop.outcome(f"{'chunk' if d in chunks else 'metadata'}: detected, refetched")
@@ -966,7 +975,7 @@ def test_a_bit_flipped_in_a_proxy_reply_is_refused_and_fetched_elsewhere(faults,
                 refused = [
                     r.getMessage()
                     for r in caplog.records
-                    if f"proxy {bad.url} failed: objects/{h[:2]}/{h[2:]}" in r.getMessage()
+                    if f"proxy {bad.url} failed: {url_of(published, d)[1:]}" in r.getMessage()
                 ]
                 if not refused:  # a bit zstd ignores: the reply was as good as the original
                     assert decode(path.read_bytes(), d, tables[name].chunk_size, h) == chunk_bytes(
@@ -1049,10 +1058,14 @@ def test_a_remote_that_hangs_trickles_or_truncates_gives_eio_through_the_mount(
         # ahead for; past what the mount may already be fetching ahead of the kept chunk (FUSE can
         # split its read in two, which looks sequential); and large enough that a 1000 B/s trickle
         # cannot bring one within the timeout.
+        # A pack fetched whole for that read-ahead holds more than those chunks: its others are out too.
         ahead = range(kept, kept + 2 + FETCH_AHEAD)
         seen, victims = {records[kept][0]} | {records[i][0] for i in ahead if i in records}, []
+        fetched_whole = {url_of(published, d) for d in seen}
         for i, (d, csize) in sorted(records.items()):
             if i % 2 and i not in ahead and csize > 16 << 10 and d not in seen and not cache.has(d):
+                if url_of(published, d) in fetched_whole:
+                    continue
                 seen.add(d)
                 victims.append(i)
         rng.shuffle(victims)
@@ -1063,7 +1076,6 @@ def test_a_remote_that_hangs_trickles_or_truncates_gives_eio_through_the_mount(
             with attempt:
                 mode = modes[attempt.index % len(modes)]
                 i = victims[attempt.index % len(victims)]
-                h = records[i][0].hex()
                 assert not cache.has(records[i][0])  # failed reads keep nothing
                 proxy.mode = mode
                 logged = len(child.output())
@@ -1077,7 +1089,7 @@ def test_a_remote_that_hangs_trickles_or_truncates_gives_eio_through_the_mount(
                     right = got == chunk_bytes(published, "e2", table, i)[:4096]
                     raise AssertionError(f"chunk {i} read {'the right' if right else 'WRONG'} bytes through {mode}")
                 why = child.output()[logged:]
-                assert f"objects/{h[:2]}/{h[2:]}" in why and "cannot fetch" in why, why
+                assert url_of(published, records[i][0])[1:] in why and "cannot fetch" in why, why
                 # The mount is up and serves what it has, with the remote still broken.
                 assert read_within(fd, kept * table.chunk_size, table.chunk_size, 5) == want_kept
                 loop.outcome(f"{mode}: EIO within {math.ceil(took)} s")
