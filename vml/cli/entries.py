@@ -113,6 +113,11 @@ def cmd_gc(args) -> int:
         p = s.packs
         packs = f"; packs: {p.removed} removed, {p.rewritten} rewritten into {p.written}"
     print(f"{repo.name}: removed {s.removed} objects, freed {format_size(s.freed)}, {s.kept} objects kept{kept}{packs}")
+    if s.packs is not None and s.packs.skipped:
+        print(
+            f"vml: {repo.name}: packs were not rewritten ({s.packs.skipped}); run vml gc again with more room",
+            file=sys.stderr,
+        )
     return 0
 
 

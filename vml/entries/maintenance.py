@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ..errors import Corrupt, HasChildren, ObjectMissing, UsageError
+from ..files import storage_error
 from ..progress import SILENT, Progress
 from ..repo import chunkmap, leases
 from ..repo.manifest import Link, Manifest, Stream
@@ -148,7 +149,10 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
             freed += path.stat().st_size
             repo.store.remove_object(d)
             removed += 1
-        packs = repack(repo, live) if repo.store.format == 2 else None
+        try:
+            packs = repack(repo, live) if repo.store.format == 2 else None
+        except OSError as e:  # every pack set names packs that are there
+            raise storage_error(e, f"repacking {repo.name}") from None
     if packs is not None:
         freed += packs.freed
     return GcSummary(removed, freed, kept, len(held), packs)

@@ -9,6 +9,8 @@ naming packs that exist (old or new), and at worst some packs no pack set
 names, which the next gc removes.
 """
 
+import errno
+import os
 from dataclasses import dataclass
 
 from ..errors import Corrupt
@@ -30,10 +32,16 @@ class RepackSummary:
     rewritten: int  # packs whose live objects were copied into new ones
     written: int  # new packs
     freed: int  # bytes
+    skipped: str = ""  # why rewriting was left for a later gc (a full disk)
 
 
 def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
-    """Collect the packs of ``repo`` (whose lock the caller holds), keeping the objects in ``live``."""
+    """Collect the packs of ``repo`` (whose lock the caller holds), keeping the objects in ``live``.
+
+    Dead packs go first, which needs no room: no live entry's pack set names
+    a pack without a live object. Rewriting needs room for the copies; on a
+    full disk it is left for a later gc, and what was freed stays freed.
+    """
     store = repo.store
     files = store.packs
     packed, _ = files.inventory()  # loads every readable index
@@ -44,32 +52,48 @@ def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
             contents.setdefault(loc.pack, []).append((d, loc))
     sizes = {pack: sum(loc.length for _, loc in objs) for pack, objs in contents.items()}
     live_bytes = {pack: sum(loc.length for d, loc in objs if d in live) for pack, objs in contents.items()}
-    dead = [p for p in contents if live_bytes[p] == 0]
-    sparse = [p for p in contents if 0 < live_bytes[p] < KEEP_LIVE * sizes[p]]
-    small = [p for p in contents if p not in sparse and 0 < sizes[p] < SMALL]
-    rewrite = sparse + (small if len(small) >= 2 else [])
-    in_order = [r for p in rewrite for r in sorted(contents[p], key=lambda r: r[1].offset)]
-    written = _copy_live(repo, in_order, live)
-    store.sync()
-    # Every pack set anew, from where its entry's chunks lie now; then the packs nothing names go.
     for manifest in files.packset_manifests():
-        if manifest in live:
-            files.write_packset(manifest, repo.packs_of(manifest))
-        else:
+        if manifest not in live:
             files.remove_packset(manifest)
     store.sync()
+    dead = [p for p in contents if live_bytes[p] == 0]
     freed = 0
-    for pack in dead + rewrite:
+    for pack in dead:
         freed += sizes[pack]
         files.remove_pack(pack)
     freed += files.remove_leftovers()
-    return RepackSummary(len(dead), len(rewrite), written, freed)
+
+    sparse = [p for p in contents if 0 < live_bytes[p] < KEEP_LIVE * sizes[p]]
+    small = [p for p in contents if p not in sparse and live_bytes[p] > 0 and sizes[p] < SMALL]
+    rewrite = sparse + (small if len(small) >= 2 else [])
+    in_order = [r for p in rewrite for r in sorted(contents[p], key=lambda r: r[1].offset)]
+    written: set[bytes] = set()
+    try:
+        _copy_live(repo, in_order, live, written)
+        store.sync()
+    except BaseException as e:  # the copies made so far go; the old packs are still named, and kept
+        for pack in written - set(contents):
+            files.remove_pack(pack)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return RepackSummary(len(dead), 0, 0, freed, skipped=os.strerror(e.errno).lower())
+        raise
+    # A rewrite can come out byte for byte as a pack that is there (the same live objects in the
+    # same order): packs are named by content, so that one is kept, not removed below.
+    rewrite = [p for p in rewrite if p not in written]
+    # Every live pack set anew, from where its entry's objects lie now; then the old packs go.
+    for manifest in files.packset_manifests():
+        files.write_packset(manifest, repo.packs_of(manifest))
+    store.sync()
+    for pack in rewrite:
+        freed += sizes[pack]
+        files.remove_pack(pack)
+    return RepackSummary(len(dead), len(rewrite), len(written - set(contents)), freed)
 
 
-def _copy_live(repo: Repository, objects, live: set[bytes]) -> int:
-    """Copy the live ones of ``objects`` ((digest, Location) in order) into new packs; how many were written."""
+def _copy_live(repo: Repository, objects, live: set[bytes], written: set[bytes]) -> None:
+    """Copy the live ones of ``objects`` ((digest, Location) in order) into new packs, added to ``written``."""
     files = repo.store.packs
-    builder, data, written = PackBuilder(), bytearray(), 0
+    builder, data = PackBuilder(), bytearray()
     for d, loc in objects:
         if d not in live or d in builder:
             continue
@@ -81,12 +105,10 @@ def _copy_live(repo: Repository, objects, live: set[bytes]) -> int:
         builder.add(d, frame)
         data += frame
         if builder.size >= PACK_SIZE:
-            files.add_pack(builder, bytes(data))
-            builder, data, written = PackBuilder(), bytearray(), written + 1
+            written.add(files.add_pack(builder, bytes(data)))
+            builder, data = PackBuilder(), bytearray()
     if len(builder):
-        files.add_pack(builder, bytes(data))
-        written += 1
-    return written
+        written.add(files.add_pack(builder, bytes(data)))
 
 
 def pack_loose(repo: Repository, manifests, drop_loose: bool = True) -> int:
