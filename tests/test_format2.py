@@ -213,3 +213,25 @@ def test_upgrade_converts_a_repository_made_by_the_previous_release(vml, home, t
     vml("import", tmp_path / "incr.vml", "--repo", "new")
     vml("checkout", "incr", tmp_path / "imported", "--repo", "new")
     assert (tmp_path / "imported" / "d.img").read_bytes() == images["incr"]
+
+
+def test_a_reader_reads_on_across_a_gc_that_moves_its_chunks(vml, home, tmp_path):
+    """Readers hold no lock: a gc in another process may move an entry's chunks into a new pack and
+    remove the old one after the reader loaded its indexes. The reader looks again and reads on."""
+    from vml.config import Config
+
+    registered(home, tmp_path / "rep2", name="rep2", chunk_size=64 << 10, format=2)
+    img = tmp_path / "d.img"
+    subprocess.run(["truncate", "-s", "8M", img], check=True)
+    write_random(img, 0, 1 << 20, seed=21)
+    vml("save", "e1", "--from", img, "--repo", "rep2")
+    want = img.read_bytes()
+    write_random(img, 4 << 20, 1 << 20, seed=22)
+    vml("save", "e2", "--from", img, "--repo", "rep2")  # a second small pack: gc merges the two
+    before = set(packfiles.PackFiles(tmp_path / "rep2", None).packs())
+    reader = Config.load(home).open("rep2")
+    (table,) = reader.resolve(reader.entry("e1").digest).disks.values()  # e1's indexes loaded now
+    assert "rewritten" in vml("gc", "--repo", "rep2").stdout
+    assert not before & set(packfiles.PackFiles(tmp_path / "rep2", None).packs())  # every old pack went
+    got = b"".join(reader.read_chunk(table, i, "e1") for i in range(table.count))
+    assert got == want

@@ -113,6 +113,13 @@ class PackFiles:
             self.load(self.packs())
             self._all = True
 
+    def forget_pack(self, pack: bytes) -> None:
+        """Forget where a pack that is gone put its objects; the next miss looks at every index there is."""
+        with self._lock:
+            self._indexed.discard(pack)
+            self._where = {d: loc for d, loc in self._where.items() if loc.pack != pack}
+            self._all = False
+
     def forget_misses(self) -> None:
         """Let the next miss look for packs written since (a writer calls this once it holds the lock)."""
         self._all = False

@@ -180,12 +180,22 @@ class Store:
         try:
             return self.packs.read(loc)
         except ObjectMissing as e:  # its pack is gone
+            # Readers hold no lock: a gc may have copied the object into a new pack and removed this
+            # one since its index was loaded. Look once more, among the packs there now.
+            self.packs.forget_pack(loc.pack)
+            again = self.packs.locate(digest)
+            if again is not None:
+                with contextlib.suppress(ObjectMissing):
+                    return self.packs.read(again)
             raise ObjectMissing(f"object {digest.hex()} is missing: {e}") from None
 
     def prepare(self, manifest: bytes) -> None:
         """Load the indexes of the packs the entry's data lies in (format 2); a damaged pack set is CorruptObject."""
         if self.format == 2:
-            self.packs.load(self.packs.packset(manifest) or ())
+            try:
+                self.packs.load(self.packs.packset(manifest) or ())
+            except ObjectMissing:  # a gc replaced the pack set and removed a pack it named: read it again
+                self.packs.load(self.packs.packset(manifest) or ())
 
     def _packed(self, digest: bytes):
         loc = self.packs.locate(digest) if self.format == 2 else None
