@@ -134,3 +134,18 @@ def test_create_is_all_or_nothing(tmp_path):
     assert meta == {"format": 2, "chunk_size": 65536, "digest": "blake3", "compression": "zstd"}
     assert len(list((store.path / "objects").iterdir())) == 256
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no staging directory left
+
+
+def test_a_repository_with_a_feature_this_vml_does_not_know_is_refused_whole(tmp_path):
+    """A later vml may add to format 2 (e.g. sub-chunk frames); it names the addition, and this one refuses."""
+    store = Store.create(tmp_path / "r", chunk_size=64 << 10)
+    meta_path = store.path / "vml-repository.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(meta | {"features": []}))
+    assert Store(store.path).format == 2  # none is none
+    meta_path.write_text(json.dumps(meta | {"features": ["subframes"]}))
+    with pytest.raises(CorruptManifest, match="uses subframes, which this vml does not know; upgrade vml"):
+        Store(store.path)
+    meta_path.write_text(json.dumps(meta | {"features": "subframes"}))
+    with pytest.raises(CorruptManifest, match="features must be a list"):
+        Store(store.path)

@@ -52,6 +52,10 @@ from .packfiles import PackFiles
 
 FORMAT = 2  # what `vml init` creates
 FORMATS = (1, 2)  # what this version reads
+# Additions within a format that older readers would misread name themselves in
+# vml-repository.json's "features"; a reader refuses a repository with one it does
+# not know (as git's extensions). This version adds none.
+FEATURES: tuple[str, ...] = ()
 META_FILE = "vml-repository.json"
 REFS_FILE = "refs.json"
 LEASES_DIR = "leases"
@@ -92,6 +96,14 @@ class Store:
         if meta.get("format") not in FORMATS:
             raise CorruptManifest(f"{meta_path}: unsupported repository format {meta.get('format')!r}")
         self.format = meta["format"]
+        features = meta.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise CorruptManifest(f"{meta_path}: features must be a list of names")
+        unknown = sorted(set(features) - set(FEATURES))
+        if unknown:  # a later vml wrote data this one would misread: refuse it whole
+            raise CorruptManifest(
+                f"{meta_path}: this repository uses {', '.join(unknown)}, which this vml does not know; upgrade vml"
+            )
         if meta.get("digest") != "blake3" or meta.get("compression") != "zstd":
             raise CorruptManifest(f"{meta_path}: unsupported digest or compression")
         try:
