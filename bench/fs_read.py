@@ -13,9 +13,10 @@ type=fuse, read-only blockdevs). The top of each chain is read with fio:
   with O_DIRECT, which keeps the page cache out and so measures each
   daemon's own service of a request.
 
-Targets: cold >= 1.2x, warm >= 5x, random >= 1x qemu-storage-daemon. Also:
-`vml save` of a working area after 20 MB written into the 2 GiB disk
-takes under 1 second (wall time of the command).
+Targets: cold >= 1.5x, warm >= 5x, random >= 1x, random O_DIRECT >= 1x
+qemu-storage-daemon; the mount's peak memory within its bound (512 MiB by
+default). Also: `vml save` of a working area after 20 MB written into the
+2 GiB disk takes under 0.5 s (wall time of the command).
 
     .venv/bin/python bench/fs_read.py [--workdir DIR] [--repeat N]
 """
@@ -127,7 +128,20 @@ class Vmlfs:
         return self.mp / "bench" / "e2" / "base.img"
 
     def stop(self) -> None:
+        self.peak_rss = max(getattr(self, "peak_rss", 0), mount_peak_rss(Path(self.env["VML_HOME"])))
         run([*VML, "umount", self.mp], env=self.env)
+
+
+def mount_peak_rss(home: Path) -> int:
+    """The mount process's peak resident memory so far (VmHWM), in bytes."""
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from vml import control
+
+    state = control.mount_state(home)
+    for line in Path(f"/proc/{state['pid']}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def measure(system, repeat: int) -> dict:
@@ -198,7 +212,7 @@ def main() -> None:
     v = measure(vml_fs, args.repeat)
     q = measure(qsd, args.repeat)
     rows = [
-        ["cold sequential 1 MiB (MB/s)", f"{v['cold']:.0f}", f"{q['cold']:.0f}", f"{v['cold'] / q['cold']:.2f}", "1.2"],
+        ["cold sequential 1 MiB (MB/s)", f"{v['cold']:.0f}", f"{q['cold']:.0f}", f"{v['cold'] / q['cold']:.2f}", "1.5"],
         ["warm sequential 1 MiB (MB/s)", f"{v['warm']:.0f}", f"{q['warm']:.0f}", f"{v['warm'] / q['warm']:.2f}", "5"],
         [
             "random 4 KiB, 20 s (IOPS)",
@@ -212,7 +226,7 @@ def main() -> None:
             f"{v['direct']:.0f}",
             f"{q['direct']:.0f}",
             f"{v['direct'] / q['direct']:.2f}",
-            "-",
+            "1",
         ],
     ]
     print_table(
@@ -220,10 +234,12 @@ def main() -> None:
         ["read", "vmlfs", "qemu-storage-daemon", "ratio", "target"],
         rows,
     )
+    peak = vml_fs.peak_rss
+    print(f"\nmount's peak resident memory over these reads: {peak / 2**20:.0f} MiB (bound 512 MiB, the default)")
     t = area_save_time(w, env)
     print(
         f"\nvml save --area after 20 MB written into the 2 GiB disk: {t:.2f} s "
-        f"(target < 1 s: {'met' if t < 1 else 'MISSED'})"
+        f"(target < 0.5 s: {'met' if t < 0.5 else 'MISSED'})"
     )
 
 

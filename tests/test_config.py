@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from vml.errors import CorruptManifest
 from vml.repo import chunkmap, objects
 
 from helpers import CS, assert_untouched, bundle, manifest, snapshot
@@ -73,3 +74,21 @@ def test_remote_names_the_mount_keeps_or_repositories_use_are_refused(vml, rep, 
     assert "invalid remote name 'areas': it is reserved" in vml.fails("consult", status=6)
     cfg.write_text(saved + remote.format("rep"))
     assert "'rep' names both a repository and a remote" in vml.fails("log", status=6)
+
+
+def test_the_mount_memory_bound_is_a_size_and_too_small_a_one_is_refused(home):
+    from vml.config import DEFAULT_MOUNT_MEMORY, Config
+    from vml.entries.reader import chunk_cache_bytes
+
+    home.mkdir()
+    assert Config.load(home).mount_memory == DEFAULT_MOUNT_MEMORY == 512 << 20
+    assert chunk_cache_bytes(DEFAULT_MOUNT_MEMORY) == 320 << 20  # the rest: the process and what comes ahead
+    (home / "config.toml").write_text('[limits]\nmount_memory = "1G"\n')
+    cfg = Config.load(home)
+    assert cfg.mount_memory == 1 << 30
+    cfg.write()  # kept when the config is written again
+    assert Config.load(home).mount_memory == 1 << 30
+    for bad in ('"100M"', '"lots"', "true"):
+        (home / "config.toml").write_text(f"[limits]\nmount_memory = {bad}\n")
+        with pytest.raises(CorruptManifest, match=r"\[limits\] mount_memory"):
+            Config.load(home)

@@ -11,6 +11,7 @@ config is TOML so that people can read and edit it::
 
     [limits]
     max_disk_size = "16T"          # entries declaring larger disks or files are refused
+    mount_memory = "512M"          # what the mount may hold in memory (decompressed chunks mostly)
 
     [remotes.cernvm]
     url = "http://vml.example.org/cernvm"
@@ -44,6 +45,9 @@ from .repo.manifest import DEFAULT_MAX_DISK_SIZE, MAX_STREAM_SIZE
 from .repo.repository import Entry, Repository
 from .repo.store import Store
 
+DEFAULT_MOUNT_MEMORY = 512 << 20
+MIN_MOUNT_MEMORY = 256 << 20  # the process itself and what is fetched ahead need about 200 MiB
+
 REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float), "repository": str}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 DAY = 86400.0
@@ -75,6 +79,7 @@ class Config:
     default: str | None = None
     remotes: dict[str, RemoteConfig] = field(default_factory=dict)
     max_disk_size: int = DEFAULT_MAX_DISK_SIZE
+    mount_memory: int = DEFAULT_MOUNT_MEMORY
 
     @property
     def home(self) -> Path:
@@ -104,8 +109,10 @@ class Config:
         both = sorted(set(repos) & set(remotes))
         if both:
             raise CorruptManifest(f"{path}: {both[0]!r} names both a repository and a remote; rename one")
-        limit = _max_disk_size(path, doc.get("limits", {}))
-        return cls(path, repos, default if default in repos else None, remotes, limit)
+        limits = doc.get("limits", {})
+        limit = _size_limit(path, limits, "max_disk_size", DEFAULT_MAX_DISK_SIZE, 1, MAX_STREAM_SIZE, "16T")
+        memory = _size_limit(path, limits, "mount_memory", DEFAULT_MOUNT_MEMORY, MIN_MOUNT_MEMORY, 1 << 50, "512M")
+        return cls(path, repos, default if default in repos else None, remotes, limit, memory)
 
     def write(self) -> None:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}
@@ -113,8 +120,13 @@ class Config:
             doc["default"] = self.default
         if self.remotes:
             doc["remotes"] = {n: _remote_doc(rc) for n, rc in sorted(self.remotes.items())}
+        limits = {}
         if self.max_disk_size != DEFAULT_MAX_DISK_SIZE:
-            doc["limits"] = {"max_disk_size": self.max_disk_size}
+            limits["max_disk_size"] = self.max_disk_size
+        if self.mount_memory != DEFAULT_MOUNT_MEMORY:
+            limits["mount_memory"] = self.mount_memory
+        if limits:
+            doc["limits"] = limits
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, tomli_w.dumps(doc).encode())
 
@@ -185,18 +197,18 @@ class Config:
         self.remotes[rc.name] = rc
 
 
-def _max_disk_size(path: Path, limits) -> int:
-    """``[limits] max_disk_size``: bytes, or a size such as "16T"."""
-    where = f"{path}: [limits] max_disk_size"
+def _size_limit(path: Path, limits, key: str, default: int, low: int, high: int, example: str) -> int:
+    """``[limits] KEY``: bytes, or a size such as ``example``, from ``low`` to ``high``."""
+    where = f"{path}: [limits] {key}"
     if not isinstance(limits, dict):
         raise CorruptManifest(f"{path}: [limits] must be a table")
-    value = limits.get("max_disk_size", DEFAULT_MAX_DISK_SIZE)
+    value = limits.get(key, default)
     try:
         size = parse_size(value) if isinstance(value, str) else value
     except UsageError as e:
         raise CorruptManifest(f"{where}: {e}") from None
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_STREAM_SIZE:
-        raise CorruptManifest(f'{where} = {value!r}: use a size such as "16T" (at most {MAX_STREAM_SIZE} bytes)')
+    if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+        raise CorruptManifest(f'{where} = {value!r}: use a size such as "{example}" (from {low} to {high} bytes)')
     return size
 
 

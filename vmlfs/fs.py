@@ -80,6 +80,7 @@ class Opened:
     writable: bool
     inode: int = 0
     next_offset: int = -1  # where a sequential reader reads next
+    direct: bool = False  # opened O_DIRECT: the page cache is never read, so nothing is pushed into it
 
 
 class VmlFS(pyfuse3.Operations):
@@ -278,7 +279,7 @@ class VmlFS(pyfuse3.Operations):
         if write and not node.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         handle = await self._call(f"open {'/'.join(path)}", self.logbook.open, path, write)
-        fh = self._new_fh(Opened(path, handle, write, inode))
+        fh = self._new_fh(Opened(path, handle, write, inode, direct=bool(flags & os.O_DIRECT)))
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.immutable or node.writable)
 
     def _new_fh(self, opened: Opened) -> int:
@@ -303,7 +304,7 @@ class VmlFS(pyfuse3.Operations):
             data = await self._call(
                 f"read of {'/'.join(o.path)} at offset {off}, {size} bytes", o.handle.read, off, size
             )
-        if self.readahead is not None and o.handle.reader is not None:
+        if self.readahead is not None and o.handle.reader is not None and not o.direct:
             self.readahead.after_read(o.inode, o.handle.reader, off, size, sequential)
         return data
 

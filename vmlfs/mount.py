@@ -22,7 +22,9 @@ import pyfuse3
 import trio
 
 from vml import control
+from vml.config import Config
 from vml.entries import copies
+from vml.entries.reader import ChunkCache, chunk_cache_bytes
 from vml.errors import VmlError
 from vml.remotes import remote
 from vml.view.logbook import AREAS, Logbook
@@ -46,7 +48,12 @@ def mount_options(fsname: str = "vmlfs") -> set[str]:
 
 def serve(home: Path, mountpoint: Path, ready_fd: int | None = None) -> None:
     """Mount the logbook of ``home`` at ``mountpoint`` and serve it until unmounted."""
-    logbook = Logbook(home)
+    try:
+        memory = Config.load(home).mount_memory
+    except VmlError as e:
+        _report(ready_fd, str(e))
+        raise SystemExit(1) from None
+    logbook = Logbook(home, ChunkCache(chunk_cache_bytes(memory)))
     copies.recover(home)
     ops = VmlFS(logbook, readahead=ReadAhead())
     run_dir = control.run_dir(home)

@@ -25,6 +25,15 @@ from ..repo.objects import HOLE
 from ..repo.repository import Repository
 
 DEFAULT_CACHE_BYTES = 256 << 20
+# Of a process's memory bound ([limits] mount_memory), what is not for decompressed chunks:
+# the interpreter and its libraries (about 80 MiB), a remote's content fetched ahead of its
+# reader (64 MiB), whole packs on their way (4 of 8 MiB), and slack.
+RESERVED_BYTES = 192 << 20
+
+
+def chunk_cache_bytes(memory: int) -> int:
+    """The share of a memory bound the decompressed chunks may take."""
+    return max(32 << 20, memory - RESERVED_BYTES)
 
 
 class ChunkCache:
