@@ -108,9 +108,16 @@ class PackFiles:
             self._indexed.add(index.pack)
 
     def load_all(self) -> None:
-        """Load every pack's index: what a writer does to find any stored object."""
+        """Load every pack's index: what a writer does to find any stored object.
+
+        A reader holds no lock: an index listed a moment ago may be gone (a
+        gc removed its pack, after moving what was live elsewhere); skip it.
+        """
         if not self._all:
-            self.load(self.packs())
+            for pack in self.packs():
+                if pack not in self._indexed:
+                    with contextlib.suppress(ObjectMissing):
+                        self._register(self._read_index(pack))
             self._all = True
 
     def forget_pack(self, pack: bytes) -> None:
@@ -224,6 +231,12 @@ class PackFiles:
             handle.users -= 1
             if handle.evicted and not handle.users:
                 os.close(handle.fd)
+
+    def __del__(self):
+        # Descriptors are plain integers: without this, a dropped PackFiles (a
+        # repository opened again after a config change) would keep them open.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
         with self._lock:
