@@ -1,5 +1,6 @@
 """A repository's pack files (vml/repo/packfiles.py): writing, finding, reading, pack sets."""
 
+import gc
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,7 @@ def test_damaged_packs_and_pack_sets_are_errors_never_wrong_bytes(store):
 
 def test_many_readers_across_more_packs_than_open_descriptors(store, monkeypatch):
     monkeypatch.setattr(packfiles, "OPEN_PACKS", 3)
+    fds_before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
     data = chunks(60, seed=4)
     _, created = write(store, data, target=1)  # one pack per object
     assert len(created) == 60
@@ -141,4 +143,16 @@ def test_many_readers_across_more_packs_than_open_descriptors(store, monkeypatch
         assert all(got == want for got, want in zip(pool.map(lambda c: read(reader, c), order), order, strict=True))
     assert len(reader._open) <= 3
     reader.close()
-    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) < 200  # nothing leaked
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) <= fds_before  # nothing leaked
+
+
+def test_a_dropped_reader_closes_its_descriptors(store):
+    data = chunks(10, seed=6)
+    write(store, data, target=1)
+    fds_before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    reader = packfiles.PackFiles(store.path, store.place)
+    assert all(read(reader, c) == c for c in data)
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) >= fds_before + 10
+    del reader  # as a repository opened again after a config change drops the old one
+    gc.collect()
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) <= fds_before
