@@ -82,7 +82,7 @@ def test_the_mount_memory_bound_is_a_size_and_too_small_a_one_is_refused(home):
 
     home.mkdir()
     assert Config.load(home).mount_memory == DEFAULT_MOUNT_MEMORY == 512 << 20
-    assert chunk_cache_bytes(DEFAULT_MOUNT_MEMORY) == 320 << 20  # the rest: the process and what comes ahead
+    assert chunk_cache_bytes(DEFAULT_MOUNT_MEMORY) == 192 << 20  # the rest: the process and what comes ahead
     (home / "config.toml").write_text('[limits]\nmount_memory = "1G"\n')
     cfg = Config.load(home)
     assert cfg.mount_memory == 1 << 30

@@ -27,8 +27,9 @@ from ..repo.repository import Repository
 DEFAULT_CACHE_BYTES = 256 << 20
 # Of a process's memory bound ([limits] mount_memory), what is not for decompressed chunks:
 # the interpreter and its libraries (about 80 MiB), a remote's content fetched ahead of its
-# reader (64 MiB), whole packs on their way (4 of 8 MiB), and slack.
-RESERVED_BYTES = 192 << 20
+# reader (64 MiB), whole packs on their way (4 of 8 MiB), buffers in flight and what malloc
+# has not given back yet. bench/fs_read.py measured a peak of 415 MiB at the default 512.
+RESERVED_BYTES = 320 << 20
 
 
 def chunk_cache_bytes(memory: int) -> int:
