@@ -120,16 +120,19 @@ class PackFiles:
                         self._register(self._read_index(pack))
             self._all = True
 
-    def forget_pack(self, pack: bytes) -> None:
-        """Forget where a pack that is gone put its objects; the next miss looks at every index there is."""
+    def forget_pack(self, *packs: bytes) -> None:
+        """Forget where packs that are gone put their objects; the next miss looks at every index there is."""
+        gone = set(packs)
         with self._lock:
-            self._indexed.discard(pack)
-            self._where = {d: loc for d, loc in self._where.items() if loc.pack != pack}
+            self._indexed -= gone
+            self._where = {d: loc for d, loc in self._where.items() if loc.pack not in gone}
             self._all = False
 
-    def forget_misses(self) -> None:
-        """Let the next miss look for packs written since (a writer calls this once it holds the lock)."""
-        self._all = False
+    def revalidate(self) -> None:
+        """What a writer calls once it holds the lock: forget packs a gc removed since their indexes were
+        loaded (its pack sets must name only packs that are there), and let the next miss look for packs
+        written since."""
+        self.forget_pack(*(pack for pack in list(self._indexed) if not index_path(self.root, pack).exists()))
 
     def inventory(self) -> tuple[list[bytes], list[str]]:
         """Every object in a pack with a readable index, and one line per index or stray file that is not right.

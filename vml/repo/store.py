@@ -425,7 +425,7 @@ class Store:
                 os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
             self._locked = True
             self._clean_tmp()
-            self.packs.forget_misses()  # others may have written packs before we got the lock
+            self.packs.revalidate()  # others may have written or removed packs before we got the lock
             try:
                 yield self
             finally:
