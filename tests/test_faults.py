@@ -887,27 +887,41 @@ def fetches_of(origin, since: int) -> list[str]:
     ]
 
 
+def cached_place(home: Path, published: dict, digest: bytes) -> tuple[Path, int, int]:
+    """Where a preloaded object lies in the cache: its own file, or its frame in a pack kept whole there."""
+    path, offset, length = stored_place(published["pub"], digest)
+    if path.parent.parent.name == "packs":
+        return home / "cache" / "cern" / "packs" / path.parent.name / path.name, offset, length
+    return layout.object_path(home / "cache" / "cern", digest), 0, length
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
+
+
 def test_a_bit_flipped_in_a_cached_object_is_dropped_and_fetched_again(faults, vml, home, origin, published, caplog):
+    """Manifests and chunk maps are cached as their own files, chunks in the packs a preload keeps whole."""
     rng = random.Random(21)
     add_remote(vml, origin, published)
     vml("cache", "preload", "cern:e2")
     repo = Config.load(home).open("cern")
     tables = remote_tables(repo)
     chunks = remote_chunks(tables)
-    cached = sorted((home / "cache" / "cern" / "objects").glob("*/*"))
-    metadata = [p for p in cached if bytes.fromhex(p.parent.name + p.name) not in chunks]
+    metadata = [d for d, _ in layout.objects_in(home / "cache" / "cern") if d is not None and d not in chunks]
     assert len(metadata) >= 4  # two manifests and their chunk maps
+    assert all(cached_place(home, published, d)[0].parent.parent.name == "packs" for d in chunks)
     loop = faults("a bit flipped in a cached object")
     for attempt in loop:
         with attempt:
             # Any object; the few manifests and chunk maps get every fourth try, or chunks would take them all.
-            path = rng.choice(metadata if attempt.index % 4 == 3 else cached)
-            d = bytes.fromhex(path.parent.name + path.name)
+            d = rng.choice(metadata if attempt.index % 4 == 3 else sorted(chunks))
+            path, offset, length = cached_place(home, published, d)
             good = origin_blob(published, d)
-            assert path.read_bytes() == good  # the tries before left the cache clean
-            flip_a_bit(path, rng)
+            assert read_at(path, offset, length) == good  # the tries before left the cache clean
+            restore = flip_a_bit(path, rng, offset, length)
             try:
-                decode(path.read_bytes(), d, METADATA_LIMIT, "flipped")
+                decode(read_at(path, offset, length), d, METADATA_LIMIT, "flipped")
                 harmless = True  # a bit zstd ignores (the frame header's unused bit): same content
             except Corrupt:
                 harmless = False
@@ -922,12 +936,20 @@ def test_a_bit_flipped_in_a_cached_object_is_dropped_and_fetched_again(faults, v
             warned = [r.getMessage() for r in caplog.records if d.hex() in r.getMessage()]
             if harmless:
                 assert fetches_of(origin, since) == [] and not warned
-                path.write_bytes(good)
+                restore()
                 loop.outcome("flip harmless: same content, kept")
                 continue
-            assert fetches_of(origin, since) == [url_of(published, d)]
-            assert path.read_bytes() == good  # fetched again and cached again, as published
+            assert fetches_of(origin, since) == [url_of(published, d)]  # that object only (a Range of its pack)
             assert len(warned) == 1 and "fetching it again" in warned[0] and "cache" in warned[0], warned
+            if d in chunks:  # the damaged pack went; the chunk came alone, and a preload brings the pack again
+                assert not path.exists()
+                loose = layout.object_path(home / "cache" / "cern", d)
+                assert loose.read_bytes() == good
+                vml("cache", "preload", "cern:e2")
+                assert read_at(path, offset, length) == good
+                loose.unlink()  # as the preload left the cache: chunks only in their packs
+            else:
+                assert path.read_bytes() == good  # fetched again and cached again, as published
             loop.outcome(f"{'chunk' if d in chunks else 'metadata'}: detected, refetched")
 
 

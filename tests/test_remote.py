@@ -163,18 +163,19 @@ def test_quota_evicts_least_recently_used_and_never_pinned(vml, home, tmp_path):
 
         cfg = Config.load(home)
         repo = cfg.open("small")
-        cache = repo.store.cache
 
-        def cached(name):
+        def cached(name):  # in the cache as objects, or in the packs kept whole there
+            repo.store.prepare(repo.refs()[name])
             objs = repo.needed_objects([repo.refs()[name]])
-            return sum(cache.has(d) for d in objs), len(objs)
+            return sum(repo.store.has(d) for d in objs), len(objs)
 
         have, total = cached("a")
         assert have == total  # pinned: all kept
         assert cached("b")[0] < cached("b")[1] // 2  # least recently used: evicted first
         vml("cache", "unpin", "small:a")
         vml("cache", "clear")
-        assert json.loads(vml("cache", "status", "--json").stdout)[0]["objects"] == 0
+        status = json.loads(vml("cache", "status", "--json").stdout)[0]
+        assert status["objects"] == status["packs"] == 0
         checkout_equal(vml, "small:a", tmp_path / "a.img", tmp_path / "co")  # fetched again
     finally:
         server.stop()

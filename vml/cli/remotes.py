@@ -83,22 +83,21 @@ def _cached_remotes(args) -> list:
 def cmd_cache_status(args) -> int:
     out = []
     for store in _cached_remotes(args):
-        objects, size = store.cache.usage()
+        objects, packs, size = store.cache.usage()
         out.append(
-            {"remote": store.name, "objects": objects, "size": size, "quota": store.cache.quota}
+            {"remote": store.name, "objects": objects, "packs": packs, "size": size, "quota": store.cache.quota}
             | {"pinned": sorted(store.pins())}
             | store.cache.stats()
         )
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    rows = [
-        [s["remote"], s["objects"], format_size(s["size"]), format_size(s["quota"]), ", ".join(s["pinned"]) or "-"]
-        for s in out
-    ]
+    rows = [[s["remote"], s["objects"], s["packs"], format_size(s["size"]), format_size(s["quota"])] for s in out]
+    for row, s in zip(rows, out, strict=True):
+        row.append(", ".join(s["pinned"]) or "-")
     for row, s in zip(rows, out, strict=True):
         row += [s["hits"], s["misses"], format_size(s["fetched_bytes"])]
-    head = ["remote", "objects", "size", "quota", "pinned", "hits", "misses", "fetched"]
+    head = ["remote", "objects", "packs", "size", "quota", "pinned", "hits", "misses", "fetched"]
     print("\n".join(table(rows, head)) if rows else "(no remotes)")
     return 0
 

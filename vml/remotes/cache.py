@@ -1,10 +1,13 @@
 """The local object cache of one remote: quota, LRU eviction, pins, counters.
 
 Objects are kept as fetched (compressed, already checked against their
-digest) under ``objects/ab/cdef...``. A file's mtime is its last use: a hit
-touches it, so eviction removes the least recently used first. The quota is
+digest) under ``objects/ab/cdef...``, and whole packs fetched from a remote
+that publishes packs (checked against their name) under ``packs/ab/<pack>``:
+one file per pack, read a frame at a time, so a preload writes a few files
+rather than one per chunk. A file's mtime is its last use: a hit touches
+it, so eviction removes the least recently used first. The quota is
 soft: passing it evicts down to the low mark (three quarters of the quota),
-never touching the objects of pinned entries. Several processes (the mount
+never touching the objects and packs of pinned entries. Several processes (the mount
 and commands) share a cache; each keeps its own running total and rescans
 the directory when it evicts, so they cannot drift far.
 
@@ -26,12 +29,14 @@ from pathlib import Path
 from .. import layout
 from ..errors import CorruptManifest, StorageError, VmlError
 from ..files import storage_error, write_atomic
+from ..repo.objects import parse_hex
 
 log = logging.getLogger(__name__)
 
 LOW_MARK = 0.75
 STATS_EVERY = 2.0  # seconds between flushes of the counters
 COUNTERS = ("hits", "misses", "fetched_bytes", "evicted")
+PACKS = "packs"
 
 
 class ObjectCache:
@@ -39,14 +44,14 @@ class ObjectCache:
         self.path = path
         self.quota = quota
         self.tmp = path / "tmp"
-        for d in (path / layout.OBJECTS, self.tmp):
+        for d in (path / layout.OBJECTS, path / PACKS, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._size: int | None = None  # running total, from a scan
         self._evicting = False
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._flushed = time.monotonic()
-        self.pinned_objects = lambda: set()  # set by the owner: objects pinned entries need
+        self.pinned_objects = lambda: set()  # set by the owner: objects and packs pinned entries need
         atexit.register(self.flush_stats)
 
     def _path(self, digest: bytes) -> Path:
@@ -93,7 +98,51 @@ class ObjectCache:
 
     def put(self, digest: bytes, blob: bytes) -> None:
         """Keep a checked object; past the quota, evict down to the low mark."""
-        p = self._path(digest)
+        self._keep(self._path(digest), blob, f"object {digest.hex()}")
+
+    # -- whole packs -----------------------------------------------------
+
+    def _pack_path(self, pack: bytes) -> Path:
+        h = pack.hex()
+        return self.path / PACKS / h[:2] / h
+
+    def has_pack(self, pack: bytes) -> bool:
+        return self._pack_path(pack).exists()
+
+    def put_pack(self, pack: bytes, data: bytes) -> None:
+        """Keep a whole pack, checked against its name."""
+        self._keep(self._pack_path(pack), data, f"pack {pack.hex()}")
+
+    def read_frame(self, pack: bytes, offset: int, length: int, count: bool = True) -> bytes | None:
+        """The ``length`` bytes at ``offset`` of a cached pack (a hit makes it most recently used), or None."""
+        try:
+            fd = os.open(self._pack_path(pack), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("cache %s: cannot read pack %s (%s); fetching it again", self.path, pack.hex(), e.strerror)
+            return None
+        try:
+            frame = os.pread(fd, length, offset)
+            if count:
+                os.utime(fd)
+        except OSError as e:
+            log.warning("cache %s: cannot read pack %s (%s); fetching it again", self.path, pack.hex(), e.strerror)
+            return None
+        finally:
+            os.close(fd)
+        if len(frame) != length:  # a pack cut short: what it holds is not what it was checked as
+            self.discard_pack(pack)
+            return None
+        if count:
+            self.count("hits")
+        return frame
+
+    def discard_pack(self, pack: bytes) -> None:
+        """Forget a cached pack (found damaged)."""
+        self._pack_path(pack).unlink(missing_ok=True)
+
+    def _keep(self, p: Path, blob: bytes, what: str) -> None:
         try:
             p.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.tmp)
@@ -104,7 +153,7 @@ class ObjectCache:
             with contextlib.suppress(OSError, UnboundLocalError):
                 os.unlink(tmp)
             # A full or broken cache must not fail a read that was served.
-            log.warning("cache %s: cannot keep object %s (%s)", self.path, digest.hex(), storage_error(e, "writing"))
+            log.warning("cache %s: cannot keep %s (%s)", self.path, what, storage_error(e, "writing"))
             return
         with self._lock:
             if self._size is not None:
@@ -119,14 +168,21 @@ class ObjectCache:
     # -- quota -----------------------------------------------------------
 
     def scan(self) -> list[tuple[float, int, bytes, Path]]:
-        """(last use, size, digest, path) of every cached object."""
+        """(last use, size, digest, path) of every cached object and pack."""
         out = []
-        for d, p in layout.objects_in(self.path):
+        for d, p in [*layout.objects_in(self.path), *self._packs_in()]:
             with contextlib.suppress(FileNotFoundError):
                 st = p.stat()
                 if d is not None:
                     out.append((st.st_mtime, st.st_size, d, p))
         return out
+
+    def _packs_in(self):
+        top = self.path / PACKS
+        for sub in sorted(top.iterdir()) if top.is_dir() else []:
+            for p in sorted(sub.iterdir()) if sub.is_dir() else []:
+                d = parse_hex(p.name)
+                yield (d if d is not None and p.name.startswith(sub.name) else None), p
 
     def evict(self, target: int | None = None) -> int:
         """Remove least recently used, unpinned objects until at most ``target`` bytes remain."""
@@ -160,16 +216,34 @@ class ObjectCache:
             with self._lock:
                 self._evicting = False
 
-    def usage(self) -> tuple[int, int]:
-        """(objects, bytes) in the cache now."""
+    def usage(self) -> tuple[int, int, int]:
+        """(objects, packs, bytes) in the cache now."""
         found = self.scan()
-        return len(found), sum(s for _, s, _, _ in found)
+        packs = sum(1 for *_, p in found if p.parent.parent.name == PACKS)
+        return len(found) - packs, packs, sum(s for _, s, _, _ in found)
 
     def clear(self) -> int:
         """Remove every object that no pinned entry needs; return how many."""
         before = len(self.scan())
         self.evict(target=0)
         return before - len(self.scan())
+
+    # -- pins ------------------------------------------------------------
+
+    def pins(self) -> dict[str, bytes]:
+        """Pinned entries: name -> manifest digest (their objects and packs are never evicted)."""
+        try:
+            doc = json.loads((self.path / "pins.json").read_bytes())
+            return {n: bytes.fromhex(h) for n, h in doc.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise CorruptManifest(f"{self.path / 'pins.json'}: unreadable ({e})") from None
+
+    def set_pins(self, pins: dict[str, bytes]) -> None:
+        write_atomic(
+            self.path / "pins.json", (json.dumps({n: d.hex() for n, d in sorted(pins.items())}) + "\n").encode()
+        )
 
     # -- counters --------------------------------------------------------
 

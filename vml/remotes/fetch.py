@@ -25,6 +25,8 @@ from ..errors import Corrupt, FetchError, ObjectMissing, UsageError
 
 log = logging.getLogger(__name__)
 
+BUFFER = 256 << 10  # libcurl's receive buffer: one Python callback per this much of a body
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -251,6 +253,7 @@ class Fetcher:
         else:
             c.setopt(pycurl.CAINFO, certifi.where() if st.verify_tls is True else str(st.verify_tls))
         c.setopt(pycurl.WRITEFUNCTION, write)
+        c.setopt(pycurl.BUFFERSIZE, BUFFER)
         if span is not None:
             c.setopt(pycurl.RANGE, f"{span[0]}-{span[0] + span[1] - 1}")
         try:

@@ -23,7 +23,6 @@ from .. import layout
 from ..errors import (
     BadSignature,
     Corrupt,
-    CorruptManifest,
     ExpiredCatalog,
     FetchError,
     NotFound,
@@ -251,16 +250,17 @@ class RemoteStore:
     # -- objects ---------------------------------------------------------
 
     def has(self, digest: bytes) -> bool:
-        return self.cache.has(digest)
+        loc = self.packs.locate(digest)
+        return (loc is not None and self.cache.has_pack(loc.pack)) or self.cache.has(digest)
 
     def prepare(self, manifest: bytes) -> None:
         """Learn where the chunks of this entry lie, if the remote publishes packs."""
         self.packs.prepare(self.catalog(), manifest)
 
     def object_size(self, digest: bytes) -> int:
+        if (loc := self.packs.locate(digest)) is not None:
+            return loc.length
         size = self.cache.size_of(digest)
-        if size is None and (loc := self.packs.locate(digest)) is not None:
-            size = loc.length
         return size if size is not None else len(self.read_raw(digest))
 
     def read(self, digest: bytes, limit: int) -> bytes:
@@ -277,13 +277,9 @@ class RemoteStore:
                 self._ahead_bytes -= len(handed[1])
         if handed is not None and len(handed[1]) <= limit:
             return handed
-        blob = self.cache.get(digest)
-        if blob is not None:
-            try:
-                return blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
-            except Corrupt as e:
-                log.warning("%s; fetching it again", e)
-                self.cache.discard(digest)
+        got = self._cached(digest, limit)
+        if got is not None:
+            return got
         with self._lock:
             job = self._inflight.get(digest)
             leader = job is None
@@ -294,12 +290,8 @@ class RemoteStore:
             if job.error is not None:
                 raise job.error
             return job.value
-        try:
-            blob = self.cache.peek(digest)  # a leader that just finished may have cached it
-            if blob is not None:
-                job.value = blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
-            else:
-                job.value = self._fetch(digest, limit)
+        try:  # a leader that just finished may have cached it
+            job.value = self._cached(digest, limit, count=False) or self._fetch(digest, limit)
             return job.value
         except BaseException as e:
             job.error = e
@@ -308,6 +300,28 @@ class RemoteStore:
             with self._lock:
                 del self._inflight[digest]
             job.done.set()
+
+    def _cached(self, digest: bytes, limit: int, count: bool = True) -> tuple[bytes, bytes] | None:
+        """(stored, content) from the cache, from its pack if that is cached, else its own file; checked.
+
+        None when it is not cached, or damaged there (then dropped, pack or object, to be fetched again).
+        """
+        loc = self.packs.locate(digest)
+        if loc is not None and (frame := self.cache.read_frame(loc.pack, loc.offset, loc.length, count)) is not None:
+            where = f"remote {self.name} cache, object {digest.hex()} in pack {loc.pack.hex()}"
+            try:
+                return frame, decode(frame, digest, limit, where)
+            except Corrupt as e:
+                log.warning("%s; fetching it again", e)
+                self.cache.discard_pack(loc.pack)
+        blob = self.cache.get(digest) if count else self.cache.peek(digest)
+        if blob is not None:
+            try:
+                return blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
+            except Corrupt as e:
+                log.warning("%s; fetching it again", e)
+                self.cache.discard(digest)
+        return None
 
     def _fetch(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
         h = digest.hex()
@@ -322,8 +336,8 @@ class RemoteStore:
                 blob, content = self.fetcher.get(
                     f"{layout.OBJECTS}/{layout.object_name(digest)}", _blob_limit(limit), check
                 )
-            elif self.packs.wait(loc.pack) and (cached := self.cache.peek(digest)) is not None:
-                return check(cached)  # its pack was on its way, and is in the cache now
+            elif self.packs.wait(loc.pack) and (cached := self._cached(digest, limit, count=False)) is not None:
+                return cached  # its pack was on its way, and is in the cache now
             else:
                 blob, content = self.packs.fetch_frame(loc, check)
         except ObjectMissing:
@@ -342,7 +356,7 @@ class RemoteStore:
 
     def prefetch(self, digests, limit: int) -> None:
         """Fetch these objects in the background, if not cached or on their way already."""
-        for d in self.packs.prefetch([d for d in digests if not self.cache.has(d)]):
+        for d in self.packs.prefetch([d for d in digests if not self.has(d)]):
             with self._lock:
                 busy = d in self._inflight
             if not busy:
@@ -364,7 +378,7 @@ class RemoteStore:
 
     def fetch_all(self, digests, limit: int, progress: Progress = SILENT) -> int:
         """Make sure every object is cached, in parallel; return bytes fetched."""
-        missing = [d for d in digests if not self.cache.has(d)]
+        missing = [d for d in digests if not self.has(d)]
         progress.start(len(missing))
         before = self.fetcher.bytes
         packed, loose = self.packs.by_pack(missing)
@@ -376,24 +390,16 @@ class RemoteStore:
     # -- pins ------------------------------------------------------------
 
     def pins(self) -> dict[str, bytes]:
-        try:
-            doc = json.loads((self.path / "pins.json").read_bytes())
-            return {n: bytes.fromhex(h) for n, h in doc.items()}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, AttributeError) as e:
-            raise CorruptManifest(f"{self.path / 'pins.json'}: unreadable ({e})") from None
-
-    def set_pins(self, pins: dict[str, bytes]) -> None:
-        write_atomic(
-            self.path / "pins.json", (json.dumps({n: d.hex() for n, d in sorted(pins.items())}) + "\n").encode()
-        )
+        return self.cache.pins()
 
     def pinned_objects(self) -> set[bytes]:
         pins = self.pins()
         if not pins:
             return set()
-        return RemoteRepository(self).needed_objects(pins.values())
+        for manifest in pins.values():
+            self.prepare(manifest)  # where their chunks lie: the packs to keep
+        objects = RemoteRepository(self).needed_objects(pins.values())
+        return objects | {loc.pack for d in objects if (loc := self.packs.locate(d)) is not None}
 
     # -- what a writer would need ----------------------------------------
 
@@ -479,7 +485,7 @@ def preload(store: RemoteStore, digest: bytes, name: str, pin: bool, progress: P
     objs = RemoteRepository(store).entry_objects(digest)
     fetched = store.fetch_all(objs, METADATA_LIMIT, progress)
     if pin:  # only once all is there; eviction during the preload is the quota's business
-        store.set_pins(store.pins() | {name: digest})
+        store.cache.set_pins(store.pins() | {name: digest})
     return len(objs), fetched
 
 
@@ -488,4 +494,4 @@ def unpin(store: RemoteStore, name: str) -> None:
     if name not in pins:
         raise NotFound(f"{store.name}:{name} is not pinned")
     del pins[name]
-    store.set_pins(pins)
+    store.cache.set_pins(pins)

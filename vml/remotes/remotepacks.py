@@ -11,9 +11,10 @@ A reader of an entry first loads its pack set and those packs' indexes
 (kept in the cache directory, so an entry once opened opens offline). Then:
 
 - a sequential reader's fetch-ahead and preload fetch **whole packs**, on a
-  few connections, each checked in one pass and split into the cache as
-  its chunks. Whole packs are what Squid and CDNs cache, and one request
-  brings tens of chunks;
+  few connections, each checked in one pass and kept whole in the cache
+  (one file per pack; each chunk is still checked when it is read). Whole
+  packs are what Squid and CDNs cache, and one request brings tens of
+  chunks;
 - any other read fetches only its chunk's frame, by a Range request: at
   most one frame, the chunk size plus zstd's bound (``RANDOM_READ_BOUND``).
 """
@@ -148,7 +149,7 @@ class RemotePacks:
             return job, True
 
     def fetch_pack(self, pack: bytes) -> int:
-        """Fetch a whole pack into the cache as its objects (once, however many ask); bytes fetched."""
+        """Fetch a whole pack into the cache (once, however many ask); bytes fetched."""
         job, leader = self._job(pack)
         if leader:
             return self._run(pack, job)
@@ -167,10 +168,7 @@ class RemotePacks:
                 return body
 
             data = self.fetcher.get(pack_url(pack), index.pack_size, check)
-            view = memoryview(data)
-            for d, loc in index:
-                if not self.cache.has(d):
-                    self.cache.put(d, view[loc.offset : loc.offset + loc.length])
+            self.cache.put_pack(pack, data)
             self.cache.count("fetched_bytes", len(data))
             return len(data)
         except BaseException as e:
