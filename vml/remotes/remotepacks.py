@@ -39,6 +39,7 @@ from .fetch import Fetcher
 log = logging.getLogger(__name__)
 
 PACK_CONNECTIONS = 4  # whole packs fetched at once (bench/packs.py: 4 reach curl's rate)
+INDEX_CONNECTIONS = 16  # indexes fetched at once: small, so it is round trips that count
 RANDOM_READ_BOUND = MAX_OBJECT  # bytes a read outside a sequential run may fetch: one frame
 
 
@@ -64,6 +65,7 @@ class RemotePacks:
         self._prepared: set[bytes] = set()
         self._jobs: dict[bytes, _Job] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._index_pool: ThreadPoolExecutor | None = None
 
     # -- indexes ---------------------------------------------------------
 
@@ -79,7 +81,10 @@ class RemotePacks:
         for pack in missing:
             if pack not in catalog.indexes:
                 raise CorruptManifest(f"{self.where}: pack set of {h} names pack {pack.hex()}, unknown to the catalog")
-        for index in self._pool_of().map(lambda p: self._load_index(p, catalog.indexes[p]), missing):
+        with self._lock:
+            if self._index_pool is None:
+                self._index_pool = ThreadPoolExecutor(INDEX_CONNECTIONS, thread_name_prefix="vml-indexes")
+        for index in self._index_pool.map(lambda p: self._load_index(p, catalog.indexes[p]), missing):
             with self._lock:
                 self._indexes[index.pack] = index
                 for d, loc in index:
