@@ -43,6 +43,7 @@ COPY_CHECK_INTERVAL = 0.5
 # keep up: bench/fs_read.py's cold sequential read ran at twice the rate
 # with 1024 (docs/benchmarks.md); 4096 gained nothing more.
 READAHEAD_KB = 1024
+READY_TIMEOUT = 10.0  # seconds for a new mount to answer its first stat
 
 
 def mount_options(fsname: str = "vmlfs") -> set[str]:
@@ -124,17 +125,27 @@ def serve(home: Path, mountpoint: Path, ready_fd: int | None = None) -> None:
         os.close(lock_fd)
 
 
-async def _raise_readahead(mountpoint: Path) -> None:
-    """Set the kernel's readahead for the mount, once it answers (the kernel sets its own at FUSE INIT).
+async def _ready(mountpoint: Path, ready_fd: int | None) -> None:
+    """Once the mount answers, set the kernel's readahead for it, then say it is ready.
 
-    Only root may write /sys/class/bdi; others keep the kernel's default.
+    The kernel sets its own readahead when it processes FUSE INIT, and a
+    file takes the mount's at open: so after the first answer, and before
+    `vml mount` returns. Only root may write /sys/class/bdi; others keep
+    the kernel's default.
     """
-    st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    st = None
+    with trio.move_on_after(READY_TIMEOUT):
+        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    if st is None:
+        _report(ready_fd, f"the mount did not answer within {READY_TIMEOUT:g} s")
+        pyfuse3.terminate()
+        return
     path = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
     try:
         path.write_text(f"{READAHEAD_KB}\n")
     except OSError as e:
         log.info("kernel readahead of %s left at its default (%s: %s)", mountpoint, path, e.strerror)
+    _report(ready_fd, "ok")
 
 
 async def _main(ops: VmlFS, home: Path, mountpoint: Path, ready_fd: int | None) -> None:
@@ -148,8 +159,7 @@ async def _main(ops: VmlFS, home: Path, mountpoint: Path, ready_fd: int | None) 
         nursery.start_soon(_flush_cache_counters)
         nursery.start_soon(_trim_memory)
         nursery.start_soon(ops.readahead.run)
-        nursery.start_soon(_raise_readahead, mountpoint)
-        _report(ready_fd, "ok")
+        nursery.start_soon(_ready, mountpoint, ready_fd)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     listener.close()

@@ -105,10 +105,10 @@ def _copy_live(repo: Repository, objects, live: set[bytes], written: set[bytes])
         builder.add(d, frame)
         data += frame
         if builder.size >= PACK_SIZE:
-            written.add(files.add_pack(builder, bytes(data)))
+            written.add(files.add_pack(builder, data))
             builder, data = PackBuilder(), bytearray()
     if len(builder):
-        written.add(files.add_pack(builder, bytes(data)))
+        written.add(files.add_pack(builder, data))
 
 
 def pack_loose(repo: Repository, manifests, drop_loose: bool = True) -> int:

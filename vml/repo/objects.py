@@ -13,6 +13,7 @@ hash and compress in parallel.
 """
 
 import threading
+from collections.abc import Callable
 
 import blake3
 import zstandard
@@ -44,35 +45,37 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def content_size(blob: bytes, where: str) -> int:
-    """The decompressed size a frame declares, or CorruptObject."""
-    try:
-        size = zstandard.get_frame_parameters(blob).content_size
-    except zstandard.ZstdError as e:
-        raise CorruptObject(f"{where}: not a zstd frame ({e})") from None
-    if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
-        raise CorruptObject(f"{where}: zstd frame does not declare its size")
-    return size
-
-
-def decode(blob: bytes, expected: bytes, limit: int, where: str) -> bytes:
+def decode(blob: bytes, expected: bytes, limit: int, where: str | Callable[[], str]) -> bytes:
     """Decompress ``blob`` and check it against digest ``expected``.
 
     ``limit`` bounds the decompressed size; ``where`` names the object in
-    error messages (a path or a hex digest).
+    error messages (a path or a hex digest), or is called for that name
+    only when there is an error.
     """
-    size = content_size(blob, where)
+    try:
+        return _decode(blob, expected, limit)
+    except CorruptObject as e:
+        raise CorruptObject(f"{where() if callable(where) else where}: {e}") from None
+
+
+def _decode(blob: bytes, expected: bytes, limit: int) -> bytes:
+    try:
+        size = zstandard.get_frame_parameters(blob).content_size
+    except zstandard.ZstdError as e:
+        raise CorruptObject(f"not a zstd frame ({e})") from None
+    if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
+        raise CorruptObject("zstd frame does not declare its size")
     if size > limit:
-        raise CorruptObject(f"{where}: decompresses to {size} bytes, more than the limit of {limit}")
+        raise CorruptObject(f"decompresses to {size} bytes, more than the limit of {limit}")
     obj = _decompressor().decompressobj()
     try:
         data = obj.decompress(blob)
     except zstandard.ZstdError as e:
-        raise CorruptObject(f"{where}: damaged zstd data ({e})") from None
+        raise CorruptObject(f"damaged zstd data ({e})") from None
     if not obj.eof or obj.unused_data or len(data) != size:
-        raise CorruptObject(f"{where}: truncated or padded zstd frame")
+        raise CorruptObject("truncated or padded zstd frame")
     if digest(data) != expected:
-        raise CorruptObject(f"{where}: content does not match its name")
+        raise CorruptObject("content does not match its name")
     return data
 
 

@@ -298,7 +298,7 @@ class PackFiles:
     def writer(self, target: int = PACK_SIZE) -> "PackWriter":
         return PackWriter(self, target)
 
-    def add_pack(self, builder: PackBuilder, data: bytes) -> bytes:
+    def add_pack(self, builder: PackBuilder, data: bytes | bytearray) -> bytes:
         """Store one sealed pack and its index; return the pack's digest."""
         pack, index = builder.seal()
         path = pack_path(self.root, pack)
@@ -351,7 +351,7 @@ class PackWriter:
     def flush(self) -> None:
         """Store the pack being built, if it holds anything."""
         if len(self._builder):
-            self.created.append(self.files.add_pack(self._builder, bytes(self._data)))
+            self.created.append(self.files.add_pack(self._builder, self._data))  # written as it is: no copy
             self._builder, self._data = PackBuilder(), bytearray()
 
     def rollback(self) -> None:

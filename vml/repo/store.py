@@ -183,12 +183,18 @@ class Store:
             return self._packed(digest).length
 
     def read_raw(self, digest: bytes) -> bytes:
-        """The stored, still compressed bytes of an object: a loose file, else its frame in a pack."""
-        try:
-            with open(self._path(digest), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            loc = self._packed(digest)
+        """The stored, still compressed bytes of an object: its frame in a pack, else a loose file.
+
+        A pack whose index is loaded is looked at first: that is where an
+        entry's chunks are, and it costs no system call to find out.
+        """
+        loc = self.packs.located(digest) if self.format == 2 else None
+        if loc is None:
+            try:
+                with open(self._path(digest), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                loc = self._packed(digest)
         try:
             return self.packs.read(loc)
         except ObjectMissing as e:  # its pack is gone
@@ -218,7 +224,7 @@ class Store:
     def read(self, digest: bytes, limit: int) -> bytes:
         """Decompressed, digest-checked content of an object."""
         blob = self.read_raw(digest)
-        return objects.decode(blob, digest, limit, self.where(digest))
+        return objects.decode(blob, digest, limit, lambda: self.where(digest))
 
     def put(self, data, digest: bytes | None = None) -> tuple[bytes, int, bool]:
         """Store ``data``; return (digest, stored size, whether it was new).
@@ -241,7 +247,7 @@ class Store:
         """
         return self.place(self._path(digest), blob)
 
-    def place(self, final: Path, data: bytes) -> bool:
+    def place(self, final: Path, data: bytes | bytearray) -> bool:
         """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists.
 
         The file is written unnamed (O_TMPFILE) in its directory and linked
