@@ -9,14 +9,16 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from vml.repo.repository import Repository
 from vml.repo.store import Store
 from vml.times import parse_iso
+from vmlfs import mount
 
-from conftest import debugfs_write, mount_pid, need
+from conftest import debugfs_write, mount_pid, need, need_root
 from helpers import remove_stored
 
 
@@ -79,6 +81,15 @@ def test_the_vmdk_descriptor_reads_the_same_bytes(logbook, mounted):
         check=False,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_mount_reads_ahead_a_mebibyte_once_vml_mount_returns(mounted):
+    """The kernel's default (128 KiB) halves a cold sequential read (docs/mount.md); a file takes its
+    mount's readahead when opened, so it must be set by the time `vml mount` returns."""
+    need_root()
+    dev = os.stat(mounted).st_dev
+    kib = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
+    assert int(kib) == mount.READAHEAD_KB == 1024
 
 
 def test_entries_cannot_be_changed(logbook, mounted):
