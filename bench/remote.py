@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from common import drop_caches, mkfs_ext4, need, print_table, real_tree, run
+from helpers import stored_files
 from servers import FaultProxy, Nginx, Squid, documented_squid_settings
 
 VML = [sys.executable, "-m", "vml"]
@@ -71,12 +72,8 @@ def publish(work: Path, name: str, source: Path) -> tuple[Path, Path]:
     # The same bytes as one file, on the same server: every object and pack (and index) published.
     with open(pub / "all-objects.bin", "wb") as out:
         for p in stored_files(pub):
-            out.write(p.read_bytes())
+            out.write((pub / p).read_bytes())
     return pub, key.with_name(key.name + ".pub")
-
-
-def stored_files(pub: Path) -> list[Path]:
-    return sorted(p for d in ("objects", "packs", "packsets") for p in (pub / d).rglob("*") if p.is_file())
 
 
 def served_bytes(origin: Nginx, since: int = 0) -> int:
@@ -218,7 +215,7 @@ def bench_boot(work: Path, origin_dir: Path, pubkey: Path) -> list:
         if "VML-GUEST-DONE" not in r.stdout:
             sys.exit(f"bench: the guest did not finish booting:\n{r.stdout[-2000:]}")
         fetched = served_bytes(origin)
-        stored = sum(p.stat().st_size for p in stored_files(origin_dir))
+        stored = sum((origin_dir / p).stat().st_size for p in stored_files(origin_dir))
         vml(home, "close", "run", "--discard")
     finally:
         vml(home, "umount", mp, check=False)
@@ -258,7 +255,7 @@ def bench_fanout(work: Path, pub: Path, pubkey: Path, origin: Nginx, clients: in
         for home, mp in mounts:
             vml(home, "umount", mp, check=False)
         squid.stop()
-    stored = sum(p.stat().st_size for p in stored_files(pub))
+    stored = sum((pub / p).stat().st_size for p in stored_files(pub))
     return [
         f"Squid fan-out: {clients} mounts read the entry at once ({seconds:.0f} s)",
         f"{stored >> 20} MiB stored",
