@@ -38,10 +38,9 @@ log = logging.getLogger(__name__)
 
 COPY_QUIET = 2.0  # seconds with nothing open in a copied directory before it becomes an entry
 COPY_CHECK_INTERVAL = 0.5
-# The kernel's readahead for the mount, in KiB. Its default, 128, sends a
-# sequential reader's requests in pieces too small for one Python process to
-# keep up: bench/fs_read.py's cold sequential read ran at twice the rate
-# with 1024 (docs/benchmarks.md); 4096 gained nothing more.
+# The kernel's readahead for the mount, in KiB. With its default, 128, a cold
+# dd of a 1 GiB entry read at 245 MB/s, with 1024 at 510; 4096 gained nothing
+# more (docs/mount.md, docs/benchmarks.md).
 READAHEAD_KB = 1024
 READY_TIMEOUT = 10.0  # seconds for a new mount to answer its first stat
 

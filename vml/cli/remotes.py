@@ -92,11 +92,20 @@ def cmd_cache_status(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    rows = [[s["remote"], s["objects"], s["packs"], format_size(s["size"]), format_size(s["quota"])] for s in out]
-    for row, s in zip(rows, out, strict=True):
-        row.append(", ".join(s["pinned"]) or "-")
-    for row, s in zip(rows, out, strict=True):
-        row += [s["hits"], s["misses"], format_size(s["fetched_bytes"])]
+    rows = [
+        [
+            s["remote"],
+            s["objects"],
+            s["packs"],
+            format_size(s["size"]),
+            format_size(s["quota"]),
+            ", ".join(s["pinned"]) or "-",
+            s["hits"],
+            s["misses"],
+            format_size(s["fetched_bytes"]),
+        ]
+        for s in out
+    ]
     head = ["remote", "objects", "packs", "size", "quota", "pinned", "hits", "misses", "fetched"]
     print("\n".join(table(rows, head)) if rows else "(no remotes)")
     return 0

@@ -30,13 +30,13 @@ from .. import layout
 from ..errors import CorruptManifest, StorageError, VmlError
 from ..files import storage_error, write_atomic
 from ..repo.objects import parse_hex
+from ..repo.packfiles import PACKS, pack_path
 
 log = logging.getLogger(__name__)
 
 LOW_MARK = 0.75
 STATS_EVERY = 2.0  # seconds between flushes of the counters
 COUNTERS = ("hits", "misses", "fetched_bytes", "evicted")
-PACKS = "packs"
 
 
 class ObjectCache:
@@ -102,35 +102,25 @@ class ObjectCache:
 
     # -- whole packs -----------------------------------------------------
 
-    def _pack_path(self, pack: bytes) -> Path:
-        h = pack.hex()
-        return self.path / PACKS / h[:2] / h
-
     def has_pack(self, pack: bytes) -> bool:
-        return self._pack_path(pack).exists()
+        return pack_path(self.path, pack).exists()
 
     def put_pack(self, pack: bytes, data: bytes) -> None:
         """Keep a whole pack, checked against its name."""
-        self._keep(self._pack_path(pack), data, f"pack {pack.hex()}")
+        self._keep(pack_path(self.path, pack), data, f"pack {pack.hex()}")
 
     def read_frame(self, pack: bytes, offset: int, length: int, count: bool = True) -> bytes | None:
         """The ``length`` bytes at ``offset`` of a cached pack (a hit makes it most recently used), or None."""
         try:
-            fd = os.open(self._pack_path(pack), os.O_RDONLY)
+            with open(pack_path(self.path, pack), "rb", buffering=0) as f:
+                frame = os.pread(f.fileno(), length, offset)
+                if count:
+                    os.utime(f.fileno())
         except FileNotFoundError:
             return None
         except OSError as e:
             log.warning("cache %s: cannot read pack %s (%s); fetching it again", self.path, pack.hex(), e.strerror)
             return None
-        try:
-            frame = os.pread(fd, length, offset)
-            if count:
-                os.utime(fd)
-        except OSError as e:
-            log.warning("cache %s: cannot read pack %s (%s); fetching it again", self.path, pack.hex(), e.strerror)
-            return None
-        finally:
-            os.close(fd)
         if len(frame) != length:  # a pack cut short: what it holds is not what it was checked as
             self.discard_pack(pack)
             return None
@@ -140,7 +130,7 @@ class ObjectCache:
 
     def discard_pack(self, pack: bytes) -> None:
         """Forget a cached pack (found damaged)."""
-        self._pack_path(pack).unlink(missing_ok=True)
+        pack_path(self.path, pack).unlink(missing_ok=True)
 
     def _keep(self, p: Path, blob: bytes, what: str) -> None:
         try:

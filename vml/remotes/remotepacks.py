@@ -64,8 +64,9 @@ class RemotePacks:
         self._indexes: dict[bytes, Index] = {}
         self._prepared: set[bytes] = set()
         self._jobs: dict[bytes, _Job] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._index_pool: ThreadPoolExecutor | None = None
+        # Threads start on first use, so making both pools here costs nothing until then.
+        self._pool = ThreadPoolExecutor(PACK_CONNECTIONS, thread_name_prefix="vml-packs")
+        self._index_pool = ThreadPoolExecutor(INDEX_CONNECTIONS, thread_name_prefix="vml-indexes")
 
     # -- indexes ---------------------------------------------------------
 
@@ -81,9 +82,6 @@ class RemotePacks:
         for pack in missing:
             if pack not in catalog.indexes:
                 raise CorruptManifest(f"{self.where}: pack set of {h} names pack {pack.hex()}, unknown to the catalog")
-        with self._lock:
-            if self._index_pool is None:
-                self._index_pool = ThreadPoolExecutor(INDEX_CONNECTIONS, thread_name_prefix="vml-indexes")
         for index in self._index_pool.map(lambda p: self._load_index(p, catalog.indexes[p]), missing):
             with self._lock:
                 self._indexes[index.pack] = index
@@ -201,7 +199,7 @@ class RemotePacks:
         for pack in packed:
             job, leader = self._job(pack)  # on its way from now on: readers of its chunks wait for it
             if leader:
-                self._pool_of().submit(self._quiet_run, pack, job)
+                self._pool.submit(self._quiet_run, pack, job)
         return loose
 
     def _quiet_run(self, pack: bytes, job: _Job) -> None:
@@ -221,16 +219,10 @@ class RemotePacks:
         for pack in packed:
             job, leader = self._job(pack)
             if leader:
-                self._pool_of().submit(self._quiet_run, pack, job)
+                self._pool.submit(self._quiet_run, pack, job)
             jobs.append((pack, job))
         for pack, job in jobs:
             job.done.wait()
             if job.error is not None:
                 raise job.error
             progress.advance(len(packed[pack]))
-
-    def _pool_of(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(PACK_CONNECTIONS, thread_name_prefix="vml-packs")
-            return self._pool

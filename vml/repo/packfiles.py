@@ -122,11 +122,14 @@ class PackFiles:
 
     def forget_pack(self, *packs: bytes) -> None:
         """Forget where packs that are gone put their objects; the next miss looks at every index there is."""
-        gone = set(packs)
         with self._lock:
-            self._indexed -= gone
-            self._where = {d: loc for d, loc in self._where.items() if loc.pack not in gone}
+            self._unlocate(set(packs))
             self._all = False
+
+    def _unlocate(self, gone: set[bytes]) -> None:
+        """Drop the loaded locations in packs ``gone`` (the caller holds the lock)."""
+        self._indexed -= gone
+        self._where = {d: loc for d, loc in self._where.items() if loc.pack not in gone}
 
     def revalidate(self) -> None:
         """What a writer calls once it holds the lock: forget packs a gc removed since their indexes were
@@ -314,8 +317,7 @@ class PackFiles:
     def remove_pack(self, pack: bytes) -> None:
         """Remove a pack and its index (index first, so no index is left without its pack)."""
         with self._lock:
-            self._indexed.discard(pack)
-            self._where = {d: loc for d, loc in self._where.items() if loc.pack != pack}
+            self._unlocate({pack})
             handle = self._open.pop(pack, None)
             if handle is not None:
                 handle.evicted = True
