@@ -170,6 +170,8 @@ class RemotePacks:
                     raise CorruptObject(f"{self.where}: {pack_url(pack)} does not match its name")
                 return body
 
+            if self.cache.has_pack(pack):  # a reader that asked before an earlier fetch of it ended
+                return 0
             data = self.fetcher.get(pack_url(pack), index.pack_size, check)
             self.cache.put_pack(pack, data)
             self.cache.count("fetched_bytes", len(data))
