@@ -20,6 +20,7 @@ LAYERS = [
     ("vml.entries",),
     ("vml.config",),
     ("vml.vms",),
+    ("vml.envs",),
     ("vml.view",),
     ("vml.home",),
     ("vml.cli", "vml.__main__"),
@@ -92,5 +93,5 @@ def test_no_module_is_over_500_lines():
 def test_the_readme_and_the_architecture_name_every_layer():
     text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "architecture.md").read_text()
     folders = sorted(p.name for p in (ROOT / "vml").iterdir() if (p / "__init__.py").exists())
-    assert folders == ["cli", "entries", "remotes", "repo", "view", "vms"]
+    assert folders == ["cli", "entries", "envs", "remotes", "repo", "view", "vms"]
     assert [f for f in folders if f"`{f}/`" not in text and f"`vml/{f}/`" not in text] == []

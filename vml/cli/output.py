@@ -36,7 +36,7 @@ def tree_lines(repo: Repository, damaged: dict[str, tuple[bytes, str]] | None = 
                 note = (
                     f" [on {remote}:{m.parent.name}]" if remote else f" [parent {m.parent.name} not in this repository]"
                 )
-            lines.append(f"{prefix}+---{name}({when} - {m.kind}){note}")
+            lines.append(f"{prefix}+---{name}({when} - {m.shown_kind}){note}")
         kids = children.get(name, [])
         for i, kid in enumerate(kids):
             walk(kid, prefix + ("    " if last else "|   "), i == len(kids) - 1)

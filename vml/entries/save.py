@@ -26,7 +26,7 @@ from ..progress import SILENT, Progress
 from ..repo import chunkmap, objects
 from ..repo.chunkmap import ChunkTable, Record
 from ..repo.hardware import Hardware, describe_directory
-from ..repo.manifest import KINDS, Link, Manifest, Stream, check_size
+from ..repo.manifest import ENVIRONMENT, KINDS, Link, Manifest, Stream, check_size
 from ..repo.objects import HOLE
 from ..repo.repository import EMPTY, Entry, Repository, Resolved
 from ..repo.store import Store
@@ -251,8 +251,14 @@ def write_entry(
     workers: int | None = None,
     hardware: Hardware | None = None,
     on_commit=None,
+    chunk_size: int | None = None,
+    extra: dict | None = None,
 ) -> Entry:
     """Create entry ``name``: ``build(writer, plan)`` stores its streams.
+
+    ``chunk_size`` applies to an entry without a parent (one with a parent
+    keeps the parent's); ``extra`` adds keys to the manifest (an
+    environment entry's description).
 
     ``hardware`` describes the VM; without it the entry keeps its parent's.
     ``on_commit(store, digest)``, if given, runs under the lock right after
@@ -271,6 +277,11 @@ def write_entry(
         if name in repo.refs():
             raise AlreadyExists(f"entry {name!r} already exists in repository {repo.name}")
         parent_entry = repo.entry(parent) if isinstance(parent, str) else parent
+        if parent_entry is not None and parent_entry.manifest.is_environment != bool(extra and extra.get(ENVIRONMENT)):
+            raise UsageError(
+                f"entry {parent_entry.name!r} cannot be the parent: an environment backup and a VM's disks "
+                "do not build on each other"
+            )
         kind = kind or ("incremental" if parent_entry else "full")
         if kind != "full" and parent_entry is None:
             raise UsageError(f"a {kind} entry needs --parent")
@@ -281,7 +292,7 @@ def write_entry(
             base_digest, base_manifest = repo.base_of(parent_entry.digest)
             base = Link(base_manifest.name, base_digest)
             reference = base_digest
-        chunk_size = parent_entry.manifest.chunk_size if parent_entry else store.chunk_size
+        chunk_size = parent_entry.manifest.chunk_size if parent_entry else chunk_size or store.chunk_size
         plan = Plan(kind, parent_entry, chunk_size, repo.resolve(reference) if reference else EMPTY)
         writer = ChunkWriter(store, chunk_size, progress, workers)
         # The refs update may land before a late error: then the objects stay.
@@ -300,6 +311,7 @@ def write_entry(
                 disks=tuple(disks),
                 files=tuple(files),
                 hardware=hardware or (parent_entry.manifest.hardware if parent_entry else None),
+                extra=dict(extra or {}),
             )
             digest = writer.put_metadata(manifest.encode())
             writer.seal(repo, digest)

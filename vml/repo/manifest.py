@@ -28,6 +28,11 @@ MAX_STREAM_SIZE = 1 << 60
 # max_disk_size): no real VM has them, and a checkout could not write them.
 DEFAULT_MAX_DISK_SIZE = 16 << 40
 RESERVED_FILE = "entry.json"
+# An environment backup (vml.envs) is an entry whose manifest carries this
+# key; its two disks hold a file tree. Its kind says how it is stored (full,
+# or incremental on an earlier backup); it is shown as "environment". An
+# older vml sees two disks, so it keeps, copies and collects it correctly.
+ENVIRONMENT = "environment"
 
 
 def disk_file_names(disk: str) -> tuple[str, str, str]:
@@ -87,6 +92,15 @@ class Manifest:
         if self.kind == "differential":
             return self.base
         return None
+
+    @property
+    def is_environment(self) -> bool:
+        return isinstance(self.extra.get(ENVIRONMENT), dict)
+
+    @property
+    def shown_kind(self) -> str:
+        """What users see as the kind: "environment" for an environment backup."""
+        return ENVIRONMENT if self.is_environment else self.kind
 
     def encode(self) -> bytes:
         doc = dict(self.extra)

@@ -17,7 +17,7 @@ from ..errors import Corrupt, CorruptManifest, CorruptObject, NotFound, ObjectMi
 from ..names import check_name
 from . import chunkmap
 from .chunkmap import ChunkTable
-from .manifest import DEFAULT_MAX_DISK_SIZE, Manifest
+from .manifest import DEFAULT_MAX_DISK_SIZE, ENVIRONMENT, Manifest
 from .objects import HOLE
 from .store import METADATA_LIMIT
 
@@ -351,7 +351,8 @@ class Repository:
             "repository": self.name,
             "manifest": entry.digest.hex(),
             "parent": m.parent.name if m.parent else None,
-            "kind": m.kind,
+            "kind": m.shown_kind,
+            "stored_as": m.kind,
             "base": chain[-1],
             "chain": chain,
             "created": m.created,
@@ -361,6 +362,7 @@ class Repository:
             "files": [{"name": s.name, "size": s.size} for s in m.files],
             "stored_bytes": self.stored_bytes(entry.digest),
             "hardware": m.hardware.to_json() if m.hardware else None,
+            **({"environment": m.extra[ENVIRONMENT]} if m.is_environment else {}),
         }
 
     def children(self, damaged: dict[str, tuple[bytes, str]] | None = None) -> dict[str | None, list[Entry]]:

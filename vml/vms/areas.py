@@ -92,6 +92,11 @@ def create_area(home: Path, name: str, repo: Repository, entry: Entry, save_to: 
     An area on a remote's entry saves into the local repository ``save_to``.
     """
     check_name(name, "area")
+    if entry.manifest.is_environment:
+        raise UsageError(
+            f"entry {entry.name!r} is an environment backup, not a VM: open a VM's entry and "
+            f"restore it there with `vml env restore {entry.name} --area AREA`"
+        )
     parent = areas_dir(home)
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / name

@@ -1,0 +1,239 @@
+"""Environment backups on real ext4 images: capture from an entry, restore through the mount into another base."""
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from vml.envs import guestfs
+
+from conftest import need
+
+ALICE_SRC, ALICE_DST = 1000, 1001  # alice's number differs between the two guests: mapped by name
+OLD = 1_600_000_000  # a time long past: files in the backup are older than the target's newer one
+
+
+def guest_tree(root: Path, version: str, alice_uid: int, home: dict | None = None) -> Path:
+    """A guest's root: os-release, passwd, group and (optionally) alice's home."""
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "os-release").write_text(f'ID=cernvm\nVERSION_ID="{version}"\nPRETTY_NAME="CernVM {version}"\n')
+    (root / "etc" / "passwd").write_text(
+        f"root:x:0:0:root:/root:/bin/sh\nbob:x:999:999::/home/bob:/bin/sh\n"
+        f"alice:x:{alice_uid}:{alice_uid}::/home/alice:/bin/bash\n"
+    )
+    (root / "etc" / "group").write_text(f"root:x:0:\nbob:x:999:\nalice:x:{alice_uid}:\n")
+    (root / "etc" / "environment").write_text('LANG="en_US.UTF-8"\n')
+    (root / "home").mkdir()
+    for rel, content in (home or {}).items():
+        p = root / "home" / "alice" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, tuple):  # ("symlink", target)
+            os.symlink(content[1], p)
+        else:
+            p.write_bytes(content)
+    alice = root / "home" / "alice"
+    if alice.exists():
+        for p in [alice, *alice.rglob("*")]:
+            os.lchown(p, alice_uid, alice_uid)
+            if not p.is_symlink():
+                os.utime(p, (OLD, OLD))
+    return root
+
+
+def ext4_image(tree: Path, image: Path, size: str = "32M", offset: int = 0) -> Path:
+    need("mkfs.ext4", "debugfs", "e2fsck")
+    extra = ["-E", f"offset={offset}"] if offset else []
+    subprocess.run(["mkfs.ext4", "-q", "-F", *extra, "-d", str(tree), str(image), size], check=True)
+    return image
+
+
+HOME = {
+    "analysis/run.C": b"void run() {}\n" * 100,
+    "analysis/big.dat": os.urandom(300_000),  # more than one slot
+    "secret.key": b"k" * 32,
+    ".bash_history": b"root -l\nmake\n",
+    ".profile": b'export ANALYSIS=/data/atlas\nPATH="$HOME/bin:$PATH"\nSTAMP=$(date)\n',
+    "Downloads/big.iso": b"iso" * 1000,
+    "notes.txt": b"old notes\n",
+    "latest": ("symlink", "analysis"),
+}
+
+
+@pytest.fixture
+def guests(vml, tmp_path):
+    """rep with `src` (CernVM 4.1, alice's home) and `dst` (CernVM 5.0, alice with another uid, a newer notes.txt)."""
+    src = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, HOME)
+    os.chmod(src / "home" / "alice" / "secret.key", 0o600)
+    dst = guest_tree(tmp_path / "dst", "5.0", ALICE_DST, {"notes.txt": b"notes written on the new base\n"})
+    os.utime(dst / "home" / "alice" / "notes.txt", (OLD + 10**6, OLD + 10**6))
+    vml("init", tmp_path / "rep")
+    vml("save", "src", "--from", ext4_image(src, tmp_path / "src.img"))
+    vml("save", "dst", "--from", ext4_image(dst, tmp_path / "dst.img"))
+    return tmp_path
+
+
+@contextlib.contextmanager
+def read_guest(image: Path, offset: int = 0):
+    """The file system at ``offset`` of ``image``, read as vml reads it (closed after: the mount must unmount)."""
+    with open(image, "rb") as fh:
+        found = guestfs.filesystems("d", fh, image.stat().st_size, str(image))
+        yield next(fs for fs in found if fs.offset == offset)
+
+
+def test_a_home_opens_on_a_newer_base_with_owners_modes_and_environment(vml, guests, mounted):
+    r = vml("env", "save", "env1", "--from", "src", "--user", "alice", "--exclude", "Downloads", "-m", "before")
+    assert "env1" in r.stdout and "environment" in r.stdout
+    info = json.loads(vml("env", "show", "env1", "--json").stdout)
+    assert {"name", "os", "user", "home", "files", "bytes", "environment", "source"} <= info.keys()
+    assert info["os"]["version_id"] == "4.1" and info["home"] == "/home/alice" and info["user"] == "alice"
+    assert info["environment"]["ANALYSIS"]["value"] == "/data/atlas"
+    assert info["environment"]["PATH"]["raw"] == '"$HOME/bin:$PATH"'
+    assert info["environment"]["LANG"]["value"] == "en_US.UTF-8"  # from /etc/environment
+    assert [s["name"] for s in info["skipped"]] == ["STAMP"]  # computed by a command: never run
+    assert "/home/alice/.bash_history" in info["histories"]
+    assert "parsed, not executed" in info["source"]
+    assert "environment" in vml("log").stdout
+
+    before = vml("show", "dst", "--json").stdout
+    vml("open", "dst", "--area", "a2")
+    r = vml("env", "restore", "env1", "--area", "a2")
+    assert "warning: entry 'env1' was saved on cernvm 4.1; area 'a2' runs cernvm 5.0" in r.stderr
+    assert "/home/alice/notes.txt.vml-restored" in r.stdout
+
+    disk = mounted / "areas" / "a2" / f"{json.loads(before)['disks'][0]['name']}.img"
+    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+    with read_guest(disk) as fs:
+        check_restored(fs)
+
+    assert vml("show", "dst", "--json").stdout == before  # the entry the area builds on is untouched
+    vml("umount", mounted)
+    assert vml("verify").returncode == 0
+
+
+def check_restored(fs) -> None:
+    walked = {it.path: it for it in fs.walk("/home/alice", lambda p, d: True)}
+    run = walked["/home/alice/analysis/run.C"]
+    assert (run.uid, run.gid, run.mode, run.mtime_ns) == (ALICE_DST, ALICE_DST, 0o644, OLD * 10**9)
+    assert fs.read_file(run, 0, run.size) == HOME["analysis/run.C"]
+    big = walked["/home/alice/analysis/big.dat"]
+    assert fs.read_file(big, 0, big.size) == HOME["analysis/big.dat"]
+    assert walked["/home/alice/secret.key"].mode == 0o600
+    assert walked["/home/alice/latest"].type == "l" and walked["/home/alice/latest"].target == "analysis"
+    assert not any("Downloads" in p for p in walked)
+    notes = walked["/home/alice/notes.txt"]
+    assert fs.read_file(notes, 0, notes.size) == b"notes written on the new base\n"  # newer: kept
+    kept = walked["/home/alice/notes.txt.vml-restored"]
+    assert fs.read_file(kept, 0, kept.size) == b"old notes\n"
+    profile = fs.read_text("/home/alice/.profile")
+    assert profile.startswith("export ANALYSIS=/data/atlas") and '. "$HOME/.vml-environment"' in profile
+    envfile = fs.read_text("/home/alice/.vml-environment")
+    assert "export ANALYSIS=/data/atlas" in envfile and "export LANG=en_US.UTF-8" in envfile
+    assert "STAMP" not in envfile
+
+
+def test_a_second_backup_with_parent_stores_only_what_changed(vml, guests, tmp_path):
+    vml("env", "save", "env1", "--from", "src", "--user", "alice")
+    changed = guest_tree(tmp_path / "src2", "4.1", ALICE_SRC, {**HOME, "notes.txt": b"new notes\n", "new.txt": b"x"})
+    del changed
+    vml("save", "src2", "--from", ext4_image(tmp_path / "src2", tmp_path / "src2.img"))
+    r = vml("env", "save", "env2", "--from", "src2", "--user", "alice", "--parent", "env1")
+    show = json.loads(vml("show", "env2", "--json").stdout)
+    assert show["kind"] == "environment" and show["parent"] == "env1"
+    assert show["stored_bytes"] < 100 << 10, r.stdout
+    diff = vml("env", "diff", "env1", "env2").stdout.splitlines()
+    assert "+ /home/alice/new.txt" in diff and "M /home/alice/notes.txt" in diff
+    assert "M /home/alice/analysis/run.C" not in diff and "M /home/alice/analysis/big.dat" not in diff
+    bundle = tmp_path / "env2.vmlb"
+    vml("export", "env2", "-o", bundle)
+    assert bundle.stat().st_size < 200 << 10
+
+
+def test_a_gpt_partitioned_disk_is_read_and_written(vml, tmp_path, mounted):
+    need("sfdisk")
+    images = {}
+    for name, version, home in (("g1", "4.1", HOME), ("g2", "5.0", None)):
+        tree = guest_tree(tmp_path / name, version, ALICE_SRC, home)
+        img = tmp_path / f"{name}.img"
+        with open(img, "wb") as f:
+            f.truncate(48 << 20)
+        subprocess.run(["sfdisk", "-q", str(img)], input="label: gpt\n,,L\n", text=True, check=True)
+        images[name] = ext4_image(tree, img, "40M", offset=1 << 20)
+    vml("init", tmp_path / "rep")
+    for name, img in images.items():
+        vml("save", name, "--from", img)
+    vml("env", "save", "genv", "--from", "g1", "--user", "alice")
+    assert json.loads(vml("env", "show", "genv", "--json").stdout)["files"] >= len(HOME)
+    vml("open", "g2", "--area", "ga")
+    vml("env", "restore", "genv", "--area", "ga")
+    disk = next((mounted / "areas" / "ga").glob("*.img"))
+    fsck = subprocess.run(["e2fsck", "-fn", f"{disk}?offset={1 << 20}"], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout
+    with read_guest(disk, 1 << 20) as fs:
+        assert fs.read_text("/home/alice/analysis/run.C") == HOME["analysis/run.C"].decode()
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(vml, guests, tmp_path, mounted):
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(4 << 20))
+    vml("save", "blank", "--from", blank)
+    entries = vml("log").stdout
+    assert "no home directory /home/nobody" in vml.fails("env", "save", "e", "--from", "src", "--user", "nobody")
+    assert "no ext2/3/4 file system" in vml.fails("env", "save", "e", "--from", "blank", "--user", "alice")
+    missing = tmp_path / "no-such-patterns"
+    line = vml.fails("env", "save", "e", "--from", "src", "--user", "alice", "--exclude-file", missing)
+    assert str(missing) in line
+    assert vml("log").stdout == entries  # nothing saved
+    vml("env", "save", "env1", "--from", "src", "--user", "alice")
+    vml("open", "dst", "--area", "a2")
+    assert "not an environment backup" in vml.fails("env", "restore", "src", "--area", "a2")
+    assert "environment backup, not a VM" in vml.fails("open", "env1", "--area", "x")
+    disk = next((mounted / "areas" / "a2").glob("*.img"))
+    before = disk.read_bytes()
+    with running_vm(tmp_path / "home", "a2"):
+        assert "its VM is running" in vml.fails("env", "restore", "env1", "--area", "a2")
+    assert disk.read_bytes() == before
+
+
+class running_vm:
+    """A real, idle QEMU process recorded as area ``area``'s VM, as `vml boot` records one."""
+
+    def __init__(self, home: Path, area: str):
+        self.home, self.area = home, area
+
+    def __enter__(self):
+        from vml.vms import boot
+
+        need("qemu-system-x86_64")
+        qmp = self.home / f"{self.area}.qmp"
+        self.proc = subprocess.Popen(
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-m",
+                "32",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+                f"unix:{qmp},server=on,wait=off",
+            ]
+        )
+        deadline = time.monotonic() + 30
+        while not qmp.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rec = boot.VmRecord(self.area, "qemu", str(self.proc.pid), "", {}, {"pid": self.proc.pid, "qmp": str(qmp)})
+        boot._write_record(self.home, rec)
+        assert boot.vm_state(self.home, rec) == "running"
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+        (self.home / "areas" / self.area / "vm.json").unlink(missing_ok=True)

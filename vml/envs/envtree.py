@@ -1,0 +1,164 @@
+"""How an environment entry stores a captured file tree: two streams that delta well.
+
+An environment entry is stored like any entry, with two disks, so bundles,
+publish, copies, verify and gc serve it unchanged:
+
+- ``env-data``: file contents in *slots* of one chunk each. A file takes
+  consecutive slots (its bytes, the last slot padded with zeros); an empty
+  file takes none. A new backup with ``--parent`` keeps every surviving
+  file in the slots it had, so unchanged files are unchanged chunks and the
+  delta lists only what changed (a removed file's slots become holes).
+- ``env-index``: one record per path (JSON, one per line, sorted by path),
+  in pages of one chunk each. A page ends after a path whose hash says so
+  (about every 64 paths), so pages depend on the paths they hold and a
+  change to a few files changes a few pages.
+
+The manifest's "environment" key holds what `vml env show` prints. What a
+record says is checked when read, as any stored input is.
+"""
+
+import json
+import posixpath
+import zlib
+from dataclasses import dataclass
+
+from ..errors import CorruptManifest
+from ..repo.manifest import ENVIRONMENT, Manifest
+
+INDEX, DATA = "env-index", "env-data"
+KEY = ENVIRONMENT
+CHUNK_SIZE = 64 << 10  # small: a small file costs one slot, a page one chunk
+PAGE_EVERY = 64
+TYPES = set("fdlhpcbs")
+MAX_XATTRS = 16 << 10  # bytes of extended attributes kept per file
+
+
+def is_environment(m: Manifest) -> bool:
+    return m.is_environment
+
+
+@dataclass
+class Record:
+    path: str
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    atime_ns: int = 0
+    ctime_ns: int = 0
+    inum: int = 0
+    size: int = 0
+    slot: int = 0
+    target: str = ""
+    rdev: int = 0
+    xattrs: dict | None = None  # name -> value as latin-1 text (bytes kept exactly)
+
+    def slots(self, chunk_size: int) -> int:
+        return -(-self.size // chunk_size) if self.type == "f" else 0
+
+    def to_json(self) -> str:
+        doc = {"p": self.path, "t": self.type, "m": self.mode, "u": self.uid, "g": self.gid, "mt": self.mtime_ns}
+        for key, value, default in (
+            ("at", self.atime_ns, 0),
+            ("ct", self.ctime_ns, 0),
+            ("i", self.inum, 0),
+            ("s", self.size, 0),
+            ("o", self.slot, 0),
+            ("l", self.target, ""),
+            ("r", self.rdev, 0),
+            ("x", self.xattrs, None),
+        ):
+            if value != default:
+                doc[key] = value
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Record":
+        r = cls(
+            _path(doc["p"]),
+            doc["t"],
+            doc["m"],
+            doc["u"],
+            doc["g"],
+            doc["mt"],
+            doc.get("at", 0),
+            doc.get("ct", 0),
+            doc.get("i", 0),
+            doc.get("s", 0),
+            doc.get("o", 0),
+            doc.get("l", ""),
+            doc.get("r", 0),
+            doc.get("x"),
+        )
+        ints = (r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns, r.ctime_ns, r.inum, r.size, r.slot, r.rdev)
+        if r.type not in TYPES or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+            raise ValueError(f"bad record for {r.path!r}")
+        if r.mode > 0o7777 or r.uid >= 1 << 32 or r.gid >= 1 << 32 or not isinstance(r.target, str):
+            raise ValueError(f"bad record for {r.path!r}")
+        if r.xattrs is not None and not (
+            isinstance(r.xattrs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in r.xattrs.items())
+        ):
+            raise ValueError(f"bad extended attributes for {r.path!r}")
+        if r.type == "h":
+            _path(r.target)
+        return r
+
+
+def _path(p) -> str:
+    if not isinstance(p, str) or not p.startswith("/") or "\0" in p or "\n" in p:
+        raise ValueError(f"bad path {p!r}")
+    if p != "/" and (posixpath.normpath(p) != p or p.startswith("//")):
+        raise ValueError(f"path {p!r} is not normal")
+    return p
+
+
+def pages(records: list[Record], chunk_size: int) -> list[bytes]:
+    """The index pages of records sorted by path, each padded to one chunk."""
+    out: list[bytes] = []
+    page = bytearray()
+    for r in records:
+        line = r.to_json().encode() + b"\n"
+        if len(line) > chunk_size:
+            raise ValueError(f"the record of {r.path} is larger than a page")
+        if len(page) + len(line) > chunk_size:
+            out.append(bytes(page))
+            page = bytearray()
+        page += line
+        if zlib.crc32(r.path.encode(errors="surrogateescape")) % PAGE_EVERY == 0:
+            out.append(bytes(page))
+            page = bytearray()
+    if page:
+        out.append(bytes(page))
+    return [p.ljust(chunk_size, b"\0") for p in out]
+
+
+def parse_page(data: bytes, where: str) -> list[Record]:
+    text = data.split(b"\0", 1)[0]
+    try:
+        return [Record.from_json(json.loads(line)) for line in text.splitlines() if line]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptManifest(f"{where}: invalid index page ({e})") from None
+
+
+def read_records(index_reader, chunk_size: int, where: str) -> list[Record]:
+    """Every record of an environment entry, checked: sorted, unique, slots inside the data stream."""
+    records: list[Record] = []
+    for offset in range(0, index_reader.size, chunk_size):
+        records += parse_page(index_reader.read(offset, chunk_size), f"{where}, index page {offset // chunk_size}")
+    paths = [r.path for r in records]
+    if paths != sorted(paths) or len(set(paths)) != len(paths):
+        raise CorruptManifest(f"{where}: index is not sorted or lists a path twice")
+    return records
+
+
+def check_slots(records: list[Record], data_size: int, chunk_size: int, where: str) -> None:
+    for r in records:
+        if r.type == "f" and (r.slot + r.slots(chunk_size)) * chunk_size > data_size:
+            raise CorruptManifest(f"{where}: {r.path} lies outside the entry's data")
+
+
+def xattrs_text(xattrs: dict[str, bytes] | None) -> dict | None:
+    if not xattrs or sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTRS:
+        return None
+    return {k: v.decode("latin-1") for k, v in xattrs.items()}
