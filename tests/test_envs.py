@@ -31,8 +31,11 @@ def guest_tree(root: Path, version: str, alice_uid: int, home: dict | None = Non
     for rel, content in (home or {}).items():
         p = root / "home" / "alice" / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, tuple):  # ("symlink", target)
-            os.symlink(content[1], p)
+        if isinstance(content, tuple):  # ("symlink", target) or ("link", path in the home)
+            if content[0] == "symlink":
+                os.symlink(content[1], p)
+            else:
+                os.link(root / "home" / "alice" / content[1], p)
         else:
             p.write_bytes(content)
     alice = root / "home" / "alice"
@@ -60,6 +63,7 @@ HOME = {
     "Downloads/big.iso": b"iso" * 1000,
     "notes.txt": b"old notes\n",
     "latest": ("symlink", "analysis"),
+    "zz-hardlink.C": ("link", "analysis/run.C"),
 }
 
 
@@ -97,6 +101,18 @@ def test_a_home_opens_on_a_newer_base_with_owners_modes_and_environment(vml, gue
     assert "/home/alice/.bash_history" in info["histories"]
     assert "parsed, not executed" in info["source"]
     assert "environment" in vml("log").stdout
+    shown = mounted / "rep" / "env1" / "home" / "alice"  # the captured tree, read-only, in the mount
+    assert (shown / "analysis" / "big.dat").read_bytes() == HOME["analysis/big.dat"]
+    assert (shown / "secret.key").stat().st_mode & 0o777 == 0o400
+    assert sorted(os.listdir(shown)) == [
+        ".bash_history",
+        ".profile",
+        "analysis",
+        "notes.txt",
+        "secret.key",
+        "zz-hardlink.C",
+    ]
+    assert json.loads((mounted / "rep" / "env1" / "entry.json").read_text())["kind"] == "environment"
 
     before = vml("show", "dst", "--json").stdout
     vml("open", "dst", "--area", "a2")
@@ -124,6 +140,7 @@ def check_restored(fs) -> None:
     big = walked["/home/alice/analysis/big.dat"]
     assert fs.read_file(big, 0, big.size) == HOME["analysis/big.dat"]
     assert walked["/home/alice/secret.key"].mode == 0o600
+    assert walked["/home/alice/zz-hardlink.C"].inum == run.inum  # still one file with two names
     assert walked["/home/alice/latest"].type == "l" and walked["/home/alice/latest"].target == "analysis"
     assert not any("Downloads" in p for p in walked)
     notes = walked["/home/alice/notes.txt"]

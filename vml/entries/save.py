@@ -123,7 +123,7 @@ class ChunkWriter:
     def store_chunks(self, chunks, size: int, ref: ChunkTable | None) -> bytes:
         """Store chunks of a stream of ``size`` bytes; return its chunk map's digest.
 
-        ``chunks`` yields (index, bytes) in increasing index order, or
+        ``chunks`` yields (index, bytes), each index once, or
         (index, None) for a chunk known to be zeros. A chunk not yielded is
         taken to be the reference's, as for the clean chunks of a working
         area.
@@ -158,7 +158,7 @@ class ChunkWriter:
                 f.cancel()
             wait(futures)
             raise
-        return self.put_metadata(chunkmap.encode(records))
+        return self.put_metadata(chunkmap.encode(sorted(records)))  # chunks may come in any order
 
     def _process(self, index: int, data: bytes, ref_digest: bytes) -> tuple[int, bytes, int, bytes | None]:
         """(index, digest, stored size, frame for the collector to pack or None)."""

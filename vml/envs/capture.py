@@ -7,6 +7,7 @@ and docs/environments.md for what is captured.
 """
 
 import io
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,18 +155,19 @@ def save_environment(
     if located is None or not located[0].is_dir(located[1]):
         why = f" (user {user!r} is not in its /etc/passwd)" if user and uid is None and home is None else ""
         raise NotFound(f"{source.where}: no home directory {home_path}{why}")
-    items = _walk(located, home_path, filt, always=[f"{home_path}/{h}" for h in loginenv.HISTORY_FILES])
+    walks = [(located, home_path, filt, [f"{home_path}/{h}" for h in loginenv.HISTORY_FILES])]
     for p in adds:
         where = guestfs.fs_holding(found, root, p)
         if where is None:
             raise NotFound(f"{source.where}: --add {p}: no such path")
-        items += _walk(where, p, Filter((), excludes), always=[])
-    records, readers = _records(items)
-    meta = _describe(root, source, home_path, user, records, includes, excludes, adds, located)
-    progress.start(sum(r.size for r in records if r.type == "f"))
+        walks.append((where, p, Filter((), excludes), []))
+    meta = _describe(root, source, home_path, user, includes, excludes, adds, located)
+    progress.start(None)  # the size of a home is known only once it is read
 
     def build(writer: ChunkWriter, plan: Plan):
-        return _store(repo, writer, plan, records, readers, source.where)
+        writer.progress = SILENT  # counted here, in bytes of files
+        capture = _Capture(repo, writer, plan, progress, source.where)
+        return capture.store(walks, meta)
 
     return write_entry(
         repo,
@@ -180,61 +182,17 @@ def save_environment(
     )
 
 
-def _walk(located, shown_root: str, filt: Filter, always: list[str]) -> list[tuple]:
-    """(guest path, item, fs) for everything taken under one top directory; ``always`` kept unless excluded."""
+def _describe(root, source, home_path, user, includes, excludes, adds, located) -> dict:
+    """What the manifest says of the capture, before the files are read (``_Capture.store`` adds the counts)."""
     fs, top = located
-    prefix = shown_root[: len(shown_root) - len(top)] if top != shown_root else ""
-
-    def takes(path: str, is_dir: bool) -> bool:
-        shown = prefix + path
-        return filt.takes(shown, is_dir) or (shown in always and not filt.excluded(shown))
-
-    return [(prefix + it.path if it.path != "/" else shown_root, it, fs) for it in fs.walk(top, takes)]
-
-
-def _records(items) -> tuple[list[Record], dict[str, tuple]]:
-    """Records sorted by path, hard links recorded once; readers: path -> (fs, item) for file data."""
-    records: list[Record] = []
-    readers: dict[str, tuple] = {}
-    first_of_inode: dict[tuple, str] = {}
-    seen: set[str] = set()
-    for path, it, fs in sorted(items, key=lambda x: x[0]):
-        if path in seen:
-            continue
-        seen.add(path)
-        r = Record(path, it.type, it.mode, it.uid, it.gid, it.mtime_ns, it.atime_ns, it.ctime_ns, it.inum)
-        r.xattrs = envtree.xattrs_text(it.xattrs)
-        key = (id(fs), it.inum)
-        if it.type not in "d" and key in first_of_inode:
-            r.type, r.target = "h", first_of_inode[key]
-        elif it.type == "f":
-            r.size = it.size
-            first_of_inode[key] = path
-            readers[path] = (fs, it)
-        elif it.type == "l":
-            r.target = it.target
-        elif it.type in "cb":
-            r.rdev = it.rdev
-        records.append(r)
-    return records, readers
-
-
-def _describe(root, source, home_path, user, records, includes, excludes, adds, located) -> dict:
-    fs, top = located
-    prefix = home_path[: len(home_path) - len(top)] if top != home_path else ""
 
     def read(path: str):
         if path.startswith("~/"):
             return fs.read_text(top.rstrip("/") + "/" + path[2:])
         return root.read_text(path)
 
-    users = {u: n for n, (u, _, _) in guestfs.accounts(root.read_text("/etc/passwd")).items()}
-    groups = {g: n for n, (g, _, _) in guestfs.accounts(root.read_text("/etc/group")).items()}
     release = guestfs.os_release(root.read_text("/etc/os-release"))
     cernvm = (root.read_text("/etc/cernvm-release") or "").strip()
-    files = [r for r in records if r.type == "f"]
-    histories = [f"{home_path}/{h}" for h in loginenv.HISTORY_FILES if any(r.path == f"{home_path}/{h}" for r in files)]
-    del prefix
     return {
         "format": 1,
         "user": user,
@@ -249,69 +207,122 @@ def _describe(root, source, home_path, user, records, includes, excludes, adds, 
         "patterns": {"include": list(includes), "exclude": list(excludes), "add": list(adds)},
         "environment": loginenv.collect(read),
         "source": "login files (parsed, not executed)",
-        "histories": histories,
-        "files": len(records),
-        "bytes": sum(r.size for r in files),
-        "owners": {
-            "users": {str(u): users[u] for u in sorted({r.uid for r in records}) if u in users},
-            "groups": {str(g): groups[g] for g in sorted({r.gid for r in records}) if g in groups},
-        },
+        "_accounts": (
+            {u: n for n, (u, _, _) in guestfs.accounts(root.read_text("/etc/passwd")).items()},
+            {g: n for n, (g, _, _) in guestfs.accounts(root.read_text("/etc/group")).items()},
+        ),
     }
 
 
-def _store(repo: Repository, writer: ChunkWriter, plan: Plan, records: list[Record], readers, where: str):
-    cs = writer.chunk_size
-    ref_index, ref_data = plan.ref.disks.get(INDEX), plan.ref.disks.get(DATA)
-    before: dict[str, Record] = {}
-    if ref_index is not None:
-        cache = ChunkCache(16 << 20)
-        index_reader = DiskReader(repo, ref_index, "the parent's index", cache)
-        before = {r.path: r for r in envtree.read_records(index_reader, cs, "the parent environment")}
-    next_slot = -(-ref_data.size // cs) if ref_data is not None else 0
-    unchanged: set[str] = set()
-    for r in records:
-        n = r.slots(cs)
-        old = before.get(r.path)
-        if n and old is not None and old.type == "f" and old.slots(cs) >= n:
+class _Capture:
+    """One capture under the repository lock: files read once, in walk order, each while its inode is at hand.
+
+    A file keeps the slots it had in the parent backup when it still fits
+    (and is not read at all when its size, times and inode are the same: it
+    is unchanged, as restic decides); any other file gets new slots at the
+    end. Slots the parent used that nothing uses now become holes.
+    """
+
+    def __init__(self, repo: Repository, writer: ChunkWriter, plan: Plan, progress: Progress, where: str):
+        self.writer, self.progress, self.where = writer, progress, where
+        self.cs = writer.chunk_size
+        self.ref_index, self.ref_data = plan.ref.disks.get(INDEX), plan.ref.disks.get(DATA)
+        self.before: dict[str, Record] = {}
+        if self.ref_index is not None:
+            reader = DiskReader(repo, self.ref_index, "the parent's index", ChunkCache(16 << 20))
+            self.before = {r.path: r for r in envtree.read_records(reader, self.cs, "the parent environment")}
+        self.next_slot = -(-self.ref_data.size // self.cs) if self.ref_data is not None else 0
+        self.records: dict[str, Record] = {}
+        self.inode_of: dict[str, tuple] = {}  # path -> (file system, inode) of regular files
+        self.owned: set[int] = set()
+        self.holder: dict[tuple, str] = {}  # inode -> the path whose record got its data
+
+    def store(self, walks, meta: dict):
+        data_map = self.writer.store_chunks(self._data(walks), 0, self.ref_data)
+        records = self._finish()
+        pages = envtree.pages(records, self.cs)
+        freed = [] if self.ref_index is None else self.ref_index.indexes_in(len(pages), self.ref_index.count)
+        padded = ((i, page.ljust(self.cs, b"\0")) for i, page in enumerate(pages))
+        chunks = itertools.chain(padded, ((i, None) for i in freed))
+        index_map = self.writer.store_chunks(chunks, len(pages) * self.cs, self.ref_index)
+        users, groups = meta.pop("_accounts")
+        files = [r for r in records if r.type == "f"]
+        meta.update(
+            histories=[p for p in (f"{meta['home']}/{h}" for h in loginenv.HISTORY_FILES) if p in self.records],
+            files=len(records),
+            bytes=sum(r.size for r in files),
+            owners={
+                "users": {str(u): users[u] for u in sorted({r.uid for r in records}) if u in users},
+                "groups": {str(g): groups[g] for g in sorted({r.gid for r in records}) if g in groups},
+            },
+        )
+        data_size = self.next_slot * self.cs
+        return [Stream(INDEX, len(pages) * self.cs, index_map), Stream(DATA, data_size, data_map)], []
+
+    def _data(self, walks) -> Iterator[tuple[int, bytes | None]]:
+        """(slot, padded bytes) of every file read; at the end (slot, None) for each slot freed."""
+        for (fs, top), shown_root, filt, always in walks:
+            prefix = shown_root[: len(shown_root) - len(top)] if top != shown_root else ""
+
+            def takes(path: str, is_dir: bool, prefix=prefix, filt=filt, always=always) -> bool:
+                shown = prefix + path
+                return filt.takes(shown, is_dir) or (shown in always and not filt.excluded(shown))
+
+            for it in fs.walk(top, takes):
+                path = prefix + it.path if it.path != "/" else shown_root
+                if path in self.records:
+                    continue
+                r = Record(path, it.type, it.mode, it.uid, it.gid, it.mtime_ns, it.atime_ns, it.ctime_ns, it.inum)
+                r.xattrs = envtree.xattrs_text(it.xattrs)
+                r.target, r.rdev = it.target, it.rdev
+                self.records[path] = r
+                if it.type != "f":
+                    continue
+                key = (id(fs), it.inum)
+                self.inode_of[path] = key
+                if key in self.holder:
+                    continue  # a hard link: its data is stored once (see _finish)
+                self.holder[key] = path
+                r.size = it.size
+                yield from self._file(r, fs, it)
+        if self.ref_data is not None:
+            for i in self.ref_data.indexes_in(0, self.ref_data.count):
+                if i not in self.owned:
+                    yield i, None
+
+    def _file(self, r: Record, fs, it) -> Iterator[tuple[int, bytes]]:
+        n, cs = r.slots(self.cs), self.cs
+        old = self.before.get(r.path)
+        if n and old is not None and old.type == "f" and old.slots(cs) >= n and old.slot not in self.owned:
             r.slot = old.slot
-            if (old.size, old.mtime_ns, old.ctime_ns, old.inum) == (r.size, r.mtime_ns, r.ctime_ns, r.inum):
-                unchanged.add(r.path)
-        elif n:
-            r.slot, next_slot = next_slot, next_slot + n
-    data_size = next_slot * cs
-    index_pages = envtree.pages(records, cs)
-    index_map = writer.store_chunks(
-        _with_freed(enumerate(index_pages), ref_index, len(index_pages)), len(index_pages) * cs, ref_index
-    )
-    data_map = writer.store_chunks(
-        _data_chunks(records, readers, unchanged, ref_data, cs, next_slot, where), data_size, ref_data
-    )
-    return [Stream(INDEX, len(index_pages) * cs, index_map), Stream(DATA, data_size, data_map)], []
+            same = (old.size, old.mtime_ns, old.ctime_ns, old.inum) == (r.size, r.mtime_ns, r.ctime_ns, r.inum)
+        else:
+            r.slot, self.next_slot, same = self.next_slot, self.next_slot + n, False
+        self.owned.update(range(r.slot, r.slot + n))
+        self.progress.advance(r.size)
+        if same:
+            return  # not yielded: the parent's chunks stay
+        stream = fs._guard(r.path, it.node.open)
+        for i in range(n):
+            want = min(cs, r.size - i * cs)
+            data = fs._guard(r.path, stream.read, want)
+            if len(data) != want:
+                raise BadSource(f"{self.where}: {r.path} is shorter than its size says")
+            yield r.slot + i, data.ljust(cs, b"\0")
 
-
-def _with_freed(chunks, ref, count: int) -> Iterator[tuple[int, bytes | None]]:
-    yield from chunks
-    if ref is not None:
-        for i in ref.indexes_in(count, ref.count):
-            yield i, None
-
-
-def _data_chunks(records, readers, unchanged, ref, cs: int, slots: int, where: str):
-    """(slot, padded bytes) in slot order; (slot, None) for a slot the parent used that is free now."""
-    owned: dict[int, tuple[Record, int]] = {}
-    for r in records:
-        for i in range(r.slots(cs)):
-            owned[r.slot + i] = (r, i)
-    freed = [] if ref is None else [i for i in ref.indexes_in(0, ref.count) if i not in owned]
-    order = sorted([(s, x) for s, x in owned.items() if x[0].path not in unchanged] + [(i, None) for i in freed])
-    for slot, owner in order:
-        if owner is None:
-            yield slot, None
-            continue
-        r, i = owner
-        fs, item = readers[r.path]
-        want = min(cs, r.size - i * cs)
-        data = fs.read_file(item, i * cs, want)
-        if len(data) != want:
-            raise BadSource(f"{where}: {r.path} is shorter than its size says")
-        yield slot, data.ljust(cs, b"\0")
+    def _finish(self) -> list[Record]:
+        """Records sorted by path; of paths sharing an inode, the first holds the data, the others link to it."""
+        records = sorted(self.records.values(), key=lambda r: r.path)
+        first: dict[tuple, Record] = {}
+        for r in records:
+            key = self.inode_of.get(r.path)
+            if key is None:
+                continue
+            if key not in first:
+                first[key] = r
+                holder = self.records[self.holder[key]]
+                if holder is not r:  # the walk met a later path first: the first path takes the data over
+                    r.size, r.slot, r.type = holder.size, holder.slot, "f"
+            else:
+                r.type, r.target, r.size, r.slot = "h", first[key].path, 0, 0
+        return records

@@ -114,7 +114,7 @@ def _path(p) -> str:
 
 
 def pages(records: list[Record], chunk_size: int) -> list[bytes]:
-    """The index pages of records sorted by path, each padded to one chunk."""
+    """The index pages of records sorted by path (each to be padded to one chunk when stored)."""
     out: list[bytes] = []
     page = bytearray()
     for r in records:
@@ -130,7 +130,7 @@ def pages(records: list[Record], chunk_size: int) -> list[bytes]:
             page = bytearray()
     if page:
         out.append(bytes(page))
-    return [p.ljust(chunk_size, b"\0") for p in out]
+    return out
 
 
 def parse_page(data: bytes, where: str) -> list[Record]:

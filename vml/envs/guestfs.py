@@ -196,12 +196,17 @@ class GuestFS:
             stack.extend(reversed(subdirs))
 
     def read_file(self, item: Item, offset: int, size: int) -> bytes:
+        return self.read_inode(item.inum, item.path, offset, size)
+
+    def read_inode(self, inum: int, path: str, offset: int, size: int) -> bytes:
+        """Bytes of the file with inode ``inum`` (looked up again: keeping 50,000 parsed inodes costs memory)."""
+
         def read():
-            fh = item.node.open()
+            fh = self.fs.get_inode(inum).open()
             fh.seek(offset)
             return fh.read(size)
 
-        return self._guard(item.path, read)
+        return self._guard(path, read)
 
 
 def filesystems(disk: str, fh, size: int, where: str) -> list[GuestFS]:

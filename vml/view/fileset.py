@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..entries.reader import ChunkCache, DiskReader
 from ..entries.vmdk import descriptor
+from ..envs import env_records
 from ..errors import ReadOnly
 from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.repository import Entry, Repository
@@ -172,6 +173,10 @@ def entry_files(repo: Repository, entry: Entry, cache: ChunkCache) -> FileSet:
     m = entry.manifest
     mtime = parse_iso(m.created).timestamp() * 1e9
     fs = FileSet(("entry", str(repo.store.path), entry.name, entry.digest), int(mtime), lambda: repo.describe(entry))
+    if m.is_environment:
+        _environment_files(fs, repo, entry, cache)
+        fs.add_json(immutable=True)
+        return fs
     resolved = repo.resolve(entry.digest)
     for name, table in resolved.disks.items():
         reader = DiskReader(repo, table, f"entry {entry.name!r}, disk {name}", cache)
@@ -184,6 +189,44 @@ def entry_files(repo: Repository, entry: Entry, cache: ChunkCache) -> FileSet:
         fs.add(tuple(name.split("/")), node, lambda r=reader: ReaderHandle(r))
     fs.add_json(immutable=True)
     return fs
+
+
+class SliceHandle(Handle):
+    """One captured file of an environment entry: a range of its data stream."""
+
+    def __init__(self, reader: DiskReader, start: int, size: int):
+        self.reader, self.start, self.size = reader, start, size
+
+    def read(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        return self.reader.read(self.start + offset, size) if size else b""
+
+
+def _environment_files(fs: FileSet, repo: Repository, entry: Entry, cache: ChunkCache) -> None:
+    """The captured tree, read-only, under the entry's directory (``home/alice/...``).
+
+    Directories and regular files are shown with their modes and times (hard
+    links as copies); symlinks and special files are not, as the mount shows
+    no such nodes. Owners are the mount's, as for every entry.
+    """
+    records, data = env_records(repo, entry)
+    cs = entry.manifest.chunk_size
+    by_path = {r.path: r for r in records}
+    for r in records:
+        shown = r if r.type != "h" else by_path.get(r.target)
+        if shown is None or shown.type not in "fd" or r.path == "/":
+            continue
+        path = tuple(r.path.strip("/").split("/"))
+        if path[0] == RESERVED_FILE or any(p in ("", ".", "..") for p in path):
+            continue
+        key = (*fs.key, "env", r.path)
+        if shown.type == "d":
+            if path not in fs.dirs:
+                fs.dirs[path] = {}
+                fs.add(path, Node(key, True, mtime_ns=r.mtime_ns, mode=r.mode & 0o555, immutable=True), None)
+            continue
+        node = Node(key, False, shown.size, shown.size, shown.mtime_ns, shown.mode & 0o555, immutable=True)
+        fs.add(path, node, lambda s=shown: SliceHandle(data, s.slot * cs, s.size))
 
 
 def add_disk(fs: FileSet, name: str, size: int, allocated: int, opener, immutable: bool, writable: bool) -> None:
