@@ -254,3 +254,50 @@ class running_vm:
         self.proc.kill()
         self.proc.wait()
         (self.home / "areas" / self.area / "vm.json").unlink(missing_ok=True)
+
+
+def test_an_environment_travels_by_bundle_and_by_copying_its_directory(vml, guests, tmp_path, mounted):
+    vml("env", "save", "env1", "--from", "src", "--user", "alice", "--exclude", "Downloads")
+    want = json.loads(vml("env", "show", "env1", "--json").stdout)
+    vml("init", tmp_path / "rep2")
+    vml("export", "env1", "-o", tmp_path / "env1.vmlb")
+    vml("import", tmp_path / "env1.vmlb", "--repo", "rep2")
+    got = json.loads(vml("env", "show", "env1", "--json", "--repo", "rep2").stdout)
+    assert {k: v for k, v in got.items() if k != "repository"} == {k: v for k, v in want.items() if k != "repository"}
+
+    vml("init", tmp_path / "rep3")
+    deadline = time.monotonic() + 10
+    while "rep3" not in os.listdir(mounted) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    subprocess.run(["cp", "-r", str(mounted / "rep" / "env1"), str(mounted / "rep3") + "/"], check=True)
+    deadline = time.monotonic() + 60
+    while "env1" not in json.loads((tmp_path / "rep3" / "refs.json").read_text())["entries"]:
+        assert time.monotonic() < deadline, "the copy did not become an entry"
+        time.sleep(0.2)
+    copied = json.loads(vml("show", "env1", "--json", "--repo", "rep3").stdout)
+    assert copied["manifest"] == json.loads(vml("show", "env1", "--json").stdout)["manifest"]
+    assert vml("verify", "--repo", "rep3").returncode == 0
+
+
+def test_a_published_environment_is_shown_and_captured_from_over_http(vml, guests, tmp_path):
+    need("nginx")
+    from servers import Nginx
+
+    vml("env", "save", "env1", "--from", "src", "--user", "alice")
+    want = json.loads(vml("env", "show", "env1", "--json").stdout)
+    vml("keygen", tmp_path / "key")
+    vml("publish", tmp_path / "pub", "--key", tmp_path / "key")
+    server = Nginx(tmp_path / "pub")
+    try:
+        other = type(vml)(tmp_path / "home2", tmp_path)
+        other("init", tmp_path / "rep2")
+        other("remote", "add", "site", server.url, "--key", tmp_path / "key.pub")
+        got = json.loads(other("env", "show", "site:env1", "--json").stdout)
+        assert got["files"] == want["files"] and got["environment"] == want["environment"]
+        # A backup taken from the remote's entry, read over HTTP, into the local repository.
+        other("env", "save", "env2", "--from", "site:src", "--user", "alice", "--repo", "rep2")
+        again = json.loads(other("env", "show", "env2", "--json", "--repo", "rep2").stdout)
+        assert again["files"] == want["files"] and again["bytes"] == want["bytes"]
+        assert other("env", "diff", "site:env1", "rep2:env2").stdout.strip() == ""
+    finally:
+        server.stop()

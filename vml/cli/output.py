@@ -66,7 +66,13 @@ def show_lines(info: dict) -> list[str]:
     for f in info["files"]:
         lines.append(f"  file:      {f['name']}  {format_size(f['size'])}")
     hw = info.get("hardware")
-    if hw:
+    env = info.get("environment")
+    if env:
+        lines.append(
+            f"  holds:     {env.get('home')} of {env.get('user') or '-'}: {env.get('files')} files, "
+            f"{format_size(env.get('bytes', 0))} (see `vml env show {info['name']}`)"
+        )
+    elif hw:
         boot = f", kernel {hw['kernel']}" if hw.get("kernel") else f", {hw['firmware']}"
         disks = ", ".join(f"{d['name']} on {d['bus']}" for d in hw["disks"]) or "virtio"
         nics = ", ".join(n["model"] for n in hw["nics"]) or "no network"

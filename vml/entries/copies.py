@@ -30,6 +30,7 @@ from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.objects import HOLE, decode, digest
 from ..repo.repository import Entry, Repository
 from ..repo.store import METADATA_LIMIT
+from . import envtree
 from .repack import pack_loose
 from .vmdk import descriptor
 
@@ -83,6 +84,8 @@ def _mismatch(repo: Repository, manifest: bytes, staging: Path) -> str | None:
     except Corrupt as e:
         return str(e)
     expected: dict[str, object] = {}
+    if repo.manifest(manifest).is_environment:
+        return _environment_mismatch(repo, manifest, staging)
     for name, table in resolved.disks.items():
         img, vmdk, flat = disk_file_names(name)
         expected[img] = expected[flat] = table
@@ -100,6 +103,25 @@ def _mismatch(repo: Repository, manifest: bytes, staging: Path) -> str | None:
                 return f"{rel} differs"
         elif not _same_content(path, want):
             return f"{rel} differs"
+    return None
+
+
+def _environment_mismatch(repo: Repository, manifest: bytes, staging: Path) -> str | None:
+    """Why the staged tree is not exactly what the environment entry's directory shows, or None."""
+    records, data = envtree.env_records(repo, Entry("copy", manifest, repo.manifest(manifest)))
+    cs = repo.manifest(manifest).chunk_size
+    expected = {"/".join(p): r for p, r in envtree.shown_files(records) if r.type == "f"}
+    staged = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if not p.is_dir()}
+    staged.discard(RESERVED_FILE)
+    if staged != set(expected):
+        missing, extra = sorted(set(expected) - staged)[:3], sorted(staged - set(expected))[:3]
+        return f"missing {missing}, extra {extra}" if missing else f"extra {extra}"
+    for rel, r in expected.items():
+        try:
+            if (staging / rel).read_bytes() != data.read(r.slot * cs, r.size):
+                return f"{rel} differs"
+        except OSError as e:
+            return f"{rel}: {e.strerror}"
     return None
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..control import mount_state
+from ..entries import envtree
+from ..entries.envtree import CHUNK_SIZE, DATA, INDEX, Record
 from ..entries.reader import ChunkCache, DiskReader
 from ..entries.save import ChunkWriter, Plan, write_entry
 from ..errors import BadSource, Locked, NotFound, UsageError
@@ -22,8 +24,7 @@ from ..repo.manifest import Stream
 from ..repo.repository import Entry, Repository
 from ..vms.area import RECORD_FILE, Area, AreaRecord, open_entry
 from ..vms.areas import areas_dir
-from . import envtree, guestfs, loginenv
-from .envtree import CHUNK_SIZE, DATA, INDEX, Record
+from . import guestfs, loginenv
 from .patterns import Filter
 
 

@@ -1,9 +1,9 @@
 """What `vml env show` and `vml env diff` print: an environment entry's description and changes."""
 
+from ..entries import envtree
+from ..entries.envtree import env_records
 from ..errors import UsageError
 from ..repo.repository import Entry, Repository
-from . import envtree
-from .restore import env_records
 
 
 def show_environment(repo: Repository, entry: Entry) -> dict:

@@ -27,6 +27,7 @@ HISTORY_FILES = (
     ".ipython/profile_default/history.sqlite",
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LEADING = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=")
 _ASSIGN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
 MAX_FILE = 1 << 20  # a login file larger than this is not read
 
@@ -38,6 +39,10 @@ def parse(text: str, source: str, system: bool = False) -> tuple[dict[str, dict]
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
+            continue
+        assign = _LEADING.match(stripped)
+        if assign and ("$(" in stripped or "`" in stripped):
+            skipped.append({"name": assign.group(1), "source": f"{source}:{number}", "reason": "computed by a command"})
             continue
         try:
             words = shlex.split(stripped, comments=True, posix=True)

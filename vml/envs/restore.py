@@ -17,13 +17,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..entries.reader import ChunkCache, DiskReader
-from ..errors import BadSource, NotFound, StorageError, UsageError
+from ..entries import envtree
+from ..entries.envtree import env_records
+from ..errors import NotFound, StorageError, UsageError
 from ..repo.repository import Entry, Repository
 from ..vms import boot
-from . import envtree, guestfs, loginenv
+from . import guestfs, loginenv
 from .capture import area_disk_paths
-from .envtree import DATA, INDEX, Record
 
 CONFLICT_SUFFIX = ".vml-restored"
 DEBUGFS = "debugfs"
@@ -38,23 +38,6 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     disk: str = ""
-
-
-def env_records(repo: Repository, entry: Entry) -> tuple[list[Record], DiskReader]:
-    """The records of an environment entry, checked, and a reader of its file data."""
-    m = entry.manifest
-    if not envtree.is_environment(m):
-        raise UsageError(f"entry {entry.name!r} is not an environment backup (see `vml env save`)")
-    resolved = repo.resolve(entry.digest)
-    cache = ChunkCache(32 << 20)
-    where = f"entry {entry.name!r}"
-    if INDEX not in resolved.disks or DATA not in resolved.disks:
-        raise BadSource(f"{where}: environment entry without its index or data")
-    index = DiskReader(repo, resolved.disks[INDEX], f"{where}, index", cache)
-    data = DiskReader(repo, resolved.disks[DATA], f"{where}, files", cache)
-    records = envtree.read_records(index, m.chunk_size, where)
-    envtree.check_slots(records, data.size, m.chunk_size, where)
-    return records, data
 
 
 def check_stopped(home: Path, area: str) -> None:

@@ -11,9 +11,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..entries.envtree import env_records, shown_files
 from ..entries.reader import ChunkCache, DiskReader
 from ..entries.vmdk import descriptor
-from ..envs import env_records
 from ..errors import ReadOnly
 from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.repository import Entry, Repository
@@ -192,14 +192,18 @@ def entry_files(repo: Repository, entry: Entry, cache: ChunkCache) -> FileSet:
 
 
 class SliceHandle(Handle):
-    """One captured file of an environment entry: a range of its data stream."""
+    """One captured file of an environment entry: a range of its data stream.
 
-    def __init__(self, reader: DiskReader, start: int, size: int):
-        self.reader, self.start, self.size = reader, start, size
+    It has no ``reader``: the mount's read-ahead pushes a reader's chunks at
+    the reader's offsets, which are not this file's.
+    """
+
+    def __init__(self, data: DiskReader, start: int, size: int):
+        self.data, self.start, self.size = data, start, size
 
     def read(self, offset: int, size: int) -> bytes:
         size = max(0, min(size, self.size - offset))
-        return self.reader.read(self.start + offset, size) if size else b""
+        return self.data.read(self.start + offset, size) if size else b""
 
 
 def _environment_files(fs: FileSet, repo: Repository, entry: Entry, cache: ChunkCache) -> None:
@@ -211,22 +215,15 @@ def _environment_files(fs: FileSet, repo: Repository, entry: Entry, cache: Chunk
     """
     records, data = env_records(repo, entry)
     cs = entry.manifest.chunk_size
-    by_path = {r.path: r for r in records}
-    for r in records:
-        shown = r if r.type != "h" else by_path.get(r.target)
-        if shown is None or shown.type not in "fd" or r.path == "/":
-            continue
-        path = tuple(r.path.strip("/").split("/"))
-        if path[0] == RESERVED_FILE or any(p in ("", ".", "..") for p in path):
-            continue
+    for path, r in shown_files(records):
         key = (*fs.key, "env", r.path)
-        if shown.type == "d":
+        if r.type == "d":
             if path not in fs.dirs:
                 fs.dirs[path] = {}
                 fs.add(path, Node(key, True, mtime_ns=r.mtime_ns, mode=r.mode & 0o555, immutable=True), None)
             continue
-        node = Node(key, False, shown.size, shown.size, shown.mtime_ns, shown.mode & 0o555, immutable=True)
-        fs.add(path, node, lambda s=shown: SliceHandle(data, s.slot * cs, s.size))
+        node = Node(key, False, r.size, r.size, r.mtime_ns, r.mode & 0o555, immutable=True)
+        fs.add(path, node, lambda r=r: SliceHandle(data, r.slot * cs, r.size))
 
 
 def add_disk(fs: FileSet, name: str, size: int, allocated: int, opener, immutable: bool, writable: bool) -> None:

@@ -22,8 +22,10 @@ import posixpath
 import zlib
 from dataclasses import dataclass
 
-from ..errors import CorruptManifest
+from ..errors import BadSource, CorruptManifest, UsageError
 from ..repo.manifest import ENVIRONMENT, Manifest
+from ..repo.repository import Entry, Repository
+from .reader import ChunkCache, DiskReader
 
 INDEX, DATA = "env-index", "env-data"
 KEY = ENVIRONMENT
@@ -162,3 +164,45 @@ def xattrs_text(xattrs: dict[str, bytes] | None) -> dict | None:
     if not xattrs or sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTRS:
         return None
     return {k: v.decode("latin-1") for k, v in xattrs.items()}
+
+
+def env_records(repo: Repository, entry: Entry) -> tuple[list[Record], DiskReader]:
+    """The records of an environment entry, checked, and a reader of its file data."""
+    m = entry.manifest
+    if not is_environment(m):
+        raise UsageError(f"entry {entry.name!r} is not an environment backup (see `vml env save`)")
+    resolved = repo.resolve(entry.digest)
+    cache = ChunkCache(32 << 20)
+    where = f"entry {entry.name!r}"
+    if INDEX not in resolved.disks or DATA not in resolved.disks:
+        raise BadSource(f"{where}: environment entry without its index or data")
+    index = DiskReader(repo, resolved.disks[INDEX], f"{where}, index", cache)
+    data = DiskReader(repo, resolved.disks[DATA], f"{where}, files", cache)
+    records = read_records(index, m.chunk_size, where)
+    check_slots(records, data.size, m.chunk_size, where)
+    return records, data
+
+
+def shown_files(records: list[Record]) -> list[tuple[tuple[str, ...], Record]]:
+    """What an environment entry's directory shows (in the mount, and what a copy of it must hold).
+
+    Directories and regular files, by their path without the leading "/";
+    a hard link shows as a file with the data of the path it links to.
+    Symlinks, devices and anything that would collide with entry.json are
+    not shown.
+    """
+    by_path = {r.path: r for r in records}
+    out = []
+    for r in records:
+        shown = by_path.get(r.target) if r.type == "h" else r
+        if shown is None or shown.type not in "fd" or r.path == "/":
+            continue
+        path = tuple(r.path.strip("/").split("/"))
+        if path[0] == "entry.json":
+            continue
+        out.append((path, shown if shown is r else _as_file(r, shown)))
+    return out
+
+
+def _as_file(link: Record, data: Record) -> Record:
+    return Record(link.path, "f", data.mode, data.uid, data.gid, data.mtime_ns, size=data.size, slot=data.slot)
