@@ -215,6 +215,11 @@ def test_bad_input_gives_one_line_and_writes_nothing(vml, guests, tmp_path, moun
     with running_vm(tmp_path / "home", "a2"):
         assert "its VM is running" in vml.fails("env", "restore", "env1", "--area", "a2")
     assert disk.read_bytes() == before
+    # A VM that stopped without unmounting leaves a journal to replay, which would undo what debugfs writes.
+    subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", str(disk)], check=True, capture_output=True)
+    before = disk.read_bytes()
+    assert "journal recovery" in vml.fails("env", "restore", "env1", "--area", "a2")
+    assert disk.read_bytes() == before
 
 
 class running_vm:
@@ -301,3 +306,70 @@ def test_a_published_environment_is_shown_and_captured_from_over_http(vml, guest
         assert other("env", "diff", "site:env1", "rep2:env2").stdout.strip() == ""
     finally:
         server.stop()
+
+
+def metadata_places(image: Path, paths: list[str]) -> list[tuple[int, int]]:
+    """(byte offset, length) of the superblock, and of the inode and first block of each path."""
+
+    def ask(request: str) -> str:
+        return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True).stdout
+
+    block = int(ask("stats").split("Block size:")[1].split()[0])
+    inode_size = int(ask("stats").split("Inode size:")[1].split()[0])
+    places = [(1024, 1024)]
+    for p in paths:
+        where = ask(f"imap {p}").split("located at block ")[1]
+        blk, off = where.split(", offset ")
+        places.append((int(blk) * block + int(off.split()[0], 16), inode_size))
+        places.append((int(ask(f"bmap {p} 0").strip()) * block, block))
+    return places
+
+
+def test_a_damaged_guest_image_is_captured_or_refused_in_one_line(tmp_path, home, faults):
+    """Bytes flipped in an ext4 image's metadata: a capture succeeds or raises VmlError, in bounded time."""
+    import random
+    import signal
+
+    from vml.entries.maintenance import verify
+    from vml.entries.save import save_source
+    from vml.envs.capture import entry_source, save_environment
+    from vml.errors import VmlError
+
+    from helpers import registered
+
+    tree = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, HOME)
+    image = ext4_image(tree, tmp_path / "clean.img", "8M")
+    clean = image.read_bytes()
+    targets = metadata_places(image, ["/home", "/home/alice", "/home/alice/analysis", "/home/alice/.profile"])
+    repo = registered(home, tmp_path / "rep", chunk_size=64 << 10)
+    rnd = random.Random(13)
+    damaged = tmp_path / "damaged.img"
+
+    def too_slow(*_):
+        raise TimeoutError("capture took longer than 30 s")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    loop = faults("a damaged ext4 image given to vml env save", tries=50, long_tries=500)
+    try:
+        for attempt in loop:
+            with attempt:
+                data = bytearray(clean)
+                for _ in range(rnd.randint(1, 4)):
+                    start, length = rnd.choice(targets)  # an inode, a directory block or the superblock
+                    at = start + rnd.randrange(length)
+                    data[at : at + 4] = rnd.randbytes(4)
+                damaged.write_bytes(data)
+                entry = save_source(repo, f"d{attempt.index}", damaged)
+                signal.alarm(30)
+                try:
+                    with entry_source(repo, entry) as src:
+                        save_environment(repo, f"env{attempt.index}", src, user="alice")
+                    loop.outcome("captured")
+                except VmlError as e:
+                    assert "\n" not in str(e) and "entry 'd" in str(e), str(e)
+                    loop.outcome("refused in one line")
+                finally:
+                    signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert verify(repo) == []

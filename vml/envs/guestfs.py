@@ -22,6 +22,7 @@ from dissect.volume.disk import Disk
 from ..errors import BadSource
 
 EXT_MAGIC_OFFSET = 1024 + 56
+EXT4_RECOVER = 0x0004  # incompatible feature: the journal needs recovery
 MAX_TEXT = 1 << 20  # /etc/passwd, /etc/os-release, login files: read at most this much
 
 
@@ -97,6 +98,10 @@ class GuestFS:
             self.fs = ExtFS(RangeStream(fh, offset, size))
         except Exception as e:  # any failure of the parser is a bad image
             raise BadSource(f"{where}: not a readable ext2/3/4 file system ({e})") from None
+
+    def needs_recovery(self) -> bool:
+        """Whether the journal holds writes not yet replayed (ext3/4 after an unclean stop)."""
+        return bool(self._guard("the superblock", lambda: self.fs.sb.s_feature_incompat) & EXT4_RECOVER)
 
     def _guard(self, what: str, fn, *args):
         try:

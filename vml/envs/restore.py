@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..entries import envtree
 from ..entries.envtree import env_records
-from ..errors import NotFound, StorageError, UsageError
+from ..errors import BadSource, NotFound, StorageError, UsageError
 from ..repo.repository import Entry, Repository
 from ..vms import boot
 from . import guestfs, loginenv
@@ -53,7 +53,12 @@ def restore_environment(
     records, data = env_records(repo, entry)
     meta = entry.manifest.extra[envtree.KEY]
     disks = area_disk_paths(home, area)
-    check_stopped(home, area)
+    with boot.vm_lock(home, area):  # no VM of the area starts while its disk is written
+        check_stopped(home, area)
+        return _restore(repo, entry, area, force, warn, records, data, meta, disks)
+
+
+def _restore(repo, entry, area, force, warn, records, data, meta, disks) -> Report:
     where = f"area {area!r}"
     handles = []
     try:
@@ -63,10 +68,17 @@ def restore_environment(
             found += guestfs.filesystems(name, handles[-1], path.stat().st_size, f"{where}, disk {name}")
         root_fs = guestfs.root_of(found, where)
         report = Report(disk=str(disks[root_fs.disk]))
-        _warn_os(meta, root_fs, entry.name, area, warn, report)
         uid_map, gid_map = _owner_maps(meta, root_fs)
         tops = [meta.get("home", ""), *meta.get("patterns", {}).get("add", [])]
         existing = {it.path: it for top in tops if top for it in root_fs.walk(top, lambda p, d: True)}
+        if root_fs.needs_recovery():
+            raise BadSource(
+                f"{where}: the file system on {disks[root_fs.disk].name} has a journal to replay (its VM did not "
+                "shut down cleanly): boot and shut the VM down once, then restore; a restore now would be undone"
+                " by the journal recovery"
+            )
+        _check_clean(disks[root_fs.disk], root_fs.offset, where)
+        _warn_os(meta, root_fs, entry.name, area, warn, report)
         with tempfile.TemporaryDirectory(prefix="vml-env-") as staging:
             script = _Script(Path(staging))
             _plan(script, records, data, existing, uid_map, gid_map, force, report, entry.manifest.chunk_size)
@@ -220,6 +232,20 @@ def _environment_files(script: _Script, meta: dict, root_fs, existing) -> None:
         script.add("rm", quote(profile))
     script.write(profile, text.encode(errors="surrogateescape"))
     script.attrs(profile, 0o100644, owner.uid, owner.gid, 0, 0)
+
+
+def _check_clean(disk: Path, offset: int, where: str) -> None:
+    """Refuse a file system with errors, or with a journal still to replay (the next boot would undo our writes)."""
+    exe = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
+    target = f"{disk}?offset={offset}" if offset else str(disk)
+    proc = subprocess.run([exe, "-fn", target], capture_output=True, text=True, errors="replace", check=False)
+    if proc.returncode:
+        said = [line for line in proc.stdout.splitlines() if line.strip() and not line.startswith("Pass ")]
+        raise BadSource(
+            f"{where}: the file system on {disk.name} needs repair or journal recovery before a restore "
+            f"(e2fsck -fn: {said[0] if said else proc.returncode}); boot and shut the VM down cleanly, "
+            "or repair it with e2fsck"
+        )
 
 
 def _run(script: _Script, disk: Path, offset: int, where: str) -> None:

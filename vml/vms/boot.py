@@ -48,7 +48,8 @@ def _area_dir(home: Path, area: str) -> Path:
 
 
 @contextlib.contextmanager
-def _vm_lock(home: Path, area: str) -> Iterator[None]:
+def vm_lock(home: Path, area: str) -> Iterator[None]:
+    """Held while a command boots, stops, saves or writes into area ``area``: no VM starts meanwhile."""
     fd = os.open(_area_dir(home, area) / "vm.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -139,7 +140,7 @@ def describe(home: Path, area: str, hypervisor: str, options: dict, memory_mib=N
 def boot(home: Path, area: str, hypervisor: str, options: dict, memory_mib=None, vcpus=None) -> VmRecord:
     """Start a VM on ``area``; returns once it runs."""
     drv = driver(hypervisor, options)
-    with _vm_lock(home, area):
+    with vm_lock(home, area):
         old = load_record(home, area)
         leftover = _area_dir(home, area) / MEMORY_FILE
         resumable = leftover.exists() and old and old.hypervisor == hypervisor and drv.saves_memory
@@ -216,7 +217,7 @@ def status(home: Path, options: dict | None = None) -> list[dict]:
 
 
 def stop(home: Path, area: str, force: bool = False, timeout: float = STOP_TIMEOUT, options: dict | None = None) -> str:
-    with _vm_lock(home, area):
+    with vm_lock(home, area):
         rec = load_record(home, area)
         if rec is None:
             raise NotFound(f"area {area} runs no VM (boot it with `vml boot {area} --hypervisor ...`)")
@@ -229,7 +230,7 @@ def save_with_vm(home: Path, area: str, entry: str, message: str = "", progress=
     Returns (area record afterwards, whether the memory state was saved).
     """
     options = options or {}
-    with _vm_lock(home, area):
+    with vm_lock(home, area):
         rec = load_record(home, area)
         state = vm_state(home, rec, options) if rec else "none"
         hardware = Hardware.from_json(rec.hardware) if rec else None
@@ -263,7 +264,7 @@ def save_with_vm(home: Path, area: str, entry: str, message: str = "", progress=
 
 def close(home: Path, area: str, discard: bool = False, options: dict | None = None) -> None:
     """Close ``area``: refuse while its VM runs, forget the VM, then remove the area."""
-    with _vm_lock(home, area):
+    with vm_lock(home, area):
         rec = load_record(home, area)
         if rec is not None:
             drv = driver(rec.hypervisor, options or {})
