@@ -72,6 +72,10 @@ def guests(vml, tmp_path):
     """rep with `src` (CernVM 4.1, alice's home) and `dst` (CernVM 5.0, alice with another uid, a newer notes.txt)."""
     src = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, HOME)
     os.chmod(src / "home" / "alice" / "secret.key", 0o600)
+    os.setxattr(src / "home" / "alice" / "analysis" / "run.C", "user.origin", b"cernvm 4.1")
+    cache = src / "var" / "lib" / "cvmfs" / "shared"
+    cache.mkdir(parents=True)
+    (cache / "chunk").write_bytes(b"cached object" * 100)
     dst = guest_tree(tmp_path / "dst", "5.0", ALICE_DST, {"notes.txt": b"notes written on the new base\n"})
     os.utime(dst / "home" / "alice" / "notes.txt", (OLD + 10**6, OLD + 10**6))
     vml("init", tmp_path / "rep")
@@ -89,7 +93,21 @@ def read_guest(image: Path, offset: int = 0):
 
 
 def test_a_home_opens_on_a_newer_base_with_owners_modes_and_environment(vml, guests, mounted):
-    r = vml("env", "save", "env1", "--from", "src", "--user", "alice", "--exclude", "Downloads", "-m", "before")
+    r = vml(
+        "env",
+        "save",
+        "env1",
+        "--from",
+        "src",
+        "--user",
+        "alice",
+        "--exclude",
+        "Downloads",
+        "--add",
+        "/var/lib/cvmfs",
+        "-m",
+        "before",
+    )
     assert "env1" in r.stdout and "environment" in r.stdout
     info = json.loads(vml("env", "show", "env1", "--json").stdout)
     assert {"name", "os", "user", "home", "files", "bytes", "environment", "source"} <= info.keys()
@@ -126,6 +144,7 @@ def test_a_home_opens_on_a_newer_base_with_owners_modes_and_environment(vml, gue
 
     with read_guest(disk) as fs:
         check_restored(fs)
+        assert fs.read_text("/var/lib/cvmfs/shared/chunk") == "cached object" * 100  # --add, /var made for it
 
     assert vml("show", "dst", "--json").stdout == before  # the entry the area builds on is untouched
     vml("umount", mounted)
@@ -141,6 +160,7 @@ def check_restored(fs) -> None:
     assert fs.read_file(big, 0, big.size) == HOME["analysis/big.dat"]
     assert walked["/home/alice/secret.key"].mode == 0o600
     assert walked["/home/alice/zz-hardlink.C"].inum == run.inum  # still one file with two names
+    assert run.xattrs == {"user.origin": b"cernvm 4.1"}
     assert walked["/home/alice/latest"].type == "l" and walked["/home/alice/latest"].target == "analysis"
     assert not any("Downloads" in p for p in walked)
     notes = walked["/home/alice/notes.txt"]
@@ -156,8 +176,12 @@ def check_restored(fs) -> None:
 
 def test_a_second_backup_with_parent_stores_only_what_changed(vml, guests, tmp_path):
     vml("env", "save", "env1", "--from", "src", "--user", "alice")
-    changed = guest_tree(tmp_path / "src2", "4.1", ALICE_SRC, {**HOME, "notes.txt": b"new notes\n", "new.txt": b"x"})
-    del changed
+    guest_tree(
+        tmp_path / "src2",
+        "4.1",
+        ALICE_SRC,
+        {**HOME, "notes.txt": b"new notes\n", "new.txt": b"x", ".profile": HOME[".profile"] + b"export NEW=1\n"},
+    )
     vml("save", "src2", "--from", ext4_image(tmp_path / "src2", tmp_path / "src2.img"))
     r = vml("env", "save", "env2", "--from", "src2", "--user", "alice", "--parent", "env1")
     show = json.loads(vml("show", "env2", "--json").stdout)
@@ -165,6 +189,7 @@ def test_a_second_backup_with_parent_stores_only_what_changed(vml, guests, tmp_p
     assert show["stored_bytes"] < 100 << 10, r.stdout
     diff = vml("env", "diff", "env1", "env2").stdout.splitlines()
     assert "+ /home/alice/new.txt" in diff and "M /home/alice/notes.txt" in diff
+    assert "+ $NEW=1" in diff and "M /home/alice/.profile" in diff
     assert "M /home/alice/analysis/run.C" not in diff and "M /home/alice/analysis/big.dat" not in diff
     bundle = tmp_path / "env2.vmlb"
     vml("export", "env2", "-o", bundle)
@@ -210,6 +235,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(vml, guests, tmp_path, moun
     vml("open", "dst", "--area", "a2")
     assert "not an environment backup" in vml.fails("env", "restore", "src", "--area", "a2")
     assert "environment backup, not a VM" in vml.fails("open", "env1", "--area", "x")
+    assert "environment backup" in vml.fails("checkout", "env1", tmp_path / "out")
+    assert "do not build on each other" in vml.fails("save", "x", "--from", blank, "--parent", "env1")
     disk = next((mounted / "areas" / "a2").glob("*.img"))
     before = disk.read_bytes()
     with running_vm(tmp_path / "home", "a2"):

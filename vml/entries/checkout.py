@@ -46,6 +46,11 @@ def checkout(
     when saved; otherwise only the permission bits are kept.
     """
     entry = repo.entry(name)
+    if entry.manifest.is_environment:
+        raise UsageError(
+            f"entry {name!r} is an environment backup: its files are in the mount (REPO/{name}/), "
+            f"and `vml env restore {name} --area AREA` writes them into a VM's disk"
+        )
     resolved = repo.resolve(entry.digest)
     dest = Path(dest)
     mask = 0o7777 if keep_special_bits else PLAIN_MODE_BITS

@@ -41,38 +41,33 @@ def diff_environments(a: tuple[Repository, Entry], b: tuple[Repository, Entry]) 
     ia, ib = show_environment(ra, ea), show_environment(rb, eb)
     recs_a, data_a = env_records(ra, ea)
     recs_b, data_b = env_records(rb, eb)
-    before, after = {r.path: r for r in recs_a}, {r.path: r for r in recs_b}
 
-    def content(r, data, cs):  # the digests of its chunks: equal digests, equal bytes
-        return [data.table.digest(r.slot + i) for i in range(r.slots(cs))]
+    def state(r, data, cs) -> tuple:  # what makes a file the same: metadata, and its chunks' digests
+        chunks = tuple(data.table.digest(r.slot + i) for i in range(r.slots(cs)))
+        return (r.type, r.mode, r.uid, r.gid, r.size, r.mtime_ns, r.target, chunks)
 
-    lines = []
-    for path in sorted(before.keys() | after.keys()):
-        x, y = before.get(path), after.get(path)
-        if x is None:
-            lines.append(f"+ {path}")
-        elif y is None:
-            lines.append(f"- {path}")
-        elif (x.type, x.mode, x.uid, x.gid, x.size, x.mtime_ns, x.target) != (
-            y.type,
-            y.mode,
-            y.uid,
-            y.gid,
-            y.size,
-            y.mtime_ns,
-            y.target,
-        ) or content(x, data_a, ea.manifest.chunk_size) != content(y, data_b, eb.manifest.chunk_size):
-            lines.append(f"M {path}")
-    va, vb = ia["environment"], ib["environment"]
-    for name in sorted(va.keys() | vb.keys()):
-        x, y = va.get(name), vb.get(name)
-        if x is None:
-            lines.append(f"+ ${name}={y['raw']}")
-        elif y is None:
-            lines.append(f"- ${name}={x['raw']}")
-        elif x["raw"] != y["raw"]:
-            lines.append(f"M ${name}: {x['raw']} -> {y['raw']}")
+    cs_a, cs_b = ea.manifest.chunk_size, eb.manifest.chunk_size
+    lines = _changes(
+        {r.path: state(r, data_a, cs_a) for r in recs_a}, {r.path: state(r, data_b, cs_b) for r in recs_b}, "{}"
+    )
+    raw_a = {n: v["raw"] for n, v in ia["environment"].items()}
+    raw_b = {n: v["raw"] for n, v in ib["environment"].items()}
+    lines += _changes(raw_a, raw_b, "${}", values=True)
     oa, ob = ia["os"], ib["os"]
     if (oa.get("id"), oa.get("version_id")) != (ob.get("id"), ob.get("version_id")):
         lines.append(f"os: {oa.get('id')} {oa.get('version_id')} -> {ob.get('id')} {ob.get('version_id')}")
     return lines
+
+
+def _changes(before: dict, after: dict, shown: str, values: bool = False) -> list[str]:
+    """ "+ KEY", "- KEY" and "M KEY" lines, sorted, for what differs; with ``values``, the values too."""
+    out = []
+    for key in sorted(before.keys() | after.keys()):
+        name = shown.format(key)
+        if key not in before:
+            out.append(f"+ {name}" + (f"={after[key]}" if values else ""))
+        elif key not in after:
+            out.append(f"- {name}" + (f"={before[key]}" if values else ""))
+        elif before[key] != after[key]:
+            out.append(f"M {name}" + (f": {before[key]} -> {after[key]}" if values else ""))
+    return out

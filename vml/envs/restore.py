@@ -81,6 +81,7 @@ def _restore(repo, entry, area, force, warn, records, data, meta, disks) -> Repo
         _warn_os(meta, root_fs, entry.name, area, warn, report)
         with tempfile.TemporaryDirectory(prefix="vml-env-") as staging:
             script = _Script(Path(staging))
+            _parents(script, root_fs, [t for t in tops if t])
             _plan(script, records, data, existing, uid_map, gid_map, force, report, entry.manifest.chunk_size)
             _environment_files(script, meta, root_fs, existing)
             _run(script, disks[root_fs.disk], root_fs.offset, where)
@@ -155,6 +156,18 @@ def quote(s: str) -> str:
 
 
 _S_IF = {"f": 0o100000, "d": 0o040000, "l": 0o120000, "p": 0o010000, "c": 0o020000, "b": 0o060000, "s": 0o140000}
+
+
+def _parents(script: _Script, root_fs, tops: list[str]) -> None:
+    """Directories above each captured top that the area's guest lacks (as mkdir -p, owned by root)."""
+    made: set[str] = set()
+    for top in tops:
+        parts = [p for p in top.split("/") if p][:-1]
+        for i in range(1, len(parts) + 1):
+            path = "/" + "/".join(parts[:i])
+            if path not in made and root_fs.lookup(path) is None:
+                script.add("mkdir", quote(path))
+                made.add(path)
 
 
 def _plan(script, records, data, existing, uid_map, gid_map, force, report, cs) -> None:
