@@ -400,3 +400,36 @@ def test_a_damaged_guest_image_is_captured_or_refused_in_one_line(tmp_path, home
     finally:
         signal.signal(signal.SIGALRM, old)
     assert verify(repo) == []
+
+
+def test_hostile_names_and_a_symlinked_directory_never_reach_outside(vml, tmp_path, mounted):
+    """Names debugfs must not misread, and a directory of the area that is a symlink to /etc."""
+    pwned = tmp_path / "PWNED"
+    deep = "/".join(["d" * 195] * 20) + f"/!touch {pwned}"  # too long for one debugfs line with another name
+    home = {
+        'quote"d name': b"q",
+        "!bang": b"b",
+        "sp ace": b"s",
+        f"x\n!touch {pwned}": b"n",
+        deep: b"deep",
+        "analysis/run.C": b"run",
+    }
+    src = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, home)
+    dst = guest_tree(tmp_path / "dst", "4.1", ALICE_DST, {"keep": b"k"})
+    os.symlink("/etc", dst / "home" / "alice" / "analysis")
+    vml("init", tmp_path / "rep")
+    vml("save", "src", "--from", ext4_image(src, tmp_path / "src.img", "64M"))
+    vml("save", "dst", "--from", ext4_image(dst, tmp_path / "dst.img"))
+    r = vml("env", "save", "env1", "--from", "src", "--user", "alice")
+    assert "left out" in r.stderr and "a name with a line break" in r.stderr
+    vml("open", "dst", "--area", "a")
+    r = vml("env", "restore", "env1", "--area", "a")
+    assert "skipped /home/alice/analysis" in r.stdout and f"skipped /home/alice/{deep}" in r.stdout
+    assert not pwned.exists()
+    disk = next((mounted / "areas" / "a").glob("*.img"))
+    assert subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True).returncode == 0
+    with read_guest(disk) as fs:
+        for name in ('quote"d name', "!bang", "sp ace"):
+            assert fs.read_text(f"/home/alice/{name}") == home[name].decode()
+        assert fs.lookup("/etc/run.C") is None  # nothing went through the symlink
+        assert fs.item("/etc/passwd", fs.lookup("/etc/passwd")).mode == 0o644

@@ -43,6 +43,8 @@ def cmd_env_save(args) -> int:
             progress=bar,
         )
     meta = env.manifest.extra["environment"]
+    for path in meta.get("left_out", []):
+        print(f"vml: warning: left out {path!r}: a name with a line break", file=sys.stderr)
     stored = repo.stored_bytes(env.digest)
     print(
         f"saved {env.name} (environment of {meta['home']}) in {repo.name}: {meta['files']} files, "
@@ -65,6 +67,8 @@ def cmd_env_restore(args) -> int:
         print(f"  newer in the area, kept; the backup's copy is {path}.vml-restored")
     for path in report.skipped:
         print(f"  skipped {path}")
+    for note in report.notes:
+        print(f"  {note}")
     print("  the saved variables are in ~/.vml-environment, sourced by a line at the end of ~/.profile")
     return 0
 

@@ -19,6 +19,7 @@ record says is checked when read, as any stored input is.
 
 import json
 import posixpath
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -32,7 +33,8 @@ KEY = ENVIRONMENT
 CHUNK_SIZE = 64 << 10  # small: a small file costs one slot, a page one chunk
 PAGE_EVERY = 64
 TYPES = set("fdlhpcbs")
-MAX_XATTRS = 16 << 10  # bytes of extended attributes kept per file
+MAX_XATTRS = 4 << 10  # bytes of extended attributes kept per file (up to 6x that as JSON)
+_XATTR = re.compile(r"(user|trusted|security|system)\.[A-Za-z0-9_.@:+-]{1,200}")
 
 
 def is_environment(m: Manifest) -> bool:
@@ -98,8 +100,14 @@ class Record:
             raise ValueError(f"bad record for {r.path!r}")
         if r.mode > 0o7777 or r.uid >= 1 << 32 or r.gid >= 1 << 32 or not isinstance(r.target, str):
             raise ValueError(f"bad record for {r.path!r}")
+        if r.rdev >= 1 << 32 or len(r.target) > 4096:
+            raise ValueError(f"bad record for {r.path!r}")
         if r.xattrs is not None and not (
-            isinstance(r.xattrs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in r.xattrs.items())
+            isinstance(r.xattrs, dict)
+            and all(
+                isinstance(k, str) and _XATTR.fullmatch(k) and isinstance(v, str) and all(ord(c) < 256 for c in v)
+                for k, v in r.xattrs.items()
+            )
         ):
             raise ValueError(f"bad extended attributes for {r.path!r}")
         if r.type == "h":
@@ -107,12 +115,17 @@ class Record:
         return r
 
 
-def _path(p) -> str:
-    if not isinstance(p, str) or not p.startswith("/") or "\0" in p or "\n" in p:
+def check_path(p) -> str:
+    """An absolute, normal guest path without line breaks or NULs (ValueError otherwise)."""
+    if not isinstance(p, str) or not p.startswith("/") or any(c in p for c in "\0\n\r") or len(p) > 4096:
         raise ValueError(f"bad path {p!r}")
     if p != "/" and (posixpath.normpath(p) != p or p.startswith("//")):
         raise ValueError(f"path {p!r} is not normal")
+    p.encode(errors="surrogateescape")  # UnicodeEncodeError (a ValueError) for a lone surrogate
     return p
+
+
+_path = check_path
 
 
 def pages(records: list[Record], chunk_size: int) -> list[bytes]:
@@ -122,7 +135,7 @@ def pages(records: list[Record], chunk_size: int) -> list[bytes]:
     for r in records:
         line = r.to_json().encode() + b"\n"
         if len(line) > chunk_size:
-            raise ValueError(f"the record of {r.path} is larger than a page")
+            raise BadSource(f"the record of {r.path} is larger than an index page")
         if len(page) + len(line) > chunk_size:
             out.append(bytes(page))
             page = bytearray()
@@ -161,9 +174,11 @@ def check_slots(records: list[Record], data_size: int, chunk_size: int, where: s
 
 
 def xattrs_text(xattrs: dict[str, bytes] | None) -> dict | None:
-    if not xattrs or sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTRS:
+    """Extended attributes as kept in a record: valid names only, at most MAX_XATTRS bytes in all."""
+    kept = {k: v for k, v in (xattrs or {}).items() if isinstance(k, str) and _XATTR.fullmatch(k)}
+    if not kept or sum(len(k) + len(v) for k, v in kept.items()) > MAX_XATTRS:
         return None
-    return {k: v.decode("latin-1") for k, v in xattrs.items()}
+    return {k: v.decode("latin-1") for k, v in kept.items()}
 
 
 def env_records(repo: Repository, entry: Entry) -> tuple[list[Record], DiskReader]:

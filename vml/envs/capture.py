@@ -248,7 +248,9 @@ class _Capture:
         index_map = self.writer.store_chunks(chunks, len(pages) * self.cs, self.ref_index)
         users, groups = meta.pop("_accounts")
         files = [r for r in records if r.type == "f"]
+        odd = sorted({p for (fs, _), *_ in walks for p in fs.skipped})
         meta.update(
+            left_out=odd[:20],  # names with line breaks, which nothing could restore (first 20)
             histories=[p for p in (f"{meta['home']}/{h}" for h in loginenv.HISTORY_FILES) if p in self.records],
             files=len(records),
             bytes=sum(r.size for r in files),

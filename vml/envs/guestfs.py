@@ -85,8 +85,9 @@ _TYPES = {
 
 
 def _ns(seconds: int, extra: int) -> int:
-    # ext4's extra field: two epoch bits, then nanoseconds << 2.
-    return ((seconds | ((extra & 3) << 32)) if extra else seconds) * 1_000_000_000 + (extra >> 2)
+    # A signed 32-bit count of seconds; ext4's extra field adds two epoch bits, then nanoseconds << 2.
+    signed = seconds - (1 << 32) if seconds >= 1 << 31 else seconds
+    return (signed + ((extra & 3) << 32)) * 1_000_000_000 + (extra >> 2)
 
 
 class GuestFS:
@@ -94,8 +95,10 @@ class GuestFS:
 
     def __init__(self, disk: str, offset: int, size: int, fh, where: str):
         self.disk, self.offset, self.size, self.where = disk, offset, size, where
+        self.skipped: list[str] = []  # names with line breaks, left out of a walk
         try:
             self.fs = ExtFS(RangeStream(fh, offset, size))
+            self.inode_size = self.fs.sb.s_inode_size if self.fs.sb.s_rev_level else 128
         except Exception as e:  # any failure of the parser is a bad image
             raise BadSource(f"{where}: not a readable ext2/3/4 file system ({e})") from None
 
@@ -141,6 +144,8 @@ class GuestFS:
     def item(self, path: str, node) -> Item:
         def build():
             i = node.inode
+            # Inodes of 128 bytes have no extra fields: what follows is the next inode.
+            extra = i.i_extra_isize if self.inode_size > 128 else 0
             t = _TYPES.get(stat.S_IFMT(i.i_mode))
             if t is None:
                 raise ValueError(f"unknown file type {i.i_mode:o}")
@@ -150,9 +155,9 @@ class GuestFS:
                 stat.S_IMODE(i.i_mode),
                 i.i_uid | (i.i_uid_high << 16),
                 i.i_gid | (i.i_gid_high << 16),
-                _ns(i.i_mtime, i.i_mtime_extra if i.i_extra_isize >= 12 else 0),
-                _ns(i.i_atime, i.i_atime_extra if i.i_extra_isize >= 16 else 0),
-                _ns(i.i_ctime, i.i_ctime_extra if i.i_extra_isize >= 8 else 0),
+                _ns(i.i_mtime, i.i_mtime_extra if extra >= 12 else 0),
+                _ns(i.i_atime, i.i_atime_extra if extra >= 16 else 0),
+                _ns(i.i_ctime, i.i_ctime_extra if extra >= 8 else 0),
                 node.inum,
                 node.size if t == "f" else 0,
                 node=node,
@@ -194,6 +199,9 @@ class GuestFS:
             for child in sorted(children, key=lambda c: c.filename):
                 if "/" in child.filename or "\0" in child.filename or not child.filename:
                     raise BadSource(f"{self.where}: invalid file name {child.filename!r} in {path}")
+                if "\n" in child.filename or "\r" in child.filename:
+                    self.skipped.append(f"{path.rstrip('/')}/{child.filename}")  # no tool reads such names back
+                    continue
                 cpath = f"{path.rstrip('/')}/{child.filename}"
                 is_dir = self._guard(cpath, lambda c=child: c.filetype) == stat.S_IFDIR
                 if takes(cpath, is_dir):

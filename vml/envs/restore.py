@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..entries import envtree
 from ..entries.envtree import env_records
-from ..errors import BadSource, NotFound, StorageError, UsageError
+from ..errors import BadSource, CorruptManifest, NotFound, StorageError, UsageError
 from ..repo.repository import Entry, Repository
 from ..vms import boot
 from . import guestfs, loginenv
@@ -36,8 +36,31 @@ class Report:
     bytes: int = 0
     conflicts: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     disk: str = ""
+
+
+def checked_meta(entry: Entry) -> dict:
+    """The parts of an environment entry's description a restore acts on, checked as hostile input."""
+    meta = entry.manifest.extra[envtree.KEY]
+    try:
+        home = envtree.check_path(meta["home"])
+        adds = [envtree.check_path(p) for p in meta.get("patterns", {}).get("add", [])]
+        variables = meta.get("environment", {}).get("variables", {})
+        if not isinstance(variables, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("raw"), str) and "\n" not in v["raw"] for v in variables.values()
+        ):
+            raise ValueError("bad variables")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CorruptManifest(f"entry {entry.name!r}: invalid environment description ({e})") from None
+    return {
+        "home": home,
+        "patterns": {"add": adds},
+        "environment": {"variables": variables},
+        "os": meta.get("os") if isinstance(meta.get("os"), dict) else {},
+        "owners": meta.get("owners") if isinstance(meta.get("owners"), dict) else {},
+    }
 
 
 def check_stopped(home: Path, area: str) -> None:
@@ -51,7 +74,7 @@ def restore_environment(
 ) -> Report:
     """Write environment entry ``entry`` into the root file system of area ``area``'s disks."""
     records, data = env_records(repo, entry)
-    meta = entry.manifest.extra[envtree.KEY]
+    meta = checked_meta(entry)
     disks = area_disk_paths(home, area)
     with boot.vm_lock(home, area):  # no VM of the area starts while its disk is written
         check_stopped(home, area)
@@ -69,8 +92,8 @@ def _restore(repo, entry, area, force, warn, records, data, meta, disks) -> Repo
         root_fs = guestfs.root_of(found, where)
         report = Report(disk=str(disks[root_fs.disk]))
         uid_map, gid_map = _owner_maps(meta, root_fs)
-        tops = [meta.get("home", ""), *meta.get("patterns", {}).get("add", [])]
-        existing = {it.path: it for top in tops if top for it in root_fs.walk(top, lambda p, d: True)}
+        tops = [meta["home"], *meta["patterns"]["add"]]
+        existing = {it.path: it for top in tops for it in root_fs.walk(top, lambda p, d: True)}
         if root_fs.needs_recovery():
             raise BadSource(
                 f"{where}: the file system on {disks[root_fs.disk].name} has a journal to replay (its VM did not "
@@ -81,9 +104,10 @@ def _restore(repo, entry, area, force, warn, records, data, meta, disks) -> Repo
         _warn_os(meta, root_fs, entry.name, area, warn, report)
         with tempfile.TemporaryDirectory(prefix="vml-env-") as staging:
             script = _Script(Path(staging))
-            _parents(script, root_fs, [t for t in tops if t])
-            _plan(script, records, data, existing, uid_map, gid_map, force, report, entry.manifest.chunk_size)
-            _environment_files(script, meta, root_fs, existing)
+            _parents(script, root_fs, tops)
+            cs = entry.manifest.chunk_size
+            _plan(script, records, data, existing, uid_map, gid_map, force, report, cs, tops)
+            _environment_files(script, meta, root_fs, existing, report)
             _run(script, disks[root_fs.disk], root_fs.offset, where)
     finally:
         for h in handles:
@@ -117,22 +141,35 @@ def _owner_maps(meta: dict, root_fs) -> tuple[dict[int, int], dict[int, int]]:
     return mapping(owners.get("users"), users), mapping(owners.get("groups"), groups)
 
 
+class Unsafe(ValueError):
+    """A name debugfs could not take safely (a line break, a NUL, too long): that record is skipped."""
+
+
+MAX_LINE = 8000  # debugfs reads its command file in lines of at most 8191 bytes
+
+
 class _Script:
     """A debugfs command file and the staged contents it writes."""
 
     def __init__(self, staging: Path):
         self.staging, self.lines, self.count = staging, [], 0
-        self.written: dict[str, bytes] = {}  # guest path -> content, for files written whole
+        self.written: dict[str, bytes] = {}  # guest path -> content, for regular files written whole
+        self.paths: set[str] = set()  # every guest path the script creates
+        self.owners: dict[str, tuple[int, int]] = {}  # guest path -> the owner the script gives it
 
     def write(self, path: str, content: bytes) -> None:
         parent, name = os.path.split(path)
         self.add("cd", quote(parent))
         self.add("write", quote(self.stage(content)), quote(name))
+        self.paths.add(path)
         if len(content) < 1 << 20:
             self.written[path] = content
 
     def add(self, *words: str) -> None:
-        self.lines.append(" ".join(words))
+        line = " ".join(words)
+        if len(line.encode(errors="surrogateescape")) > MAX_LINE:
+            raise Unsafe("command line too long")
+        self.lines.append(line)
 
     def stage(self, data: bytes) -> str:
         self.count += 1
@@ -142,20 +179,37 @@ class _Script:
 
     def attrs(self, path: str, mode: int, uid: int, gid: int, mtime_ns: int, atime_ns: int) -> None:
         q = quote(path)
+        self.owners[path] = (uid, gid)
         self.add("sif", q, "uid", str(uid))
         self.add("sif", q, "gid", str(gid))
         self.add("sif", q, "mode", f"0{mode:o}")
         for field_name, ns in (("mtime", mtime_ns), ("atime", atime_ns)):
             if ns:
-                self.add("sif", q, field_name, f"@{ns // 1_000_000_000}")
-                self.add("sif", q, f"{field_name}_extra", str((ns % 1_000_000_000) << 2))
+                sec, nsec = divmod(ns, 1_000_000_000)
+                low = sec & 0xFFFFFFFF
+                epoch = ((sec - (low - (1 << 32) if low >= 1 << 31 else low)) >> 32) & 3
+                self.add("sif", q, field_name, f"@{sec}")
+                self.add("sif", q, f"{field_name}_extra", str((nsec << 2) | epoch))
 
 
 def quote(s: str) -> str:
+    """One debugfs argument: in double quotes, a quote doubled (the ss parser's rule).
+
+    A line break or NUL would end the command and start another (debugfs runs
+    a line starting with "!" in a shell), and a name over 3900 bytes could
+    push a line past the 8191 bytes debugfs reads at once: both are Unsafe.
+    """
+    try:
+        size = len(s.encode(errors="surrogateescape"))
+    except UnicodeEncodeError:
+        raise Unsafe(f"unencodable name {s[:60]!r}") from None
+    if any(c in s for c in "\n\r\0") or size > 3900:
+        raise Unsafe(f"unsafe name {s[:60]!r}")
     return '"' + s.replace('"', '""') + '"'
 
 
-_S_IF = {"f": 0o100000, "d": 0o040000, "l": 0o120000, "p": 0o010000, "c": 0o020000, "b": 0o060000, "s": 0o140000}
+_S_IF = {"f": 0o100000, "d": 0o040000, "l": 0o120000, "p": 0o010000}
+_DROPPED = 0o6000  # setuid and setgid: an entry may come from anyone (a directory keeps setgid)
 
 
 def _parents(script: _Script, root_fs, tops: list[str]) -> None:
@@ -170,86 +224,120 @@ def _parents(script: _Script, root_fs, tops: list[str]) -> None:
                 made.add(path)
 
 
-def _plan(script, records, data, existing, uid_map, gid_map, force, report, cs) -> None:
+def _under(path: str, tops: list[str]) -> bool:
+    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops)
+
+
+def _plan(script, records, data, existing, uid_map, gid_map, force, report, cs, tops) -> None:
+    """The commands for every record under ``tops``; a record that cannot be written safely is skipped and listed."""
     links: dict[str, int] = {}
+    fresh: set[str] = set()  # files this restore creates with a new inode: a hard link may point at them
+    blocked: list[str] = []  # directories not written (something else is there): nothing goes under them
     for r in records:
-        if "\n" in r.path or "\n" in r.target:
+        if not _under(r.path, tops) or _under(r.path, blocked):
             report.skipped.append(r.path)
             continue
-        uid, gid = uid_map.get(r.uid, r.uid), gid_map.get(r.gid, r.gid)
-        old = existing.get(r.path)
-        parent, name = os.path.split(r.path)
-        path = r.path
-        if r.type == "d":
-            if old is None:
-                script.add("mkdir", quote(path))
-            elif old.type != "d":
-                report.skipped.append(path)
-                continue
-            script.attrs(path, _S_IF["d"] | r.mode, uid, gid, r.mtime_ns, r.atime_ns)
-            continue
-        if old is not None:
-            newer = old.mtime_ns > r.mtime_ns
-            if old.type == "d" or (newer and not force and r.type in "fl"):
-                path = r.path + CONFLICT_SUFFIX
-                name = name + CONFLICT_SUFFIX
-                report.conflicts.append(r.path)
-                if path in existing:
-                    script.add("rm", quote(path))
-            else:
-                script.add("rm", quote(path))
-        if r.type == "f":
-            script.write(path, data.read(r.slot * cs, r.size) if r.size else b"")
-            report.files += 1
-            report.bytes += r.size
-        elif r.type == "l":
-            script.add("symlink", quote(path), quote(r.target))
-        elif r.type == "h":
-            script.add("ln", quote(r.target), quote(path))
-            links[r.target] = links.get(r.target, 1) + 1
-            continue
-        elif r.type in "pcb":
-            script.add("cd", quote(parent))
-            dev = [] if r.type == "p" else [str(os.major(r.rdev)), str(os.minor(r.rdev))]
-            script.add("mknod", quote(name), r.type, *dev)
-        else:  # a socket: meaningless without the process that made it
+        mark = len(script.lines)
+        try:
+            _plan_one(script, r, data, existing, uid_map, gid_map, force, report, cs, links, fresh, blocked)
+        except Unsafe:
+            del script.lines[mark:]
             report.skipped.append(r.path)
-            continue
-        script.attrs(path, _S_IF[r.type] | r.mode, uid, gid, r.mtime_ns, r.atime_ns)
-        for key, value in (r.xattrs or {}).items():
-            script.add("ea_set", "-f", quote(script.stage(value.encode("latin-1"))), quote(path), quote(key))
     for target, count in links.items():
         script.add("sif", quote(target), "links_count", str(count))
 
 
-def _environment_files(script: _Script, meta: dict, root_fs, existing) -> None:
-    """~/.vml-environment with the variables, and the line in ~/.profile that reads it."""
-    home = meta.get("home") or ""
-    variables = (meta.get("environment") or {}).get("variables") or {}
-    node = root_fs.lookup(home) if home.startswith("/") else None
-    if node is None or not variables:
+def _plan_one(script, r, data, existing, uid_map, gid_map, force, report, cs, links, fresh, blocked) -> None:
+    uid, gid = uid_map.get(r.uid, r.uid), gid_map.get(r.gid, r.gid)
+    old = existing.get(r.path)
+    path = r.path
+    if r.type == "d":
+        if old is not None and old.type != "d":  # a file or a symlink where the directory was
+            blocked.append(r.path)
+            report.skipped.append(r.path)
+            return
+        if old is None:
+            script.add("mkdir", quote(path))
+            script.paths.add(path)
+        script.attrs(path, _S_IF["d"] | (r.mode & 0o3777), uid, gid, r.mtime_ns, r.atime_ns)
         return
-    owner = root_fs.item(home, node)
+    if r.type not in "flhp" or (r.type == "h" and r.target not in fresh):
+        report.skipped.append(r.path)  # devices and sockets are not restored; nor a link to a file not written
+        return
+    for name in (path, r.target, path + CONFLICT_SUFFIX):
+        quote(name)  # Unsafe before anything is planned for this record
+    if old is not None:
+        if old.type == "d" or (old.mtime_ns > r.mtime_ns and not force):
+            path = r.path + CONFLICT_SUFFIX
+            report.conflicts.append(r.path)
+            if path in existing:
+                script.add("rm", quote(path))
+        else:
+            script.add("rm", quote(path))
+    if r.type == "f":
+        script.write(path, data.read(r.slot * cs, r.size) if r.size else b"")
+        if path == r.path:
+            fresh.add(r.path)
+        report.files += 1
+        report.bytes += r.size
+    elif r.type == "l":
+        script.add("symlink", quote(path), quote(r.target))
+        script.paths.add(path)
+    elif r.type == "h":
+        script.add("ln", quote(r.target), quote(path))
+        script.paths.add(path)
+        links[r.target] = links.get(r.target, 1) + 1
+        return
+    else:  # a FIFO
+        parent, name = os.path.split(path)
+        script.add("cd", quote(parent))
+        script.add("mknod", quote(name), "p")
+        script.paths.add(path)
+    script.attrs(path, _S_IF[r.type] | (r.mode & ~_DROPPED & 0o7777), uid, gid, r.mtime_ns, r.atime_ns)
+    for key, value in (r.xattrs or {}).items():
+        # -r: the value as stored on disk (ACLs included), not converted again.
+        script.add("ea_set", "-r", "-f", quote(script.stage(value.encode("latin-1"))), quote(path), quote(key))
+
+
+def _environment_files(script: _Script, meta: dict, root_fs, existing, report) -> None:
+    """~/.vml-environment with the variables, and the line in ~/.profile that reads it."""
+    home = meta["home"]
+    variables = meta["environment"]["variables"]
+    node = root_fs.lookup(home)
+    if (node is None and home not in script.paths) or not variables:
+        return
+    uid, gid = script.owners.get(home) or (lambda it: (it.uid, it.gid))(root_fs.item(home, node))
     envfile, profile = f"{home}/{ENV_FILE}", f"{home}/.profile"
-    if envfile in existing:
+    if envfile in existing or envfile in script.paths:
         script.add("rm", quote(envfile))
     script.write(envfile, loginenv.script(variables).encode())
-    script.attrs(envfile, 0o100644, owner.uid, owner.gid, 0, 0)
+    script.attrs(envfile, 0o100644, uid, gid, 0, 0)
     # ~/.profile as restored (the backup's, if it has one), plus the line.
-    before = script.written.get(profile)
-    text = (before or b"").decode(errors="surrogateescape") if before is not None else root_fs.read_text(profile) or ""
+    if profile in script.paths:
+        known = script.written.get(profile)
+    elif profile in existing:
+        it = existing[profile]
+        known = root_fs.read_file(it, 0, it.size) if it.type == "f" and it.size < guestfs.MAX_TEXT else None
+    else:
+        known = b""
+    if known is None:  # a symlink, a hard link or a very large file: not rewritten behind the user's back
+        report.notes.append(f"add this line to {profile} to set the saved variables: {loginenv.PROFILE_LINE}")
+        return
+    text = known.decode(errors="surrogateescape")
     if loginenv.PROFILE_LINE in text:
         return
     text += ("\n" if text and not text.endswith("\n") else "") + loginenv.PROFILE_LINE + "\n"
-    if before is not None or profile in existing:
+    if profile in script.paths or profile in existing:
         script.add("rm", quote(profile))
     script.write(profile, text.encode(errors="surrogateescape"))
-    script.attrs(profile, 0o100644, owner.uid, owner.gid, 0, 0)
+    script.attrs(profile, 0o100644, uid, gid, 0, 0)
 
 
 def _check_clean(disk: Path, offset: int, where: str) -> None:
     """Refuse a file system with errors, or with a journal still to replay (the next boot would undo our writes)."""
     exe = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
+    if not Path(exe).exists():
+        raise NotFound("e2fsck (e2fsprogs) is not installed: `apt-get install e2fsprogs`")
     target = f"{disk}?offset={offset}" if offset else str(disk)
     proc = subprocess.run([exe, "-fn", target], capture_output=True, text=True, errors="replace", check=False)
     if proc.returncode:
