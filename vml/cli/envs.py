@@ -79,10 +79,11 @@ def cmd_env_show(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    osname = info["os"].get("pretty_name") or info["os"].get("id") or "unknown"
+    osinfo = info["os"]
+    osname = osinfo.get("pretty_name") or f"{osinfo.get('id', '')} {osinfo.get('version_id', '')}".strip() or "unknown"
     print(f"{info['name']}  (environment backup in {repo.name})")
     print(f"  home:        {info['home']} (user {info['user'] or '-'})")
-    print(f"  os:          {osname} {info['os'].get('version_id', '')}".rstrip())
+    print(f"  os:          {osname}")
     origin = info["from"]
     print(f"  from:        {'area ' + origin['area'] if 'area' in origin else 'entry ' + origin.get('entry', '?')}")
     print(f"  files:       {info['files']} ({format_size(info['bytes'])})")
