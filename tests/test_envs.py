@@ -242,6 +242,12 @@ def test_bad_input_gives_one_line_and_writes_nothing(vml, guests, tmp_path, moun
     with running_vm(tmp_path / "home", "a2"):
         assert "its VM is running" in vml.fails("env", "restore", "env1", "--area", "a2")
     assert disk.read_bytes() == before
+    # A backup larger than the room left in the area's file system: refused before anything is written.
+    big = guest_tree(tmp_path / "big", "4.1", ALICE_SRC, {"data.bin": os.urandom(40 << 20)})
+    vml("save", "big", "--from", ext4_image(big, tmp_path / "big.img", "64M"))
+    vml("env", "save", "bigenv", "--from", "big", "--user", "alice")
+    assert "MiB and" in vml.fails("env", "restore", "bigenv", "--area", "a2")
+    assert disk.read_bytes() == before
     # A VM that stopped without unmounting leaves a journal to replay, which would undo what debugfs writes.
     subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", str(disk)], check=True, capture_output=True)
     before = disk.read_bytes()

@@ -23,6 +23,7 @@ from ..errors import BadSource
 
 EXT_MAGIC_OFFSET = 1024 + 56
 EXT4_RECOVER = 0x0004  # incompatible feature: the journal needs recovery
+EXT4_64BIT = 0x0080  # incompatible feature: block counts have high halves
 MAX_TEXT = 1 << 20  # /etc/passwd, /etc/os-release, login files: read at most this much
 
 
@@ -101,6 +102,16 @@ class GuestFS:
             self.inode_size = self.fs.sb.s_inode_size if self.fs.sb.s_rev_level else 128
         except Exception as e:  # any failure of the parser is a bad image
             raise BadSource(f"{where}: not a readable ext2/3/4 file system ({e})") from None
+
+    def free_space(self) -> tuple[int, int]:
+        """(free bytes, free inodes) as the superblock counts them."""
+
+        def read():
+            sb = self.fs.sb
+            high = sb.s_free_blocks_count_hi if sb.s_feature_incompat & EXT4_64BIT else 0
+            return (sb.s_free_blocks_count_lo | high << 32) * self.fs.block_size, sb.s_free_inodes_count
+
+        return self._guard("the superblock", read)
 
     def needs_recovery(self) -> bool:
         """Whether the journal holds writes not yet replayed (ext3/4 after an unclean stop)."""

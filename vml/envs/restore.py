@@ -101,6 +101,7 @@ def _restore(repo, entry, area, force, warn, records, data, meta, disks) -> Repo
                 " by the journal recovery"
             )
         _check_clean(disks[root_fs.disk], root_fs.offset, where)
+        _check_room(root_fs, records, disks[root_fs.disk].name, where)
         _warn_os(meta, root_fs, entry.name, area, warn, report)
         with tempfile.TemporaryDirectory(prefix="vml-env-") as staging:
             script = _Script(Path(staging))
@@ -331,6 +332,18 @@ def _environment_files(script: _Script, meta: dict, root_fs, existing, report) -
         script.add("rm", quote(profile))
     script.write(profile, text.encode(errors="surrogateescape"))
     script.attrs(profile, 0o100644, uid, gid, 0, 0)
+
+
+def _check_room(root_fs, records: list[envtree.Record], disk: str, where: str) -> None:
+    """Refuse before writing when the file system cannot hold the backup (a restore cut short by a full disk)."""
+    free, inodes = root_fs.free_space()
+    block = root_fs.fs.block_size
+    need = sum(-(-r.size // block) * block for r in records if r.type == "f") + len(records) * block // 8
+    if need > free * 0.95 or len(records) > inodes:
+        raise BadSource(
+            f"{where}: the file system on {disk} has {free >> 20} MiB and {inodes} inodes free; the backup needs "
+            f"about {need >> 20} MiB and {len(records)} inodes: make room (or a larger disk) first"
+        )
 
 
 def _check_clean(disk: Path, offset: int, where: str) -> None:
