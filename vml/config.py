@@ -13,6 +13,16 @@ config is TOML so that people can read and edit it::
     max_disk_size = "16T"          # entries declaring larger disks or files are refused
     mount_memory = "512M"          # what the mount may hold in memory (decompressed chunks mostly)
 
+    [defaults]
+    hypervisor = "libvirt"         # what `vml web`'s Start boots on (default qemu)
+
+    [web]                          # vml web (docs/web.md)
+    listen = "127.0.0.1:8004"
+    password = "scrypt$..."        # from `vml web --set-password`; else a token is printed at start
+    tls_cert = "/etc/vml/web.crt"  # both, or neither
+    tls_key = "/etc/vml/web.key"
+    allowed_hosts = ["vml.example.org"]   # names the browser may reach it by, besides the address
+
     [remotes.cernvm]
     url = "http://vml.example.org/cernvm"
     key = "ed25519:..."            # the publisher's KEYFILE.pub
@@ -80,6 +90,8 @@ class Config:
     remotes: dict[str, RemoteConfig] = field(default_factory=dict)
     max_disk_size: int = DEFAULT_MAX_DISK_SIZE
     mount_memory: int = DEFAULT_MOUNT_MEMORY
+    hypervisor: str | None = None  # [defaults] hypervisor
+    web: dict = field(default_factory=dict)  # [web], checked by _web_section
 
     @property
     def home(self) -> Path:
@@ -112,7 +124,11 @@ class Config:
         limits = doc.get("limits", {})
         limit = _size_limit(path, limits, "max_disk_size", DEFAULT_MAX_DISK_SIZE, 1, MAX_STREAM_SIZE, "16T")
         memory = _size_limit(path, limits, "mount_memory", DEFAULT_MOUNT_MEMORY, MIN_MOUNT_MEMORY, 1 << 50, "512M")
-        return cls(path, repos, default if default in repos else None, remotes, limit, memory)
+        hypervisor = doc.get("defaults", {}).get("hypervisor") if isinstance(doc.get("defaults"), dict) else None
+        if hypervisor is not None and not (isinstance(hypervisor, str) and hypervisor.isalpha()):
+            raise CorruptManifest(f"{path}: [defaults] hypervisor = {hypervisor!r}: not a hypervisor name")
+        web = _web_section(path, doc.get("web", {}))
+        return cls(path, repos, default if default in repos else None, remotes, limit, memory, hypervisor, web)
 
     def write(self) -> None:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}
@@ -127,6 +143,10 @@ class Config:
             limits["mount_memory"] = self.mount_memory
         if limits:
             doc["limits"] = limits
+        if self.hypervisor:
+            doc["defaults"] = {"hypervisor": self.hypervisor}
+        if self.web:
+            doc["web"] = self.web
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, tomli_w.dumps(doc).encode())
 
@@ -195,6 +215,22 @@ class Config:
         if rc.name in self.repositories or rc.name in self.remotes:
             raise AlreadyExists(f"{rc.name!r} is already the name of a repository or remote")
         self.remotes[rc.name] = rc
+
+
+WEB_KEYS = {"listen": str, "password": str, "tls_cert": str, "tls_key": str, "allowed_hosts": list}
+
+
+def _web_section(path: Path, web) -> dict:
+    """``[web]``: known keys of the right types (what they mean is checked by vml web)."""
+    if not isinstance(web, dict):
+        raise CorruptManifest(f"{path}: [web] must be a table")
+    for k, v in web.items():
+        want = WEB_KEYS.get(k)
+        if want is None:
+            raise CorruptManifest(f"{path}: [web] {k}: unknown setting (known: {', '.join(WEB_KEYS)})")
+        if not isinstance(v, want) or (want is list and not all(isinstance(h, str) for h in v)):
+            raise CorruptManifest(f"{path}: [web] {k} = {v!r} has the wrong type")
+    return dict(web)
 
 
 def _size_limit(path: Path, limits, key: str, default: int, low: int, high: int, example: str) -> int:

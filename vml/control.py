@@ -82,6 +82,11 @@ def clear_state(home: Path) -> None:
     (run_dir(home) / "vmlfs.json").unlink(missing_ok=True)
 
 
+def default_mountpoint() -> Path:
+    """Where the logbook is mounted when no place is given: /vml for root, ~/vml for anyone else."""
+    return Path("/vml") if os.geteuid() == 0 else Path.home() / "vml"
+
+
 def mount_state(home: Path) -> dict | None:
     """{"pid", "mountpoint"} of the running mount of ``home``, or None."""
     try:

@@ -12,14 +12,16 @@ from pathlib import Path
 
 from . import config, layout
 from .entries import maintenance
-from .errors import NotFound, UsageError, VmlError
+from .errors import AlreadyExists, NotFound, UsageError, VmlError
 from .names import check_repository_name
 from .remotes import fetch
 from .remotes.catalog import Catalog
 from .remotes.remote import RemoteConfig, RemoteStore
 from .repo.repository import Repository
 from .repo.store import FORMAT, META_FILE, Store
+from .vms import areas, boot
 from .vms.areas import list_areas, roots
+from .vms.hypervisors import NAMES
 
 
 def init_repository(
@@ -82,3 +84,60 @@ def remove_remote(home: Path, name: str) -> None:
             raise UsageError(f"working areas {', '.join(users)} are open on remote {name}: close them first")
         del cfg.remotes[name]
     shutil.rmtree(layout.cache_dir(home, name), ignore_errors=True)
+
+
+DEFAULT_HYPERVISOR = "qemu"
+
+
+@dataclasses.dataclass(frozen=True)
+class StartOptions:
+    """What Start boots with; None means the default (config, then the entry's hardware)."""
+
+    area: str | None = None
+    hypervisor: str | None = None
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # the driver's options (accel, network, ...)
+
+
+def free_area_name(home: Path, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``... : the first name no working area has."""
+    taken = {r.name for r in list_areas(home)} | {p.name for p in areas.areas_dir(home).glob("*")}
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def start(cfg: config.Config, spec: str, how: StartOptions = StartOptions()) -> tuple[areas.AreaRecord, object]:
+    """Open entry ``spec`` (REPO:ENTRY) in a new working area and boot it: the release manager's Start.
+
+    The area is named ``how.area``, or after the entry with -2, -3... when
+    that is taken; the hypervisor is ``how.hypervisor``, else the config's
+    default, else QEMU. The mount must be up. If the VM does not start, the
+    area is closed again. Returns (the area's record, the VM's record).
+    """
+    hypervisor = how.hypervisor or cfg.hypervisor or DEFAULT_HYPERVISOR
+    _, entry = cfg.find_entry(spec, None)
+    for _ in range(100):  # another Start may take the same free name at the same moment
+        name = how.area or free_area_name(cfg.home, entry.name)
+        try:
+            rec = areas.open_area(cfg.home, cfg, spec, None, name)
+            break
+        except AlreadyExists:
+            if how.area:
+                raise
+    else:
+        raise AlreadyExists(f"no free working area name for {entry.name!r}; give one")
+    vm = boot.boot_new_area(cfg.home, rec.name, hypervisor, how.options, how.memory_mib, how.vcpus)
+    return rec, vm
+
+
+def set_default_hypervisor(home: Path, name: str) -> None:
+    """``[defaults] hypervisor``: what Start boots on when not told."""
+    if name not in NAMES:
+        raise UsageError(f"unknown hypervisor {name!r}: use one of {', '.join(NAMES)}")
+    with config.editing(home) as cfg:
+        cfg.hypervisor = name

@@ -1,7 +1,6 @@
 """vml open, boot, stop, status, close, mount, umount: working areas, their VMs, and the mount."""
 
 import json
-import os
 from pathlib import Path
 
 from .. import config, control
@@ -84,15 +83,11 @@ def cmd_close(args) -> int:
     return 0
 
 
-def default_mountpoint() -> Path:
-    return Path("/vml") if os.geteuid() == 0 else Path.home() / "vml"
-
-
 def cmd_mount(args) -> int:
     from vmlfs import daemon  # the mount package needs pyfuse3; only these commands load it
 
     home = config.vml_home()
-    mountpoint = Path(args.mountpoint or default_mountpoint()).absolute()
+    mountpoint = Path(args.mountpoint or control.default_mountpoint()).absolute()
     daemon.mount(home, mountpoint, args.foreground, args.debug)
     if not args.foreground:
         print(f"mounted the logbook of {home} at {mountpoint}")
@@ -104,7 +99,7 @@ def cmd_umount(args) -> int:
 
     home = config.vml_home()
     state = control.mount_state(home)
-    mountpoint = Path(args.mountpoint or (state or {}).get("mountpoint") or default_mountpoint()).absolute()
+    mountpoint = Path(args.mountpoint or (state or {}).get("mountpoint") or control.default_mountpoint()).absolute()
     daemon.stop(home, mountpoint)
     print(f"unmounted {mountpoint}")
     return 0

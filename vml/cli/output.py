@@ -3,10 +3,11 @@
 import contextlib
 import sys
 
+from .. import overview
 from ..errors import Corrupt
 from ..names import format_size
 from ..progress import SILENT, Progress
-from ..repo.repository import Entry, Repository
+from ..repo.repository import Repository
 from ..times import parse_iso
 
 TREE_TIME = "%m/%d/%y - %H:%M:%S"
@@ -19,31 +20,15 @@ def tree_lines(repo: Repository, damaged: dict[str, tuple[bytes, str]] | None = 
     DAMAGED, with the entries built on it under it; ``damaged``, if given,
     receives them (name -> (digest, why)).
     """
-    damaged = {} if damaged is None else damaged
-    children = repo.children(damaged)
-    lines: list[str] = []
-
-    def walk(entry: Entry | str, prefix: str, last: bool) -> None:
-        if isinstance(entry, str):
-            name = entry
-            lines.append(f"{prefix}+---{name}(DAMAGED: {damaged[name][1]})")
-        else:
-            name, m = entry.name, entry.manifest
-            when = parse_iso(m.created).astimezone().strftime(TREE_TIME)
-            note = ""
-            if m.parent and prefix == "":
-                remote = repo.on_remote(m.parent.manifest)
-                note = (
-                    f" [on {remote}:{m.parent.name}]" if remote else f" [parent {m.parent.name} not in this repository]"
-                )
-            lines.append(f"{prefix}+---{name}({when} - {m.shown_kind}){note}")
-        kids = children.get(name, [])
-        for i, kid in enumerate(kids):
-            walk(kid, prefix + ("    " if last else "|   "), i == len(kids) - 1)
-
-    roots: list[Entry | str] = [*children.get(None, []), *sorted(damaged)]
-    for i, root in enumerate(roots):
-        walk(root, "", i == len(roots) - 1)
+    lines = []
+    for row in overview.tree(repo, damaged):
+        prefix = "".join("    " if last else "|   " for last in row.lasts[:-1])
+        if row.entry is None:
+            lines.append(f"{prefix}+---{row.name}(DAMAGED: {row.damage})")
+            continue
+        m = row.entry.manifest
+        when = parse_iso(m.created).astimezone().strftime(TREE_TIME)
+        lines.append(f"{prefix}+---{row.name}({when} - {m.shown_kind})" + (f" {row.note}" if row.note else ""))
     return lines
 
 

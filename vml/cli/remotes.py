@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from .. import config, home
+from .. import config, home, overview
 from ..errors import NotFound, UsageError
 from ..names import format_size, parse_size
 from ..remotes import catalog, fetch, publish, remote
@@ -81,14 +81,11 @@ def _cached_remotes(args) -> list:
 
 
 def cmd_cache_status(args) -> int:
-    out = []
-    for store in _cached_remotes(args):
-        objects, packs, size = store.cache.usage()
-        out.append(
-            {"remote": store.name, "objects": objects, "packs": packs, "size": size, "quota": store.cache.quota}
-            | {"pinned": sorted(store.pins())}
-            | store.cache.stats()
-        )
+    cfg = config.Config.load()
+    names = [args.remote] if args.remote else None
+    if args.remote and args.remote not in cfg.remotes:
+        raise NotFound(f"no remote named {args.remote!r}")
+    out = overview.cache_status(cfg, names)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

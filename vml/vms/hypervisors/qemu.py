@@ -29,7 +29,11 @@ OVMF = ("/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd")
 
 class QemuDriver(Driver):
     name = "qemu"
-    OPTIONS = (ACCEL, Option("--qemu", "the emulator (default qemu-system-ARCH)", "BINARY"))
+    OPTIONS = (
+        ACCEL,
+        Option("--qemu", "the emulator (default qemu-system-ARCH)", "BINARY"),
+        Option("--network", "user (NAT, the default) or none", "NAME"),
+    )
 
     def command(self, spec: VmSpec) -> list[str]:
         hw = spec.hardware
@@ -63,7 +67,10 @@ class QemuDriver(Driver):
             else:  # ide, and sata on the pc machine's IDE controller
                 device = f"ide-hd,drive=disk{i}"
             cmd += ["-device", device + (",bootindex=1" if i == 0 and not spec.kernel else "")]
-        for i, nic in enumerate(hw.nics):
+        network = self.options.get("network") or "user"
+        if network not in ("user", "none"):
+            raise HypervisorError(f"network {network!r}: QEMU offers user (NAT) or none")
+        for i, nic in enumerate(hw.nics if network == "user" else ()):
             mac = f",mac={nic.mac}" if nic.mac else ""
             cmd += ["-netdev", f"user,id=net{i}", "-device", f"{NIC_DEVICES[nic.model]},netdev=net{i}{mac}"]
         if hw.console == "serial":

@@ -1,0 +1,109 @@
+"""The release manager's application: routes, templates, and the answers every page shares.
+
+Handlers are plain functions that Starlette runs in worker threads, since
+the library blocks on disks and networks; what takes longer than a page
+load runs as a job (vml.web.jobs). Every answer carries a Content Security
+Policy that lets a page load nothing from another origin, so a page that
+renders here renders the same on a site without internet.
+"""
+
+import contextlib
+import logging
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import control
+from ..errors import AlreadyExists, Locked, NotFound, UsageError, VmlError
+from ..names import format_size
+from ..times import parse_iso
+from . import actions, pages
+from .jobs import Jobs
+from .security import Guard, GuardMiddleware
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+STATUS = {NotFound: 404, UsageError: 400, AlreadyExists: 409, Locked: 409}
+
+
+def http_status(error: VmlError) -> int:
+    return next((code for cls, code in STATUS.items() if isinstance(error, cls)), 500)
+
+
+def _when(iso: str) -> str:
+    return parse_iso(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+class Web:
+    """What every handler reaches: the home, the guard, the jobs and the templates."""
+
+    def __init__(self, home: Path, guard: Guard):
+        self.home, self.guard, self.jobs = home, guard, Jobs()
+        self.scratch = home / "run" / "web"  # bundles made for download and uploads being imported
+        self.templates = Environment(
+            loader=FileSystemLoader(HERE / "templates"),
+            autoescape=select_autoescape(["html"]),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.templates.filters["size"] = format_size
+        self.templates.filters["when"] = _when
+
+    def render(self, request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+        """Template ``name`` with what every page shows (menu, mount state, jobs, CSRF token)."""
+        context.setdefault("jobs", self.jobs.recent())
+        state = None
+        with contextlib.suppress(VmlError, OSError):
+            state = control.mount_state(self.home)
+        html = self.templates.get_template(name).render(
+            request=request,
+            csrf=self.guard.csrf,
+            mount=state,
+            auth=self.guard.auth,
+            path=request.url.path,
+            **context,
+        )
+        return HTMLResponse(html, status, headers=HEADERS)
+
+    def error(self, request: Request, e: VmlError) -> HTMLResponse:
+        """The CLI's one line, as a fragment where the page shows job cards."""
+        return self.render(request, "_error.html", http_status(e), message=str(e), jobs=[])
+
+    def login_page(self, request: Request, status: int = 401) -> HTMLResponse:
+        return self.render(request, "login.html", status, jobs=[], failed=False)
+
+
+def create_app(home: Path, guard: Guard) -> Starlette:
+    web = Web(home, guard)
+    routes = [
+        *pages.routes(web),
+        *actions.routes(web),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        web.scratch.mkdir(parents=True, exist_ok=True)
+        yield
+        web.jobs.wait()
+        for leftover in web.scratch.glob("*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    app = Starlette(routes=[r for r in routes if isinstance(r, Route | Mount)], lifespan=lifespan)
+    app.add_middleware(GuardMiddleware, guard=guard, login_page=web.login_page)
+    app.state.web = web
+    return app
