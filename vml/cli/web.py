@@ -86,7 +86,7 @@ def cmd_web(args) -> int:
         webbrowser.open(url)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(home, guard),
+            create_app(home, guard, Path(args.mountpoint) if args.mountpoint else None),
             ssl_certfile=cert,
             ssl_keyfile=key,
             log_level="warning",
@@ -113,6 +113,9 @@ def register(cli) -> None:
         default=[],
         metavar="NAME",
         help="a host name browsers reach this server by (Host header), besides its address",
+    )
+    sp.add_argument(
+        "--mountpoint", metavar="DIR", help="where Start and Mount mount the logbook (default /vml for root, ~/vml)"
     )
     sp.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     sp.add_argument("--tls-key", metavar="FILE", help="and this private key (PEM)")

@@ -102,7 +102,7 @@ def routes(web) -> list[Route]:
         cfg.find_entry(spec, None)  # a missing entry is refused now, not in the job
 
         def work(job: Job) -> str:
-            mounting.ensure_mounted(web.home)
+            mounting.ensure_mounted(web.home, web.mountpoint)
             rec, vm = home.start(cfg, spec, how)
             hw = vm.hardware
             return (
@@ -139,7 +139,7 @@ def routes(web) -> list[Route]:
         return web.jobs.run(f"{'Discard' if discard else 'Close'} {area}", work)
 
     def mount(request, form):
-        return web.jobs.run("Mount", lambda job: f"mounted the logbook at {mounting.mount(web.home)}")
+        return web.jobs.run("Mount", lambda job: f"mounted the logbook at {mounting.mount(web.home, web.mountpoint)}")
 
     def umount(request, form):
         return web.jobs.run("Unmount", lambda job: f"unmounted {mounting.unmount(web.home)}")

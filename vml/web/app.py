@@ -50,8 +50,9 @@ def _when(iso: str) -> str:
 class Web:
     """What every handler reaches: the home, the guard, the jobs and the templates."""
 
-    def __init__(self, home: Path, guard: Guard):
+    def __init__(self, home: Path, guard: Guard, mountpoint: Path | None = None):
         self.home, self.guard, self.jobs = home, guard, Jobs()
+        self.mountpoint = (mountpoint or control.default_mountpoint()).absolute()  # where Start and Mount mount
         self.scratch = home / "run" / "web"  # bundles made for download and uploads being imported
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -86,8 +87,8 @@ class Web:
         return self.render(request, "login.html", status, jobs=[], failed=False)
 
 
-def create_app(home: Path, guard: Guard) -> Starlette:
-    web = Web(home, guard)
+def create_app(home: Path, guard: Guard, mountpoint: Path | None = None) -> Starlette:
+    web = Web(home, guard, mountpoint)
     routes = [
         *pages.routes(web),
         *actions.routes(web),

@@ -51,10 +51,10 @@ def mount(home: Path, mountpoint: Path | None = None) -> Path:
     return mountpoint
 
 
-def ensure_mounted(home: Path) -> Path:
-    """The mount point of ``home``'s logbook, mounting it first if it is not mounted."""
+def ensure_mounted(home: Path, mountpoint: Path | None = None) -> Path:
+    """The mount point of ``home``'s logbook, mounting it first (at ``mountpoint``) if it is not mounted."""
     state = control.mount_state(home)
-    return Path(state["mountpoint"]) if state else mount(home)
+    return Path(state["mountpoint"]) if state else mount(home, mountpoint)
 
 
 def unmount(home: Path) -> Path:

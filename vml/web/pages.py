@@ -68,7 +68,7 @@ def routes(web) -> list[Route]:
         cfg = config.Config.load(web.home)
         books = overview.logbooks(cfg)
         state = control.mount_state(web.home)
-        mountpoint = Path(state["mountpoint"]) if state else control.default_mountpoint()
+        mountpoint = Path(state["mountpoint"]) if state else web.mountpoint
         count = sum(len(b.rows) for b in books)
         return web.render(
             request,
@@ -114,7 +114,7 @@ def routes(web) -> list[Route]:
             cfg=cfg,
             hypervisors=NAMES,
             default_hypervisor=cfg.hypervisor or DEFAULT_HYPERVISOR,
-            default_mountpoint=control.default_mountpoint(),
+            default_mountpoint=web.mountpoint,
         )
 
     def cache(request: Request):
