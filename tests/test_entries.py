@@ -249,7 +249,7 @@ def test_verify_names_damaged_and_missing_objects(repo, tmp_path):
     problems = verify(repo)
     assert any(f"pack {pack} at offset 0: content does not match its name" in p for p in problems), problems
     assert any(f"entry 'i2', disk disk, chunk 2: object {damaged.hex()}" in p for p in problems)
-    assert any(f"object {missing.hex()} is missing: pack {gone} is missing" in p for p in problems)
+    assert any(f"object {missing.hex()} is missing: pack {gone} is missing" in p for p in problems), problems
     assert any(f"entry 'base', disk disk, chunk 0: object {missing.hex()} is missing" in p for p in problems)
     assert not any(damaged.hex() in p and "entry 'i1'" in p for p in problems)  # i1 does not use it
     one = verify(repo, "i1")

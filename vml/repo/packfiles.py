@@ -83,6 +83,7 @@ class PackFiles:
         self._where: dict[bytes, Location] = {}
         self._indexed: set[bytes] = set()  # packs whose index is loaded
         self._all = False
+        self._generation = 0  # how many times packs were forgotten (see load_all)
         self._open: OrderedDict[bytes, _Open] = OrderedDict()
 
     # -- finding ---------------------------------------------------------
@@ -114,17 +115,24 @@ class PackFiles:
         gc removed its pack, after moving what was live elsewhere); skip it.
         """
         if not self._all:
+            generation = self._generation
             for pack in self.packs():
                 if pack not in self._indexed:
                     with contextlib.suppress(ObjectMissing):
                         self._register(self._read_index(pack))
-            self._all = True
+            with self._lock:
+                # A pack forgotten meanwhile (another thread found it gone) may have lost locations
+                # this loop had already registered: "all loaded" is not true then, and the next
+                # miss loads again.
+                if generation == self._generation:
+                    self._all = True
 
     def forget_pack(self, *packs: bytes) -> None:
         """Forget where packs that are gone put their objects; the next miss looks at every index there is."""
         with self._lock:
             self._unlocate(set(packs))
             self._all = False
+            self._generation += 1
 
     def _unlocate(self, gone: set[bytes]) -> None:
         """Drop the loaded locations in packs ``gone`` (the caller holds the lock)."""
