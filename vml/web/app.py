@@ -9,6 +9,7 @@ renders here renders the same on a site without internet.
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -36,6 +37,7 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+RECENT = 120.0  # seconds a finished job's card stays on the pages
 STATUS = {NotFound: 404, UsageError: 400, AlreadyExists: 409, Locked: 409}
 
 
@@ -65,7 +67,8 @@ class Web:
 
     def render(self, request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         """Template ``name`` with what every page shows (menu, mount state, jobs, CSRF token)."""
-        context.setdefault("jobs", self.jobs.recent())
+        now = time.time()
+        context.setdefault("jobs", [j for j in self.jobs.recent() if j.ended is None or now - j.ended < RECENT])
         state = None
         with contextlib.suppress(VmlError, OSError):
             state = control.mount_state(self.home)
