@@ -27,7 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import VML, print_table, vml_env
 
-PAGES = ["/", "/running", "/configure", "/cache", "/usage", "/backup", "/share", "/start?entry=rep0:e0-0"]
+PAGES = [
+    "/static/vml.css",
+    "/",
+    "/running",
+    "/configure",
+    "/cache",
+    "/usage",
+    "/backup",
+    "/share",
+    "/start?entry=rep0:e0-0",
+]
 
 
 def make_entries(home: Path, root: Path, repos: int, entries: int) -> None:
