@@ -187,6 +187,9 @@ class PackFiles:
         """Where an already loaded index puts ``digest`` (loads nothing)."""
         return self._where.get(digest)
 
+    def has_index(self, pack: bytes) -> bool:
+        return index_path(self.root, pack).exists()
+
     def pack_name(self, pack: bytes) -> str:
         return str(pack_path(self.root, pack))
 

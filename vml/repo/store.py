@@ -198,6 +198,10 @@ class Store:
         try:
             return self.packs.read(loc)
         except ObjectMissing as e:  # its pack is gone
+            if self.packs.has_index(loc.pack):
+                # gc removes an index before its pack: a pack missing beside its index is damage, and
+                # forgetting it would only make other readers' lookups of its objects race with this one.
+                raise ObjectMissing(f"object {digest.hex()} is missing: {e}") from None
             # Readers hold no lock: a gc may have copied the object into a new pack and removed this
             # one since its index was loaded. Look once more, among the packs there now.
             self.packs.forget_pack(loc.pack)
