@@ -223,8 +223,15 @@ class RemotePacks:
             if leader:
                 self._pool.submit(self._quiet_run, pack, job)
             jobs.append((pack, job))
-        for pack, job in jobs:
-            job.done.wait()
-            if job.error is not None:
-                raise job.error
-            progress.advance(len(packed[pack]))
+        # Report each pack as it arrives, in whatever order they do, so a progress bar moves
+        # with the small packs rather than waiting behind the first and largest.
+        while jobs:
+            arrived = [item for item in jobs if item[1].done.is_set()]
+            if not arrived:
+                jobs[0][1].done.wait(0.05)
+            for item in arrived:
+                pack, job = item
+                jobs.remove(item)
+                if job.error is not None:
+                    raise job.error
+                progress.advance(len(packed[pack]))
