@@ -6,12 +6,10 @@ loopback, the token and the password, CSRF, names and uploads from requests,
 TLS, and bad options.
 """
 
-import io
 import re
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 
 import httpx
@@ -19,6 +17,7 @@ import pytest
 
 from vml import config, overview
 
+from helpers import bundle, manifest
 from servers import end_process, free_port, self_signed, wait_port
 
 
@@ -32,15 +31,18 @@ class WebServer:
             env=vml.env,
             cwd=vml.cwd,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             text=True,
         )
-        wait_port(self.port, self.proc, "vml web")
-        self.lines = []
-        while not any(line.startswith("vml web: the release manager") for line in self.lines):
-            self.lines.append(self.proc.stdout.readline().strip())
-        if "--require-auth" in args or listen_host not in ("127.0.0.1", "::1"):
-            self.lines.append(self.proc.stdout.readline().strip())
+        try:
+            wait_port(self.port, self.proc, "vml web")
+            self.lines = [self.proc.stdout.readline().strip()]
+            assert self.lines[0].startswith("vml web: the release manager"), self.lines
+            if "--require-auth" in args or listen_host not in ("127.0.0.1", "::1"):
+                self.lines.append(self.proc.stdout.readline().strip())
+        except BaseException:
+            end_process(self.proc, 10)
+            raise
         scheme = "https" if "--tls-cert" in args else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, verify=False, timeout=30, follow_redirects=False)
@@ -101,6 +103,7 @@ def test_off_loopback_every_page_needs_the_printed_token(served, tmp_path):
         assert "rep1" not in r.text and str(tmp_path) not in r.text, page
     assert web.client.post("/start", data={"entry": "rep1:base"}).status_code == 401
     assert web.client.get("/static/vml.css").status_code == 200  # no data in it
+    assert web.client.get("/loginX").status_code == 401  # only /login itself is open
     assert web.client.get("/login?token=wrong").status_code == 401
     assert web.client.get("/", headers={"Authorization": f"Bearer {token}x"}).status_code == 401
     assert web.client.get("/", headers={"Authorization": f"Bearer {token}"}).status_code == 200
@@ -109,6 +112,9 @@ def test_off_loopback_every_page_needs_the_printed_token(served, tmp_path):
     cookie = r.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
     assert 'data-entry="rep1:child"' in web.client.get("/").text  # the session cookie is kept by the client
+    # Listening on every address, any of the machine's addresses names it; a DNS name must be known.
+    assert web.client.get("/", headers={"Host": f"10.1.2.3:{web.port}"}).status_code == 200
+    assert web.client.get("/", headers={"Host": f"rebound.example:{web.port}"}).status_code == 421
 
 
 def test_a_password_from_config_replaces_the_token(vml, served):
@@ -129,9 +135,14 @@ def test_a_password_from_config_replaces_the_token(vml, served):
     csrf = re.search(r'name="csrf" value="([^"]+)"', web.client.get("/login").text).group(1)
     r = web.client.post("/login", data={"secret": "wrong password", "csrf": csrf})
     assert r.status_code == 401 and "neither the token nor the password" in r.text
+    assert web.client.get("/", headers={"Authorization": "Bearer correct horse battery"}).status_code == 401
     r = web.client.post("/login", data={"secret": "correct horse battery", "csrf": csrf})
     assert r.status_code == 303
     assert web.client.get("/").status_code == 200
+    # Signed in, the session has its own CSRF token: the sign-in form's no longer does.
+    assert web.csrf() != csrf
+    r = web.client.post("/share/export", data={"entry": "rep1:child"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 403
 
 
 def test_posts_from_another_origin_or_without_the_token_are_refused(served, tmp_path):
@@ -179,28 +190,24 @@ def test_names_and_uploads_from_requests_cannot_reach_outside(served, vml, tmp_p
         assert r.status_code == 400, entry
         assert re.fullmatch(r'<div class="job failed"><span class="result">vml: error: [^\n]+</span></div>\n?', r.text)
         assert web.client.get("/backup/show", params={"entry": entry}).status_code == 400
-    r = web.client.post("/areas/..%2F..%2Fetc/close", headers=headers)
-    assert r.status_code in (400, 404)
+    r = web.client.post("/areas/.x/close", headers=headers)
+    assert r.status_code == 400 and "invalid area name &#39;.x&#39;" in r.text
     r = web.client.post("/start", data={"entry": "rep1:base", "area": "../../x"}, headers=headers)
     assert r.status_code == 400 and "invalid area name" in r.text
-    # An upload named to climb out, holding a tar member that climbs out too.
-    evil = io.BytesIO()
-    with tarfile.open(fileobj=evil, mode="w") as t:
-        info = tarfile.TarInfo("../../../../tmp/vml-web-escaped")
-        info.size = 4
-        t.addfile(info, io.BytesIO(b"boo\n"))
+    # An upload named to climb out, holding a well-formed bundle whose entry name climbs out too.
+    evil = bundle(tmp_path / "evil.vml", [("../../escaped", manifest("../../escaped"))], [])
     name = f"../../../../{tmp_path.name}-escaped.vml"
     r = web.client.post(
         "/share/import",
-        files={"bundle": (name, evil.getvalue(), "application/octet-stream")},
+        files={"bundle": (name, evil.read_bytes(), "application/octet-stream")},
         data={"repo": "rep1"},
         headers=headers,
     )
     assert r.status_code == 202
     done = wait_job(web, int(re.search(r'id="job-(\d+)"', r.text).group(1)))
-    assert "job failed" in done and "vml: error:" in done
+    assert "job failed" in done and "vml: error:" in done and "invalid entry name" in done
     assert not list(tmp_path.parent.glob("*-escaped.vml"))
-    assert not (tmp_path.parent / "vml-web-escaped").exists()
+    assert not list(tmp_path.rglob("escaped*")) and not (tmp_path.parent / "escaped").exists()
     assert not list((tmp_path / "home" / "run" / "web").glob("import-*"))  # the upload is gone
     assert [r.name for r in overview.tree(config.Config.load(tmp_path / "home").open("rep1"))] == ["base", "child"]
     # Uploads need the token in the header: a form cannot carry it before the body is read.

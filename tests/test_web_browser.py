@@ -157,34 +157,38 @@ def site(tmp_path_factory, guest_disk, published, origin):
     vml("init", root / "rep1")
     vml("save", "guest", "--from", vm, "-m", "the busybox test guest")
     vml("init", root / "rep2")
+    need("chromium", "chromedriver")
     relay = FaultProxy(origin.port, mode="slow", rate=2 << 20)  # its three packs (14 MB) arrive over seconds
-    vml("remote", "add", "cern", relay.url, "--key", published["pubkey"])
-    mnt = root / "mnt"
-    port = free_port()
-    env = dict(vml.env, VML_ACCEL="tcg")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vml", "web", "--listen", f"127.0.0.1:{port}", "--mountpoint", mnt],
-        env=env,
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=open(root / "web.log", "w"),  # noqa: SIM115 (kept open for the server's life)
-    )
-    wait_port(port, proc, "vml web")
-    shots, downloads = root / "screenshots", root / "downloads"
-    shots.mkdir()
-    downloads.mkdir()
-    driver = chromium(downloads)
-    s = Site(root, vml, f"http://127.0.0.1:{port}", proc, driver, shots, downloads, mnt)
-    yield s
-    driver.quit()
-    r = vml("status", "--json", ok=False)
-    for item in json.loads(r.stdout or "[]"):
-        if item["state"] in ("running", "paused"):
-            vml("stop", item["area"], "--force", ok=False)
-        vml("close", item["area"], "--discard", ok=False)
-    end_process(proc, 60)
-    subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
-    relay.stop()
+    mnt, port = root / "mnt", free_port()
+    proc = driver = None
+    try:
+        vml("remote", "add", "cern", relay.url, "--key", published["pubkey"])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vml", "web", "--listen", f"127.0.0.1:{port}", "--mountpoint", mnt],
+            env=dict(vml.env, VML_ACCEL="tcg"),
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "web.log", "w"),  # noqa: SIM115 (kept open for the server's life)
+        )
+        wait_port(port, proc, "vml web")
+        shots, downloads = root / "screenshots", root / "downloads"
+        shots.mkdir()
+        downloads.mkdir()
+        driver = chromium(downloads)
+        yield Site(root, vml, f"http://127.0.0.1:{port}", proc, driver, shots, downloads, mnt)
+    finally:
+        if driver is not None:
+            driver.quit()
+        r = vml("status", "--json", ok=False)
+        for item in json.loads(r.stdout or "[]"):
+            if item["state"] in ("running", "paused"):
+                vml("stop", item["area"], "--force", ok=False)
+            vml("close", item["area"], "--discard", ok=False)
+        if proc is not None:
+            end_process(proc, 90)
+        vml("umount", mnt, ok=False)
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
+        relay.stop()
 
 
 def test_available_lists_local_and_published_entries_with_their_places(site, origin):

@@ -82,12 +82,11 @@ def cmd_web(args) -> int:
     url = f"{'https' if cert else 'http'}://{shown}:{port}/"
     print(f"vml web: the release manager of {home} at {url}", flush=True)
     if token:
-        url = f"{url}login?token={token}"
-        print(f"vml web: sign in at {url}", flush=True)
+        print(f"vml web: sign in at {url}login?token={token}", flush=True)
     elif auth:
         print("vml web: sign in with the password set by `vml web --set-password`", flush=True)
     if args.open:
-        webbrowser.open(url)
+        webbrowser.open(url)  # never with the token: a browser's command line is visible to every user
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(home, guard, Path(args.mountpoint) if args.mountpoint else None),

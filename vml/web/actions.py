@@ -21,7 +21,7 @@ from .. import config, home
 from ..entries import bundle
 from ..envs.capture import area_source, entry_source, save_environment
 from ..envs.restore import restore_environment
-from ..errors import NotFound, UsageError, VmlError
+from ..errors import NotFound, StorageError, UsageError, VmlError
 from ..names import check_name, check_repository_name, format_size, parse_size
 from ..remotes import catalog, fetch, remote
 from ..repo.store import DEFAULT_CHUNK_SIZE
@@ -33,13 +33,30 @@ from .pages import parse_spec
 
 MAX_FIELDS = 200
 MAX_FIELD = 64 << 10
+MAX_FORM = 1 << 20  # a form without a file; uploads are multipart
+
+
+class _Form:
+    """A submitted form whose text fields are text: a file sent where text belongs is refused in one line."""
+
+    def __init__(self, form):
+        self._form = form
+
+    def get(self, key: str, default: str = ""):
+        value = self._form.get(key, default)
+        if key != "bundle" and not isinstance(value, str):
+            raise UsageError(f"form field {key!r}: expected text")
+        return value
+
+    def __getitem__(self, key: str) -> str:
+        return self.get(key)
 
 
 def _memory(text: str) -> int | None:
     text = text.strip()
     if not text:
         return None
-    mib = int(text) if text.isdigit() else parse_size(text) >> 20
+    mib = int(text) if text.isdecimal() and text.isascii() else parse_size(text) >> 20
     if not 16 <= mib <= 1 << 22:
         raise UsageError(f"memory {text!r}: give MiB (16 to 4194304) or a size such as 2G")
     return mib
@@ -49,7 +66,7 @@ def _vcpus(text: str) -> int | None:
     text = text.strip()
     if not text:
         return None
-    if not text.isdigit() or not 1 <= int(text) <= 256:
+    if not (text.isdecimal() and text.isascii()) or not 1 <= int(text) <= 256:
         raise UsageError(f"vCPUs {text!r}: give a number from 1 to 256")
     return int(text)
 
@@ -67,15 +84,20 @@ def routes(web) -> list[Route]:
         """A POST endpoint: CSRF check, form parsed, ``work(request, form)`` in a thread, errors as one line."""
 
         async def endpoint(request: Request) -> Response:
+            refused = PlainTextResponse("vml web: refused: a request from another page or site (CSRF)\n", 403)
             header = request.headers.get("x-csrf-token")
-            multipart = request.headers.get("content-type", "").startswith("multipart/")
-            if multipart and not header:  # refuse before a possibly large upload is read
-                return PlainTextResponse("vml web: refused: no CSRF token\n", 403)
+            multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
+            # Nothing of the body is read before the request is known to come from our own page.
+            if not web.guard.same_origin(request) or (multipart and not web.guard.csrf_ok(request, None)):
+                return refused
+            if not multipart and int(request.headers.get("content-length") or 0) > MAX_FORM:
+                return PlainTextResponse("vml web: refused: form too large\n", 413)
             form = await request.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD)
             try:
-                if not web.guard.csrf_ok(request, None if multipart else form.get("csrf")):
-                    return PlainTextResponse("vml web: refused: a request from another page or site (CSRF)\n", 403)
-                out = await run_in_threadpool(work, request, form)
+                token = header if header or multipart else form.get("csrf")
+                if not web.guard.csrf_ok(request, token if isinstance(token, str) else None):
+                    return refused
+                out = await run_in_threadpool(work, request, _Form(form))
             except VmlError as e:
                 return web.error(request, e)
             finally:
@@ -95,7 +117,7 @@ def routes(web) -> list[Route]:
         hypervisor = form.get("hypervisor", "").strip() or None
         if hypervisor and hypervisor not in NAMES:
             raise UsageError(f"unknown hypervisor {hypervisor!r}: use one of {', '.join(NAMES)}")
-        options = {k: form[k].strip() for k in ("network", "accel") if form.get(k, "").strip()}
+        options = {k: form.get(k).strip() for k in ("network", "accel") if form.get(k).strip()}
         how = home.StartOptions(area, hypervisor, _memory(form.get("memory", "")), _vcpus(form.get("vcpus", "")))
         how = dataclasses.replace(how, options=options)
         cfg = config.Config.load(web.home)
@@ -104,11 +126,9 @@ def routes(web) -> list[Route]:
         def work(job: Job) -> str:
             mounting.ensure_mounted(web.home, web.mountpoint)
             rec, vm = home.start(cfg, spec, how)
-            hw = vm.hardware
-            return (
-                f"booted area {rec.name} on {vm.hypervisor} as {vm.vm}: {hw['memory_mib']} MiB, "
-                f"{hw['vcpus']} vCPU (see Running)"
-            )
+            hw, where = vm.hardware, vm.details.get("connect") or vm.details.get("host")
+            what = f"({where}) as {vm.vm}" if where else f"as process {vm.vm}"
+            return f"booted area {rec.name} on {vm.hypervisor} {what}: {hw['memory_mib']} MiB, {hw['vcpus']} vCPU"
 
         return web.jobs.run(f"Start {spec}", work)
 
@@ -287,6 +307,7 @@ def routes(web) -> list[Route]:
 
         def work(job: Job) -> str:
             out = web.scratch / f"export-{job.id}.vml"
+            job.files.append(out)
             s = bundle.export(repo, entry.name, out, against=against, full=full, progress=job)
             job.link = (f"{entry.name}.vml", f"/share/download/{job.id}")
             return f"bundle of {', '.join(s.entries)}: {format_size(s.size)}, {s.objects} objects"
@@ -303,8 +324,12 @@ def routes(web) -> list[Route]:
         web.scratch.mkdir(parents=True, exist_ok=True)
         # The upload's own name is never a path here: it is shown, and nothing else.
         fd, tmp = tempfile.mkstemp(dir=web.scratch, prefix="import-", suffix=".vml")
-        with open(fd, "wb") as out:
-            shutil.copyfileobj(upload.file, out, 1 << 20)
+        try:
+            with open(fd, "wb") as out:
+                shutil.copyfileobj(upload.file, out, 1 << 20)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"cannot keep the uploaded bundle in {web.scratch}: {e.strerror}") from None
         shown = Path(upload.filename or "bundle").name
 
         def work(job: Job) -> str:

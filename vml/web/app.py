@@ -14,9 +14,10 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from .. import control
@@ -37,6 +38,7 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+SHUTDOWN_WAIT = 60.0
 RECENT = 120.0  # seconds a finished job's card stays on the pages
 STATUS = {NotFound: 404, UsageError: 400, AlreadyExists: 409, Locked: 409}
 
@@ -74,7 +76,7 @@ class Web:
             state = control.mount_state(self.home)
         html = self.templates.get_template(name).render(
             request=request,
-            csrf=self.guard.csrf,
+            csrf=self.guard.csrf(request),
             mount=state,
             auth=self.guard.auth,
             path=request.url.path,
@@ -102,12 +104,19 @@ def create_app(home: Path, guard: Guard, mountpoint: Path | None = None) -> Star
     async def lifespan(app):
         web.scratch.mkdir(parents=True, exist_ok=True)
         yield
-        web.jobs.wait()
+        # A save cut short must be done again: let running jobs end, but not for ever.
+        left = await run_in_threadpool(web.jobs.wait, SHUTDOWN_WAIT)
+        if left:
+            log.warning("vml web: stopped while %s still ran", ", ".join(left))
         for leftover in web.scratch.glob("*"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
-    app = Starlette(routes=[r for r in routes if isinstance(r, Route | Mount)], lifespan=lifespan)
+    async def vml_error(request: Request, e: VmlError):
+        """A page whose data cannot be read says why in the CLI's one line, within the page."""
+        return web.render(request, "error.html", http_status(e), message=str(e))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={VmlError: vml_error})
     app.add_middleware(GuardMiddleware, guard=guard, login_page=web.login_page)
     app.state.web = web
     return app

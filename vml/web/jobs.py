@@ -38,6 +38,7 @@ class Job(Progress):
     link: tuple[str, str] | None = None  # (label, URL) of what the job made, e.g. a bundle to download
     started: float = field(default_factory=time.time)
     ended: float | None = None
+    files: list = field(default_factory=list)  # what it made that goes when the job is forgotten
 
     def start(self, total: int | None) -> None:
         self.total, self.done = total, 0
@@ -66,9 +67,10 @@ class Jobs:
             self._jobs[job.id] = job
             finished = [j.id for j in self._jobs.values() if j.state != "running"]
             for old in finished[:-KEEP]:
-                del self._jobs[old]
-        t = threading.Thread(target=self._work, args=(job, work), name=f"vml-web-job-{job.id}", daemon=True)
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                for path in self._jobs.pop(old).files:
+                    path.unlink(missing_ok=True)
+            t = threading.Thread(target=self._work, args=(job, work), name=f"vml-web-job-{job.id}", daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
         return job
 
@@ -91,7 +93,9 @@ class Jobs:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: -j.id)
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Let running jobs end (at shutdown: a save cut short would have to be done again)."""
+    def wait(self, timeout: float) -> list[str]:
+        """Let running jobs end, for at most ``timeout`` seconds in all; the titles of those still running."""
+        deadline = time.monotonic() + timeout
         for t in list(self._threads):
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        return [j.title for j in self._jobs.values() if j.state == "running"]

@@ -8,6 +8,7 @@ mount` and sends back its outcome.
 """
 
 import multiprocessing
+import threading
 from pathlib import Path
 
 from .. import control
@@ -51,10 +52,14 @@ def mount(home: Path, mountpoint: Path | None = None) -> Path:
     return mountpoint
 
 
+_mounting = threading.Lock()  # two Starts at once mount once
+
+
 def ensure_mounted(home: Path, mountpoint: Path | None = None) -> Path:
     """The mount point of ``home``'s logbook, mounting it first (at ``mountpoint``) if it is not mounted."""
-    state = control.mount_state(home)
-    return Path(state["mountpoint"]) if state else mount(home, mountpoint)
+    with _mounting:
+        state = control.mount_state(home)
+        return Path(state["mountpoint"]) if state else mount(home, mountpoint)
 
 
 def unmount(home: Path) -> Path:

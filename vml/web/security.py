@@ -21,6 +21,8 @@ import hmac
 import ipaddress
 import secrets
 import socket
+import threading
+import time
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -30,7 +32,7 @@ from ..errors import UsageError
 
 SESSION_COOKIE = "vml_session"
 CSRF_HEADER = "x-csrf-token"
-OPEN_PATHS = ("/login", "/static/")  # answered without a session: they show no data
+FAILED_SIGN_IN_PAUSE = 1.0  # seconds a wrong token or password costs (guessing stays slow)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 MAX_SESSIONS = 1000
 
@@ -96,8 +98,9 @@ class Guard:
     password_hash: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     tls: bool = False
-    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32))  # CSRF tokens derive from it
     sessions: set[str] = field(default_factory=set)
+    _sign_in: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         if self.password_hash:
@@ -105,8 +108,9 @@ class Guard:
         names = {self.host, *self.allowed_hosts}
         if is_loopback(self.host):
             names |= {"localhost", "127.0.0.1", "::1"}
-        if self.host in ("0.0.0.0", "::"):
-            names |= {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1", "::1"}
+        self.wildcard = self.host in ("0.0.0.0", "::")
+        if self.wildcard:
+            names |= {socket.gethostname(), socket.getfqdn(), "localhost"}
         self.names = {n.lower() for n in names}
 
     # -- Host ------------------------------------------------------------
@@ -124,7 +128,9 @@ class Guard:
             name, _, port = header.partition(":")
         if port != str(self.port) and (port or self.port != (443 if self.tls else 80)):
             return False
-        return name.lower() in self.names
+        # Listening on every address, it is reached by any of the machine's addresses; an address
+        # cannot be rebound the way a DNS name can, so any IP literal is this server then.
+        return name.lower() in self.names or (self.wildcard and _is_ip(name))
 
     # -- sessions --------------------------------------------------------
 
@@ -134,14 +140,24 @@ class Guard:
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie and cookie in self.sessions:
             return True
+        # A script may present the printed token (never the password: hashing it on every request
+        # would let anyone stall the server).
         bearer = request.headers.get("authorization", "")
-        return bearer.startswith("Bearer ") and self.secret_ok(bearer[7:])
+        return bool(self.token) and bearer.startswith("Bearer ") and _same(bearer[7:], self.token)
 
     def secret_ok(self, secret: str) -> bool:
-        """Whether ``secret`` is the printed token or the configured password."""
-        if self.token and hmac.compare_digest(secret.encode(), self.token.encode()):
+        """Whether ``secret`` is the printed token or the configured password (blocking: call it in a thread).
+
+        One check at a time, and a wrong one costs a second, so the password cannot be guessed fast
+        nor the server stalled by many scrypt hashes at once.
+        """
+        if self.token and _same(secret, self.token):
             return True
-        return bool(self.password_hash) and verify_password(secret, self.password_hash)
+        with self._sign_in:
+            ok = bool(self.password_hash) and verify_password(secret, self.password_hash)
+            if not ok:
+                time.sleep(FAILED_SIGN_IN_PAUSE)
+            return ok
 
     def new_session(self, response: Response) -> None:
         if len(self.sessions) >= MAX_SESSIONS:
@@ -162,9 +178,32 @@ class Guard:
         scheme = "https" if self.tls else "http"
         return origin.lower() == f"{scheme}://{request.headers.get('host', '').lower()}"
 
+    def csrf(self, request: Request) -> str:
+        """The CSRF token of this request's session (one for the sign-in form, one per session)."""
+        session = request.cookies.get(SESSION_COOKIE) if self.auth else None
+        sid = session if session in self.sessions else ""
+        return hmac.new(self.key, sid.encode(), hashlib.sha256).hexdigest()
+
     def csrf_ok(self, request: Request, form_token: str | None) -> bool:
         token = request.headers.get(CSRF_HEADER) or form_token or ""
-        return self.same_origin(request) and hmac.compare_digest(token.encode(), self.csrf.encode())
+        return self.same_origin(request) and _same(token, self.csrf(request))
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def is_open(path: str) -> bool:
+    """Paths answered without a session: the sign-in form and the static files show no data."""
+    return path == "/login" or path.startswith("/static/")
 
 
 class GuardMiddleware:
@@ -181,6 +220,6 @@ class GuardMiddleware:
             response = PlainTextResponse("vml web: this server is not known by that name (Host header)\n", 421)
             return await response(scope, receive, send)
         path = scope["path"]
-        if not path.startswith(OPEN_PATHS) and not self.guard.authenticated(request):
+        if not is_open(path) and not self.guard.authenticated(request):
             return await self.login_page(request, 401)(scope, receive, send)
         return await self.app(scope, receive, send)
