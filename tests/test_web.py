@@ -240,3 +240,24 @@ def test_bad_options_get_one_line(vml, tmp_path):
     (tmp_path / "home" / "config.toml").unlink()
     with socket.create_server(("127.0.0.1", port)):
         assert f"cannot listen on 127.0.0.1:{port}" in vml.fails("web", "--listen", f"127.0.0.1:{port}")
+
+
+def test_start_names_the_area_after_the_entry_and_boots_on_the_configured_hypervisor(served, vml, home):
+    from vml import home as vml_home
+
+    vml("open", "base")
+    vml("open", "base", "--area", "base-2")
+    assert vml_home.free_area_name(home, "base") == "base-3"
+    assert vml_home.free_area_name(home, "child") == "child"
+    web = served()
+    page = web.client.get("/start", params={"entry": "rep1:base"}).text
+    assert 'name="area" value="base-3"' in page
+    assert '<option value="qemu" selected>' in page  # no [defaults] hypervisor: QEMU
+    r = web.client.post("/defaults", data={"hypervisor": "libvirt"}, headers={"X-CSRF-Token": web.csrf()})
+    assert r.status_code == 202
+    wait_job(web, int(re.search(r'id="job-(\d+)"', r.text).group(1)))
+    assert config.Config.load(home).hypervisor == "libvirt"
+    assert '<option value="libvirt" selected>' in web.client.get("/start", params={"entry": "rep1:base"}).text
+    r = web.client.post("/defaults", data={"hypervisor": "bochs"}, headers={"X-CSRF-Token": web.csrf()})
+    assert r.status_code == 400 and "unknown hypervisor" in r.text
+    assert 'data-area="base-2"' in web.client.get("/running").text
