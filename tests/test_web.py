@@ -112,6 +112,20 @@ def test_off_loopback_every_page_needs_the_printed_token(served, tmp_path):
     cookie = r.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
     assert 'data-entry="rep1:child"' in web.client.get("/").text  # the session cookie is kept by the client
+    page = web.client.get("/").text
+    assert "Sign out" in page and "Max-Age=43200" in cookie.replace("max-age", "Max-Age")
+    # Sign out: the session ends here, whatever the browser keeps.
+    session = web.client.cookies.get("vml_session")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = web.client.post("/logout", data={"csrf": csrf}, headers={"Origin": web.url.replace("127.0.0.1", "0.0.0.0")})
+    assert r.status_code == 403  # another origin
+    r = web.client.post("/logout", data={"csrf": csrf})
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    web.client.cookies.set("vml_session", session)  # as a browser that kept the cookie would send it
+    assert web.client.get("/").status_code == 401
+    web.client.cookies.clear()
+    r = web.client.get(f"/login?token={token}")
+    assert r.status_code == 303
     # Listening on every address, any of the machine's addresses names it; a DNS name must be known.
     assert web.client.get("/", headers={"Host": f"10.1.2.3:{web.port}"}).status_code == 200
     assert web.client.get("/", headers={"Host": f"rebound.example:{web.port}"}).status_code == 421

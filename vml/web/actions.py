@@ -356,6 +356,11 @@ def routes(web) -> list[Route]:
         web.guard.new_session(response)
         return response
 
+    def logout(request, form):
+        response = RedirectResponse("/login", 303)
+        web.guard.end_session(request, response)
+        return response
+
     post = {"methods": ["POST"]}
     return [
         Route("/start", action(start), **post),
@@ -378,4 +383,5 @@ def routes(web) -> list[Route]:
         Route("/share/import", action(import_bundle), **post),
         Route("/share/download/{job:int}", download),
         Route("/login", action(login), **post),
+        Route("/logout", action(logout), **post),
     ]

@@ -35,6 +35,7 @@ CSRF_HEADER = "x-csrf-token"
 FAILED_SIGN_IN_PAUSE = 1.0  # seconds a wrong token or password costs (guessing stays slow)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 MAX_SESSIONS = 1000
+SESSION_LIFETIME = 12 * 3600.0  # seconds a sign-in lasts
 
 
 def hash_password(password: str) -> str:
@@ -99,7 +100,7 @@ class Guard:
     allowed_hosts: tuple[str, ...] = ()
     tls: bool = False
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32))  # CSRF tokens derive from it
-    sessions: set[str] = field(default_factory=set)
+    sessions: dict[str, float] = field(default_factory=dict)  # session id -> when it ends (time.time())
     _sign_in: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -138,7 +139,7 @@ class Guard:
         if not self.auth:
             return True
         cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie and cookie in self.sessions:
+        if cookie and self._live(cookie):
             return True
         # A script may present the printed token (never the password: hashing it on every request
         # would let anyone stall the server).
@@ -160,11 +161,24 @@ class Guard:
             return ok
 
     def new_session(self, response: Response) -> None:
-        if len(self.sessions) >= MAX_SESSIONS:
-            self.sessions.pop()
+        now = time.time()
+        self.sessions = {s: end for s, end in self.sessions.items() if end > now}
+        while len(self.sessions) >= MAX_SESSIONS:
+            del self.sessions[min(self.sessions, key=self.sessions.get)]
         sid = secrets.token_urlsafe(32)
-        self.sessions.add(sid)
-        response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", secure=self.tls, path="/")
+        self.sessions[sid] = now + SESSION_LIFETIME
+        response.set_cookie(
+            SESSION_COOKIE, sid, max_age=int(SESSION_LIFETIME), httponly=True, samesite="strict", secure=self.tls
+        )
+
+    def end_session(self, request: Request, response: Response) -> None:
+        """Sign out: the session is forgotten here and its cookie removed from the browser."""
+        self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict", secure=self.tls)
+
+    def _live(self, sid: str) -> bool:
+        end = self.sessions.get(sid)
+        return end is not None and end > time.time()
 
     # -- CSRF ------------------------------------------------------------
 
@@ -181,7 +195,7 @@ class Guard:
     def csrf(self, request: Request) -> str:
         """The CSRF token of this request's session (one for the sign-in form, one per session)."""
         session = request.cookies.get(SESSION_COOKIE) if self.auth else None
-        sid = session if session in self.sessions else ""
+        sid = session if session and self._live(session) else ""
         return hmac.new(self.key, sid.encode(), hashlib.sha256).hexdigest()
 
     def csrf_ok(self, request: Request, form_token: str | None) -> bool:
