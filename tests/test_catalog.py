@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vml import config
+from vml import config, keys
 from vml.errors import BadSignature, CorruptManifest
 from vml.remotes import catalog as catalogs
 from vml.remotes import publish
@@ -88,7 +88,7 @@ def served(publisher, tmp_path):
 
 
 def private_key(publisher):
-    return catalogs.load_private_key(publisher["key"])
+    return keys.load_private_key(publisher["key"])
 
 
 def served_catalog(pub: Path, publisher) -> catalogs.Catalog:
@@ -151,7 +151,7 @@ def test_a_cache_an_older_vml_left_keeps_its_repository(home, publisher, served)
     `vml remote rm` and adding the remote again starts over."""
     pub, origin = served
     cat = served_catalog(pub, publisher)
-    rc = RemoteConfig("cern", origin.url, catalogs.read_public_key(publisher["pubkey"]))
+    rc = RemoteConfig("cern", origin.url, keys.read_public_key(publisher["pubkey"]))
     store = RemoteStore(home, rc)
     cached = catalogs.sign(catalogs.Catalog("rep2", 99, cat.published, {}, frozenset()), private_key(publisher))
     store.path.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def test_a_cache_an_older_vml_left_keeps_its_repository(home, publisher, served)
 
 def test_config_repository_wins_and_nothing_is_recorded_beside_it(home, publisher, served):
     _, origin = served
-    rc = RemoteConfig("cern", origin.url, catalogs.read_public_key(publisher["pubkey"]), repository="rep9")
+    rc = RemoteConfig("cern", origin.url, keys.read_public_key(publisher["pubkey"]), repository="rep9")
     store = RemoteStore(home, rc)
     with pytest.raises(BadSignature, match="of repository 'rep1', not 'rep9'"):
         store.catalog(refresh=True)
@@ -204,7 +204,7 @@ def test_payload_formats_and_unknown_keys(publisher, served):
 
     # Keys a reader does not know are ignored, in every format.
     for base in (doc, loose, old):
-        write_payload(pub, publisher, base | {"certificates": [{"key": "ed25519:x"}], "pack_sizes": {"p1": [1, 2]}})
+        write_payload(pub, publisher, base | {"endorsements": [{"key": "ed25519:x"}], "pack_sizes": {"p1": [1, 2]}})
         assert catalogs.verify((pub / "catalog.json").read_bytes(), public, "test").refs == cat.refs
 
     # A newer format is refused whole; format 2 must say when it expires, format 3 where its packs are.
@@ -313,7 +313,7 @@ def test_expired_catalogs_end_to_end_through_nginx(vml, home, publisher, tmp_pat
 
 def test_a_long_running_process_fetches_the_catalog_again_after_its_ttl(home, publisher, served):
     pub, origin = served
-    rc = RemoteConfig("cern", origin.url, catalogs.read_public_key(publisher["pubkey"]), catalog_ttl=1.0)
+    rc = RemoteConfig("cern", origin.url, keys.read_public_key(publisher["pubkey"]), catalog_ttl=1.0)
     store = RemoteStore(home, rc)
     first = store.catalog()
     publish.resign(pub, publisher["key"])

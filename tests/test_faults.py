@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from vml import config, layout
+from vml import config, keys, layout
 from vml.config import Config
 from vml.entries import bundle
 from vml.entries.maintenance import gc, remove, verify
@@ -312,8 +312,8 @@ def test_kill_9_during_rm_reparent(faults, forker, home, rep, tmp_path):
 
 def test_kill_9_during_publish(faults, forker, home, rep, tmp_path):
     rng = random.Random(5)
-    catalog.keygen(tmp_path / "key")
-    public = catalog.parse_public_key((tmp_path / "key.pub").read_text(), "key")
+    keys.keygen(tmp_path / "key")
+    public = keys.parse_public_key((tmp_path / "key.pub").read_text(), "key")
     out = tmp_path / "pub"
     save_source(open_repo(rep), "e", write_disk(tmp_path / "d.img", image(rng, 256)))
     kill = Killer(forker, home, forker.timed(home, "publish", out, "--key", tmp_path / "key"))
@@ -584,8 +584,8 @@ def test_a_full_disk_fails_every_operation_cleanly(faults, forker, home, tmp_pat
     expected = {"base": base}
     areas.create_area(home, "w", open_repo(full), open_repo(full).entry("base"))
     in_area = bytearray(base)
-    catalog.keygen(tmp_path / "key")
-    public = catalog.parse_public_key((tmp_path / "key.pub").read_text(), "key")
+    keys.keygen(tmp_path / "key")
+    public = keys.parse_public_key((tmp_path / "key.pub").read_text(), "key")
     save_source(roomy, "pub0", write_disk(tmp_path / "p.img", image(rng, 64)))
     publish_dir = small_fs / "pub"
     assert forker.run(home, "publish", publish_dir, "--key", tmp_path / "key", "--repo", tmp_path / "roomy")[0] == 0

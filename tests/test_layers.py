@@ -18,7 +18,7 @@ LAYERS = [
     ("vml.control",),
     ("vml.remotes",),
     ("vml.entries",),
-    ("vml.config",),
+    ("vml.config", "vml.trust"),
     ("vml.vms",),
     ("vml.envs",),
     ("vml.view",),

@@ -232,6 +232,7 @@ def test_hostile_objects_are_refused(vml, home, published, own_origin, tmp_path)
     """An object that does not match its name, one larger than allowed, one that is no manifest."""
     pub, _ = own_origin
     set_remote(home, timeout=3.0)
+    from vml import keys
     from vml.remotes import catalog as catalogs
     from vml.repo.objects import compress, digest
 
@@ -240,13 +241,11 @@ def test_hostile_objects_are_refused(vml, home, published, own_origin, tmp_path)
     path = pub / "objects" / d.hex()[:2] / d.hex()[2:]
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(compress(junk))
-    cat = catalogs.verify(
-        (pub / "catalog.json").read_bytes(), catalogs.load_private_key(published["key"]).public_key(), ""
-    )
+    cat = catalogs.verify((pub / "catalog.json").read_bytes(), keys.load_private_key(published["key"]).public_key(), "")
     forged = catalogs.Catalog(
         cat.repository, cat.revision + 1, cat.published, {**cat.refs, "junk": d}, cat.manifests | {d}
     )
-    (pub / "catalog.json").write_bytes(catalogs.sign(forged, catalogs.load_private_key(published["key"])))
+    (pub / "catalog.json").write_bytes(catalogs.sign(forged, keys.load_private_key(published["key"])))
     msg = vml.fails("show", "cern:junk", status=6)
     assert "junk" in msg and "manifest" in msg
     # Damage e2's manifest on the server: its digest no longer matches.

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from vml import keys
 from vml.config import Config
 from vml.errors import Corrupt
 from vml.remotes import catalog as catalogs
@@ -36,7 +37,7 @@ def packs_of(pub, cat, name) -> dict[str, Index]:
 
 
 def served_catalog(published) -> catalogs.Catalog:
-    key = catalogs.load_private_key(published["key"]).public_key()
+    key = keys.load_private_key(published["key"]).public_key()
     return catalogs.verify((published["pub"] / "catalog.json").read_bytes(), key, "test")
 
 

@@ -23,6 +23,13 @@ config is TOML so that people can read and edit it::
     tls_key = "/etc/vml/web.key"
     allowed_hosts = ["vml.example.org"]   # names the browser may reach it by, besides the address
 
+    [trust.cern]                   # whose certificates count (vml.trust)
+    key = "ed25519:..."
+    levels = ["production"]
+
+    [policy]                       # what may run: `vml trust policy`
+    require = "production"
+
     [remotes.cernvm]
     url = "http://vml.example.org/cernvm"
     key = "ed25519:..."            # the publisher's KEYFILE.pub
@@ -46,14 +53,15 @@ import tomli_w
 
 from .errors import AlreadyExists, CorruptManifest, NotFound, UsageError
 from .files import write_atomic
+from .keys import parse_public_key
 from .layout import config_path
 from .names import check_repository_name, parse_size
-from .remotes.catalog import parse_public_key
 from .remotes.fetch import Settings, parse_proxies
 from .remotes.remote import RemoteConfig, RemoteRepository, open_remote
 from .repo.manifest import DEFAULT_MAX_DISK_SIZE, MAX_STREAM_SIZE
 from .repo.repository import Entry, Repository
 from .repo.store import Store
+from .trust import Policy, TrustedKey, check, load_system, parse_policy, parse_trust, policies
 
 DEFAULT_MOUNT_MEMORY = 512 << 20
 MIN_MOUNT_MEMORY = 256 << 20  # the process itself and what is fetched ahead need about 200 MiB
@@ -92,6 +100,8 @@ class Config:
     mount_memory: int = DEFAULT_MOUNT_MEMORY
     hypervisor: str | None = None  # [defaults] hypervisor
     web: dict = field(default_factory=dict)  # [web], checked by _web_section
+    trust: dict[str, TrustedKey] = field(default_factory=dict)  # [trust.NAME] (vml.trust)
+    policy: Policy | None = None  # [policy]
 
     @property
     def home(self) -> Path:
@@ -128,7 +138,10 @@ class Config:
         if hypervisor is not None and not (isinstance(hypervisor, str) and hypervisor.isalpha()):
             raise CorruptManifest(f"{path}: [defaults] hypervisor = {hypervisor!r}: not a hypervisor name")
         web = _web_section(path, doc.get("web", {}))
-        return cls(path, repos, default if default in repos else None, remotes, limit, memory, hypervisor, web)
+        keys = parse_trust(path, doc.get("trust", {}))
+        policy = parse_policy(path, doc.get("policy"), keys)
+        default = default if default in repos else None
+        return cls(path, repos, default, remotes, limit, memory, hypervisor, web, keys, policy)
 
     def write(self) -> None:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}
@@ -147,8 +160,18 @@ class Config:
             doc["defaults"] = {"hypervisor": self.hypervisor}
         if self.web:
             doc["web"] = self.web
+        if self.trust:
+            doc["trust"] = {n: k.doc() for n, k in sorted(self.trust.items())}
+        if self.policy:
+            doc["policy"] = self.policy.doc()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, tomli_w.dumps(doc).encode())
+
+    # -- certification ---------------------------------------------------
+
+    def check_certified(self, repo: Repository, entry: Entry) -> None:
+        """Refuse (NotCertified) an entry that a policy in force, the machine's or this user's, does not accept."""
+        check(policies(self.trust, self.policy, load_system()), repo, entry)
 
     # -- repositories ----------------------------------------------------
 

@@ -115,3 +115,9 @@ class HypervisorError(VmlError):
     """A hypervisor could not be reached, or refused or failed to run a VM."""
 
     exit_status = 15
+
+
+class NotCertified(VmlError):
+    """An entry that the trust policy in force does not let run: no certificate it accepts."""
+
+    exit_status = 16

@@ -6,17 +6,19 @@ keep what this home's areas read. These functions keep those in step, so
 that the command line only parses and prints.
 """
 
+import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
 
-from . import config, layout
+from . import config, layout, trust
 from .entries import maintenance
 from .errors import AlreadyExists, NotFound, UsageError, VmlError
 from .names import check_repository_name
 from .remotes import fetch
 from .remotes.catalog import Catalog
 from .remotes.remote import RemoteConfig, RemoteStore
+from .repo import certificates
 from .repo.repository import Repository
 from .repo.store import FORMAT, META_FILE, Store
 from .vms import areas, boot
@@ -141,3 +143,43 @@ def set_default_hypervisor(home: Path, name: str) -> None:
         raise UsageError(f"unknown hypervisor {name!r}: use one of {', '.join(NAMES)}")
     with config.editing(home) as cfg:
         cfg.hypervisor = name
+
+
+# -- trust ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def editing_trust(home: Path, system: bool = False):
+    """The trusted keys and policy to change: this user's (config.toml), or the machine's with ``system``.
+
+    Yields a dict with "keys" (name -> TrustedKey) and "policy" (Policy or None).
+    """
+    if system:
+        with trust.editing_system() as holder:
+            yield holder
+        return
+    with config.editing(home) as cfg:
+        holder = {"keys": dict(cfg.trust), "policy": cfg.policy}
+        yield holder
+        cfg.trust, cfg.policy = holder["keys"], holder["policy"]
+
+
+def trust_key(home: Path, key: trust.TrustedKey, system: bool = False) -> None:
+    with editing_trust(home, system) as t:
+        if key.name in t["keys"]:
+            raise AlreadyExists(f"a trusted key named {key.name!r} exists; remove it first (`vml trust rm`)")
+        t["keys"][key.name] = key
+
+
+def distrust_key(home: Path, name: str, system: bool = False) -> None:
+    with editing_trust(home, system) as t:
+        if t["keys"].pop(name, None) is None:
+            where = trust.SYSTEM_POLICY if system else layout.config_path(home)
+            raise NotFound(f"no trusted key named {name!r} in {where} (see `vml trust list`)")
+
+
+def set_policy(home: Path, require: str | None, allow_user_changes: bool = False, system: bool = False) -> None:
+    """Require certification at level ``require`` (None: this file's policy off)."""
+    with editing_trust(home, system) as t:
+        where = str(trust.SYSTEM_POLICY if system else layout.config_path(home))
+        t["policy"] = trust.Policy(certificates.check_level(require), allow_user_changes, where) if require else None

@@ -70,6 +70,13 @@ def show_lines(info: dict) -> list[str]:
     lines.append(f"  stored:    {format_size(info['stored_bytes'])} ({info['stored_bytes']} bytes) added by this entry")
     lines.append(f"  chain:     {' -> '.join(info['chain'])} (base)")
     lines.append(f"  manifest:  {info['manifest']}")
+    for c in info.get("certificates", []):
+        if not c["valid"]:
+            lines.append(f"  certified: not valid: {c['problem']}")
+            continue
+        who = ", ".join(c["signer"]["trusted_as"]) or f"untrusted key {c['signer']['key'][:24]}…"
+        note = f": {c['note']}" if c["note"] else ""
+        lines.append(f"  certified: level {c['level']} by {who} on {c['certified'][:10]}{note}")
     return lines
 
 

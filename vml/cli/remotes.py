@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from .. import config, home, overview
+from .. import config, home, keys, overview
 from ..errors import NotFound, UsageError
 from ..names import format_size, parse_size
 from ..remotes import catalog, fetch, publish, remote
@@ -11,7 +11,7 @@ from .output import progress_bar, table
 
 
 def cmd_keygen(args) -> int:
-    pub = catalog.keygen(Path(args.keyfile))
+    pub = keys.keygen(Path(args.keyfile))
     print(f"wrote private key {args.keyfile} (keep it secret) and public key {pub} (give it to your remote's users)")
     return 0
 
@@ -47,7 +47,7 @@ def cmd_remote_add(args) -> int:
     rc = remote.RemoteConfig(
         args.name,
         args.url.rstrip("/"),
-        catalog.read_public_key(Path(args.key)),
+        keys.read_public_key(Path(args.key)),
         config.check_number("cache_quota", quota, "--cache-quota"),
         settings=fetch.Settings(**settings),
     )

@@ -4,7 +4,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import config, control, home
+from .. import config, control, home, trust
 from ..entries import copies
 from ..errors import VmlError
 from ..names import check_repository_name, format_size, parse_size
@@ -84,8 +84,11 @@ def cmd_consult(args) -> int:
 
 
 def cmd_show(args) -> int:
-    repo, entry = config.Config.load().find_entry(args.entry, args.repo)
+    cfg = config.Config.load()
+    repo, entry = cfg.find_entry(args.entry, args.repo)
     info = repo.describe(entry)
+    known = [*cfg.trust.values(), *trust.load_system().keys.values()]
+    info["certificates"] = trust.describe_certificates(known, repo, entry.digest)
     print(json.dumps(info, indent=2) if args.json else "\n".join(show_lines(info)))
     return 0
 

@@ -29,10 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import AlreadyExists, BadBundle, Corrupt, MissingAncestor, ObjectMissing, UsageError, VmlError
+from ..errors import (
+    AlreadyExists,
+    BadBundle,
+    BadSignature,
+    Corrupt,
+    MissingAncestor,
+    ObjectMissing,
+    UsageError,
+    VmlError,
+)
 from ..files import open_regular, storage_error
 from ..names import check_name
 from ..progress import SILENT, Progress
+from ..repo import certificates
 from ..repo.chunkmap import chunk_length
 from ..repo.objects import HOLE, decode, parse_hex
 from ..repo.repository import Repository
@@ -121,6 +131,9 @@ def export(
         "requires": requires,
         "objects": len(wanted),
     }
+    certs = _chain_certificates(repo, entry.digest)
+    if certs:  # an older vml ignores the key (it reads only the ones it knows): the format stays 1
+        index["certificates"] = certs
     progress.start(sum(repo.object_size(obj) for obj in wanted))
     fd, tmp = tempfile.mkstemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.")
     os.close(fd)
@@ -146,6 +159,20 @@ def export(
     return BundleSummary(
         [e["name"] for e in index["entries"]], [r["name"] for r in requires], len(wanted), out.stat().st_size
     )
+
+
+def _chain_certificates(repo: Repository, digest: bytes) -> dict[str, list[dict]]:
+    """The certificates that verify of the entry and every entry its data builds on, for the bundle's index."""
+    out = {}
+    for d, _ in repo.data_chain(digest):
+        good = []
+        for data in repo.certificates(d):
+            with contextlib.suppress(BadSignature):
+                certificates.check(data, d, "certificate")
+                good.append(certificates.as_object(data))
+        if good:
+            out[d.hex()] = good
+    return out
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -185,6 +212,9 @@ class _StagedStore:
     def refs(self) -> dict[str, bytes]:
         return self.store.refs()
 
+    def certificates(self, manifest: bytes) -> list[bytes]:
+        return self.store.certificates(manifest)
+
 
 def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SILENT) -> list[str]:
     """Add a bundle's entries to ``repo``; return the names added."""
@@ -196,7 +226,9 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
             # Checked under the lock, so no other writer can take a name
             # between the check and the refs update.
             entries, _requires = _check_index(repo, index, path)
+            certs = _check_certificates(index, path)
             if not entries:
+                _keep_certificates(repo, certs)
                 return []
             progress.start(os.fstat(f.fileno()).st_size)
             staging = repo.store.staging_dir("import.")
@@ -208,6 +240,7 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
                 if repo.store.format == 2:  # the bundle's chunks came loose: into packs, in disk order
                     pack_loose(repo, entries.values())
                 repo.store.sync()
+                _keep_certificates(repo, certs)
                 repo.store.update_refs(entries)
             except OSError as e:
                 raise storage_error(e, f"importing {path} into {repo.store.path}") from None
@@ -240,6 +273,33 @@ def _read_index(tar: TarReader, path: Path) -> dict:
         return index
     except (ValueError, AttributeError, RecursionError) as e:
         raise BadBundle(f"{path}: damaged bundle index ({e})") from None
+
+
+def _check_certificates(index: dict, path: Path) -> dict[bytes, list[bytes]]:
+    """The bundle's certificates, each checked; one that does not verify refuses the whole bundle."""
+    doc = index.get("certificates", {})
+    if not isinstance(doc, dict):
+        raise BadBundle(f"{path}: damaged bundle index (certificates must be an object)")
+    out = {}
+    for m, texts in doc.items():
+        d = parse_hex(m)
+        if d is None or not isinstance(texts, list):
+            raise BadBundle(f"{path}: damaged bundle index (certificates must be lists by manifest)")
+        for text in texts:
+            try:
+                data = certificates.encode(text)
+                certificates.check(data, d, f"certificate of manifest {m[:16]}")
+            except BadSignature as e:
+                raise BadBundle(f"{path}: {e}; refused") from None
+            out.setdefault(d, []).append(data)
+    return out
+
+
+def _keep_certificates(repo: Repository, certs: dict[bytes, list[bytes]]) -> None:
+    for d, texts in certs.items():
+        if repo.store.has(d):  # a certificate is kept beside an entry this repository holds
+            for data in texts[: certificates.PER_MANIFEST]:
+                certificates.keep(repo.store.path, d, data)
 
 
 def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, bytes], list]:

@@ -1,13 +1,14 @@
 """Checking, removing and collecting: verify, rm, gc."""
 
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ..errors import Corrupt, HasChildren, ObjectMissing, UsageError
 from ..files import storage_error
 from ..progress import SILENT, Progress
-from ..repo import chunkmap, leases
+from ..repo import certificates, chunkmap, leases
 from ..repo.manifest import Link, Manifest, Stream
 from ..repo.objects import decode
 from ..repo.repository import Entry, Repository
@@ -149,6 +150,9 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
             freed += path.stat().st_size
             repo.store.remove_object(d)
             removed += 1
+        for m in certificates.manifests_with_certificates(repo.store.path):
+            if m not in live:  # the entry is gone: its certificates go with it
+                shutil.rmtree(repo.store.path / certificates.DIR / m.hex(), ignore_errors=True)
         try:
             packs = repack(repo, live) if repo.store.format == 2 else None
         except OSError as e:  # every pack set names packs that are there

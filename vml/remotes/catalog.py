@@ -42,88 +42,23 @@ import base64
 import binascii
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..errors import AlreadyExists, BadSignature, CorruptManifest, NotFound, UsageError
-from ..files import read_regular, storage_error, write_atomic
+from ..errors import BadSignature, CorruptManifest, UsageError
 from ..names import check_name
+from ..repo import certificates
 from ..repo.objects import parse_hex
 from ..times import format_iso, parse_iso
 
 FORMAT = 3  # the newest format this module reads and writes
 CATALOG_FILE = "catalog.json"
 CATALOG_LIMIT = 64 << 20
-KEY_PREFIX = "ed25519:"
-KEY_FILE_LIMIT = 64 << 10
 DEFAULT_EXPIRY_DAYS = 30.0
 MAX_EXPIRY_DAYS = 3650.0
-
-
-# -- keys ------------------------------------------------------------------
-
-
-def keygen(path: Path) -> Path:
-    """Write a new private key to ``path`` (mode 0600) and its public key to ``path.pub``."""
-    pub = path.with_name(path.name + ".pub")
-    for p in (path, pub):
-        if p.exists():
-            raise AlreadyExists(f"{p}: exists; refusing to overwrite a key")
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(private)
-        write_atomic(pub, (public_key_text(key.public_key()) + "\n").encode())
-    except OSError as e:
-        raise storage_error(e, f"writing key {path}") from None
-    return pub
-
-
-def public_key_text(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return KEY_PREFIX + base64.b64encode(raw).decode()
-
-
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        data = read_regular(path, KEY_FILE_LIMIT, "key file")
-    except NotFound:
-        raise NotFound(f"{path}: no such key file (create one with `vml keygen {path}`)") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{path}: not an unencrypted Ed25519 private key ({e})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise UsageError(f"{path}: not an Ed25519 private key")
-    return key
-
-
-def parse_public_key(text: str, where: str) -> Ed25519PublicKey:
-    """A public key as `vml keygen` writes it (``ed25519:<base64>``)."""
-    text = text.strip()
-    try:
-        if not text.startswith(KEY_PREFIX):
-            raise ValueError(f"does not start with {KEY_PREFIX!r}")
-        raw = base64.b64decode(text[len(KEY_PREFIX) :], validate=True)
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except (ValueError, binascii.Error) as e:
-        raise UsageError(f"{where}: not a VML public key ({e})") from None
-
-
-def read_public_key(path: Path) -> str:
-    """The canonical text of the public key in file ``path``."""
-    text = read_regular(path, KEY_FILE_LIMIT, "key file").decode(errors="replace")
-    return public_key_text(parse_public_key(text, str(path)))
 
 
 # -- catalogs --------------------------------------------------------------
@@ -139,6 +74,8 @@ class Catalog:
     expires: str | None = None  # ISO UTC; None (format 1) never expires
     packsets: dict[bytes, bytes] = field(default_factory=dict)  # manifest -> BLAKE3 of its pack set (format 3)
     indexes: dict[bytes, bytes] = field(default_factory=dict)  # pack -> BLAKE3 of its index (format 3)
+    # manifest -> certificates (vml.repo.certificates), as objects; each verified on its own when read
+    certificates: dict[bytes, tuple[dict, ...]] = field(default_factory=dict)
 
     @property
     def format(self) -> int:
@@ -160,7 +97,13 @@ class Catalog:
         if self.format >= 3:
             doc["packsets"] = {m.hex(): d.hex() for m, d in sorted(self.packsets.items())}
             doc["indexes"] = {p.hex(): d.hex() for p, d in sorted(self.indexes.items())}
+        if self.certificates:  # an older reader ignores it: no new format
+            doc["certificates"] = {m.hex(): list(c) for m, c in sorted(self.certificates.items())}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    def certificate_files(self, manifest: bytes) -> list[bytes]:
+        """The certificates of ``manifest`` as their files hold them (checked by the reader, not here)."""
+        return [certificates.encode(c) for c in self.certificates.get(manifest, ())]
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires is not None and parse_iso(self.expires) <= (now or datetime.now(UTC))
@@ -228,9 +171,25 @@ def _parse_payload(payload: bytes, where: str) -> Catalog:
             packsets, indexes = _digest_map(doc["packsets"]), _digest_map(doc["indexes"])
             if not set(packsets) <= manifests:
                 raise ValueError("a pack set is of a manifest that is not listed")
-        return Catalog(repository, revision, str(doc["published"]), refs, manifests, expires, packsets, indexes)
+        certs = _certificates(doc.get("certificates", {}), manifests)
+        return Catalog(repository, revision, str(doc["published"]), refs, manifests, expires, packsets, indexes, certs)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError) as e:
         raise CorruptManifest(f"{where}: invalid catalog ({e})") from None
+
+
+def _certificates(doc, manifests: frozenset[bytes]) -> dict[bytes, tuple[dict, ...]]:
+    """{manifest hex: [certificate object]}; a ValueError for anything else."""
+    if not isinstance(doc, dict):
+        raise ValueError("certificates must be an object")
+    out = {}
+    for m, certs in doc.items():
+        d = parse_hex(m)
+        if d not in manifests:
+            raise ValueError("a certificate is of a manifest that is not listed")
+        if not isinstance(certs, list) or not all(isinstance(c, dict) for c in certs):
+            raise ValueError("certificates must be lists of certificate objects")
+        out[d] = tuple(certs[: certificates.PER_MANIFEST])
+    return out
 
 
 def _digest_map(doc) -> dict[bytes, bytes]:

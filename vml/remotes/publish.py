@@ -24,16 +24,18 @@ expiry of the catalog in DIR without writing any object.
 import contextlib
 import dataclasses
 import fcntl
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import blake3
 
-from .. import layout
+from .. import keys, layout
 from ..errors import BadSignature, CorruptObject, NotFound, UsageError
 from ..files import storage_error, syncfs, write_atomic
 from ..progress import SILENT, Progress
+from ..repo import certificates
 from ..repo.chunkmap import HOLE
 from ..repo.objects import decode
 from ..repo.packfiles import PackFiles, decode_packset, encode_packset, index_path, pack_path, packset_path
@@ -43,6 +45,8 @@ from ..repo.store import METADATA_LIMIT
 from ..times import format_iso
 from . import catalog as catalogs
 from .catalog import CATALOG_FILE, DEFAULT_EXPIRY_DAYS, Catalog
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def publish(
     adds or updates these entries (and the entries their data builds on).
     Without, it lists exactly the repository's entries.
     """
-    key = catalogs.load_private_key(key_path)
+    key = keys.load_private_key(key_path)
     out = Path(out).absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,7 @@ def publish(
                 catalogs.expiry(expires_in, now),
                 packsets,
                 indexes,
+                _certificates(repo, manifests, previous),
             )
             write_atomic(out / CATALOG_FILE, catalogs.sign(cat, key))
         except OSError as e:
@@ -134,7 +139,7 @@ def resign(out: Path, key_path: Path, expires_in: float = DEFAULT_EXPIRY_DAYS) -
     the revision grows by one so that clients take it over the old one.
     No object is written.
     """
-    key = catalogs.load_private_key(key_path)
+    key = keys.load_private_key(key_path)
     out = Path(out).absolute()
     if not (out / CATALOG_FILE).is_file():
         raise NotFound(f"{out / CATALOG_FILE}: no catalog to re-sign (publish first)")
@@ -179,6 +184,26 @@ def _previous(out: Path, key) -> Catalog | None:
         raise UsageError(
             f"{path} was signed with another key; publish into a new directory, or remove the old catalog"
         ) from None
+
+
+def _certificates(repo: Repository, manifests, previous: Catalog | None) -> dict[bytes, tuple[dict, ...]]:
+    """The certificates of every published manifest: those published before and those kept in ``repo``.
+
+    Only certificates that verify are published; one that does not is left
+    out with a warning, so a damaged file cannot make every reader refuse it.
+    """
+    out = {}
+    for m in sorted(manifests):
+        found = {certificates.encode(c): None for c in previous.certificates.get(m, ())} if previous else {}
+        for data in repo.store.certificates(m) if repo.store.has(m) else ():
+            try:
+                certificates.check(data, m, f"certificate of manifest {m.hex()[:16]} in {repo.name}")
+                found[data] = None
+            except BadSignature as e:
+                log.warning("%s; not published", e)
+        if found:
+            out[m] = tuple(certificates.as_object(data) for data in found)[: certificates.PER_MANIFEST]
+    return out
 
 
 def _put(out: Path, digest: bytes, repo: Repository) -> int:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import layout
+from .. import keys, layout
 from ..errors import (
     BadSignature,
     Corrupt,
@@ -83,7 +83,7 @@ class RemoteStore:
         self.path = layout.cache_dir(home, rc.name)
         self.cache = ObjectCache(self.path, rc.cache_quota)
         self.cache.pinned_objects = self.pinned_objects
-        self.key = catalogs.parse_public_key(rc.key, f"remote {rc.name}")
+        self.key = keys.parse_public_key(rc.key, f"remote {rc.name}")
         self.fetcher = Fetcher(rc.url, rc.settings, f"remote {rc.name}")
         self.refs_path = self.path / CATALOG_FILE
         self.packs = RemotePacks(self.path, self.fetcher, self.cache, self._where())
@@ -242,6 +242,9 @@ class RemoteStore:
 
     def refs(self) -> dict[str, bytes]:
         return dict(self.catalog().refs)
+
+    def certificates(self, manifest: bytes) -> list[bytes]:
+        return self.catalog().certificate_files(manifest)
 
     def lists(self, digest: bytes) -> bool:
         """Whether the remote's catalog lists manifest ``digest`` (no object is fetched)."""

@@ -51,6 +51,10 @@ class ObjectSource(Protocol):
         """Get ready to read the entry with this manifest (a pack store loads its pack set's indexes)."""
         ...
 
+    def certificates(self, manifest: bytes) -> list[bytes]:
+        """The certificates kept beside the entry with this manifest, unchecked (vml.repo.certificates)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -175,6 +179,17 @@ class Repository:
             except VmlError as e:
                 log.warning("%s", e)
         return None
+
+    def certificates(self, digest: bytes) -> list[bytes]:
+        """Certificates of the entry with manifest ``digest``: kept here, or by a remote that lists it."""
+        found = list(self.store.certificates(digest))
+        for remote in self.fallbacks:
+            try:
+                if remote.lists(digest):
+                    found += remote.certificates(digest)
+            except VmlError as e:
+                log.warning("%s", e)
+        return found
 
     def object_size(self, digest: bytes) -> int:
         if self.store.has(digest) or not self.fallbacks:

@@ -47,7 +47,7 @@ from ..errors import (
 )
 from ..files import fsync_dir, syncfs, write_all, write_atomic
 from ..names import check_name
-from . import objects
+from . import certificates, objects
 from .packfiles import PackFiles
 
 FORMAT = 2  # what `vml init` creates
@@ -314,6 +314,10 @@ class Store:
     def sync(self) -> None:
         """Flush every object written so far to stable storage (syncfs)."""
         syncfs(self.path / layout.OBJECTS)
+
+    def certificates(self, manifest: bytes) -> list[bytes]:
+        """The certificate files kept beside the entry with this manifest (vml.repo.certificates), unchecked."""
+        return certificates.stored(self.path, manifest)
 
     # -- refs ------------------------------------------------------------
 

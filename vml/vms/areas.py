@@ -82,6 +82,7 @@ def open_area(home: Path, cfg: Config, spec: str, repo_ref: str | None, name: st
     (or the default one).
     """
     repo, entry = cfg.find_entry(spec, repo_ref)
+    cfg.check_certified(repo, entry)
     save_to = cfg.open(repo_ref) if repo.read_only else None
     return create_area(home, name or entry.name, repo, entry, save_to)
 

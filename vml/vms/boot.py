@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import control
+from ..config import Config
 from ..entries.checkout import write_stream
 from ..errors import CorruptManifest, HypervisorError, Locked, NotFound, UsageError
 from ..files import write_atomic
@@ -95,9 +96,10 @@ def spec(
 ) -> VmSpec:
     """What a VM of ``area`` runs: the entry's hardware (with the given changes) on the area's disks."""
     d = _area_dir(home, area)
-    mountpoint, mount_dir = _mount_dir(home, area)
     rec = AreaRecord.load(d / RECORD_FILE)
     repo, entry = open_entry(home, rec)
+    Config.load(home).check_certified(repo, entry)  # what the area builds on may run here
+    mountpoint, mount_dir = _mount_dir(home, area)
     m = entry.manifest
     memory_state = None
     # A saved running state resumes only on the disks it was saved with: once

@@ -17,13 +17,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .. import config, home
+from .. import config, home, keys
 from ..entries import bundle
 from ..envs.capture import area_source, entry_source, save_environment
 from ..envs.restore import restore_environment
 from ..errors import NotFound, StorageError, UsageError, VmlError
 from ..names import check_name, check_repository_name, format_size, parse_size
-from ..remotes import catalog, fetch, remote
+from ..remotes import fetch, remote
 from ..repo.store import DEFAULT_CHUNK_SIZE
 from ..vms import boot
 from ..vms.hypervisors import NAMES
@@ -178,7 +178,7 @@ def routes(web) -> list[Route]:
 
     def add_remote(request, form):
         name = check_repository_name(form.get("name", "").strip(), "remote")
-        key = catalog.public_key_text(catalog.parse_public_key(form.get("key", ""), "public key"))
+        key = keys.public_key_text(keys.parse_public_key(form.get("key", ""), "public key"))
         quota = form.get("cache_quota", "").strip()
         rc = remote.RemoteConfig(
             name,

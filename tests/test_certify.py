@@ -1,0 +1,193 @@
+"""Certification: `vml certify`, `vml trust`, and the policy that open, boot and Start apply.
+
+Real repositories, real bundles, a real nginx remote; the policy's refusals
+are checked through the `vml` command as a user meets them.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vml import trust
+
+from conftest import Vml, need_root
+from helpers import rewrite_bundle, snapshot
+from servers import Nginx
+
+
+@pytest.fixture
+def site(vml, tmp_path):
+    """Repository rep with base (full) and child (incremental on base), and two key pairs."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(256 << 10) + bytes(768 << 10))
+    vml("init", tmp_path / "rep", "--chunk-size", "4K")
+    vml("save", "base", "--from", img)
+    with open(img, "r+b") as f:
+        f.write(b"changed by the user")
+    vml("save", "child", "--from", img, "--parent", "base")
+    for k in ("cern", "other"):
+        vml("keygen", tmp_path / k)
+    return tmp_path
+
+
+def refs(repo: Path) -> dict:
+    return json.loads((repo / "refs.json").read_text())["entries"]
+
+
+def test_an_uncertified_entry_is_refused_and_a_certified_one_opens(vml, site):
+    before = refs(site / "rep")
+    vml("trust", "policy", "--require", "production")
+    line = vml.fails("open", "base", "--area", "a1", status=16)
+    assert "entry 'base' of rep is not certified at level 'production' by a trusted key" in line
+    assert "it has no certificate" in line
+    assert not (Path(vml.env["VML_HOME"]) / "areas" / "a1").exists()
+
+    vml("certify", "base", "--key", site / "other", "--level", "production")
+    assert "by an untrusted key" in vml.fails("open", "base", "--area", "a1")
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "testing", "-m", "smoke tests passed")
+    line = vml.fails("open", "base", "--area", "a1")
+    assert "level 'testing' by cern" in line and "untrusted key" in line
+
+    out = vml("certify", "base", "--key", site / "cern", "--level", "production").stdout
+    assert "certified base of rep at level production" in out
+    assert refs(site / "rep") == before  # certifying does not change the entry's identity
+    vml("open", "base", "--area", "a1")
+
+    shown = vml("show", "base").stdout
+    assert "certified: level production by cern" in shown
+    assert "certified: level testing by cern" in shown and "smoke tests passed" in shown
+    assert "untrusted key" in shown
+    info = json.loads(vml("show", "base", "--json").stdout)
+    assert sorted(c["level"] for c in info["certificates"]) == ["production", "production", "testing"]
+
+    # boot checks again: the policy may have tightened since the area was opened
+    vml("trust", "policy", "--require", "gold")
+    assert "'base' of rep is not certified at level 'gold'" in vml.fails(
+        "boot", "a1", "--hypervisor", "qemu", "--dry-run"
+    )
+    vml("trust", "policy", "--off")
+    assert "policy: none" in vml("trust", "list").stdout
+
+
+def test_user_changes_on_a_certified_base_run_only_when_the_policy_allows_them(vml, site):
+    vml("trust", "add", site / "cern.pub", "--name", "cern", "--level", "production")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("trust", "policy", "--require", "production")
+    assert "'child' of rep is not certified" in vml.fails("open", "child", "--area", "c1")
+    vml("trust", "policy", "--require", "production", "--allow-user-changes")
+    vml("open", "child", "--area", "c1")
+    listed = vml("trust", "list").stdout
+    assert "require level production; uncertified changes on a certified entry allowed" in listed
+    assert "cern" in listed and "production" in listed
+
+
+def test_a_certificate_of_another_manifest_or_with_a_changed_level_is_refused(vml, site):
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    certs = site / "rep" / "certificates"
+    base, child = refs(site / "rep")["base"], refs(site / "rep")["child"]
+    (good,) = (certs / base).iterdir()
+    (certs / child).mkdir()
+    shutil.copy(good, certs / child / good.name)  # moved onto other content
+    vml("trust", "policy", "--require", "production")
+    line = vml.fails("open", "child", "--area", "c1")
+    assert f"it certifies manifest {base[:16]}, not {child[:16]}" in line
+
+    doc = json.loads(good.read_text())
+    doc["payload"] = doc["payload"].replace('"level":"production"', '"level":"gold"')
+    (certs / child / good.name).unlink()
+    (certs / base / good.name).write_text(json.dumps(doc))
+    vml("trust", "policy", "--require", "gold")
+    line = vml.fails("open", "base", "--area", "b1")
+    assert "its signature does not verify with the key it names" in line
+    assert "not valid: its signature does not verify" in vml("show", "base").stdout
+
+
+def test_certificates_travel_in_bundles_and_a_tampered_one_is_refused_at_import(vml, site):
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("certify", "child", "--key", site / "cern", "--level", "testing")
+    vml("export", "child", "-o", site / "child.vml", "--full")
+    vml("init", site / "rep2", "--chunk-size", "4K")
+    before = snapshot(site / "rep2")
+
+    def tamper(name, data):
+        if name == "vml-bundle.json":
+            changed = data.replace(b'\\"level\\":\\"testing\\"', b'\\"level\\":\\"production\\"')
+            assert changed != data
+            data = changed
+        return name, data
+
+    rewrite_bundle(site / "child.vml", site / "tampered.vml", tamper)
+    line = vml.fails("import", site / "tampered.vml", "--repo", site / "rep2")
+    assert "tampered.vml: certificate of manifest" in line and "does not verify" in line and "refused" in line
+    assert snapshot(site / "rep2") == before and not (site / "rep2" / "certificates").exists()
+
+    vml("import", site / "child.vml", "--repo", site / "rep2")
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    shown = vml("show", "child", "--repo", site / "rep2").stdout
+    assert "certified: level testing by cern" in shown
+    assert "certified: level production by cern" in vml("show", "base", "--repo", site / "rep2").stdout
+
+
+def test_certificates_travel_with_publish_and_gc_keeps_only_those_of_kept_entries(vml, site, home):
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("certify", "child", "--key", site / "cern", "--level", "production")
+    vml("keygen", site / "pubkey")
+    vml("publish", site / "pub", "--key", site / "pubkey")
+    server = Nginx(site / "pub")
+    try:
+        reader = Vml(site / "reader", site)
+        reader("remote", "add", "cern", server.url, "--key", site / "pubkey.pub")
+        reader("init", site / "mine", "--chunk-size", "4K")
+        reader("trust", "add", site / "cern.pub", "--name", "cern")
+        reader("trust", "policy", "--require", "production")
+        assert "certified: level production by cern" in reader("show", "cern:base").stdout
+        reader("open", "cern:base", "--area", "r1", "--repo", "mine")
+    finally:
+        server.stop()
+
+    child = refs(site / "rep")["child"]
+    vml("rm", "child")
+    vml("gc")
+    assert not (site / "rep" / "certificates" / child).exists()
+    assert (site / "rep" / "certificates" / refs(site / "rep")["base"]).is_dir()
+
+
+def test_the_machine_policy_binds_every_user_and_only_its_keys_count(vml, site):
+    need_root()
+    assert not trust.SYSTEM_POLICY.exists(), f"{trust.SYSTEM_POLICY} left by someone else: not overwriting it"
+    try:
+        vml("trust", "add", site / "cern.pub", "--name", "cern", "--system")
+        vml("trust", "policy", "--require", "production", "--system")
+        assert oct(trust.SYSTEM_POLICY.stat().st_mode & 0o777) == "0o644"
+        vml("trust", "add", site / "other.pub", "--name", "mine")  # the user's own key
+        vml("certify", "base", "--key", site / "other", "--level", "production")
+        line = vml.fails("open", "base", "--area", "a1")
+        assert f"(policy of {trust.SYSTEM_POLICY})" in line and "untrusted key" in line
+        out = vml("trust", "policy", "--off").stdout  # the user's own policy: off; the machine's stays
+        assert "the machine's policy (level production) still applies" in out
+        vml.fails("open", "base", "--area", "a1")
+        vml("certify", "base", "--key", site / "cern", "--level", "production")
+        vml("open", "base", "--area", "a1")
+        vml("trust", "policy", "--require", "gold")  # a user's policy adds to the machine's
+        assert "level 'gold'" in vml.fails("open", "base", "--area", "a2")
+        vml("trust", "policy", "--off")
+        trust.SYSTEM_POLICY.write_text("[policy\n")
+        line = vml.fails("open", "base", "--area", "a2")
+        assert "cannot read the machine's policy" in line and "nothing runs until it is fixed" in line
+    finally:
+        trust.SYSTEM_POLICY.unlink(missing_ok=True)
+
+
+def test_bad_trust_input_is_one_line(vml, site):
+    assert "not a VML public key" in vml.fails("trust", "add", "ed25519:nonsense", "--name", "x")
+    assert "invalid level name" in vml.fails("certify", "base", "--key", site / "cern", "--level", "a b")
+    assert "no trusted key named 'nobody'" in vml.fails("trust", "rm", "nobody")
+    assert "give --require LEVEL or --off" in vml.fails("trust", "policy")
+    assert "no such key file" in vml.fails("certify", "base", "--key", site / "missing")
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    assert "exists" in vml.fails("trust", "add", site / "other.pub", "--name", "cern")

@@ -1,0 +1,162 @@
+"""Certificates: a signer's word, signed with Ed25519, that the entry with one manifest is fit to run at a level.
+
+A certificate is a small JSON file::
+
+    {"payload": "<canonical JSON text>", "signature": "<base64 Ed25519>"}
+
+whose payload holds ``type`` ("vml-certificate"), ``version`` (1), the
+``manifest`` digest it certifies, the ``level`` (a name such as
+"production"), the signer's public key (``key``, as `vml keygen` writes it),
+the time, the entry's name when it was certified (``entry``, a label only)
+and a ``note``. It names the manifest, not the entry: the manifest digest is
+the entry's identity (content, chain, hardware), so a certificate cannot be
+moved to other content, and renaming or copying the entry keeps it valid.
+
+Certificates lie beside the entries, never inside a manifest, so certifying
+does not change an entry's identity: ``certificates/<manifest hex>/<BLAKE3
+of the file>.json`` in a repository, the catalog's ``certificates`` key in a
+published one, the index of a bundle. A certificate verifies by itself (its
+signature with the key it names); whether that key is trusted, and for which
+level, is the reader's policy (vml.trust).
+"""
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..errors import BadSignature, StorageError, UsageError
+from ..files import storage_error, write_atomic
+from ..keys import parse_public_key, public_key_text
+from ..times import now_iso
+from .objects import parse_hex
+
+DIR = "certificates"
+LIMIT = 16 << 10  # one certificate file
+PER_MANIFEST = 64  # certificates kept for one manifest (more are a flood, not a policy)
+NOTE_LIMIT = 1000
+_LEVEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def check_level(level: str) -> str:
+    if not isinstance(level, str) or not _LEVEL.fullmatch(level):
+        raise UsageError(f"invalid level name {level!r}: use letters, digits and . _ + - (at most 64)")
+    return level
+
+
+@dataclass(frozen=True)
+class Certificate:
+    manifest: bytes
+    level: str
+    key: str  # "ed25519:<base64>"
+    certified: str
+    entry: str = ""
+    note: str = ""
+
+
+def make(key: Ed25519PrivateKey, manifest: bytes, entry: str, level: str, note: str = "") -> bytes:
+    """A certificate of ``manifest`` at ``level``, signed with ``key``."""
+    if len(note) > NOTE_LIMIT or any(ord(c) < 32 for c in note):
+        raise UsageError(f"the note must be one line of at most {NOTE_LIMIT} characters")
+    payload = {
+        "type": "vml-certificate",
+        "version": 1,
+        "manifest": manifest.hex(),
+        "entry": entry,
+        "level": check_level(level),
+        "key": public_key_text(key.public_key()),
+        "certified": now_iso(),
+        "note": note,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return encode({"payload": text.decode(), "signature": base64.b64encode(key.sign(text)).decode()})
+
+
+def encode(doc) -> bytes:
+    """A certificate as its file holds it, from the object a bundle index or catalog carries."""
+    if not isinstance(doc, dict):
+        raise BadSignature("a certificate must be an object with payload and signature")
+    return (json.dumps({"payload": doc.get("payload"), "signature": doc.get("signature")}, indent=1) + "\n").encode()
+
+
+def as_object(data: bytes) -> dict:
+    """The object a bundle index or catalog carries for certificate file ``data`` (checked already)."""
+    return json.loads(data)
+
+
+def check(data: bytes, manifest: bytes, where: str) -> Certificate:
+    """The certificate in ``data`` if its signature verifies and it certifies ``manifest``; else BadSignature."""
+    if len(data) > LIMIT:
+        raise BadSignature(f"{where}: certificate larger than {LIMIT} bytes")
+    try:
+        doc = json.loads(data)
+        payload = doc["payload"].encode()
+        signature = base64.b64decode(doc["signature"], validate=True)
+        p = json.loads(payload)
+        if p["type"] != "vml-certificate" or p["version"] != 1:
+            raise ValueError("not a version 1 VML certificate")
+        got = parse_hex(p["manifest"])
+        cert = Certificate(got, check_level(p["level"]), p["key"], str(p["certified"]), str(p["entry"]), str(p["note"]))
+        public = parse_public_key(cert.key, "its key")
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, RecursionError, UsageError) as e:
+        raise BadSignature(f"{where}: not a VML certificate ({e})") from None
+    try:
+        public.verify(signature, payload)
+    except InvalidSignature:
+        raise BadSignature(f"{where}: its signature does not verify with the key it names") from None
+    if got != manifest:
+        shown = got.hex()[:16] if got else "nothing"
+        raise BadSignature(f"{where}: it certifies manifest {shown}, not {manifest.hex()[:16]}")
+    return cert
+
+
+def file_name(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest() + ".json"
+
+
+def stored(root: Path, manifest: bytes) -> list[bytes]:
+    """The certificate files kept in repository ``root`` for ``manifest``, unchecked."""
+    d = root / DIR / manifest.hex()
+    try:
+        names = sorted(p for p in d.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise storage_error(e, f"reading {d}") from None
+    out = []
+    for p in names[:PER_MANIFEST]:
+        try:
+            with open(p, "rb") as f:
+                out.append(f.read(LIMIT + 1))
+        except OSError:
+            continue  # removed by gc meanwhile, or unreadable: a certificate that does not count
+    return out
+
+
+def keep(root: Path, manifest: bytes, data: bytes) -> bool:
+    """Store certificate ``data`` of ``manifest`` in repository ``root`` (False: it was there)."""
+    d = root / DIR / manifest.hex()
+    p = d / file_name(data)
+    if p.exists():
+        return False
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if sum(1 for _ in d.iterdir()) >= PER_MANIFEST:
+            raise StorageError(f"{d}: already {PER_MANIFEST} certificates for this entry; remove some first")
+        write_atomic(p, data)
+    except OSError as e:
+        raise storage_error(e, f"writing certificate {p}") from None
+    return True
+
+
+def manifests_with_certificates(root: Path) -> list[bytes]:
+    d = root / DIR
+    if not d.is_dir():
+        return []
+    return [m for m in (parse_hex(p.name) for p in d.iterdir()) if m is not None]
