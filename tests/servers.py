@@ -399,3 +399,99 @@ class FaultProxy:
         with self._lock:
             socks = list(self._open)
         self._close(*socks)
+
+
+class Slurm:
+    """A one-node Slurm cluster, as a small site runs it: munged, slurmctld and slurmd on this machine.
+
+    Its own munge key and socket, ports and spool, so it touches nothing of
+    the system's. ``env`` is what a client needs to reach it (SLURM_CONF).
+    The node has 2 CPUs and partition "vml"; tasks run as root.
+    """
+
+    def __init__(self):
+        for tool in ("munged", "slurmctld", "slurmd", "sbatch", "sinfo"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} not installed (scripts/install-deps installs slurm-wlm and munge)")
+        self.dir = Path(tempfile.mkdtemp(prefix="vml-slurm."))
+        d = self.dir
+        (d / "state").mkdir()
+        (d / "spool").mkdir()
+        key = d / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        self.procs: list[subprocess.Popen] = []
+        self._start(
+            "munged",
+            ["munged", "-F", "-f", f"--socket={d}/munge.sock", f"--key-file={key}", f"--log-file={d}/munged.log",
+             f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed"],
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not (d / "munge.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        node = socket.gethostname().split(".")[0]
+        ctld, slurmd = free_port(), free_port()
+        (d / "slurm.conf").write_text(f"""
+ClusterName=vmltest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={ctld}
+SlurmdPort={slurmd}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={d}/munge.sock
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+SwitchType=switch/none
+KillWait=30
+MinJobAge=30
+NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 State=UNKNOWN
+PartitionName=vml Nodes={node} Default=YES MaxTime=INFINITE State=UP
+""")
+        self.env = {"SLURM_CONF": str(d / "slurm.conf")}
+        env = dict(os.environ, **self.env)
+        self._start("slurmctld", ["slurmctld", "-D", "-f", str(d / "slurm.conf")], env)
+        self._start("slurmd", ["slurmd", "-D", "-f", str(d / "slurm.conf"), "-N", node], env)
+        deadline = time.monotonic() + 60
+        while True:
+            r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, check=False)
+            if r.stdout.strip() == "idle":
+                break
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise RuntimeError(f"Slurm did not come up: {r.stdout}{r.stderr}")
+            time.sleep(0.5)
+
+    def _start(self, name: str, cmd: list[str], env=None) -> None:
+        self.procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.dir / f"{name}.stderr", "wb"),  # noqa: SIM115
+            )
+        )
+
+    def jobs(self) -> str:
+        env = dict(os.environ, **self.env)
+        return subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, check=False).stdout
+
+    def stop(self) -> None:
+        env = dict(os.environ, **self.env)
+        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True, check=False)
+        for proc in reversed(self.procs):
+            end_process(proc, 15)
+        shutil.rmtree(self.dir, ignore_errors=True)

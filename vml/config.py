@@ -12,6 +12,7 @@ config is TOML so that people can read and edit it::
     [limits]
     max_disk_size = "16T"          # entries declaring larger disks or files are refused
     mount_memory = "512M"          # what the mount may hold in memory (decompressed chunks mostly)
+    lock_wait = 60                 # seconds a writer waits for a repository's lock before giving up
 
     [defaults]
     hypervisor = "libvirt"         # what `vml web`'s Start boots on (default qemu)
@@ -69,6 +70,7 @@ MIN_MOUNT_MEMORY = 256 << 20  # the process itself and what is fetched ahead nee
 REMOTE_KEYS = {"url": str, "key": str, "cache_quota": int, "catalog_ttl": (int, float), "repository": str}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 DAY = 86400.0
+DEFAULT_LOCK_WAIT = 60.0
 # The most each number setting may be. A larger one is a typo; and TOML
 # reads 1e309 as infinity, which would make a read wait for ever.
 NUMBER_LIMITS = {
@@ -82,6 +84,7 @@ NUMBER_LIMITS = {
     "proxy_reset_after": DAY,
     "backoff": 60.0,
     "parallel": 256,
+    "lock_wait": 7 * DAY,
 }
 
 
@@ -102,6 +105,7 @@ class Config:
     web: dict = field(default_factory=dict)  # [web], checked by _web_section
     trust: dict[str, TrustedKey] = field(default_factory=dict)  # [trust.NAME] (vml.trust)
     policy: Policy | None = None  # [policy]
+    lock_wait: float = DEFAULT_LOCK_WAIT  # [limits] lock_wait
 
     @property
     def home(self) -> Path:
@@ -134,6 +138,11 @@ class Config:
         limits = doc.get("limits", {})
         limit = _size_limit(path, limits, "max_disk_size", DEFAULT_MAX_DISK_SIZE, 1, MAX_STREAM_SIZE, "16T")
         memory = _size_limit(path, limits, "mount_memory", DEFAULT_MOUNT_MEMORY, MIN_MOUNT_MEMORY, 1 << 50, "512M")
+        lock_wait = limits.get("lock_wait", DEFAULT_LOCK_WAIT)
+        try:
+            check_number("lock_wait", lock_wait, f"{path}: [limits] lock_wait =")
+        except UsageError as e:
+            raise CorruptManifest(str(e)) from None
         hypervisor = doc.get("defaults", {}).get("hypervisor") if isinstance(doc.get("defaults"), dict) else None
         if hypervisor is not None and not (isinstance(hypervisor, str) and hypervisor.isalpha()):
             raise CorruptManifest(f"{path}: [defaults] hypervisor = {hypervisor!r}: not a hypervisor name")
@@ -141,9 +150,13 @@ class Config:
         keys = parse_trust(path, doc.get("trust", {}))
         policy = parse_policy(path, doc.get("policy"), keys)
         default = default if default in repos else None
-        return cls(path, repos, default, remotes, limit, memory, hypervisor, web, keys, policy)
+        return cls(path, repos, default, remotes, limit, memory, hypervisor, web, keys, policy, lock_wait)
 
     def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, self.to_toml().encode())
+
+    def to_toml(self) -> str:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}
         if self.default:
             doc["default"] = self.default
@@ -154,6 +167,8 @@ class Config:
             limits["max_disk_size"] = self.max_disk_size
         if self.mount_memory != DEFAULT_MOUNT_MEMORY:
             limits["mount_memory"] = self.mount_memory
+        if self.lock_wait != DEFAULT_LOCK_WAIT:
+            limits["lock_wait"] = self.lock_wait
         if limits:
             doc["limits"] = limits
         if self.hypervisor:
@@ -164,8 +179,7 @@ class Config:
             doc["trust"] = {n: k.doc() for n, k in sorted(self.trust.items())}
         if self.policy:
             doc["policy"] = self.policy.doc()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, tomli_w.dumps(doc).encode())
+        return tomli_w.dumps(doc)
 
     # -- certification ---------------------------------------------------
 
@@ -198,7 +212,9 @@ class Config:
         if name is None:
             name = next((n for n, p in self.repositories.items() if p == Path(path)), None)
         fallbacks = [open_remote(self.home, rc) for _, rc in sorted(self.remotes.items())]
-        return Repository(Store(path), name, fallbacks, self.max_disk_size)
+        store = Store(path)
+        store.lock_wait = self.lock_wait
+        return Repository(store, name, fallbacks, self.max_disk_size)
 
     def parent_for(self, spec: str | None, repo: Repository) -> str | Entry | None:
         """What ``--parent SPEC`` names for an entry saved into ``repo``.

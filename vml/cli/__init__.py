@@ -12,7 +12,7 @@ import logging
 import sys
 
 from ..errors import VmlError
-from . import areas, entries, envs, remotes, repos, trust, web
+from . import areas, deploy, entries, envs, remotes, repos, trust, web
 
 INTERNAL_ERROR = 70
 
@@ -51,7 +51,7 @@ class Commands:
 
 def build_parser() -> argparse.ArgumentParser:
     cli = Commands()
-    for module in (repos, entries, areas, remotes, envs, trust, web):
+    for module in (repos, entries, areas, remotes, envs, trust, deploy, web):
         module.register(cli)
     return cli.parser
 

@@ -114,6 +114,7 @@ class Store:
         self.refs_path = self.path / REFS_FILE
         self.leases_dir = self.path / LEASES_DIR
         self._locked = False
+        self.lock_wait = 60.0  # [limits] lock_wait of the config that opened it
         self._tmpfile_ok = True
         self.packs = PackFiles(self.path, self.place)
 
@@ -414,8 +415,9 @@ class Store:
     # -- locking ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, command: str, timeout: float = 60.0):
-        """Hold the writer lock; waits up to ``timeout`` seconds for it."""
+    def lock(self, command: str, timeout: float | None = None):
+        """Hold the writer lock; waits up to ``timeout`` seconds for it (default: ``lock_wait``)."""
+        timeout = self.lock_wait if timeout is None else timeout
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + timeout
