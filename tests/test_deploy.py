@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Vml, need, need_fuse
+from conftest import Vml, hold_lock, need, need_fuse
 from helpers import mtype
 from servers import Nginx, Slurm, Squid
 
@@ -159,3 +159,39 @@ def test_bad_deploys_fail_at_submission_in_one_line(site):
     assert "say where to run it: --slurm" in vml.fails("deploy", "cern:guest")
     assert "no deployment 999" in vml.fails("deploy", "status", "999")
     assert "invalid Slurm job id" in vml.fails("deploy", "cancel", "1;rm")
+
+
+def test_time_nearly_up_stops_the_guest_in_order_and_saves_it(site):
+    """--time 1: Slurm signals USR1 15 s before the end; the task stops the guest that stays up, and saves."""
+    vml, d = site["vml"], site["dir"]
+    stay = d / "stay.img"
+    shutil.copy(d / "guest.img", stay)
+    subprocess.run(["mcopy", "-i", stay, "-", "::STAY.TXT"], input=b"stay\n", check=True)
+    vml("save", "stayer", "--from", stay, "--repo", "shared")
+    args = ("--slurm", "--repo", "shared", "--memory", "256M", "--accel", "tcg", "--time", "1", "--save-as", "late")
+    job = job_of(vml("deploy", "stayer", *args).stdout)
+    submitted = json.loads((d / "user" / "deploys" / f"{job}.json").read_text())
+    assert "--signal=B:USR1@15" in submitted["sbatch"] and "--export=NONE" in submitted["sbatch"]
+    status = wait_tasks(vml, job, lambda states: states[0] in ("done", "failed", "cancelled"), timeout=150)
+    assert status["tasks"][0]["state"] == "done", status
+    console = (d / "user" / "deploys" / job / "task-1.console.log").read_text()
+    assert "VML-GUEST-ALIVE 20" in console  # it ran until told to stop, not to its own end
+    assert "late-1" in vml("log", "shared").stdout
+
+
+def test_a_save_waits_for_the_lock_as_long_as_lock_wait_says(vml, home, tmp_path):
+    """What lets many tasks save at once: the writer lock's wait is the config's [limits] lock_wait."""
+    img = tmp_path / "d.img"
+    img.write_bytes(b"x" * 65536)
+    vml("init", tmp_path / "rep")
+    holder = hold_lock(tmp_path / "rep", "another save", seconds=4)
+    try:
+        (home / "config.toml").write_text((home / "config.toml").read_text() + "\n[limits]\nlock_wait = 1\n")
+        r = vml("save", "a", "--from", img, ok=False)
+        assert r.returncode == 5 and "waiting up to 1 s" in r.stderr and "is busy" in r.stderr
+        text = (home / "config.toml").read_text().replace("lock_wait = 1", "lock_wait = 60")
+        (home / "config.toml").write_text(text)
+        r = vml("save", "b", "--from", img)  # waited for the holder to finish
+        assert "waiting up to 60 s" in r.stderr
+    finally:
+        holder.wait()

@@ -35,6 +35,7 @@ from . import slurm
 SPEC_VERSION = 1
 QEMU_OVERHEAD_MIB = 512  # what QEMU, the mount and vml need on the node besides the guest's memory
 STOP_MARGIN = 120  # seconds before the time limit when Slurm asks the task to stop its VM and save
+MIN_STOP_MARGIN = 15  # for short jobs: a quarter of --time, but at least this
 DEFAULT_LOCK_WAIT = 86400.0  # a task waits this long for the results repository's lock, unless --time says less
 
 
@@ -138,13 +139,20 @@ def batch_script(spec: dict) -> str:
     )
 
 
+def stop_margin(how: DeployOptions) -> int:
+    """Seconds before the time limit when the task is told to stop: room to shut down and save."""
+    if not how.time:
+        return STOP_MARGIN
+    return max(MIN_STOP_MARGIN, min(STOP_MARGIN, slurm.time_seconds(how.time) // 4))
+
+
 def sbatch_options(entry: Entry, records: Path, how: DeployOptions) -> list[str]:
     opts = [
         "--export=NONE",
         f"--array=1-{how.count}",
         f"--job-name=vml-{entry.name}",
         f"--output={records}/slurm-%A_%a.out",
-        f"--signal=B:USR1@{STOP_MARGIN}",
+        f"--signal=B:USR1@{stop_margin(how)}",
     ]
     if how.vcpus:
         opts.append(f"--cpus-per-task={how.vcpus}")
@@ -180,14 +188,17 @@ def submit(cfg: config.Config, spec_text: str, how: DeployOptions) -> Submitted:
         "memory_mib": how.memory_mib,
         "vcpus": how.vcpus,
         "accel": how.accel or "auto",
+        "stop_timeout": stop_margin(how) // 3,  # the guest's shut down; then the save has the rest
         "records": str(records),
         "config": node_config(cfg, repo, results, how),
     }
     script = batch_script(spec)
-    job = slurm.submit(script, sbatch_options(entry, records, how))
+    options = sbatch_options(entry, records, how)
+    job = slurm.submit(script, options)
     names = result_names(how.save_as, how.count) if how.save_as else []
     info = {k: spec[k] for k in ("submitted", "entry", "repository", "manifest", "count", "results", "save_as")}
-    write_atomic(records / f"{job}.json", (json.dumps({"job": job, **info, "names": names}, indent=1) + "\n").encode())
+    doc = {"job": job, **info, "names": names, "sbatch": options}
+    write_atomic(records / f"{job}.json", (json.dumps(doc, indent=1) + "\n").encode())
     write_atomic(records / f"{job}.sh", script.encode())
     return Submitted(job, entry.name, how.count, names, records)
 

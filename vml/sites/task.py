@@ -10,8 +10,8 @@ task's spec on stdin. The task:
 2. opens the pinned entry in a working area and boots it with plain QEMU,
    under the policy the spec and the machine (/etc/vml/policy.toml) set;
 3. waits until the guest powers off, or until Slurm signals (USR1, sent
-   deploy.STOP_MARGIN seconds before the time limit) that time is nearly
-   up, then stops it in order;
+   deploy.stop_margin() seconds before the time limit) that time is nearly
+   up, then stops it in order (ACPI, forced after a third of that margin);
 4. with a results prefix, saves the area as PREFIX-N; the repository's
    writer lock is waited for as long as the job may run
    (``[limits] lock_wait``), so many tasks ending together all save;
@@ -132,7 +132,7 @@ class Task:
                 return
             if self.stop_asked:
                 self.note("stopping")
-                boot.stop(self.home, self.area, timeout=STOP_TIMEOUT)
+                boot.stop(self.home, self.area, timeout=float(self.spec.get("stop_timeout") or STOP_TIMEOUT))
                 return
             time.sleep(POLL)
 
