@@ -275,3 +275,12 @@ def test_start_names_the_area_after_the_entry_and_boots_on_the_configured_hyperv
     r = web.client.post("/defaults", data={"hypervisor": "bochs"}, headers={"X-CSRF-Token": web.csrf()})
     assert r.status_code == 400 and "unknown hypervisor" in r.text
     assert 'data-area="base-2"' in web.client.get("/running").text
+
+
+def test_start_refuses_what_the_certification_policy_refuses(served, vml, home):
+    vml("trust", "policy", "--require", "production")
+    web = served()
+    r = web.client.post("/start", data={"entry": "rep1:base"}, headers={"X-CSRF-Token": web.csrf()})
+    assert r.status_code == 403, r.text
+    assert "vml: error: entry &#39;base&#39; of rep1 is not certified at level &#39;production&#39;" in r.text
+    assert not (home / "areas").exists() or list((home / "areas").iterdir()) == []

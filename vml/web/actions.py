@@ -121,7 +121,7 @@ def routes(web) -> list[Route]:
         how = home.StartOptions(area, hypervisor, _memory(form.get("memory", "")), _vcpus(form.get("vcpus", "")))
         how = dataclasses.replace(how, options=options)
         cfg = config.Config.load(web.home)
-        cfg.find_entry(spec, None)  # a missing entry is refused now, not in the job
+        cfg.check_certified(*cfg.find_entry(spec, None))  # a missing or uncertified entry is refused now
 
         def work(job: Job) -> str:
             mounting.ensure_mounted(web.home, web.mountpoint)

@@ -21,7 +21,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from .. import control
-from ..errors import AlreadyExists, Locked, NotFound, UsageError, VmlError
+from ..errors import AlreadyExists, Locked, NotCertified, NotFound, UsageError, VmlError
 from ..names import format_size
 from ..times import parse_iso
 from . import actions, pages
@@ -40,7 +40,7 @@ HEADERS = {
 }
 SHUTDOWN_WAIT = 60.0
 RECENT = 120.0  # seconds a finished job's card stays on the pages
-STATUS = {NotFound: 404, UsageError: 400, AlreadyExists: 409, Locked: 409}
+STATUS = {NotFound: 404, UsageError: 400, AlreadyExists: 409, Locked: 409, NotCertified: 403}
 
 
 def http_status(error: VmlError) -> int:
