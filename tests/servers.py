@@ -126,7 +126,7 @@ http {{
         listen {listen};
         root {self.root};
         location /objects/ {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
-        location = /catalog.json {{ add_header Cache-Control "no-cache"; }}
+        location = /catalog.json {{ add_header Cache-Control "public, max-age=61"; }}
     }}
 }}
 """

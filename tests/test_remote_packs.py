@@ -180,3 +180,30 @@ def test_eight_clients_with_their_own_mounts_behind_one_squid_cost_the_origin_th
         for mp in mounts:
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
         squid.stop()
+
+
+def test_clients_behind_a_squid_share_its_copy_of_the_catalog_for_a_minute(origin, published, tmp_path):
+    """As CernVM-FS's .cvmfspublished: the origin says 61 s, clients accept a copy 60 s old (catalog_max_age)."""
+    need("squid")
+    from conftest import set_remote
+
+    squid = Squid(documented_squid_settings())
+
+    def catalogs_served() -> int:
+        return sum(1 for _, p, _, _ in origin.requests() if p == "/catalog.json")
+
+    try:
+        first = Vml(tmp_path / "a", tmp_path)
+        add_remote(first, origin, published, "--proxy", squid.url)  # remote add asks the origin (no-cache)
+        before = catalogs_served()
+        for i in range(4):
+            v = Vml(tmp_path / f"n{i}", tmp_path)
+            add_remote(v, origin, published, "--proxy", squid.url, "--no-check")
+            assert "base" in v("log", "cern").stdout
+        assert catalogs_served() == before  # four nodes, no request to the origin: Squid's copy served
+        set_remote(tmp_path / "n0", catalog_max_age=0)  # a client that wants the origin's own
+        (tmp_path / "n0" / "cache" / "cern" / "catalog.json").unlink()
+        Vml(tmp_path / "n0", tmp_path)("log", "cern")
+        assert catalogs_served() == before + 1
+    finally:
+        squid.stop()

@@ -37,6 +37,7 @@ config is TOML so that people can read and edit it::
     proxy = "http://squid1:3128|http://squid2:3128;DIRECT"
     cache_quota = 10737418240
     timeout = 30                   # seconds before an unservable read fails
+    catalog_max_age = 60           # how old a proxy's copy of the catalog may be (0: the origin's)
 
 Repository and remote names share one namespace, so ``NAME`` and
 ``NAME:ENTRY`` mean the same thing everywhere.
@@ -85,7 +86,9 @@ NUMBER_LIMITS = {
     "backoff": 60.0,
     "parallel": 256,
     "lock_wait": 7 * DAY,
+    "catalog_max_age": DAY,
 }
+ZERO_ALLOWED = {"catalog_max_age"}  # 0 means "never a proxy's copy", not "none at all"
 
 
 def vml_home() -> Path:
@@ -321,9 +324,10 @@ def check_number(key: str, value, shown: str | None = None):
     whole = (REMOTE_KEYS.get(key) or SETTING_TYPES.get(key)) in (int, "int")
     if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
         raise UsageError(f"{shown} {value!r}: not {'a whole number' if whole else 'a number'}")
-    limit = NUMBER_LIMITS[key]
-    if not 0 < value <= limit:  # also false for NaN, and infinity is past any limit
-        raise UsageError(f"{shown} {value!r}: use a number above 0 and at most {limit:{'d' if whole else 'g'}}")
+    limit, low = NUMBER_LIMITS[key], key in ZERO_ALLOWED
+    if not (value >= 0 if low else value > 0) or not value <= limit:  # NaN fails; infinity is past any limit
+        least = "from 0" if low else "above 0"
+        raise UsageError(f"{shown} {value!r}: use a number {least} and at most {limit:{'d' if whole else 'g'}}")
     return value
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from .. import config, home, keys, overview
 from ..errors import NotFound, UsageError
 from ..names import format_size, parse_size
-from ..remotes import catalog, fetch, publish, remote
+from ..remotes import catalog, fetch, pinning, publish, remote
 from .output import progress_bar, table
 
 
@@ -110,13 +110,13 @@ def cmd_cache_status(args) -> int:
 
 def _remote_part(args):
     repo, entry = config.Config.load().find_entry(args.entry, args.repo)
-    return remote.remote_part(repo, entry)
+    return pinning.remote_part(repo, entry)
 
 
 def cmd_cache_preload(args) -> int:
     store, digest, name = _remote_part(args)
     with progress_bar(f"preloading {store.name}:{name}", unit="obj") as bar:
-        count, fetched = remote.preload(store, digest, name, args.pin, bar)
+        count, fetched = pinning.preload(store, digest, name, args.pin, bar)
     pinned = " and pinned" if args.pin else ""
     print(f"{store.name}:{name}: {count} objects cached{pinned}, {format_size(fetched)} fetched")
     return 0
@@ -124,7 +124,7 @@ def cmd_cache_preload(args) -> int:
 
 def cmd_cache_unpin(args) -> int:
     store, _, name = _remote_part(args)
-    remote.unpin(store, name)
+    pinning.unpin(store, name)
     print(f"unpinned {store.name}:{name}; its objects may now be evicted")
     return 0
 

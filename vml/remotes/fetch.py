@@ -40,6 +40,9 @@ class Settings:
     backoff: float = 0.25  # first pause between rounds; doubles, at most 2 s
     parallel: int = 16  # connections for preload and read-ahead
     verify_tls: bool | str = True  # or a CA bundle path
+    # How old a proxy's copy of the catalog may be (Cache-Control: max-age); 0: always the origin's.
+    # Signatures and revisions refuse forged and older catalogs, so a minute's sharing is safe.
+    catalog_max_age: float = 60.0
 
 
 def parse_proxies(spec: str) -> list[list[str | None]]:
@@ -150,12 +153,14 @@ class Fetcher:
         path: str,
         max_bytes: int,
         check=None,
-        fresh: bool = False,
+        max_age: float | None = None,
         deadline: float | None = None,
         span: tuple[int, int] | None = None,
     ):
         """The body at ``path``, passed through ``check`` (which may raise Corrupt to reject it).
 
+        ``max_age``: how old a proxy's copy may be (0: none, fetch from the
+        origin); None says nothing, for objects that never change.
         With ``span`` (offset, length), only those bytes, by a Range request:
         a server that answers with anything but exactly them has failed.
 
@@ -176,7 +181,7 @@ class Fetcher:
                 if time.monotonic() >= deadline:
                     break
                 try:
-                    body = self._get_once(url, member, max_bytes, fresh, deadline, span)
+                    body = self._get_once(url, member, max_bytes, max_age, deadline, span)
                     result = check(body) if check else body
                 except _Failed as e:
                     if not e.missing:  # a 404 is the origin's answer, not the proxy's failure
@@ -205,7 +210,13 @@ class Fetcher:
             pause = min(pause * 2, 2.0)
 
     def _get_once(
-        self, url: str, member: str | None, max_bytes: int, fresh: bool, deadline: float, span: tuple[int, int] | None
+        self,
+        url: str,
+        member: str | None,
+        max_bytes: int,
+        max_age: float | None,
+        deadline: float,
+        span: tuple[int, int] | None,
     ) -> bytes:
         """One GET through ``member`` (None: direct), bounded in time and size, on this thread's handle.
 
@@ -245,7 +256,11 @@ class Fetcher:
         c.setopt(pycurl.LOW_SPEED_TIME, max(1, round(within)))
         c.setopt(pycurl.MAXFILESIZE_LARGE, max_bytes)
         # identity: bodies are checked byte for byte, and nothing is inflated unbounded.
-        headers = ["Accept-Encoding: identity"] + (["Cache-Control: no-cache", "Pragma: no-cache"] if fresh else [])
+        headers = ["Accept-Encoding: identity"]
+        if max_age == 0:
+            headers += ["Cache-Control: no-cache", "Pragma: no-cache"]
+        elif max_age is not None:
+            headers.append(f"Cache-Control: max-age={int(max_age)}")
         c.setopt(pycurl.HTTPHEADER, headers)
         if st.verify_tls is False:
             c.setopt(pycurl.SSL_VERIFYPEER, 0)

@@ -25,7 +25,6 @@ from ..errors import (
     Corrupt,
     ExpiredCatalog,
     FetchError,
-    NotFound,
     ObjectMissing,
     ReadOnly,
     UsageError,
@@ -134,7 +133,8 @@ class RemoteStore:
                 return seen
             check = functools.partial(self._check, identity, seen)
             try:
-                data, cat = self.fetcher.get(CATALOG_FILE, CATALOG_LIMIT, check, fresh=True)
+                age = 0 if refresh else self.rc.settings.catalog_max_age
+                data, cat = self.fetcher.get(CATALOG_FILE, CATALOG_LIMIT, check, max_age=age)
             except (FetchError, ObjectMissing, ExpiredCatalog) as e:
                 # Offline, the cached catalog serves even expired (offline use is
                 # promised). A network that answers with an expired catalog may
@@ -146,19 +146,21 @@ class RemoteStore:
                 self._warn_cached(seen, e)
                 cat = seen
             else:
-                cat = self._keep_catalog(data, cat)
+                cat = cat if data is None else self._keep_catalog(data, cat)
             self._catalog = (now, cat)
             return cat
 
     def _where(self) -> str:
         return f"remote {self.name} ({self.rc.url})"
 
-    def _check(self, identity: str | None, seen: Catalog | None, data: bytes) -> tuple[bytes, Catalog]:
-        """A catalog fetched from the network, if it may replace ``seen``; else a Corrupt error."""
+    def _check(self, identity: str | None, seen: Catalog | None, data: bytes) -> tuple[bytes | None, Catalog]:
+        """A catalog fetched from the network, if it may replace ``seen`` ((None, seen): keep seen); else Corrupt."""
         cat = catalogs.verify(data, self.key, f"{self._where()}: {CATALOG_FILE}")
         if identity and cat.repository != identity:
             raise self._other_repository(cat.repository, identity)
         if seen and seen.repository == cat.repository and cat.revision < seen.revision:
+            if not seen.expired():  # a proxy's copy from before the last publish: keep the newer one
+                return None, seen
             raise BadSignature(
                 f"{self._where()}: catalog revision {cat.revision} is older than revision {seen.revision} "
                 "seen before; refused as a replay"
@@ -463,38 +465,3 @@ def flush_counters() -> None:
         stores = list(_remotes.values())
     for store in stores:
         store.cache.flush_stats()
-
-
-def remote_part(repo: Repository, entry) -> tuple[RemoteStore, bytes, str]:
-    """(remote store, manifest digest, entry name) of what ``entry`` builds on over the network.
-
-    For an entry of a remote, that is the entry itself; for a local entry on
-    a remote parent, the remote entry at the end of its local chain.
-    """
-    if repo.read_only:
-        return repo.store, entry.digest, entry.name
-    local = repo.local_chain(entry.digest)
-    link = local[-1][1].reference if local else None
-    if link is None:
-        raise UsageError(f"entry {entry.name!r} of {repo.name} is all local: there is nothing to fetch for it")
-    for store in repo.fallbacks:
-        if store.lists(link.manifest):
-            return store, link.manifest, link.name
-    raise NotFound(f"entry {entry.name!r} builds on {link.name!r}, which no configured remote lists")
-
-
-def preload(store: RemoteStore, digest: bytes, name: str, pin: bool, progress: Progress = SILENT) -> tuple[int, int]:
-    """Fetch every object an entry needs into the cache, and pin it if asked; (objects, bytes fetched)."""
-    objs = RemoteRepository(store).entry_objects(digest)
-    fetched = store.fetch_all(objs, METADATA_LIMIT, progress)
-    if pin:  # only once all is there; eviction during the preload is the quota's business
-        store.cache.set_pins(store.pins() | {name: digest})
-    return len(objs), fetched
-
-
-def unpin(store: RemoteStore, name: str) -> None:
-    pins = store.pins()
-    if name not in pins:
-        raise NotFound(f"{store.name}:{name} is not pinned")
-    del pins[name]
-    store.cache.set_pins(pins)

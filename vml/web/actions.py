@@ -23,7 +23,7 @@ from ..envs.capture import area_source, entry_source, save_environment
 from ..envs.restore import restore_environment
 from ..errors import NotFound, StorageError, UsageError, VmlError
 from ..names import check_name, check_repository_name, format_size, parse_size
-from ..remotes import fetch, remote
+from ..remotes import fetch, pinning, remote
 from ..repo.store import DEFAULT_CHUNK_SIZE
 from ..vms import boot
 from ..vms.hypervisors import NAMES
@@ -212,10 +212,10 @@ def routes(web) -> list[Route]:
         spec, pin = form.get("entry", ""), form.get("pin") == "on"
         parse_spec(spec)
         repo, entry = config.Config.load(web.home).find_entry(spec, None)
-        store, digest, name = remote.remote_part(repo, entry)
+        store, digest, name = pinning.remote_part(repo, entry)
 
         def work(job: Job) -> str:
-            count, fetched = remote.preload(store, digest, name, pin, job)
+            count, fetched = pinning.preload(store, digest, name, pin, job)
             pinned = " and pinned" if pin else ""
             return f"{store.name}:{name}: {count} objects cached{pinned}, {format_size(fetched)} fetched"
 
@@ -225,8 +225,8 @@ def routes(web) -> list[Route]:
         spec = form.get("entry", "")
         parse_spec(spec)
         repo, entry = config.Config.load(web.home).find_entry(spec, None)
-        store, _, name = remote.remote_part(repo, entry)
-        remote.unpin(store, name)
+        store, _, name = pinning.remote_part(repo, entry)
+        pinning.unpin(store, name)
         return web.jobs.run(f"Unpin {spec}", lambda job: f"unpinned {spec}; its objects may now be evicted")
 
     def clear(request, form):
