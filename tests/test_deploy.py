@@ -106,6 +106,8 @@ def test_two_tasks_boot_the_certified_guest_and_save_their_results(site, tmp_pat
     assert all(t["node"] for t in status["tasks"])
     table = vml("deploy", "status", job).stdout
     assert "run-1" in table and "done" in table
+    assert f"job {job}: guest of cern, 2 task(s)" in vml("deploy", "status").stdout  # every job recorded
+    assert not Path("/vml").is_mount()  # the tasks needed no /vml on this node
 
     for i in (1, 2):
         assert "VML-GUEST-DONE" in (d / "user" / "deploys" / job / f"task-{i}.console.log").read_text()
@@ -174,8 +176,10 @@ def test_time_nearly_up_stops_the_guest_in_order_and_saves_it(site):
     assert "--signal=B:USR1@15" in submitted["sbatch"] and "--export=NONE" in submitted["sbatch"]
     status = wait_tasks(vml, job, lambda states: states[0] in ("done", "failed", "cancelled"), timeout=150)
     assert status["tasks"][0]["state"] == "done", status
+    record = json.loads((d / "user" / "deploys" / job / "task-1.json").read_text())
+    assert record["stopped"] == "the job's time limit was near"
     console = (d / "user" / "deploys" / job / "task-1.console.log").read_text()
-    assert "VML-GUEST-ALIVE 20" in console  # it ran until told to stop, not to its own end
+    assert "VML-GUEST-ALIVE 5" in console  # it stayed up until told to stop
     assert "late-1" in vml("log", "shared").stdout
 
 

@@ -131,7 +131,7 @@ class Task:
             if rec is None or boot.vm_state(self.home, rec, options) == "stopped":
                 return
             if self.stop_asked:
-                self.note("stopping")
+                self.note("stopping", stopped="the job's time limit was near")
                 boot.stop(self.home, self.area, timeout=float(self.spec.get("stop_timeout") or STOP_TIMEOUT))
                 return
             time.sleep(POLL)

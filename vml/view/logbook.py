@@ -4,7 +4,7 @@
     /<repository>/<entry>/D-flat.vmdk    the same file (same node) under VMware's name
     /<repository>/<entry>/D.vmdk         a monolithicFlat descriptor naming D-flat.vmdk
     /<repository>/<entry>/<files>        the entry's configuration files
-    /<repository>/<entry>/entry.json     what `vml show --json` prints
+    /<repository>/<entry>/entry.json     what `vml show --json` prints, but the certificates
     /areas/<area>/...                    the same for a working area; D.img is writable
 
 Paths are tuples of names. Every node has a key that is stable for as long
