@@ -60,19 +60,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, sync: bool = True, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that readers see old or new, never a mix.
 
-    Without ``sync``, the caller flushes later (many files, one syncfs).
+    Without ``sync``, the caller flushes later (many files, one syncfs). ``mode`` is the new file's
+    (0o600 for a file holding a secret): the temporary file has it before any byte is written, so
+    no other user can open it in between.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
     try:
+        if mode != 0o600:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
