@@ -12,6 +12,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -163,6 +164,41 @@ http {{
         self.proc.terminate()
         self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StaticServer:
+    """``python3 -m http.server`` serving ``root``, in its own process: a plain static server that
+    ignores Range and answers every GET with 200 and the whole file, as many simple hosts do."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._read_log, daemon=True).start()
+        wait_port(self.port, self.proc, "http.server")
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def requests(self) -> list[tuple[str, int]]:
+        """(path, status) of every GET so far (the server logs a request once it has answered)."""
+        time.sleep(0.2)
+        out = []
+        for line in list(self.lines):
+            words = line.split('"')
+            if len(words) >= 3 and words[1].startswith("GET "):
+                out.append((words[1].split()[1], int(words[2].split()[0])))
+        return out
+
+    def stop(self) -> None:
+        end_process(self.proc, 5)
 
 
 def documented_squid_settings() -> str:

@@ -18,7 +18,7 @@ from vml.repo.packfiles import decode_packset, index_path, packset_path
 from vml.repo.packs import Index
 
 from conftest import Vml, add_remote, debugfs_write, need, need_fuse
-from servers import Nginx, Squid, documented_squid_settings
+from servers import Nginx, Squid, StaticServer, documented_squid_settings
 
 
 def pack_requests(origin, since: int) -> list[tuple[str, int]]:
@@ -207,3 +207,48 @@ def test_clients_behind_a_squid_share_its_copy_of_the_catalog_for_a_minute(origi
         assert catalogs_served() == before + 1
     finally:
         squid.stop()
+
+
+def test_a_plain_static_server_that_ignores_range_serves_every_read(vml, home, mounted, published):
+    """Python's http.server answers a Range request with 200 and the whole file: the pack is used whole."""
+    from conftest import set_remote
+
+    server = StaticServer(published["pub"])
+    try:
+        out = vml("remote", "add", "plain", server.url, "--key", published["pubkey"]).stdout
+        assert "the server ignores Range requests" in out, out
+        set_remote(home, "plain", timeout=10.0)  # a refused reply would otherwise cost the default 30 s
+        cat = served_catalog(published)
+        packs = packs_of(published["pub"], cat, "e2")
+        (disk,) = [p for p in (mounted / "plain" / "e2").iterdir() if p.suffix == ".img"]
+        repo = Config.load(home).open("plain")
+        (table,) = repo.resolve(cat.refs["e2"]).disks.values()
+        chunks = [i for i, d, _ in table.records()]
+        want = published["image"].read_bytes()
+        cs = table.chunk_size
+
+        def pack_of(i: int) -> str:
+            return next(p for p, ix in packs.items() if ix.find(table.digest(i)) is not None)
+
+        # A random read (O_DIRECT: no read-ahead) of a chunk in the middle of a pack, then of the chunk before
+        # it (backwards: not taken for a sequential run), which lies in the same pack.
+        i = next(i for i in chunks[len(chunks) // 2 :] if i - 1 in chunks and pack_of(i - 1) == pack_of(i))
+        before = len(server.requests())
+        for j in (i, i - 1):
+            fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4096)
+                assert os.preadv(fd, [buf], j * cs) == 4096
+            finally:
+                os.close(fd)
+            assert bytes(buf) == want[j * cs :][:4096]
+        got = [p for p, st in server.requests()[before:] if p.startswith("/packs/") and not p.endswith(".idx")]
+        assert len(got) == 1 and got[0] in packs, got  # the whole pack once, and its neighbour from the cache
+
+        # Every byte, each pack fetched at most once.
+        before = len(server.requests())
+        assert disk.read_bytes() == want
+        got = [p for p, st in server.requests()[before:] if p.startswith("/packs/") and not p.endswith(".idx")]
+        assert len(got) == len(set(got)) and set(got) <= set(packs), got
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ from .. import config, home, keys, overview
 from ..errors import NotFound, UsageError
 from ..names import format_size, parse_size
 from ..remotes import catalog, fetch, pinning, publish, remote
+from ..repo.packfiles import PACK_SIZE
 from .output import progress_bar, table
 
 
@@ -54,6 +55,11 @@ def cmd_remote_add(args) -> int:
     cat = home.add_remote(config.vml_home(), rc, check=not args.no_check)
     if cat is not None:
         print(f"remote {rc.name}: catalog revision {cat.revision} of {cat.repository}, {len(cat.refs)} entries")
+        if remote.open_remote(config.vml_home(), rc).serves_ranges() is False:
+            print(
+                f"remote {rc.name}: the server ignores Range requests (a plain static server?): a read of a chunk "
+                f"not cached fetches its whole pack (about {format_size(PACK_SIZE)}), which is then cached"
+            )
     print(f"added remote {rc.name} ({rc.url}), proxies {rc.settings.proxy}, cache quota {format_size(rc.cache_quota)}")
     return 0
 

@@ -11,6 +11,7 @@ first. One fetch ends, successfully or not, before its deadline: a read
 that cannot be served fails in bounded time instead of hanging.
 """
 
+import contextlib
 import logging
 import random
 import threading
@@ -141,6 +142,9 @@ class Fetcher:
         self._local = threading.local()
         self._lock = threading.Lock()
         self.bytes = 0
+        # Whether the server answers Range requests with the bytes asked for: None until a reply says.
+        # Plain static servers (Python's http.server, some object stores) answer 200 and the whole file.
+        self.ranges: bool | None = None
 
     def _curl(self) -> pycurl.Curl:
         c = getattr(self._local, "curl", None)
@@ -156,13 +160,18 @@ class Fetcher:
         max_age: float | None = None,
         deadline: float | None = None,
         span: tuple[int, int] | None = None,
+        whole: int | None = None,
     ):
         """The body at ``path``, passed through ``check`` (which may raise Corrupt to reject it).
 
         ``max_age``: how old a proxy's copy may be (0: none, fetch from the
         origin); None says nothing, for objects that never change.
         With ``span`` (offset, length), only those bytes, by a Range request:
-        a server that answers with anything but exactly them has failed.
+        a server that answers with anything but exactly them has failed,
+        unless ``whole`` gives the file's size: a server that ignores Range
+        may then answer with the whole file, which ``check`` gets instead
+        (it tells the two apart by their length), and ``ranges`` says so
+        from then on.
 
         Tries members in order and rounds of them with back-off until the
         deadline; raises ObjectMissing when every member of a round said 404,
@@ -181,7 +190,7 @@ class Fetcher:
                 if time.monotonic() >= deadline:
                     break
                 try:
-                    body = self._get_once(url, member, max_bytes, max_age, deadline, span)
+                    body = self._get_once(url, member, max_bytes, max_age, deadline, span, whole)
                     result = check(body) if check else body
                 except _Failed as e:
                     if not e.missing:  # a 404 is the origin's answer, not the proxy's failure
@@ -217,6 +226,7 @@ class Fetcher:
         max_age: float | None,
         deadline: float,
         span: tuple[int, int] | None,
+        whole: int | None,
     ) -> bytes:
         """One GET through ``member`` (None: direct), bounded in time and size, on this thread's handle.
 
@@ -229,6 +239,8 @@ class Fetcher:
         st = self.settings
         remaining = max(0.1, deadline - time.monotonic())
         body = bytearray()
+        if span is not None and whole is not None:
+            max_bytes = max(max_bytes, whole)  # a server without ranges sends the whole file
 
         def write(block: bytes):
             body.extend(block)
@@ -287,13 +299,38 @@ class Fetcher:
                 raise _Failed(f"truncated reply ({_curl_reason(code, message)})") from None
             raise _Failed(_curl_reason(code, message)) from None
         status = c.getinfo(pycurl.RESPONSE_CODE)
-        if status != (200 if span is None else 206):
+        if span is not None and status == 200:
+            self._learn_ranges(False)
+            if whole is None:
+                raise _Failed("the server ignores Range requests")
+            if len(body) != whole:
+                raise _Failed(f"{len(body)} bytes in a whole-file reply to a Range request, not {whole}")
+        elif status != (200 if span is None else 206):
             raise _Failed(f"HTTP {status}" + (" to a Range request" if span else ""), missing=status == 404)
-        if span is not None and len(body) != span[1]:
-            raise _Failed(f"{len(body)} bytes in reply to a Range request of {span[1]}")
+        elif span is not None:
+            if len(body) != span[1]:
+                raise _Failed(f"{len(body)} bytes in reply to a Range request of {span[1]}")
+            self._learn_ranges(True)
         with self._lock:
             self.bytes += len(body)
         return bytes(body)
+
+    def _learn_ranges(self, served: bool) -> None:
+        if self.ranges is not served:
+            self.ranges = served
+            if not served:
+                log.warning("%s: the server ignores Range requests; reading whole files instead", self.what)
+
+    def serves_ranges(self, path: str, limit: int) -> bool | None:
+        """Whether the server answers a Range request of ``path`` with just that range (one request).
+
+        None if it gave no answer. ``limit`` bounds the whole file a server without ranges sends.
+        """
+        member = self.proxies.order()[0]
+        deadline = time.monotonic() + self.settings.timeout
+        with contextlib.suppress(_Failed):
+            self._get_once(self.base + path, member, limit, 0, deadline, (0, 1), None)
+        return self.ranges
 
 
 def _curl_reason(code: int, message: str) -> str:

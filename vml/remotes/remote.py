@@ -34,13 +34,14 @@ from ..names import check_name
 from ..progress import SILENT, Progress
 from ..repo.manifest import DEFAULT_MAX_DISK_SIZE
 from ..repo.objects import decode
+from ..repo.packs import MAX_INDEX
 from ..repo.repository import Repository
 from ..repo.store import METADATA_LIMIT
 from . import catalog as catalogs
 from .cache import ObjectCache
 from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
 from .fetch import Fetcher, Settings
-from .remotepacks import RemotePacks
+from .remotepacks import RemotePacks, pack_url
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,13 @@ class RemoteStore:
     def refs(self) -> dict[str, bytes]:
         return dict(self.catalog().refs)
 
+    def serves_ranges(self) -> bool | None:
+        """Whether the server answers Range requests (one request for a pack index; None: no answer, or no
+        packs). Without ranges, a read of a chunk not cached fetches its whole pack."""
+        indexes = self.catalog().indexes
+        # Not the catalog: a Range request of it through a proxy would replace the proxy's copy.
+        return self.fetcher.serves_ranges(f"{pack_url(min(indexes))}.idx", MAX_INDEX) if indexes else None
+
     def certificates(self, manifest: bytes) -> list[bytes]:
         return self.catalog().certificate_files(manifest)
 
@@ -344,7 +352,9 @@ class RemoteStore:
             elif self.packs.wait(loc.pack) and (cached := self._cached(digest, limit, count=False)) is not None:
                 return cached  # its pack was on its way, and is in the cache now
             else:
-                blob, content = self.packs.fetch_frame(loc, check)
+                (blob, content), pack_kept = self.packs.fetch_frame(loc, check)
+                if pack_kept:
+                    return blob, content  # the cache holds its whole pack
         except ObjectMissing:
             raise ObjectMissing(f"object {h} is missing from remote {self.name} ({self.rc.url})") from None
         self.cache.count("fetched_bytes", len(blob))

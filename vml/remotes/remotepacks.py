@@ -17,6 +17,10 @@ A reader of an entry first loads its pack set and those packs' indexes
   chunks;
 - any other read fetches only its chunk's frame, by a Range request: at
   most one frame, the chunk size plus zstd's bound (``RANDOM_READ_BOUND``).
+  A server that ignores Range (a plain static server answers 200 and the
+  whole file) sends the whole pack instead: it is checked against its name
+  and kept whole like a pack fetched ahead, and from then on every read of
+  a pack not cached fetches it whole, once however many readers want it.
 """
 
 import logging
@@ -52,6 +56,7 @@ class _Job:
     def __init__(self):
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.data: bytes | None = None  # the pack, for its waiters when the cache could not keep it
 
 
 class RemotePacks:
@@ -138,9 +143,61 @@ class RemotePacks:
             job.done.wait()
         return job is not None
 
-    def fetch_frame(self, loc: Location, check):
-        """One object's frame by a Range request, passed through ``check``."""
-        return self.fetcher.get(pack_url(loc.pack), loc.length, check, span=(loc.offset, loc.length))
+    def fetch_frame(self, loc: Location, check) -> tuple[object, bool]:
+        """(one object's frame passed through ``check``, whether its whole pack came and is cached).
+
+        The frame comes by a Range request, or out of its whole pack where the server ignores ranges.
+        """
+        if self.fetcher.ranges is False:
+            frame = self.cache.read_frame(loc.pack, loc.offset, loc.length, count=False)
+            if frame is None:
+                frame = self._pack_bytes(loc.pack)[loc.offset : loc.offset + loc.length]
+            return check(frame), True
+        whole = False
+
+        def frame_or_pack(body: bytes):
+            nonlocal whole
+            if len(body) == loc.length:
+                return check(body)
+            self._check_pack(loc.pack, body)  # the whole pack, from a server that ignored the range
+            self._keep_pack(loc.pack, body)
+            whole = True
+            return check(body[loc.offset : loc.offset + loc.length])
+
+        size = self._indexes[loc.pack].pack_size
+        span = (loc.offset, loc.length)
+        return self.fetcher.get(pack_url(loc.pack), loc.length, frame_or_pack, span=span, whole=size), whole
+
+    def _check_pack(self, pack: bytes, body: bytes) -> None:
+        if len(body) != self._indexes[pack].pack_size or blake3.blake3(body).digest() != pack:
+            raise CorruptObject(f"{self.where}: {pack_url(pack)} does not match its name")
+
+    def _keep_pack(self, pack: bytes, data: bytes) -> None:
+        self.cache.put_pack(pack, data)
+        self.cache.count("fetched_bytes", len(data))
+
+    def _pack_bytes(self, pack: bytes) -> bytes:
+        """A whole pack, fetched once however many readers want it (from the cache if it is there by now)."""
+        job, leader = self._job(pack)
+        if leader:
+            self._run(pack, job)
+        else:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+        data = job.data
+        if data is None:  # cached by an earlier fetch
+            data = self.cache.read_frame(pack, 0, self._indexes[pack].pack_size, count=False)
+        if data is None:  # evicted at once: fetch it again, for this reader only
+            data = self._fetch_whole(pack)
+        return data
+
+    def _fetch_whole(self, pack: bytes) -> bytes:
+        def checked(body: bytes) -> bytes:
+            self._check_pack(pack, body)
+            return body
+
+        return self.fetcher.get(pack_url(pack), self._indexes[pack].pack_size, checked)
 
     def _job(self, pack: bytes) -> tuple[_Job, bool]:
         """The fetch of ``pack`` under way, or a new one; and whether it is new (the caller runs it)."""
@@ -163,18 +220,10 @@ class RemotePacks:
 
     def _run(self, pack: bytes, job: _Job) -> int:
         try:
-            index = self._indexes[pack]
-
-            def check(body: bytes) -> bytes:
-                if len(body) != index.pack_size or blake3.blake3(body).digest() != pack:
-                    raise CorruptObject(f"{self.where}: {pack_url(pack)} does not match its name")
-                return body
-
             if self.cache.has_pack(pack):  # a reader that asked before an earlier fetch of it ended
                 return 0
-            data = self.fetcher.get(pack_url(pack), index.pack_size, check)
-            self.cache.put_pack(pack, data)
-            self.cache.count("fetched_bytes", len(data))
+            data = job.data = self._fetch_whole(pack)
+            self._keep_pack(pack, data)
             return len(data)
         except BaseException as e:
             job.error = e
