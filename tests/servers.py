@@ -270,7 +270,7 @@ class FaultProxy:
     body, or with ``rng`` one random bit at a random place in it); "truncate"
     (end each reply half-way). ``delay`` seconds are added to each direction
     (so a round trip gains twice that), without limiting bandwidth.
-    ``corrupted`` counts the replies that had a flip.
+    ``corrupted`` counts the replies that had a flip; ``asked`` lists the paths of the GETs relayed.
     """
 
     def __init__(
@@ -284,6 +284,7 @@ class FaultProxy:
         self.target = target_port
         self.mode, self.delay, self.rate, self.rng = mode, delay, rate, rng
         self.corrupted = 0
+        self.asked: list[str] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._sock = socket.socket()
@@ -358,6 +359,8 @@ class FaultProxy:
                 data = src.recv(256 << 10)
                 if not data:
                     break
+                if not reply and data.startswith(b"GET "):
+                    self.asked.append(data.split(b" ", 2)[1].decode(errors="replace"))
                 if reply and self.mode == "slow":  # a trickle: small pieces, evenly spaced
                     for i in range(0, len(data), 512):
                         time.sleep(512 / self.rate)

@@ -256,6 +256,10 @@ def test_an_expired_catalog_from_the_network_is_refused_and_the_cached_one_kept(
 
     out = publisher["vml"]("publish", pub, "--key", publisher["key"], "--resign").stdout
     assert "revision 3" in out
+    r = vml("log", "cern")  # the failed refresh set a back-off: the cached catalog serves until it ends
+    assert "base(" in r.stdout and "a refresh failed recently" in r.stderr
+    assert served_catalog(home / "cache" / "cern", publisher).revision == 1
+    (home / "cache" / "cern" / "catalog.retry").unlink()  # as if the back-off had passed
     r = vml("log", "cern")
     assert "base(" in r.stdout and r.stderr == ""
     assert served_catalog(home / "cache" / "cern", publisher).revision == 3

@@ -206,6 +206,38 @@ def test_offline_after_preload_and_bounded_eio_for_what_is_not_cached(vml, home,
     assert "cannot fetch" in logtext and "remote cern" in logtext
 
 
+def test_a_hanging_catalog_is_tried_again_only_after_a_back_off(vml, home, origin, published, tmp_path):
+    """Once a refresh of the catalog has failed, lookups serve the cached one at once, in every process,
+    until a back-off has passed; then one request tries again."""
+    relay = FaultProxy(origin.port)
+    try:
+        vml("remote", "add", "cern", relay.url, "--key", published["pubkey"])
+        set_remote(home, catalog_ttl=1.0, timeout=3.0)
+        vml("cache", "preload", "cern:base")  # the reads below need no network
+        relay.mode = "stall"  # the server takes the request and never answers
+        time.sleep(1.1)  # past the TTL
+        asked = len(relay.asked)
+        r = vml("log", "cern")
+        assert "base(" in r.stdout and "using the cached catalog" in r.stderr, r.stderr
+        assert relay.asked[asked:] == ["/catalog.json"]  # one try, which cost the timeout
+        asked = len(relay.asked)
+        time.sleep(1.1)  # past the TTL again: without a back-off, each of these would wait 3 s
+        start = time.monotonic()
+        for _ in range(3):
+            assert "base(" in vml("log", "cern").stdout
+        checkout_equal(vml, "cern:base", published["base_image"], tmp_path / "co")
+        assert relay.asked[asked:] == []
+        assert time.monotonic() - start < 4 * 3.0  # (each command alone would have cost more than 3 s)
+        relay.mode = "pass"
+        retry = home / "cache" / "cern" / "catalog.retry"
+        doc = json.loads(retry.read_text())
+        retry.write_text(json.dumps(dict(doc, next=time.time() - 1)))  # as if the back-off had passed
+        vml("log", "cern")
+        assert relay.asked[asked:] == ["/catalog.json"] and not retry.exists()  # tried, and it worked
+    finally:
+        relay.stop()
+
+
 def test_a_tampered_or_replayed_catalog_is_refused(vml, home, published, own_origin, tmp_path):
     pub, server = own_origin
     good = (pub / "catalog.json").read_bytes()

@@ -40,25 +40,83 @@ with no expiry is written as format 1, so that every reader reads it.
 
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..errors import BadSignature, CorruptManifest, UsageError
+from ..errors import BadSignature, CorruptManifest, NotFound, UsageError, VmlError
+from ..files import read_regular, write_atomic
 from ..names import check_name
 from ..repo import certificates
 from ..repo.objects import parse_hex
 from ..times import format_iso, parse_iso
+
+log = logging.getLogger(__name__)
 
 FORMAT = 3  # the newest format this module reads and writes
 CATALOG_FILE = "catalog.json"
 CATALOG_LIMIT = 64 << 20
 DEFAULT_EXPIRY_DAYS = 30.0
 MAX_EXPIRY_DAYS = 3650.0
+
+
+# -- when to try the network again --------------------------------------------
+
+RETRY_FILE = "catalog.retry"  # in a remote's cache: when a failed refresh may be tried again
+RETRY_FIRST = 30.0  # seconds after a first failed refresh; doubles with each failure after it ...
+RETRY_MOST = 300.0  # ... up to this (never less than the TTL)
+
+
+class RetryAfter:
+    """The back-off after failed refreshes of a catalog, shared by every process of a home through a file.
+
+    A server that hangs costs a whole timeout per try: without a back-off,
+    every lookup past the TTL would pay it, in every command and in the
+    mount. After a failure the cached catalog serves, as offline, until the
+    back-off ends; one success clears it.
+    """
+
+    def __init__(self, path: Path, where: str):
+        """``where``: what the failures are of (URL and proxies); a back-off of another place does not count."""
+        self.path, self.where = path, where
+
+    def _read(self) -> dict:
+        none = {"failures": 0, "next": 0.0}
+        try:
+            doc = json.loads(read_regular(self.path, 4096, "retry file"))
+            if doc["where"] != self.where:
+                return none  # the URL or the proxies changed since: try them now
+            return {"failures": int(doc["failures"]), "next": float(doc["next"])}
+        except NotFound:
+            return none
+        except (VmlError, ValueError, KeyError, TypeError) as e:  # a damaged hint: try the network
+            log.debug("%s: unreadable (%s); ignoring it", self.path, e)
+            return none
+
+    def waiting(self) -> float:
+        """Seconds until the network may be tried again after a failed refresh (0: now)."""
+        return max(0.0, self._read()["next"] - time.time())
+
+    def failed(self, ttl: float) -> float:
+        """Note a failed refresh; seconds until the next try."""
+        failures = self._read()["failures"] + 1
+        wait = max(ttl, min(RETRY_FIRST * 2 ** min(failures - 1, 16), RETRY_MOST))
+        with contextlib.suppress(OSError):  # only a hint: a full disk must not fail the lookup
+            doc = {"failures": failures, "next": time.time() + wait, "where": self.where}
+            write_atomic(self.path, json.dumps(doc).encode())
+        return wait
+
+    def succeeded(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
 
 # -- catalogs --------------------------------------------------------------

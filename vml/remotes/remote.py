@@ -91,6 +91,7 @@ class RemoteStore:
         self._inflight: dict[bytes, _InFlight] = {}
         self._catalog: tuple[float, Catalog] | None = None
         self._catalog_lock = threading.Lock()
+        self._retry = catalogs.RetryAfter(self.path / catalogs.RETRY_FILE, f"{rc.url} via {rc.settings.proxy}")
         self._pool: ThreadPoolExecutor | None = None
         # Content fetched ahead of its reader, handed over once so it is not decoded twice.
         self._ahead: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
@@ -132,6 +133,11 @@ class RemoteStore:
             ):
                 self._catalog = (now, seen)  # fetched by another process moments ago
                 return seen
+            wait = 0.0 if refresh or seen is None else self._retry.waiting()
+            if wait > 0:  # a refresh failed a moment ago: as offline, until the back-off ends
+                self._warn_cached(seen, "a refresh failed recently", wait)
+                self._catalog = (now, seen)
+                return seen
             check = functools.partial(self._check, identity, seen)
             try:
                 age = 0 if refresh else self.rc.settings.catalog_max_age
@@ -144,11 +150,12 @@ class RemoteStore:
                     raise
                 if seen is None:
                     raise FetchError(f"{self._where()}: no catalog: {e}") from None
-                self._warn_cached(seen, e)
+                self._warn_cached(seen, e, self._retry.failed(self.rc.catalog_ttl))
                 cat = seen
             else:
                 cat = cat if data is None else self._keep_catalog(data, cat)
-            self._catalog = (now, cat)
+                self._retry.succeeded()
+            self._catalog = (time.monotonic(), cat)
             return cat
 
     def _where(self) -> str:
@@ -178,10 +185,17 @@ class RemoteStore:
             f"(if the remote now serves another repository, `vml remote rm {self.name}` and add it again)"
         )
 
-    def _warn_cached(self, seen: Catalog, why: Exception) -> None:
+    def _warn_cached(self, seen: Catalog, why: Exception | str, retry_in: float) -> None:
         stale = f" (it expired on {seen.expires})" if seen.expired() else ""
         reason = str(why).removeprefix(f"{self._where()}: ")
-        log.warning("%s: using the cached catalog, revision %d%s: %s", self._where(), seen.revision, stale, reason)
+        log.warning(
+            "%s: using the cached catalog, revision %d%s, for %.0f s: %s",
+            self._where(),
+            seen.revision,
+            stale,
+            retry_in,
+            reason,
+        )
 
     def _keep_catalog(self, data: bytes, cat: Catalog) -> Catalog:
         """Keep a fetched catalog, and the identity at first contact; return the newest kept.
