@@ -208,7 +208,7 @@ def test_a_save_waits_for_the_lock_as_long_as_lock_wait_says(vml, home, tmp_path
         holder.wait()
 
 
-# -- records another user could have prepared ------------------------------------------------------
+# -- records another user could have prepared, and names that reach the batch script --------------
 
 
 def nobody() -> int:
@@ -390,3 +390,42 @@ def test_a_task_refuses_a_job_directory_it_does_not_own(site, cluster):
     status = json.loads(vml("deploy", "status", job, "--json", "--records", records).stdout)
     assert [t["state"] for t in status["tasks"]] == ["unknown"]  # it could not say more, and wrote nothing
     assert modes == {"records": 0o700, f"{job}.json": 0o600, f"{job}.sh": 0o600}  # the remote's URLs and proxies
+
+
+HOSTILE = "rep\ntouch ran-on-the-node #"  # run where sbatch was called, as the job is
+
+
+def test_the_batch_script_carries_hostile_names_harmlessly(tmp_path):
+    """Every value reaches the task in the JSON on stdin; no line of the script is made of one."""
+    marker = tmp_path / "ran-on-the-node"
+    python = tmp_path / "py"
+    python.write_text(f"#!/bin/sh\ncat > {tmp_path / 'stdin'}\n")
+    python.chmod(0o755)
+    spec = {
+        "version": deploy.SPEC_VERSION, "submitted": "2026-12-07T10:00:00Z", "python": str(python),
+        "entry": "e\ntouch ran-on-the-node", "repository": HOSTILE, "count": 1,
+    }  # fmt: skip
+    subprocess.run(["bash", "-c", deploy.batch_script(spec)], cwd=tmp_path, check=True, timeout=30)
+    assert not marker.exists()
+    assert json.loads((tmp_path / "stdin").read_text()) == spec
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["py", "stdin"]
+
+
+def test_a_repository_directory_name_with_a_newline_is_refused_at_submission(cluster, guest_disk, tmp_path):
+    user = Vml(tmp_path / "user", tmp_path)
+    user.env.update(cluster.env)
+    marker = tmp_path / "ran-on-the-node"
+    good = tmp_path / "rep"
+    user("init", good, "--name", "rep")
+    shutil.copy(guest_disk, tmp_path / "guest.img")
+    user("save", "guest", "--from", tmp_path / "guest.img", "--repo", "rep")
+    evil = tmp_path / HOSTILE
+    good.rename(evil)
+    args = ("--slurm", "--memory", "256M", "--accel", "tcg", "--repo", evil)
+    r = user("deploy", "guest", *args, ok=False)
+    if r.returncode == 0:  # today's vml submits it: let the node show what the name does
+        wait_gone(cluster, job_of(r.stdout))
+    assert not marker.exists()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert repr(evil.name) in r.stderr and "vml init" in r.stderr
+    assert squeue(cluster).split() == []

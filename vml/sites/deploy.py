@@ -126,13 +126,17 @@ def node_config(cfg: config.Config, repo: Repository, results: Repository | None
 
 
 def batch_script(spec: dict) -> str:
-    """The script sbatch runs on each node: a fixed PATH, then the task with its spec on stdin."""
+    """The script sbatch runs on each node: a fixed PATH, then the task with its spec on stdin.
+
+    No value of the spec makes a line of its own, nor part of a comment (a newline in a name would
+    start a command): the Python is quoted, everything else is in the JSON, one line in a quoted
+    here-document.
+    """
     python = shlex.quote(spec["python"])
     return (
         "#!/bin/bash\n"
-        f"# Written by `vml deploy` at {spec['submitted']}: {spec['entry']} of {spec['repository']}, "
-        f"{spec['count']} task(s).\n"
-        "# It runs with --export=NONE: everything the task needs is below.\n"
+        "# Written by `vml deploy`. It runs with --export=NONE: what it runs and everything the task needs\n"
+        "# is the JSON below, given to the task on its standard input.\n"
         'export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${PATH:+:$PATH}"\n'
         f"exec {python} -m vml deploy task <<'VML_DEPLOY_TASK'\n"
         f"{json.dumps(spec, separators=(',', ':'))}\n"
