@@ -92,3 +92,17 @@ def test_the_mount_memory_bound_is_a_size_and_too_small_a_one_is_refused(home):
         (home / "config.toml").write_text(f"[limits]\nmount_memory = {bad}\n")
         with pytest.raises(CorruptManifest, match=r"\[limits\] mount_memory"):
             Config.load(home)
+
+
+def test_a_repository_opened_by_path_is_named_only_by_a_valid_directory_name(vml, rep, tmp_path):
+    """The name reaches the mount, records and batch scripts: a newline in it must not."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(CS))
+    vml("save", "e", "--from", disk)
+    evil = tmp_path / "rep\ntouch ran #"
+    rep.rename(evil)
+    line = vml.fails("log", evil, status=2)
+    assert repr(str(evil)) in line and "vml init PATH --name NAME" in line
+    assert repr(evil.name) in vml.fails("show", f"{evil}:e", status=2)
+    vml("init", evil, "--name", "renamed")  # registered, it has a name of its own
+    assert "renamed" in vml("show", f"{evil}:e").stdout

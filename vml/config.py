@@ -204,16 +204,19 @@ class Config:
             return self.local(self.repositories[ref], ref)
         if "/" in ref or Path(ref).is_dir():
             path = Path(ref).absolute()
-            name = next((n for n, p in self.repositories.items() if p == path), None)
-            return self.local(path, name or path.name)
+            return self.local(path)
         raise NotFound(
             f"no repository or remote named {ref!r} (see `vml consult`); pass a path for an unregistered one"
         )
 
     def local(self, path: Path | str, name: str | None = None) -> Repository:
-        """The local repository at ``path``; its entries may build on any configured remote."""
+        """The local repository at ``path``; its entries may build on any configured remote.
+
+        Unless registered or named, it is called by its directory's name, checked as a name the user
+        types: the name reaches file names, the mount's directories and batch scripts.
+        """
         if name is None:
-            name = next((n for n, p in self.repositories.items() if p == Path(path)), None)
+            name = next((n for n, p in self.repositories.items() if p == Path(path)), None) or _directory_name(path)
         fallbacks = [open_remote(self.home, rc) for _, rc in sorted(self.remotes.items())]
         store = Store(path)
         store.lock_wait = self.lock_wait
@@ -260,6 +263,17 @@ class Config:
 
 
 WEB_KEYS = {"listen": str, "password": str, "tls_cert": str, "tls_key": str, "allowed_hosts": list}
+
+
+def _directory_name(path: Path | str) -> str:
+    path = Path(path)
+    try:
+        return check_repository_name(path.name)
+    except UsageError:
+        raise UsageError(
+            f"repository {str(path)!r}: its directory's name {path.name!r} is not a valid repository name; "
+            "register it under one with `vml init PATH --name NAME`"
+        ) from None
 
 
 def _web_section(path: Path, web) -> dict:

@@ -13,9 +13,11 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
+import shutil
 import stat
-import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import NotFound, StorageError, UsageError
 
@@ -67,22 +69,51 @@ def write_atomic(path: Path, data: bytes, sync: bool = True, mode: int = 0o644) 
     (0o600 for a file holding a secret): the temporary file has it before any byte is written, so
     no other user can open it in between.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if mode != 0o600:
-            os.fchmod(fd, mode)
+        write_atomic_at(dir_fd, path.name, data, sync, mode)
+    finally:
+        os.close(dir_fd)
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes | BinaryIO, sync: bool = True, mode: int = 0o644) -> None:
+    """write_atomic into the directory open as ``dir_fd``; ``data`` may also be a binary file, copied in pieces.
+
+    A directory checked once stays the one written into, even if its path is renamed meanwhile. The
+    temporary file is made O_EXCL|O_NOFOLLOW and renamed over whatever lies at ``name``, a symlink
+    included, which is replaced, never followed.
+    """
+    fd, tmp = _temporary(dir_fd, name)
+    try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
+            if isinstance(data, bytes | bytearray | memoryview):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.rename(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
     if sync:
-        fsync_dir(path.parent)
+        os.fsync(dir_fd)
+
+
+def _temporary(dir_fd: int, name: str) -> tuple[int, str]:
+    """A new file ``.NAME.RANDOM`` of mode 0600 in ``dir_fd``, as mkstemp makes one in a path."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(4)}"
+        try:
+            return os.open(tmp, flags, 0o600, dir_fd=dir_fd), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", f".{name}.*")
 
 
 def syncfs(path: Path) -> None:

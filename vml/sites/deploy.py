@@ -18,6 +18,7 @@ RECORDS (default ``$VML_HOME/deploys``) must be on a file system the nodes
 reach, as the repository for results must be.
 """
 
+import contextlib
 import json
 import shlex
 import sys
@@ -25,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config
-from ..errors import AlreadyExists, CorruptManifest, NotFound, UsageError
-from ..files import write_atomic
+from ..errors import AlreadyExists, CorruptManifest, NotFound, UsageError, VmlError
 from ..names import check_name
 from ..repo.repository import Entry, Repository
 from ..times import now_iso
 from . import slurm
+from .records import Records, open_records
 
 SPEC_VERSION = 1
 QEMU_OVERHEAD_MIB = 512  # what QEMU, the mount and vml need on the node besides the guest's memory
@@ -125,13 +126,17 @@ def node_config(cfg: config.Config, repo: Repository, results: Repository | None
 
 
 def batch_script(spec: dict) -> str:
-    """The script sbatch runs on each node: a fixed PATH, then the task with its spec on stdin."""
+    """The script sbatch runs on each node: a fixed PATH, then the task with its spec on stdin.
+
+    No value of the spec makes a line of its own, nor part of a comment (a newline in a name would
+    start a command): the Python is quoted, everything else is in the JSON, one line in a quoted
+    here-document.
+    """
     python = shlex.quote(spec["python"])
     return (
         "#!/bin/bash\n"
-        f"# Written by `vml deploy` at {spec['submitted']}: {spec['entry']} of {spec['repository']}, "
-        f"{spec['count']} task(s).\n"
-        "# It runs with --export=NONE: everything the task needs is below.\n"
+        "# Written by `vml deploy`. It runs with --export=NONE: what it runs and everything the task needs\n"
+        "# is the JSON below, given to the task on its standard input.\n"
         'export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${PATH:+:$PATH}"\n'
         f"exec {python} -m vml deploy task <<'VML_DEPLOY_TASK'\n"
         f"{json.dumps(spec, separators=(',', ':'))}\n"
@@ -173,9 +178,25 @@ def submit(cfg: config.Config, spec_text: str, how: DeployOptions) -> Submitted:
         raise UsageError(f"entry {entry.name!r} is an environment backup, not a VM")
     cfg.check_certified(repo, entry)
     results = _results(cfg, repo, entry, how)
-    records = records_dir(cfg, how)
-    records.mkdir(parents=True, exist_ok=True)
-    spec = {
+    with open_records(records_dir(cfg, how)) as rec:
+        spec = task_spec(cfg, repo, entry, results, rec.path, how)
+        script = batch_script(spec)
+        options = sbatch_options(entry, rec.path, how)
+        job = slurm.submit(script, options)
+        _job_records(rec, job)
+        names = result_names(how.save_as, how.count) if how.save_as else []
+        info = {k: spec[k] for k in ("submitted", "entry", "repository", "manifest", "count", "results", "save_as")}
+        doc = {"job": job, **info, "names": names, "sbatch": options}
+        rec.write(f"{job}.json", (json.dumps(doc, indent=1) + "\n").encode())  # 0600, as the script: URLs, proxies
+        rec.write(f"{job}.sh", script.encode())
+    return Submitted(job, entry.name, how.count, names, rec.path)
+
+
+def task_spec(
+    cfg: config.Config, repo: Repository, entry: Entry, results: Repository | None, records: Path, how: DeployOptions
+) -> dict:
+    """What each task runs, and the config of its private home: the JSON the batch script gives it."""
+    return {
         "version": SPEC_VERSION,
         "submitted": now_iso(),
         "python": sys.executable,
@@ -192,15 +213,16 @@ def submit(cfg: config.Config, spec_text: str, how: DeployOptions) -> Submitted:
         "records": str(records),
         "config": node_config(cfg, repo, results, how),
     }
-    script = batch_script(spec)
-    options = sbatch_options(entry, records, how)
-    job = slurm.submit(script, options)
-    names = result_names(how.save_as, how.count) if how.save_as else []
-    info = {k: spec[k] for k in ("submitted", "entry", "repository", "manifest", "count", "results", "save_as")}
-    doc = {"job": job, **info, "names": names, "sbatch": options}
-    write_atomic(records / f"{job}.json", (json.dumps(doc, indent=1) + "\n").encode())
-    write_atomic(records / f"{job}.sh", script.encode())
-    return Submitted(job, entry.name, how.count, names, records)
+
+
+def _job_records(rec: Records, job: str) -> None:
+    """Make RECORDS/JOB before the tasks start, if they have not; a job whose directory is unsafe is cancelled."""
+    try:
+        rec.job(job).close()
+    except VmlError as e:
+        with contextlib.suppress(slurm.SlurmError):
+            slurm.cancel(job)
+        raise type(e)(f"{e}; job {job} cancelled") from None
 
 
 def repo_is_results(spec_text: str) -> bool:

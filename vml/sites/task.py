@@ -22,7 +22,9 @@ task's spec on stdin. The task:
 
 Its progress goes to ``RECORDS/JOBID/task-N.json`` at every step, which is
 what `vml deploy status` reads, and the guest's serial console to
-``RECORDS/JOBID/task-N.console.log`` at the end.
+``RECORDS/JOBID/task-N.console.log`` at the end, all through
+vml.sites.records: a JOBID directory that is not the user's own, or that
+others may write in, stops the task before it starts anything.
 """
 
 import contextlib
@@ -38,11 +40,12 @@ from pathlib import Path
 
 from .. import config, control
 from ..errors import UsageError, VmlError
-from ..files import write_atomic
+from ..files import open_regular
 from ..remotes.remote import flush_counters
 from ..times import now_iso
 from ..vms import areas, boot
 from . import deploy
+from .records import Records, open_records
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class Task:
         self.job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID") or "local"
         self.index = int(env.get("SLURM_ARRAY_TASK_ID") or 1)
         self.node = socket.gethostname()
-        self.record_path = Path(spec["records"]) / self.job / f"task-{self.index}.json"
+        self.records: Records | None = None  # RECORDS/JOBID, opened by the first note
         self.record = {"task": self.index, "job": self.job, "node": self.node, "pid": os.getpid()}
         self.scratch = Path(env.get("SLURM_TMPDIR") or env.get("TMPDIR") or "/tmp")
         self.stop_asked = False
@@ -71,19 +74,24 @@ class Task:
 
     def note(self, state: str, **more) -> None:
         self.record.update(state=state, updated=now_iso(), **more)
+        if self.records is None:
+            with open_records(Path(self.spec["records"])) as top:
+                self.records = top.job(self.job)
         try:
-            self.record_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.record_path, (json.dumps(self.record, indent=1) + "\n").encode())
+            self.records.write(f"task-{self.index}.json", (json.dumps(self.record, indent=1) + "\n").encode())
         except OSError as e:  # the VM matters more than its record
-            log.warning("cannot write %s: %s", self.record_path, e)
+            log.warning("cannot write the record of task %s in %s: %s", self.index, self.records.path, e)
 
     def run(self, mounter) -> int:
-        """Run the task to its end; returns the exit status for Slurm."""
+        """Run the task to its end; returns the exit status for Slurm.
+
+        Records that are not safe to write (vml.sites.records) raise before anything has started.
+        """
+        self.note("starting", started=now_iso())
         signal.signal(signal.SIGUSR1, self._time_nearly_up)
         signal.signal(signal.SIGTERM, self._cancelled)
         mountpoint = None
         try:
-            self.note("starting", started=now_iso())
             self.home = Path(tempfile.mkdtemp(prefix=f"vml-task-{self.job}-{self.index}.", dir=self.scratch))
             os.environ["VML_HOME"] = str(self.home)  # anything that asks for the home finds this one
             (self.home / "config.toml").write_text(self.spec["config"])
@@ -110,6 +118,9 @@ class Task:
             self.note("failed", ended=now_iso(), error=str(e))
             log.error("%s", e)
             return 1
+        finally:
+            self.records.close()
+            self.records = None
 
     def _boot(self, cfg: config.Config) -> None:
         self.note("booting")
@@ -153,8 +164,9 @@ class Task:
             if boot.load_record(self.home, self.area) is not None:
                 boot.stop(self.home, self.area, force=True, timeout=5)
         console = areas.areas_dir(self.home) / self.area / "console.log"
-        with contextlib.suppress(OSError):  # what the guest printed, for `vml deploy status` readers
-            shutil.copyfile(console, self.record_path.with_suffix(".console.log"))
+        # What the guest printed, for `vml deploy status` readers; never written through what lies at the name.
+        with contextlib.suppress(OSError, VmlError), open_regular(console, "console log") as f:
+            self.records.write(f"task-{self.index}.console.log", f)
         if (areas.areas_dir(self.home) / self.area).exists():
             try:
                 boot.close(self.home, self.area, discard=True)
