@@ -16,25 +16,32 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import NotFound, StorageError, UsageError
+from .errors import NotFound, StorageError, UsageError, VmlError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def open_regular(path: Path, what: str = "file"):
-    """``path`` opened for binary reading, if it is a regular file; else NotFound or UsageError."""
+def open_regular(path: Path, what: str = "file", *, follow: bool = True, error: type[VmlError] = UsageError):
+    """``path`` opened for binary reading, if it is a regular file; else NotFound or ``error``.
+
+    Without ``follow``, a symbolic link at ``path`` is refused too (a repository's own files are never
+    links: one there would lead a reader out of the repository).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise NotFound(f"{path}: no such {what}") from None
     except OSError as e:
-        raise UsageError(f"{path}: cannot read the {what} ({e.strerror})") from None
+        why = "a symbolic link, not followed" if e.errno == errno.ELOOP and not follow else e.strerror
+        raise error(f"{path}: cannot read the {what} ({why})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"{path}: not a regular file (a {what} was expected)")
+            raise error(f"{path}: not a regular file (a {what} was expected)")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -42,15 +49,17 @@ def open_regular(path: Path, what: str = "file"):
         raise
 
 
-def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
-    """The content of regular file ``path``, at most ``limit`` bytes (more is refused)."""
-    with open_regular(path, what) as f:
+def read_regular(
+    path: Path, limit: int, what: str = "file", *, follow: bool = True, error: type[VmlError] = UsageError
+) -> bytes:
+    """The content of regular file ``path``, at most ``limit`` bytes (more is refused with ``error``)."""
+    with open_regular(path, what, follow=follow, error=error) as f:
         try:
             data = f.read(limit + 1)
         except OSError as e:
-            raise UsageError(f"{path}: cannot read the {what} ({e.strerror})") from None
+            raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
     if len(data) > limit:
-        raise UsageError(f"{path}: larger than a {what} can be ({limit} bytes)")
+        raise error(f"{path}: larger than a {what} can be ({limit} bytes)")
     return data
 
 
@@ -114,6 +123,61 @@ def _temporary(dir_fd: int, name: str) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free temporary name", f".{name}.*")
+
+
+def create_complete(final: Path, data: bytes | bytearray, tmp_dir: Path) -> bool:
+    """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists.
+
+    The file is written unnamed (O_TMPFILE) in its directory and linked into place complete, which
+    needs no temporary name and no unlink (and linking fails if the name is taken: "already there"
+    is an atomic answer); file systems without O_TMPFILE get a named temporary file in ``tmp_dir``.
+    """
+    global _tmpfile_ok
+    if _tmpfile_ok:
+        try:
+            fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            _tmpfile_ok = False
+        else:
+            try:
+                write_all(fd, data)
+                # linkat(AT_SYMLINK_FOLLOW) on the /proc link; CPython uses it only when given a directory fd.
+                os.link(str(fd), final, src_dir_fd=_proc_fds(), follow_symlinks=True)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="obj.")
+    try:
+        write_all(fd, data)
+        os.close(fd)
+        fd = -1
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+_tmpfile_ok = True  # until a file system refuses O_TMPFILE
+_proc_fd_dir = (-1, -1)  # (pid, fd of /proc/PID/fd)
+
+
+def _proc_fds() -> int:
+    """A directory fd of this process's /proc fd table; renewed after fork."""
+    global _proc_fd_dir
+    pid = os.getpid()
+    if _proc_fd_dir[0] != pid:
+        _proc_fd_dir = (pid, os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    return _proc_fd_dir[1]
 
 
 def syncfs(path: Path) -> None:

@@ -7,7 +7,7 @@ from .. import config, home, keys, overview
 from ..errors import NotFound, UsageError
 from ..names import format_size, parse_size
 from ..remotes import catalog, fetch, pinning, publish, remote
-from ..repo.packfiles import PACK_SIZE
+from ..repo.packs import PACK_SIZE
 from .output import progress_bar, table
 
 

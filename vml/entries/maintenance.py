@@ -35,9 +35,10 @@ def verify(
     with ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="vml-verify") as pool:
         if name is None:
             digests = []
-            for d, path in repo.store.iter_objects():
+            problems += repo.store.layout_problems()
+            for d, path, problem in repo.store.iter_objects():
                 if d is None:
-                    problems.append(f"{path}: stray file among the objects (not an object name)")
+                    problems.append(f"{path}: {problem}")
                 else:
                     digests.append(d)
             if repo.store.format == 2:
@@ -143,7 +144,7 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
         except Corrupt as e:
             raise type(e)(f"not collecting garbage while an entry is damaged ({e}); run vml verify") from None
         removed = freed = kept = 0
-        for d, path in repo.store.iter_objects():
+        for d, path, _ in repo.store.iter_objects():
             if d is None or d in live:
                 kept += 1
                 continue

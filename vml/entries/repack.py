@@ -17,8 +17,7 @@ from ..errors import Corrupt
 from ..repo import leases
 from ..repo.chunkmap import HOLE
 from ..repo.objects import decode
-from ..repo.packfiles import PACK_SIZE
-from ..repo.packs import PackBuilder
+from ..repo.packs import PACK_SIZE, PackBuilder
 from ..repo.repository import Repository
 from ..repo.store import METADATA_LIMIT
 
@@ -167,7 +166,7 @@ def upgrade(repo: Repository) -> UpgradeSummary:
         if was == 1:
             store.set_format(2)
         dropped = 0
-        for d, _ in store.iter_objects():
+        for d, _, _ in store.iter_objects():
             if d is not None and store.packs.locate(d) is not None:  # a loose copy a killed run left
                 store.remove_object(d)
                 dropped += 1

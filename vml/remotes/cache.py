@@ -160,19 +160,17 @@ class ObjectCache:
     def scan(self) -> list[tuple[float, int, bytes, Path]]:
         """(last use, size, digest, path) of every cached object and pack."""
         out = []
-        for d, p in [*layout.objects_in(self.path), *self._packs_in()]:
-            with contextlib.suppress(FileNotFoundError):
-                st = p.stat()
-                if d is not None:
+        for d, p in [*((d, p) for d, p, _ in layout.objects_in(self.path)), *self._packs_in()]:
+            if d is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    st = p.stat()
                     out.append((st.st_mtime, st.st_size, d, p))
         return out
 
     def _packs_in(self):
-        top = self.path / PACKS
-        for sub in sorted(top.iterdir()) if top.is_dir() else []:
-            for p in sorted(sub.iterdir()) if sub.is_dir() else []:
-                d = parse_hex(p.name)
-                yield (d if d is not None and p.name.startswith(sub.name) else None), p
+        for p, problem in layout.fanout(self.path / PACKS):
+            d = None if problem else parse_hex(p.name)
+            yield (d if d is not None and p.name.startswith(p.parent.name) else None), p
 
     def evict(self, target: int | None = None) -> int:
         """Remove least recently used, unpinned objects until at most ``target`` bytes remain."""

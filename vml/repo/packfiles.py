@@ -23,14 +23,14 @@ from pathlib import Path
 
 import blake3
 
-from ..errors import CorruptObject, ObjectMissing
-from ..files import fsync_dir, write_atomic
+from ..errors import CorruptObject, NotFound, ObjectMissing
+from ..files import fsync_dir, open_regular, read_regular, write_atomic
+from ..layout import fanout, real_directory
 from .objects import DIGEST_SIZE, parse_hex
-from .packs import Index, Location, PackBuilder
+from .packs import MAX_INDEX, PACK_SIZE, Index, Location, PackBuilder
 
 PACKS = "packs"
 PACKSETS = "packsets"
-PACK_SIZE = 8 << 20  # a pack is sealed once it holds this much (docs/format.md)
 PACKSET_MAGIC = b"VMLPSET1"
 MAX_PACKSET = len(PACKSET_MAGIC) + (1 << 20) * DIGEST_SIZE + DIGEST_SIZE
 OPEN_PACKS = 64  # pack descriptors kept open for reading
@@ -97,8 +97,8 @@ class PackFiles:
     def _read_index(self, pack: bytes) -> Index:
         path = index_path(self.root, pack)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            data = read_regular(path, MAX_INDEX, "pack index", follow=False, error=CorruptObject)
+        except NotFound:
             raise ObjectMissing(f"pack index {path} is missing") from None
         return Index(data, str(path), pack)
 
@@ -153,26 +153,26 @@ class PackFiles:
         and removed by gc.
         """
         found, problems = [], []
-        top = self.root / PACKS
-        for sub in sorted(top.iterdir()) if top.is_dir() else []:
-            for p in sorted(sub.iterdir()) if sub.is_dir() else [sub]:
-                name = p.name.removesuffix(".idx")
-                pack = parse_hex(name)
-                if pack is None or not name.startswith(sub.name) or p.parent == top:
-                    problems.append(f"{p}: stray file among the packs")
-                elif p.suffix != ".idx" and not index_path(self.root, pack).exists():
-                    continue  # a killed writer's or gc's leftover: nothing can name it; gc removes it
-                elif p.suffix == ".idx":
-                    try:
-                        index = self._read_index(pack)
-                    except (CorruptObject, ObjectMissing) as e:
-                        problems.append(str(e))
-                        continue
-                    if not pack_path(self.root, pack).exists():
-                        problems.append(f"{p}: index without its pack")
-                        continue
-                    self._register(index)
-                    found += [d for d, _ in index]
+        for p, problem in fanout(self.root / PACKS):
+            name = p.name.removesuffix(".idx")
+            pack = None if problem else parse_hex(name)
+            if problem:
+                problems.append(f"{p}: {problem}")
+            elif pack is None or not name.startswith(p.parent.name):
+                problems.append(f"{p}: stray file among the packs")
+            elif p.suffix != ".idx" and not index_path(self.root, pack).exists():
+                continue  # a killed writer's or gc's leftover: nothing can name it; gc removes it
+            elif p.suffix == ".idx":
+                try:
+                    index = self._read_index(pack)
+                except (CorruptObject, ObjectMissing) as e:
+                    problems.append(str(e))
+                    continue
+                if not pack_path(self.root, pack).exists():
+                    problems.append(f"{p}: index without its pack")
+                    continue
+                self._register(index)
+                found += [d for d, _ in index]
         return found, problems
 
     def locate(self, digest: bytes) -> Location | None:
@@ -195,14 +195,10 @@ class PackFiles:
 
     def packs(self) -> Iterator[bytes]:
         """Every pack that has its index, in name order."""
-        top = self.root / PACKS
-        if not top.is_dir():
-            return
-        for sub in sorted(top.iterdir()):
-            for p in sorted(sub.glob("*.idx")):
-                d = parse_hex(p.name[: -len(".idx")])
-                if d is not None and p.name.startswith(sub.name):
-                    yield d
+        for p, problem in fanout(self.root / PACKS):
+            d = parse_hex(p.name.removesuffix(".idx")) if not problem and p.suffix == ".idx" else None
+            if d is not None and p.name.startswith(p.parent.name):
+                yield d
 
     # -- reading ---------------------------------------------------------
 
@@ -211,6 +207,8 @@ class PackFiles:
         handle = self._acquire(loc.pack)
         try:
             frame = os.pread(handle.fd, loc.length, loc.offset)
+        except OSError as e:
+            raise CorruptObject(f"pack {pack_path(self.root, loc.pack)}: cannot read it ({e.strerror})") from None
         finally:
             self._release(handle)
         if len(frame) != loc.length:
@@ -226,8 +224,9 @@ class PackFiles:
                 return handle
         path = pack_path(self.root, pack)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            with open_regular(path, "pack", follow=False, error=CorruptObject) as f:
+                fd = os.dup(f.fileno())  # kept open past this block, closed by _release
+        except NotFound:
             raise ObjectMissing(f"pack {path} is missing") from None
         with self._lock:
             handle = self._open.get(pack)
@@ -269,8 +268,8 @@ class PackFiles:
         """The packs an entry's data lies in, or None if it has no pack set."""
         path = packset_path(self.root, manifest)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            data = read_regular(path, MAX_PACKSET, "pack set", follow=False, error=CorruptObject)
+        except NotFound:
             return None
         return decode_packset(data, str(path))
 
@@ -281,9 +280,12 @@ class PackFiles:
         write_atomic(path, encode_packset(packs), sync=False)
 
     def packset_manifests(self) -> list[bytes]:
-        """The manifests that have a pack set."""
+        """The manifests that have a pack set (a link in place of packsets/ is not followed: it names none)."""
+        top = self.root / PACKSETS
+        if real_directory(top):
+            return []
         try:
-            names = os.listdir(self.root / PACKSETS)
+            names = os.listdir(top)
         except FileNotFoundError:
             return []
         return [d for n in sorted(names) if (d := parse_hex(n)) is not None]
@@ -291,16 +293,14 @@ class PackFiles:
     def remove_leftovers(self) -> int:
         """Remove packs without an index and indexes without a pack (a killed writer's or gc's); bytes freed."""
         freed = 0
-        top = self.root / PACKS
-        for sub in sorted(top.iterdir()) if top.is_dir() else []:
-            names = set(os.listdir(sub)) if sub.is_dir() else set()
-            for name in names:
-                other = name.removesuffix(".idx") if name.endswith(".idx") else f"{name}.idx"
-                if parse_hex(name.removesuffix(".idx")) is not None and other not in names:
-                    path = sub / name
-                    with contextlib.suppress(FileNotFoundError):
-                        freed += path.stat().st_size
-                        path.unlink()
+        files = [p for p, problem in fanout(self.root / PACKS) if not problem]
+        names = {(p.parent.name, p.name) for p in files}
+        for path in files:
+            other = path.name.removesuffix(".idx") if path.suffix == ".idx" else f"{path.name}.idx"
+            if parse_hex(path.name.removesuffix(".idx")) is not None and (path.parent.name, other) not in names:
+                with contextlib.suppress(FileNotFoundError):
+                    freed += path.stat().st_size
+                    path.unlink()
         return freed
 
     def remove_packset(self, manifest: bytes) -> None:

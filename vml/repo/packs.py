@@ -36,6 +36,8 @@ RECORD_SIZE = _RECORD.size  # 44
 # An object frame is never larger than a compressed 16 MiB chunk or a 64 MiB
 # chunk map can become (zstd's bound is +0.4%); anything above is forged.
 MAX_OBJECT = (64 << 20) + (1 << 20)
+PACK_SIZE = 8 << 20  # a pack is sealed once it holds this much (docs/format.md) ...
+MAX_PACK = PACK_SIZE + MAX_OBJECT  # ... so none is larger: an index saying more is forged
 # Bounds a forged index before it is read whole: a million objects is a
 # pack of at least 4 GiB of 4 KiB chunks, far above any pack VML writes.
 MAX_COUNT = 1 << 20
@@ -75,6 +77,8 @@ class Index:
         self.pack, self.pack_size, count = _HEAD.unpack_from(data, len(MAGIC))
         if pack is not None and self.pack != pack:
             raise CorruptObject(f"{where}: index of pack {self.pack.hex()}, not of {pack.hex()}")
+        if self.pack_size > MAX_PACK:
+            raise CorruptObject(f"{where}: pack index declares a pack of {self.pack_size} bytes (at most {MAX_PACK})")
         if count > MAX_COUNT or len(data) != fixed + count * RECORD_SIZE:
             raise CorruptObject(f"{where}: pack index length does not match its {count} records")
         start = len(MAGIC) + _HEAD.size

@@ -23,7 +23,6 @@ Readers take no lock: objects never change, and refs.json is read whole.
 """
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -39,16 +38,18 @@ from .. import layout
 from ..errors import (
     AlreadyExists,
     CorruptManifest,
+    CorruptObject,
     Locked,
     NotFound,
     ObjectMissing,
     StorageError,
     UsageError,
 )
-from ..files import fsync_dir, syncfs, write_all, write_atomic
+from ..files import create_complete, fsync_dir, read_regular, syncfs, write_atomic
 from ..names import check_name
 from . import certificates, objects
-from .packfiles import PackFiles
+from .packfiles import PACKS, PACKSETS, PackFiles
+from .packs import MAX_OBJECT
 
 FORMAT = 2  # what `vml init` creates
 FORMATS = (1, 2)  # what this version reads
@@ -57,6 +58,7 @@ FORMATS = (1, 2)  # what this version reads
 # not know (as git's extensions). This version adds none.
 FEATURES: tuple[str, ...] = ()
 META_FILE = "vml-repository.json"
+META_LIMIT = 64 << 10
 REFS_FILE = "refs.json"
 LEASES_DIR = "leases"
 LEASE_LIMIT = 64 << 10
@@ -86,10 +88,10 @@ class Store:
         self.path = Path(path).absolute()
         meta_path = self.path / META_FILE
         try:
-            meta = json.loads(meta_path.read_bytes())
-        except FileNotFoundError:
+            meta = json.loads(read_regular(meta_path, META_LIMIT, "repository settings", error=CorruptManifest))
+        except NotFound:
             raise NotFound(f"{self.path}: not a VML repository (no {META_FILE})") from None
-        except (OSError, ValueError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:
             raise CorruptManifest(f"{meta_path}: cannot read repository settings ({e})") from None
         if not isinstance(meta, dict):
             raise CorruptManifest(f"{meta_path}: not a JSON object")
@@ -115,7 +117,6 @@ class Store:
         self.leases_dir = self.path / LEASES_DIR
         self._locked = False
         self.lock_wait = 60.0  # [limits] lock_wait of the config that opened it
-        self._tmpfile_ok = True
         self.packs = PackFiles(self.path, self.place)
 
     @classmethod
@@ -192,9 +193,8 @@ class Store:
         loc = self.packs.located(digest) if self.format == 2 else None
         if loc is None:
             try:
-                with open(self._path(digest), "rb") as f:
-                    return f.read()
-            except FileNotFoundError:
+                return read_regular(self._path(digest), MAX_OBJECT, "object", follow=False, error=CorruptObject)
+            except NotFound:
                 loc = self._packed(digest)
         try:
             return self.packs.read(loc)
@@ -253,46 +253,9 @@ class Store:
         return self.place(self._path(digest), blob)
 
     def place(self, final: Path, data: bytes | bytearray) -> bool:
-        """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists.
-
-        The file is written unnamed (O_TMPFILE) in its directory and linked
-        into place complete, which needs no temporary name and no unlink;
-        file systems without O_TMPFILE get a named temporary file in tmp/.
-        """
+        """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists."""
         self._require_lock()
-        if self._tmpfile_ok:
-            try:
-                fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                    raise
-                self._tmpfile_ok = False
-            else:
-                try:
-                    write_all(fd, data)
-                    # linkat(AT_SYMLINK_FOLLOW) on the /proc link; CPython uses
-                    # it only when given a directory fd.
-                    os.link(str(fd), final, src_dir_fd=_proc_fds(), follow_symlinks=True)
-                    return True
-                except FileExistsError:
-                    return False
-                finally:
-                    os.close(fd)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="obj.")
-        try:
-            write_all(fd, data)
-            os.close(fd)
-            fd = -1
-            try:
-                os.link(tmp, final)
-                return True
-            except FileExistsError:
-                return False
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        return create_complete(final, data, self.tmp_dir)
 
     def link_in(self, digest: bytes, tmp: str | Path) -> bool:
         """Give the complete file ``tmp`` its object name; False if taken."""
@@ -308,8 +271,9 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(digest))
 
-    def iter_objects(self) -> Iterator[tuple[bytes | None, Path]]:
-        """Every file under objects/: (digest, path), digest None for stray names."""
+    def iter_objects(self) -> Iterator[tuple[bytes | None, Path, str | None]]:
+        """Every file under objects/: (digest, path, None), or (None, path, what is wrong) for what is no
+        object; links are reported, never followed."""
         yield from layout.objects_in(self.path)
 
     def sync(self) -> None:
@@ -325,8 +289,8 @@ class Store:
     def refs(self) -> dict[str, bytes]:
         """Entry name -> manifest digest, as of one atomic read."""
         try:
-            raw = self.refs_path.read_bytes()
-        except FileNotFoundError:
+            raw = read_regular(self.refs_path, METADATA_LIMIT, "refs file", follow=False, error=CorruptManifest)
+        except NotFound:
             raise CorruptManifest(f"{self.refs_path}: missing") from None
         try:
             doc = json.loads(raw)
@@ -439,6 +403,7 @@ class Store:
             with contextlib.suppress(OSError):  # only a hint for others; a full disk may refuse it
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
+            self._require_real_directories()
             self._locked = True
             self._clean_tmp()
             self.packs.revalidate()  # others may have written or removed packs before we got the lock
@@ -450,6 +415,22 @@ class Store:
                     os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # releases the flock
+
+    def layout_problems(self) -> list[str]:
+        """One line for each directory of the repository that is not a directory (a link is never followed)."""
+        out = []
+        for name in (layout.OBJECTS, PACKS, PACKSETS, "tmp", LEASES_DIR, certificates.DIR):
+            problem = layout.real_directory(self.path / name)
+            if problem:
+                out.append(f"{self.path / name}: {problem}")
+        return out
+
+    def _require_real_directories(self) -> None:
+        # A writer removes and replaces files in these: through a link it would do so in another directory
+        # (another repository's packs, /etc), so it writes nothing until they are what they should be.
+        problems = self.layout_problems()
+        if problems:
+            raise CorruptManifest(f"{problems[0]}; refusing to write through it (run vml verify)")
 
     def _require_lock(self) -> None:
         if not self._locked:
@@ -471,15 +452,3 @@ class Store:
     def staging_dir(self, prefix: str) -> Path:
         self._require_lock()
         return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=prefix))
-
-
-_proc_fd_dir = (-1, -1)  # (pid, fd of /proc/PID/fd)
-
-
-def _proc_fds() -> int:
-    """A directory fd of this process's /proc fd table; renewed after fork."""
-    global _proc_fd_dir
-    pid = os.getpid()
-    if _proc_fd_dir[0] != pid:
-        _proc_fd_dir = (pid, os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-    return _proc_fd_dir[1]

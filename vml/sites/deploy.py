@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import AlreadyExists, CorruptManifest, NotFound, UsageError, VmlError
+from ..files import read_regular
 from ..names import check_name
 from ..repo.repository import Entry, Repository
 from ..times import now_iso
@@ -235,10 +236,10 @@ def repo_is_results(spec_text: str) -> bool:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        doc = json.loads(path.read_bytes()[: 1 << 20])
-    except FileNotFoundError:
+        doc = json.loads(read_regular(path, 1 << 20, "deploy record", error=CorruptManifest))
+    except NotFound:
         return None
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         raise CorruptManifest(f"{path}: cannot read the record ({e})") from None
     if not isinstance(doc, dict):
         raise CorruptManifest(f"{path}: not a deploy record")
