@@ -191,3 +191,21 @@ def test_bad_trust_input_is_one_line(vml, site):
     assert "no such key file" in vml.fails("certify", "base", "--key", site / "missing")
     vml("trust", "add", site / "cern.pub", "--name", "cern")
     assert "exists" in vml.fails("trust", "add", site / "other.pub", "--name", "cern")
+
+
+# -- issue 22: what two attacks found ------------------------------------------------
+
+
+def test_a_private_key_others_may_read_is_refused(vml, site):
+    key = site / "cern"
+    assert key.stat().st_mode & 0o777 == 0o600  # as vml keygen writes it
+    for mode in (0o644, 0o640, 0o604):
+        key.chmod(mode)
+        line = vml.fails("certify", "base", "--key", key, "--level", "production", status=2)
+        assert f"{key}: permissions 0{mode:o} are too open" in line and f"chmod 600 {key}" in line
+        line = vml.fails("publish", site / "pub", "--key", key, status=2)
+        assert f"{key}: permissions 0{mode:o} are too open" in line
+    assert not (site / "pub").exists() and not (site / "rep" / "certificates").exists()
+    key.chmod(0o600)
+    vml("certify", "base", "--key", key, "--level", "production")
+    vml("publish", site / "pub", "--key", key)
