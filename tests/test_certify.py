@@ -196,6 +196,17 @@ def test_bad_trust_input_is_one_line(vml, site):
 # -- issue 22: what two attacks found ------------------------------------------------
 
 
+def test_a_fifo_among_the_certificate_files_is_passed_over(vml, site):
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("trust", "policy", "--require", "production")
+    d = site / "rep" / "certificates" / refs(site / "rep")["base"]
+    os.mkfifo(d / ("0" * 64 + ".json"))  # listed first
+    (d / ("1" * 64 + ".json")).mkdir()
+    vml("open", "base", "--area", "a1", timeout=60)
+    assert "certified: level production by cern" in vml("show", "base", timeout=60).stdout
+
+
 def test_a_private_key_others_may_read_is_refused(vml, site):
     key = site / "cern"
     assert key.stat().st_mode & 0o777 == 0o600  # as vml keygen writes it

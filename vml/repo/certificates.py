@@ -31,8 +31,8 @@ import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import BadSignature, StorageError, UsageError
-from ..files import storage_error, write_atomic
+from ..errors import BadSignature, StorageError, UsageError, VmlError
+from ..files import open_regular, storage_error, write_atomic
 from ..keys import parse_public_key, public_key_text
 from ..times import now_iso
 from .objects import parse_hex
@@ -132,10 +132,11 @@ def stored(root: Path, manifest: bytes) -> list[bytes]:
     out = []
     for p in names[:PER_MANIFEST]:
         try:
-            with open(p, "rb") as f:
-                out.append(f.read(LIMIT + 1))
-        except OSError:
-            continue  # removed by gc meanwhile, or unreadable: a certificate that does not count
+            # Only regular files, opened without blocking: a FIFO would hang every open and boot.
+            with open_regular(p, "certificate") as f:
+                out.append(f.read(LIMIT + 1))  # one byte more, so that check() calls it too large
+        except (OSError, VmlError):
+            continue  # removed by gc meanwhile, unreadable or not a file: a certificate that does not count
     return out
 
 
