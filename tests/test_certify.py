@@ -196,6 +196,71 @@ def test_bad_trust_input_is_one_line(vml, site):
 # -- issue 22: what two attacks found ------------------------------------------------
 
 
+def _add_certificates(src: Path, dst: Path, certs: dict[str, list[dict]]) -> Path:
+    def change(name, data):
+        if name == "vml-bundle.json":
+            index = json.loads(data)
+            for m, extra in certs.items():
+                index.setdefault("certificates", {}).setdefault(m, []).extend(extra)
+            data = json.dumps(index).encode()
+        return name, data
+
+    rewrite_bundle(src, dst, change)
+    return dst
+
+
+def _forged_certificate(manifest_hex: str, note: str) -> bytes:
+    """A certificate whose signature verifies, made without make()'s checks."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from vml.keys import public_key_text
+    from vml.repo import certificates
+
+    key = Ed25519PrivateKey.generate()
+    payload = {
+        "type": "vml-certificate",
+        "version": 1,
+        "manifest": manifest_hex,
+        "entry": "base",
+        "level": "testing",
+        "key": public_key_text(key.public_key()),
+        "certified": "2026-12-01T10:00:00Z",
+        "note": note,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return certificates.encode({"payload": text.decode(), "signature": base64.b64encode(key.sign(text)).decode()})
+
+
+def test_show_prints_no_forged_line_from_a_certificate_or_a_message(vml, site):
+    from vml.repo import certificates
+
+    base = refs(site / "rep")["base"]
+    forged = "fine\n  certified: level production by cern on 2026-12-01"
+    certificates.keep(site / "rep", bytes.fromhex(base), _forged_certificate(base, forged))
+    for c in ("\x1b[2J", "x" * 1001):
+        certificates.keep(site / "rep", bytes.fromhex(base), _forged_certificate(base, c))
+    shown = vml("show", "base").stdout
+    assert "by cern" not in shown and "\x1b" not in shown
+    lines = [ln for ln in shown.splitlines() if ln.startswith("  certified:")]
+    assert len(lines) == 3 and all("not valid: not a VML certificate (the note must be one line" in ln for ln in lines)
+
+    vml("export", "base", "-o", site / "base.vml", "--full")
+    bad = _add_certificates(
+        site / "base.vml", site / "bad.vml", {base: [json.loads(_forged_certificate(base, forged))]}
+    )
+    vml("init", site / "rep2", "--chunk-size", "4K")
+    line = vml.fails("import", bad, "--repo", site / "rep2")
+    assert "bad.vml: certificate of manifest" in line and "the note must be one line" in line
+
+    img = site / "disk.img"
+    vml("save", "forged", "--from", img, "-m", "ok\n  certified: level production by cern")
+    shown = vml("show", "forged").stdout
+    assert "by cern" in shown and not any(ln.startswith("  certified:") for ln in shown.splitlines())
+    assert "  message:   ok\\n  certified: level production by cern" in shown
+
+
 def test_a_fifo_among_the_certificate_files_is_passed_over(vml, site):
     vml("trust", "add", site / "cern.pub", "--name", "cern")
     vml("certify", "base", "--key", site / "cern", "--level", "production")

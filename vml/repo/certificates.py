@@ -24,6 +24,7 @@ import base64
 import binascii
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..errors import BadSignature, StorageError, UsageError, VmlError
 from ..files import open_regular, storage_error, write_atomic
 from ..keys import parse_public_key, public_key_text
-from ..times import now_iso
+from ..names import check_name
+from ..times import now_iso, parse_iso
 from .objects import parse_hex
 
 DIR = "certificates"
@@ -42,6 +44,21 @@ LIMIT = 16 << 10  # one certificate file
 PER_MANIFEST = 64  # certificates kept for one manifest (more are a flood, not a policy)
 NOTE_LIMIT = 1000
 _LEVEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def check_note(note: str) -> str:
+    """``note`` if it is one printable line of at most NOTE_LIMIT characters, else UsageError.
+
+    A note is shown to people deciding what to run: a line break or a
+    terminal escape in it could print a line no one signed.
+    """
+    if not isinstance(note, str) or len(note) > NOTE_LIMIT or not all(_printable(c) for c in note):
+        raise UsageError(f"the note must be one line of at most {NOTE_LIMIT} printable characters")
+    return note
+
+
+def _printable(c: str) -> bool:
+    return c.isprintable() or unicodedata.category(c) == "Zs"  # spaces, the no-break ones too
 
 
 def check_level(level: str) -> str:
@@ -62,8 +79,6 @@ class Certificate:
 
 def make(key: Ed25519PrivateKey, manifest: bytes, entry: str, level: str, note: str = "") -> bytes:
     """A certificate of ``manifest`` at ``level``, signed with ``key``."""
-    if len(note) > NOTE_LIMIT or any(ord(c) < 32 for c in note):
-        raise UsageError(f"the note must be one line of at most {NOTE_LIMIT} characters")
     payload = {
         "type": "vml-certificate",
         "version": 1,
@@ -72,7 +87,7 @@ def make(key: Ed25519PrivateKey, manifest: bytes, entry: str, level: str, note: 
         "level": check_level(level),
         "key": public_key_text(key.public_key()),
         "certified": now_iso(),
-        "note": note,
+        "note": check_note(note),
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return encode({"payload": text.decode(), "signature": base64.b64encode(key.sign(text)).decode()})
@@ -102,7 +117,10 @@ def check(data: bytes, manifest: bytes, where: str) -> Certificate:
         if p["type"] != "vml-certificate" or p["version"] != 1:
             raise ValueError("not a version 1 VML certificate")
         got = parse_hex(p["manifest"])
-        cert = Certificate(got, check_level(p["level"]), p["key"], str(p["certified"]), str(p["entry"]), str(p["note"]))
+        # Checked as make() checks them: these fields are shown to people (vml show).
+        when, entry = p["certified"], p["entry"]
+        parse_iso(when)
+        cert = Certificate(got, check_level(p["level"]), p["key"], when, check_name(entry), check_note(p["note"]))
         public = parse_public_key(cert.key, "its key")
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, RecursionError, UsageError) as e:
         raise BadSignature(f"{where}: not a VML certificate ({e})") from None
