@@ -209,6 +209,51 @@ def _add_certificates(src: Path, dst: Path, certs: dict[str, list[dict]]) -> Pat
     return dst
 
 
+def test_the_machine_policy_refuses_everything_unless_it_is_a_readable_well_formed_file(vml, site, monkeypatch):
+    import subprocess
+    import sys
+
+    from vml.config import Config
+    from vml.errors import CorruptManifest
+
+    path = site / "etc" / "policy.toml"
+    monkeypatch.setattr(trust, "SYSTEM_POLICY", path)
+    cfg = Config.load()
+    repo, entry = cfg.find_entry("base", None)
+    cfg.check_certified(repo, entry)  # nothing at the path: no machine policy
+    path.parent.mkdir()
+    cfg.check_certified(repo, entry)
+
+    def refused(why: str) -> None:
+        with pytest.raises(CorruptManifest) as e:
+            cfg.check_certified(repo, entry)
+        text = str(e.value)
+        assert text.startswith(f"{path}: ") and "nothing runs until it is fixed" in text and "\n" not in text, why
+
+    path.symlink_to(site / "etc" / "missing.toml")
+    refused("a dangling symlink")
+    path.unlink()
+    # The policy past the first MiB: a read cut there would see none.
+    path.write_text("# " + "x" * (1 << 20) + '\n[policy]\nrequire = "production"\n')
+    refused("over 1 MiB")
+    path.unlink()
+    path.mkdir()
+    refused("a directory")
+    path.rmdir()
+    path.write_text("[policy\n")
+    refused("malformed")
+    path.write_text('[policy]\nrequire = "production"\n')
+    path.chmod(0)
+    if os.geteuid() != 0:  # root reads it anyway
+        refused("unreadable")
+    path.unlink()
+    os.mkfifo(path)
+    code = "import sys; from pathlib import Path; from vml import trust; trust.load_system(Path(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode != 0 and "CorruptManifest" in r.stderr and "not a regular file" in r.stderr
+    refused("a FIFO")
+
+
 def _forged_certificate(manifest_hex: str, note: str) -> bytes:
     """A certificate whose signature verifies, made without make()'s checks."""
     import base64

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import tomli_w
 
-from .errors import BadSignature, CorruptManifest, NotCertified, UsageError, VmlError
-from .files import storage_error, write_atomic
+from .errors import BadSignature, CorruptManifest, NotCertified, NotFound, UsageError, VmlError
+from .files import read_regular, storage_error, write_atomic
 from .keys import load_private_key, parse_public_key, public_key_text
 from .names import check_name
 from .repo import certificates
@@ -105,22 +105,35 @@ class SystemTrust:
 
 
 def load_system(path: Path | None = None) -> SystemTrust:
-    """The machine's trusted keys and policy (/etc/vml/policy.toml); none if the file is absent."""
+    """The machine's trusted keys and policy (/etc/vml/policy.toml); none if nothing is at the path.
+
+    Anything else at the path that is not a readable, well-formed policy
+    (a dangling symlink, a directory, a FIFO, a file past SYSTEM_LIMIT)
+    refuses everything: failing open would lift the machine's rule.
+    """
     path = path or SYSTEM_POLICY
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.loads(f.read(SYSTEM_LIMIT).decode())
+        os.lstat(path)
     except FileNotFoundError:
         return SystemTrust({}, None)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        # Unreadable is not "no policy": refusing keeps the machine's rule.
-        raise CorruptManifest(
-            f"{path}: cannot read the machine's policy ({e}); nothing runs until it is fixed"
-        ) from None
+    except OSError as e:
+        raise _unreadable(path, e.strerror) from None
+    try:
+        doc = tomllib.loads(read_regular(path, SYSTEM_LIMIT, "policy file").decode())
+    except NotFound:  # lstat saw something: a symlink to nothing
+        raise _unreadable(path, "a symbolic link to a file that does not exist") from None
+    except VmlError as e:
+        raise _unreadable(path, str(e).removeprefix(f"{path}: ")) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise _unreadable(path, str(e)) from None
     if set(doc) - {"trust", "policy"}:
         raise CorruptManifest(f"{path}: known sections are [trust.NAME] and [policy]")
     keys = parse_trust(path, doc.get("trust", {}))
     return SystemTrust(keys, parse_policy(path, doc.get("policy"), keys))
+
+
+def _unreadable(path: Path, why: str) -> CorruptManifest:
+    return CorruptManifest(f"{path}: cannot read the machine's policy ({why}); nothing runs until it is fixed")
 
 
 def policies(user_keys: dict[str, TrustedKey], user_policy: Policy | None, system: SystemTrust) -> list[Policy]:
