@@ -196,6 +196,30 @@ def test_bad_trust_input_is_one_line(vml, site):
 # -- issue 22: what two attacks found ------------------------------------------------
 
 
+def _junk_certificates(manifest_hex: str, n: int) -> list[dict]:
+    """``n`` certificates of the manifest that verify, each by a fresh key no one trusts."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from vml.repo import certificates
+
+    m = bytes.fromhex(manifest_hex)
+    return [
+        certificates.as_object(certificates.make(Ed25519PrivateKey.generate(), m, "base", "junk")) for _ in range(n)
+    ]
+
+
+def _write_bundle(path: Path, index: dict) -> Path:
+    import io
+    import tarfile
+
+    data = json.dumps(index).encode()
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("vml-bundle.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def _add_certificates(src: Path, dst: Path, certs: dict[str, list[dict]]) -> Path:
     def change(name, data):
         if name == "vml-bundle.json":
@@ -207,6 +231,60 @@ def _add_certificates(src: Path, dst: Path, certs: dict[str, list[dict]]) -> Pat
 
     rewrite_bundle(src, dst, change)
     return dst
+
+
+def test_a_bundles_certificates_of_entries_it_does_not_carry_are_ignored(vml, site):
+    base = refs(site / "rep")["base"]
+    index = {
+        "format": 1,
+        "entries": [],
+        "requires": [],
+        "objects": 0,
+        "certificates": {base: _junk_certificates(base, 64)},
+    }
+    vml("import", _write_bundle(site / "junk.vml", index))
+    assert not list((site / "rep" / "certificates").glob("*/*.json"))
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("trust", "policy", "--require", "production")
+    vml("open", "base", "--area", "a1")
+
+
+def test_a_flood_of_untrusted_certificates_never_blocks_a_trusted_one(vml, site):
+    from vml.keys import parse_public_key
+    from vml.remotes import catalog
+    from vml.repo import certificates
+
+    base = refs(site / "rep")["base"]
+    vml("export", "base", "-o", site / "base.vml", "--full")
+    flood = _add_certificates(site / "base.vml", site / "flood.vml", {base: _junk_certificates(base, 70)})
+    vml("import", flood)  # base is here already: only its certificates come, as many as the cap takes
+    kept = site / "rep" / "certificates" / base
+    assert len(list(kept.iterdir())) == certificates.PER_MANIFEST
+    vml("keygen", site / "pubkey")
+    vml("publish", site / "pub", "--key", site / "pubkey")
+
+    vml("certify", "base", "--key", site / "cern", "--level", "production")  # the signer's own key counts
+    assert len(list(kept.iterdir())) == certificates.PER_MANIFEST
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("trust", "policy", "--require", "production")
+    vml("open", "base", "--area", "a1")
+    vml("publish", site / "pub", "--key", site / "pubkey")  # the catalog had 64 already: the new one goes in
+    pub = catalog.verify(
+        (site / "pub" / "catalog.json").read_bytes(),
+        parse_public_key((site / "pubkey.pub").read_text(), "key"),
+        "catalog",
+    )
+    cern = (site / "cern.pub").read_text().strip()
+    assert any(cern in c["payload"] for c in pub.certificates[bytes.fromhex(base)])
+
+    # Another repository, flooded the same way, takes cern's certificate from a bundle.
+    vml("init", site / "rep2", "--chunk-size", "4K")
+    vml("import", flood, "--repo", site / "rep2")
+    vml("export", "base", "-o", site / "certified.vml", "--full")
+    vml("import", site / "certified.vml", "--repo", site / "rep2")
+    vml("open", "base", "--repo", site / "rep2", "--area", "a2")
+    assert len(list((site / "rep2" / "certificates" / base).iterdir())) == certificates.PER_MANIFEST
 
 
 def test_the_machine_policy_refuses_everything_unless_it_is_a_readable_well_formed_file(vml, site, monkeypatch):

@@ -186,6 +186,10 @@ class Config:
 
     # -- certification ---------------------------------------------------
 
+    def trusted_keys(self) -> frozenset[str]:
+        """The public keys whose certificates count here: this user's and the machine's."""
+        return frozenset(k.key for k in [*self.trust.values(), *load_system().keys.values()])
+
     def check_certified(self, repo: Repository, entry: Entry) -> None:
         """Refuse (NotCertified) an entry that a policy in force, the machine's or this user's, does not accept."""
         check(policies(self.trust, self.policy, load_system()), repo, entry)

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,16 +200,23 @@ def check(all_policies: list[Policy], repo: Repository, entry: Entry) -> None:
         raise NotCertified(f"entry {entry.name!r} of {repo.name} is not {wanted} (policy of {policy.source}){has}")
 
 
-def certify(repo: Repository, name: str, key_path: Path, level: str, note: str = "") -> certificates.Certificate:
-    """Sign entry ``name``'s manifest at ``level`` with the key in ``key_path`` and keep the certificate beside it."""
+def certify(
+    repo: Repository, name: str, key_path: Path, level: str, note: str = "", trusted: Collection[str] = ()
+) -> certificates.Certificate:
+    """Sign entry ``name``'s manifest at ``level`` with the key in ``key_path`` and keep the certificate beside it.
+
+    The certificate takes the place of one by a key not in ``trusted`` if
+    the entry has as many as a repository keeps (certificates.keep).
+    """
     if repo.read_only:
         raise UsageError(f"{repo.name} is a remote: certify {name} where it is published from, and publish again")
     entry = repo.entry(name)
-    data = certificates.make(load_private_key(key_path), entry.digest, name, level, note)
+    key = load_private_key(key_path)
+    data = certificates.make(key, entry.digest, name, level, note)
     with repo.store.lock(f"vml certify {name}"):
         if repo.refs().get(name) != entry.digest:
             raise UsageError(f"entry {name!r} changed while it was being certified; certify it again")
-        certificates.keep(repo.store.path, entry.digest, data)
+        certificates.keep(repo.store.path, entry.digest, data, {*trusted, public_key_text(key.public_key())})
     return certificates.check(data, entry.digest, f"certificate of {name}")
 
 

@@ -22,9 +22,11 @@ level, is the reader's policy (vml.trust).
 
 import base64
 import binascii
+import contextlib
 import json
 import re
 import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,40 +140,76 @@ def file_name(data: bytes) -> str:
     return blake3.blake3(data).hexdigest() + ".json"
 
 
-def stored(root: Path, manifest: bytes) -> list[bytes]:
-    """The certificate files kept in repository ``root`` for ``manifest``, unchecked."""
-    d = root / DIR / manifest.hex()
+def _files(d: Path) -> list[Path]:
+    """The certificate files in directory ``d``, in name order (none if there is no directory)."""
     try:
-        names = sorted(p for p in d.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
+        return sorted(p for p in d.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
     except FileNotFoundError:
         return []
     except OSError as e:
         raise storage_error(e, f"reading {d}") from None
-    out = []
-    for p in names[:PER_MANIFEST]:
-        try:
-            # Only regular files, opened without blocking: a FIFO would hang every open and boot.
-            with open_regular(p, "certificate") as f:
-                out.append(f.read(LIMIT + 1))  # one byte more, so that check() calls it too large
-        except (OSError, VmlError):
-            continue  # removed by gc meanwhile, unreadable or not a file: a certificate that does not count
-    return out
 
 
-def keep(root: Path, manifest: bytes, data: bytes) -> bool:
-    """Store certificate ``data`` of ``manifest`` in repository ``root`` (False: it was there)."""
+def _read(p: Path) -> bytes | None:
+    """Certificate file ``p``, or None if it cannot count: removed by gc meanwhile, unreadable, not a file."""
+    try:
+        # Only regular files, opened without blocking: a FIFO would hang every open and boot.
+        with open_regular(p, "certificate") as f:
+            return f.read(LIMIT + 1)  # one byte more, so that check() calls it too large
+    except (OSError, VmlError):
+        return None
+
+
+def stored(root: Path, manifest: bytes) -> list[bytes]:
+    """The certificate files kept in repository ``root`` for ``manifest``, unchecked."""
+    files = _files(root / DIR / manifest.hex())[:PER_MANIFEST]
+    return [data for data in map(_read, files) if data is not None]
+
+
+def keep(root: Path, manifest: bytes, data: bytes, trusted: Collection[str] = ()) -> bool:
+    """Store certificate ``data`` of ``manifest`` in repository ``root``; False if it was there or left out.
+
+    At most PER_MANIFEST are kept for one manifest: a flood must not cost
+    every reader. A certificate by a key in ``trusted`` (keys whose
+    certificates count here, and a certifier's own) never waits on that cap:
+    it takes the place of one that does not verify or is by another key.
+    Any other that finds the cap reached is left out.
+    """
     d = root / DIR / manifest.hex()
     p = d / file_name(data)
     if p.exists():
         return False
     try:
         d.mkdir(parents=True, exist_ok=True)
-        if sum(1 for _ in d.iterdir()) >= PER_MANIFEST:
-            raise StorageError(f"{d}: already {PER_MANIFEST} certificates for this entry; remove some first")
+        files = _files(d)
+        if len(files) >= PER_MANIFEST:
+            if check(data, manifest, f"certificate {p}").key not in trusted:
+                return False
+            excess = len(files) - PER_MANIFEST + 1
+            for victim in _displaceable(files, manifest, trusted):
+                if excess:
+                    with contextlib.suppress(IsADirectoryError):  # a directory is not read, so costs nothing
+                        victim.unlink(missing_ok=True)
+                        excess -= 1
+            if excess:
+                raise StorageError(f"{d}: already {PER_MANIFEST} certificates by trusted keys for this entry")
         write_atomic(p, data)
     except OSError as e:
         raise storage_error(e, f"writing certificate {p}") from None
     return True
+
+
+def _displaceable(files: list[Path], manifest: bytes, trusted: Collection[str]) -> list[Path]:
+    """Of ``files``, those that do not count for anyone first, then those by keys not in ``trusted``."""
+    invalid, untrusted = [], []
+    for p in files:
+        data = _read(p)
+        try:
+            if data is None or check(data, manifest, "certificate").key not in trusted:
+                (invalid if data is None else untrusted).append(p)
+        except BadSignature:
+            invalid.append(p)
+    return invalid + untrusted
 
 
 def manifests_with_certificates(root: Path) -> list[bytes]:
