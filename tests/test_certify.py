@@ -196,6 +196,33 @@ def test_bad_trust_input_is_one_line(vml, site):
 # -- issue 22: what two attacks found ------------------------------------------------
 
 
+def test_a_strict_policy_boots_an_area_only_while_its_disks_hold_the_certified_bytes(vml, site, mounted):
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("trust", "policy", "--require", "production")
+    vml("open", "base", "--area", "a1")
+    dry_run = ("boot", "a1", "--hypervisor", "qemu", "--dry-run")
+    vml(*dry_run)
+    disk = mounted / "areas" / "a1" / "disk.img"
+    original = disk.read_bytes()[40960:40980]
+    with open(disk, "r+b") as f:
+        f.seek(40960)
+        f.write(b"not what cern signed")
+    for args in (dry_run, dry_run[:-1]):  # the refusal comes before any VM starts
+        line = vml.fails(*args, status=16)
+        assert "working area 'a1'" in line and "disk 'disk'" in line and "'base'" in line
+        assert "--allow-user-changes" in line and "certify" in line
+    with open(disk, "r+b") as f:  # written, but the bytes are the certified ones again
+        f.seek(40960)
+        f.write(original)
+    vml(*dry_run)
+    with open(disk, "r+b") as f:
+        f.seek(40960)
+        f.write(b"changed again")
+    vml("trust", "policy", "--require", "production", "--allow-user-changes")
+    vml(*dry_run)
+
+
 def _junk_certificates(manifest_hex: str, n: int) -> list[dict]:
     """``n`` certificates of the manifest that verify, each by a fresh key no one trusts."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

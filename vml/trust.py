@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import os
 import tomllib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,11 +181,23 @@ def _certified(policy: Policy, repo: Repository, digest: bytes) -> tuple[bool, l
     return False, whys
 
 
-def check(all_policies: list[Policy], repo: Repository, entry: Entry) -> None:
-    """Raise NotCertified, naming the entry and what is missing, unless every policy accepts ``entry``."""
+def check(
+    all_policies: list[Policy], repo: Repository, entry: Entry, changes: Callable[[], list[str]] | None = None
+) -> None:
+    """Raise NotCertified, naming the entry and what is missing, unless every policy accepts ``entry``.
+
+    ``changes``, for a working area about to boot: what of it differs from
+    ``entry`` (such as "disk 'd' of working area 'w'"), asked only if a
+    policy in force does not allow user changes, which then refuses any.
+    """
+    changed = None
     for policy in all_policies:
         ok, whys = _certified(policy, repo, entry.digest)
         if ok:
+            if changes is not None and not policy.allow_user_changes:
+                changed = changes() if changed is None else changed
+                if changed:
+                    raise _changed(policy, repo, entry, changed)
             continue
         if policy.allow_user_changes:
             try:
@@ -198,6 +210,15 @@ def check(all_policies: list[Policy], repo: Repository, entry: Entry) -> None:
             wanted += ", nor built on an entry that is"
         has = f"; it has: {'; '.join(whys)}" if whys else "; it has no certificate"
         raise NotCertified(f"entry {entry.name!r} of {repo.name} is not {wanted} (policy of {policy.source}){has}")
+
+
+def _changed(policy: Policy, repo: Repository, entry: Entry, changed: list[str]) -> NotCertified:
+    return NotCertified(
+        f"{', '.join(changed)} {'differ' if len(changed) > 1 else 'differs'} from entry {entry.name!r} of "
+        f"{repo.name}, and the policy of {policy.source} boots only what was certified at level "
+        f"{policy.require!r}: save the area as an entry and certify that (`vml certify`), or use a policy "
+        "with --allow-user-changes"
+    )
 
 
 def certify(
