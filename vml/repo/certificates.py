@@ -205,10 +205,13 @@ def _displaceable(files: list[Path], manifest: bytes, trusted: Collection[str]) 
     for p in files:
         data = _read(p)
         try:
-            if data is None or check(data, manifest, "certificate").key not in trusted:
-                (invalid if data is None else untrusted).append(p)
+            key = None if data is None else check(data, manifest, "certificate").key
         except BadSignature:
+            key = None
+        if key is None:
             invalid.append(p)
+        elif key not in trusted:
+            untrusted.append(p)
     return invalid + untrusted
 
 
