@@ -191,3 +191,247 @@ def test_bad_trust_input_is_one_line(vml, site):
     assert "no such key file" in vml.fails("certify", "base", "--key", site / "missing")
     vml("trust", "add", site / "cern.pub", "--name", "cern")
     assert "exists" in vml.fails("trust", "add", site / "other.pub", "--name", "cern")
+
+
+# -- issue 22: what two attacks found ------------------------------------------------
+
+
+def test_a_strict_policy_boots_an_area_only_while_its_disks_hold_the_certified_bytes(vml, site, mounted):
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("trust", "policy", "--require", "production")
+    vml("open", "base", "--area", "a1")
+    dry_run = ("boot", "a1", "--hypervisor", "qemu", "--dry-run")
+    vml(*dry_run)
+    disk = mounted / "areas" / "a1" / "disk.img"
+    original = disk.read_bytes()[40960:40980]
+    with open(disk, "r+b") as f:
+        f.seek(40960)
+        f.write(b"not what cern signed")
+    for args in (dry_run, dry_run[:-1]):  # the refusal comes before any VM starts
+        line = vml.fails(*args, status=16)
+        assert "working area 'a1'" in line and "disk 'disk'" in line and "'base'" in line
+        assert "--allow-user-changes" in line and "certify" in line
+    with open(disk, "r+b") as f:  # written, but the bytes are the certified ones again
+        f.seek(40960)
+        f.write(original)
+    vml(*dry_run)
+    with open(disk, "r+b") as f:
+        f.seek(40960)
+        f.write(b"changed again")
+    vml("trust", "policy", "--require", "production", "--allow-user-changes")
+    vml(*dry_run)
+
+
+def _junk_certificates(manifest_hex: str, n: int) -> list[dict]:
+    """``n`` certificates of the manifest that verify, each by a fresh key no one trusts."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from vml.repo import certificates
+
+    m = bytes.fromhex(manifest_hex)
+    return [
+        certificates.as_object(certificates.make(Ed25519PrivateKey.generate(), m, "base", "junk")) for _ in range(n)
+    ]
+
+
+def _write_bundle(path: Path, index: dict) -> Path:
+    import io
+    import tarfile
+
+    data = json.dumps(index).encode()
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("vml-bundle.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _add_certificates(src: Path, dst: Path, certs: dict[str, list[dict]]) -> Path:
+    def change(name, data):
+        if name == "vml-bundle.json":
+            index = json.loads(data)
+            for m, extra in certs.items():
+                index.setdefault("certificates", {}).setdefault(m, []).extend(extra)
+            data = json.dumps(index).encode()
+        return name, data
+
+    rewrite_bundle(src, dst, change)
+    return dst
+
+
+def test_a_bundles_certificates_of_entries_it_does_not_carry_are_ignored(vml, site):
+    base = refs(site / "rep")["base"]
+    index = {
+        "format": 1,
+        "entries": [],
+        "requires": [],
+        "objects": 0,
+        "certificates": {base: _junk_certificates(base, 64)},
+    }
+    vml("import", _write_bundle(site / "junk.vml", index))
+    assert not list((site / "rep" / "certificates").glob("*/*.json"))
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("trust", "policy", "--require", "production")
+    vml("open", "base", "--area", "a1")
+
+
+def test_a_flood_of_untrusted_certificates_never_blocks_a_trusted_one(vml, site):
+    from vml.keys import parse_public_key
+    from vml.remotes import catalog
+    from vml.repo import certificates
+
+    base = refs(site / "rep")["base"]
+    vml("export", "base", "-o", site / "base.vml", "--full")
+    flood = _add_certificates(site / "base.vml", site / "flood.vml", {base: _junk_certificates(base, 70)})
+    vml("import", flood)  # base is here already: only its certificates come, as many as the cap takes
+    kept = site / "rep" / "certificates" / base
+    assert len(list(kept.iterdir())) == certificates.PER_MANIFEST
+    vml("keygen", site / "pubkey")
+    vml("publish", site / "pub", "--key", site / "pubkey")
+
+    vml("certify", "base", "--key", site / "cern", "--level", "production")  # the signer's own key counts
+    assert len(list(kept.iterdir())) == certificates.PER_MANIFEST
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("trust", "policy", "--require", "production")
+    vml("open", "base", "--area", "a1")
+    vml("publish", site / "pub", "--key", site / "pubkey")  # the catalog had 64 already: the new one goes in
+    pub = catalog.verify(
+        (site / "pub" / "catalog.json").read_bytes(),
+        parse_public_key((site / "pubkey.pub").read_text(), "key"),
+        "catalog",
+    )
+    cern = (site / "cern.pub").read_text().strip()
+    assert any(cern in c["payload"] for c in pub.certificates[bytes.fromhex(base)])
+
+    # Another repository, flooded the same way, takes cern's certificate from a bundle.
+    vml("init", site / "rep2", "--chunk-size", "4K")
+    vml("import", flood, "--repo", site / "rep2")
+    vml("export", "base", "-o", site / "certified.vml", "--full")
+    vml("import", site / "certified.vml", "--repo", site / "rep2")
+    vml("open", "base", "--repo", site / "rep2", "--area", "a2")
+    assert len(list((site / "rep2" / "certificates" / base).iterdir())) == certificates.PER_MANIFEST
+
+
+def test_the_machine_policy_refuses_everything_unless_it_is_a_readable_well_formed_file(vml, site, monkeypatch):
+    import subprocess
+    import sys
+
+    from vml.config import Config
+    from vml.errors import CorruptManifest
+
+    path = site / "etc" / "policy.toml"
+    monkeypatch.setattr(trust, "SYSTEM_POLICY", path)
+    cfg = Config.load()
+    repo, entry = cfg.find_entry("base", None)
+    cfg.check_certified(repo, entry)  # nothing at the path: no machine policy
+    path.parent.mkdir()
+    cfg.check_certified(repo, entry)
+
+    def refused(why: str) -> None:
+        with pytest.raises(CorruptManifest) as e:
+            cfg.check_certified(repo, entry)
+        text = str(e.value)
+        assert text.startswith(f"{path}: ") and "nothing runs until it is fixed" in text and "\n" not in text, why
+
+    path.symlink_to(site / "etc" / "missing.toml")
+    refused("a dangling symlink")
+    path.unlink()
+    # The policy past the first MiB: a read cut there would see none.
+    path.write_text("# " + "x" * (1 << 20) + '\n[policy]\nrequire = "production"\n')
+    refused("over 1 MiB")
+    path.unlink()
+    path.mkdir()
+    refused("a directory")
+    path.rmdir()
+    path.write_text("[policy\n")
+    refused("malformed")
+    path.write_text('[policy]\nrequire = "production"\n')
+    path.chmod(0)
+    if os.geteuid() != 0:  # root reads it anyway
+        refused("unreadable")
+    path.unlink()
+    os.mkfifo(path)
+    code = "import sys; from pathlib import Path; from vml import trust; trust.load_system(Path(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode != 0 and "CorruptManifest" in r.stderr and "not a regular file" in r.stderr
+    refused("a FIFO")
+
+
+def _forged_certificate(manifest_hex: str, note: str) -> bytes:
+    """A certificate whose signature verifies, made without make()'s checks."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from vml.keys import public_key_text
+    from vml.repo import certificates
+
+    key = Ed25519PrivateKey.generate()
+    payload = {
+        "type": "vml-certificate",
+        "version": 1,
+        "manifest": manifest_hex,
+        "entry": "base",
+        "level": "testing",
+        "key": public_key_text(key.public_key()),
+        "certified": "2026-12-01T10:00:00Z",
+        "note": note,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return certificates.encode({"payload": text.decode(), "signature": base64.b64encode(key.sign(text)).decode()})
+
+
+def test_show_prints_no_forged_line_from_a_certificate_or_a_message(vml, site):
+    from vml.repo import certificates
+
+    base = refs(site / "rep")["base"]
+    forged = "fine\n  certified: level production by cern on 2026-12-01"
+    certificates.keep(site / "rep", bytes.fromhex(base), _forged_certificate(base, forged))
+    for c in ("\x1b[2J", "x" * 1001):
+        certificates.keep(site / "rep", bytes.fromhex(base), _forged_certificate(base, c))
+    shown = vml("show", "base").stdout
+    assert "by cern" not in shown and "\x1b" not in shown
+    lines = [ln for ln in shown.splitlines() if ln.startswith("  certified:")]
+    assert len(lines) == 3 and all("not valid: not a VML certificate (the note must be one line" in ln for ln in lines)
+
+    vml("export", "base", "-o", site / "base.vml", "--full")
+    bad = _add_certificates(
+        site / "base.vml", site / "bad.vml", {base: [json.loads(_forged_certificate(base, forged))]}
+    )
+    vml("init", site / "rep2", "--chunk-size", "4K")
+    line = vml.fails("import", bad, "--repo", site / "rep2")
+    assert "bad.vml: certificate of manifest" in line and "the note must be one line" in line
+
+    img = site / "disk.img"
+    vml("save", "forged", "--from", img, "-m", "ok\n  certified: level production by cern")
+    shown = vml("show", "forged").stdout
+    assert "by cern" in shown and not any(ln.startswith("  certified:") for ln in shown.splitlines())
+    assert "  message:   ok\\n  certified: level production by cern" in shown
+
+
+def test_a_fifo_among_the_certificate_files_is_passed_over(vml, site):
+    vml("trust", "add", site / "cern.pub", "--name", "cern")
+    vml("certify", "base", "--key", site / "cern", "--level", "production")
+    vml("trust", "policy", "--require", "production")
+    d = site / "rep" / "certificates" / refs(site / "rep")["base"]
+    os.mkfifo(d / ("0" * 64 + ".json"))  # listed first
+    (d / ("1" * 64 + ".json")).mkdir()
+    vml("open", "base", "--area", "a1", timeout=60)
+    assert "certified: level production by cern" in vml("show", "base", timeout=60).stdout
+
+
+def test_a_private_key_others_may_read_is_refused(vml, site):
+    key = site / "cern"
+    assert key.stat().st_mode & 0o777 == 0o600  # as vml keygen writes it
+    for mode in (0o644, 0o640, 0o604):
+        key.chmod(mode)
+        line = vml.fails("certify", "base", "--key", key, "--level", "production", status=2)
+        assert f"{key}: permissions 0{mode:o} are too open" in line and f"chmod 600 {key}" in line
+        line = vml.fails("publish", site / "pub", "--key", key, status=2)
+        assert f"{key}: permissions 0{mode:o} are too open" in line
+    assert not (site / "pub").exists() and not (site / "rep" / "certificates").exists()
+    key.chmod(0o600)
+    vml("certify", "base", "--key", key, "--level", "production")
+    vml("publish", site / "pub", "--key", key)

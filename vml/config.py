@@ -48,6 +48,7 @@ import dataclasses
 import fcntl
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,9 +187,16 @@ class Config:
 
     # -- certification ---------------------------------------------------
 
-    def check_certified(self, repo: Repository, entry: Entry) -> None:
-        """Refuse (NotCertified) an entry that a policy in force, the machine's or this user's, does not accept."""
-        check(policies(self.trust, self.policy, load_system()), repo, entry)
+    def trusted_keys(self) -> frozenset[str]:
+        """The public keys whose certificates count here: this user's and the machine's."""
+        return frozenset(k.key for k in [*self.trust.values(), *load_system().keys.values()])
+
+    def check_certified(self, repo: Repository, entry: Entry, changes: Callable[[], list[str]] | None = None) -> None:
+        """Refuse (NotCertified) an entry that a policy in force, the machine's or this user's, does not accept.
+
+        ``changes``: see vml.trust.check (a working area about to boot).
+        """
+        check(policies(self.trust, self.policy, load_system()), repo, entry, changes)
 
     # -- repositories ----------------------------------------------------
 

@@ -50,10 +50,26 @@ def open_regular(path: Path, what: str = "file", *, follow: bool = True, error: 
 
 
 def read_regular(
-    path: Path, limit: int, what: str = "file", *, follow: bool = True, error: type[VmlError] = UsageError
+    path: Path,
+    limit: int,
+    what: str = "file",
+    *,
+    follow: bool = True,
+    error: type[VmlError] = UsageError,
+    private: bool = False,
 ) -> bytes:
-    """The content of regular file ``path``, at most ``limit`` bytes (more is refused with ``error``)."""
+    """The content of regular file ``path``, at most ``limit`` bytes (more is refused with ``error``).
+
+    A ``private`` file (a secret) is refused, as ssh refuses a private key,
+    when its mode lets anyone but its owner in: another user may have read it.
+    """
     with open_regular(path, what, follow=follow, error=error) as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if private and mode & 0o077:
+            raise UsageError(
+                f"{path}: permissions {mode:04o} are too open "
+                f"(a private {what} must be readable by its owner only: chmod 600 {path})"
+            )
         try:
             data = f.read(limit + 1)
         except OSError as e:

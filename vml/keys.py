@@ -42,7 +42,7 @@ def public_key_text(key: Ed25519PublicKey) -> str:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     try:
-        data = read_regular(path, KEY_FILE_LIMIT, "key file")
+        data = read_regular(path, KEY_FILE_LIMIT, "key file", private=True)
     except NotFound:
         raise NotFound(f"{path}: no such key file (create one with `vml keygen {path}`)") from None
     try:

@@ -22,13 +22,14 @@ import contextlib
 import dataclasses
 import os
 import tomllib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
 
-from .errors import BadSignature, CorruptManifest, NotCertified, UsageError, VmlError
-from .files import storage_error, write_atomic
+from .errors import BadSignature, CorruptManifest, NotCertified, NotFound, UsageError, VmlError
+from .files import read_regular, storage_error, write_atomic
 from .keys import load_private_key, parse_public_key, public_key_text
 from .names import check_name
 from .repo import certificates
@@ -105,22 +106,35 @@ class SystemTrust:
 
 
 def load_system(path: Path | None = None) -> SystemTrust:
-    """The machine's trusted keys and policy (/etc/vml/policy.toml); none if the file is absent."""
+    """The machine's trusted keys and policy (/etc/vml/policy.toml); none if nothing is at the path.
+
+    Anything else at the path that is not a readable, well-formed policy
+    (a dangling symlink, a directory, a FIFO, a file past SYSTEM_LIMIT)
+    refuses everything: failing open would lift the machine's rule.
+    """
     path = path or SYSTEM_POLICY
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.loads(f.read(SYSTEM_LIMIT).decode())
+        os.lstat(path)
     except FileNotFoundError:
         return SystemTrust({}, None)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        # Unreadable is not "no policy": refusing keeps the machine's rule.
-        raise CorruptManifest(
-            f"{path}: cannot read the machine's policy ({e}); nothing runs until it is fixed"
-        ) from None
+    except OSError as e:
+        raise _unreadable(path, e.strerror) from None
+    try:
+        doc = tomllib.loads(read_regular(path, SYSTEM_LIMIT, "policy file").decode())
+    except NotFound:  # lstat saw something: a symlink to nothing
+        raise _unreadable(path, "a symbolic link to a file that does not exist") from None
+    except VmlError as e:
+        raise _unreadable(path, str(e).removeprefix(f"{path}: ")) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise _unreadable(path, str(e)) from None
     if set(doc) - {"trust", "policy"}:
         raise CorruptManifest(f"{path}: known sections are [trust.NAME] and [policy]")
     keys = parse_trust(path, doc.get("trust", {}))
     return SystemTrust(keys, parse_policy(path, doc.get("policy"), keys))
+
+
+def _unreadable(path: Path, why: str) -> CorruptManifest:
+    return CorruptManifest(f"{path}: cannot read the machine's policy ({why}); nothing runs until it is fixed")
 
 
 def policies(user_keys: dict[str, TrustedKey], user_policy: Policy | None, system: SystemTrust) -> list[Policy]:
@@ -167,11 +181,23 @@ def _certified(policy: Policy, repo: Repository, digest: bytes) -> tuple[bool, l
     return False, whys
 
 
-def check(all_policies: list[Policy], repo: Repository, entry: Entry) -> None:
-    """Raise NotCertified, naming the entry and what is missing, unless every policy accepts ``entry``."""
+def check(
+    all_policies: list[Policy], repo: Repository, entry: Entry, changes: Callable[[], list[str]] | None = None
+) -> None:
+    """Raise NotCertified, naming the entry and what is missing, unless every policy accepts ``entry``.
+
+    ``changes``, for a working area about to boot: what of it differs from
+    ``entry`` (such as "disk 'd' of working area 'w'"), asked only if a
+    policy in force does not allow user changes, which then refuses any.
+    """
+    changed = None
     for policy in all_policies:
         ok, whys = _certified(policy, repo, entry.digest)
         if ok:
+            if changes is not None and not policy.allow_user_changes:
+                changed = changes() if changed is None else changed
+                if changed:
+                    raise _changed(policy, repo, entry, changed)
             continue
         if policy.allow_user_changes:
             try:
@@ -186,16 +212,32 @@ def check(all_policies: list[Policy], repo: Repository, entry: Entry) -> None:
         raise NotCertified(f"entry {entry.name!r} of {repo.name} is not {wanted} (policy of {policy.source}){has}")
 
 
-def certify(repo: Repository, name: str, key_path: Path, level: str, note: str = "") -> certificates.Certificate:
-    """Sign entry ``name``'s manifest at ``level`` with the key in ``key_path`` and keep the certificate beside it."""
+def _changed(policy: Policy, repo: Repository, entry: Entry, changed: list[str]) -> NotCertified:
+    return NotCertified(
+        f"{', '.join(changed)} {'differ' if len(changed) > 1 else 'differs'} from entry {entry.name!r} of "
+        f"{repo.name}, and the policy of {policy.source} boots only what was certified at level "
+        f"{policy.require!r}: save the area as an entry and certify that (`vml certify`), or use a policy "
+        "with --allow-user-changes"
+    )
+
+
+def certify(
+    repo: Repository, name: str, key_path: Path, level: str, note: str = "", trusted: Collection[str] = ()
+) -> certificates.Certificate:
+    """Sign entry ``name``'s manifest at ``level`` with the key in ``key_path`` and keep the certificate beside it.
+
+    The certificate takes the place of one by a key not in ``trusted`` if
+    the entry has as many as a repository keeps (certificates.keep).
+    """
     if repo.read_only:
         raise UsageError(f"{repo.name} is a remote: certify {name} where it is published from, and publish again")
     entry = repo.entry(name)
-    data = certificates.make(load_private_key(key_path), entry.digest, name, level, note)
+    key = load_private_key(key_path)
+    data = certificates.make(key, entry.digest, name, level, note)
     with repo.store.lock(f"vml certify {name}"):
         if repo.refs().get(name) != entry.digest:
             raise UsageError(f"entry {name!r} changed while it was being certified; certify it again")
-        certificates.keep(repo.store.path, entry.digest, data)
+        certificates.keep(repo.store.path, entry.digest, data, {*trusted, public_key_text(key.public_key())})
     return certificates.check(data, entry.digest, f"certificate of {name}")
 
 

@@ -87,9 +87,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    repo = _repo(args)
+    cfg = config.Config.load()
+    repo = cfg.open(args.repo)
     with progress_bar(f"importing {Path(args.file).name}") as bar:
-        names = bundle.import_bundle(repo, args.file, progress=bar)
+        names = bundle.import_bundle(repo, args.file, progress=bar, trusted=cfg.trusted_keys())
     print(f"imported {', '.join(names)} into {repo.name}" if names else f"nothing new for {repo.name} in {args.file}")
     return 0
 

@@ -38,6 +38,15 @@ def table(rows: list[list[str]], header: list[str]) -> list[str]:
     return [fmt.format(*header).rstrip()] + [fmt.format(*map(str, r)).rstrip() for r in rows]
 
 
+def escaped(text: str) -> str:
+    """Text from a file someone else wrote, on one line: line breaks and terminal controls shown as escapes.
+
+    Otherwise a message or note could print lines of its own, such as a
+    forged "certified:" line under the real ones.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def show_lines(info: dict) -> list[str]:
     lines = [f"{info['name']}  (repository {info['repository']})"]
     lines.append(f"  kind:      {info['kind']}")
@@ -45,7 +54,7 @@ def show_lines(info: dict) -> list[str]:
     created = parse_iso(info["created"]).astimezone()
     lines.append(f"  created:   {created:%Y-%m-%d %H:%M:%S %Z}")
     if info["message"]:
-        lines.append(f"  message:   {info['message']}")
+        lines.append(f"  message:   {escaped(info['message'])}")
     for d in info["disks"]:
         lines.append(f"  disk:      {d['name']}  {format_size(d['size'])} ({d['size']} bytes)")
     for f in info["files"]:
@@ -72,10 +81,10 @@ def show_lines(info: dict) -> list[str]:
     lines.append(f"  manifest:  {info['manifest']}")
     for c in info.get("certificates", []):
         if not c["valid"]:
-            lines.append(f"  certified: not valid: {c['problem']}")
+            lines.append(f"  certified: not valid: {escaped(c['problem'])}")
             continue
         who = ", ".join(c["signer"]["trusted_as"]) or f"untrusted key {c['signer']['key'][:24]}…"
-        note = f": {c['note']}" if c["note"] else ""
+        note = f": {escaped(c['note'])}" if c["note"] else ""
         lines.append(f"  certified: level {c['level']} by {who} on {c['certified'][:10]}{note}")
     return lines
 

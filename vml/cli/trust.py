@@ -9,8 +9,9 @@ from .output import table
 
 
 def cmd_certify(args) -> int:
-    repo = config.Config.load().open(args.repo)
-    cert = trust.certify(repo, args.entry, Path(args.key), args.level, args.message or "")
+    cfg = config.Config.load()
+    repo = cfg.open(args.repo)
+    cert = trust.certify(repo, args.entry, Path(args.key), args.level, args.message or "", cfg.trusted_keys())
     print(f"certified {args.entry} of {repo.name} at level {cert.level} (manifest {cert.manifest.hex()[:16]})")
     return 0
 

@@ -25,6 +25,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -131,7 +132,7 @@ def export(
         "requires": requires,
         "objects": len(wanted),
     }
-    certs = _chain_certificates(repo, entry.digest)
+    certs = _certificates_of(repo, [d for d, _ in included])
     if certs:  # an older vml ignores the key (it reads only the ones it knows): the format stays 1
         index["certificates"] = certs
     progress.start(sum(repo.object_size(obj) for obj in wanted))
@@ -161,10 +162,10 @@ def export(
     )
 
 
-def _chain_certificates(repo: Repository, digest: bytes) -> dict[str, list[dict]]:
-    """The certificates that verify of the entry and every entry its data builds on, for the bundle's index."""
+def _certificates_of(repo: Repository, manifests: list[bytes]) -> dict[str, list[dict]]:
+    """The certificates that verify of the entries the bundle carries, for its index (the receiver takes no others)."""
     out = {}
-    for d, _ in repo.data_chain(digest):
+    for d in manifests:
         good = []
         for data in repo.certificates(d):
             with contextlib.suppress(BadSignature):
@@ -216,8 +217,15 @@ class _StagedStore:
         return self.store.certificates(manifest)
 
 
-def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SILENT) -> list[str]:
-    """Add a bundle's entries to ``repo``; return the names added."""
+def import_bundle(
+    repo: Repository, path: Path | str, *, progress: Progress = SILENT, trusted: Collection[str] = ()
+) -> list[str]:
+    """Add a bundle's entries to ``repo``; return the names added.
+
+    The bundle's certificates of the entries it carries are kept beside
+    them; ``trusted`` (the keys whose certificates count here) says which
+    of them the cap on certificates per entry must never leave out.
+    """
     path = Path(path)
     with _open_bundle(path) as f:
         tar = TarReader(f, str(path))
@@ -225,10 +233,10 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
         with repo.store.lock(f"vml import {path.name}"):
             # Checked under the lock, so no other writer can take a name
             # between the check and the refs update.
-            entries, _requires = _check_index(repo, index, path)
-            certs = _check_certificates(index, path)
+            entries, carried = _check_index(repo, index, path)
+            certs = _check_certificates(index, path, carried)
             if not entries:
-                _keep_certificates(repo, certs)
+                _keep_certificates(repo, certs, trusted)
                 return []
             progress.start(os.fstat(f.fileno()).st_size)
             staging = repo.store.staging_dir("import.")
@@ -240,7 +248,7 @@ def import_bundle(repo: Repository, path: Path | str, *, progress: Progress = SI
                 if repo.store.format == 2:  # the bundle's chunks came loose: into packs, in disk order
                     pack_loose(repo, entries.values())
                 repo.store.sync()
-                _keep_certificates(repo, certs)
+                _keep_certificates(repo, certs, trusted)
                 repo.store.update_refs(entries)
             except OSError as e:
                 raise storage_error(e, f"importing {path} into {repo.store.path}") from None
@@ -275,8 +283,15 @@ def _read_index(tar: TarReader, path: Path) -> dict:
         raise BadBundle(f"{path}: damaged bundle index ({e})") from None
 
 
-def _check_certificates(index: dict, path: Path) -> dict[bytes, list[bytes]]:
-    """The bundle's certificates, each checked; one that does not verify refuses the whole bundle."""
+def _check_certificates(index: dict, path: Path, carried: set[bytes]) -> dict[bytes, list[bytes]]:
+    """The bundle's certificates of the manifests it ``carried``, each checked.
+
+    One that does not verify refuses the whole bundle. Certificates of
+    entries the bundle does not carry are left out: anyone can sign
+    anything, and a bundle must not fill the certificates of entries the
+    receiver got from elsewhere (an older vml put those of the entries the
+    carried ones build on in the bundle too).
+    """
     doc = index.get("certificates", {})
     if not isinstance(doc, dict):
         raise BadBundle(f"{path}: damaged bundle index (certificates must be an object)")
@@ -285,6 +300,8 @@ def _check_certificates(index: dict, path: Path) -> dict[bytes, list[bytes]]:
         d = parse_hex(m)
         if d is None or not isinstance(texts, list):
             raise BadBundle(f"{path}: damaged bundle index (certificates must be lists by manifest)")
+        if d not in carried:
+            continue
         for text in texts:
             try:
                 data = certificates.encode(text)
@@ -295,15 +312,18 @@ def _check_certificates(index: dict, path: Path) -> dict[bytes, list[bytes]]:
     return out
 
 
-def _keep_certificates(repo: Repository, certs: dict[bytes, list[bytes]]) -> None:
+def _keep_certificates(repo: Repository, certs: dict[bytes, list[bytes]], trusted: Collection[str]) -> None:
     for d, texts in certs.items():
         if repo.store.has(d):  # a certificate is kept beside an entry this repository holds
-            for data in texts[: certificates.PER_MANIFEST]:
-                certificates.keep(repo.store.path, d, data)
+            for data in texts:
+                certificates.keep(repo.store.path, d, data, trusted)
 
 
-def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, bytes], list]:
-    """New entries by name; refuses (writing nothing) on missing or conflicting entries."""
+def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, bytes], set[bytes]]:
+    """New entries by name, and the manifests of every entry the bundle carries.
+
+    Refuses (writing nothing) on missing or conflicting entries.
+    """
     try:
         listed = [(check_name(e["name"]), parse_hex(e["manifest"])) for e in index["entries"]]
         requires = [(check_name(r["name"]), parse_hex(r["manifest"])) for r in index["requires"]]
@@ -327,7 +347,7 @@ def _check_index(repo: Repository, index: dict, path: Path) -> tuple[dict[str, b
             raise AlreadyExists(f"{path}: entry {name!r} already exists in repository {repo.name} with other content")
         if name not in refs:
             entries[name] = d
-    return entries, requires
+    return entries, {d for _, d in listed}
 
 
 def _stage_objects(tar: TarReader, count: int, staging: Path, path: Path, progress: Progress) -> dict[bytes, int]:

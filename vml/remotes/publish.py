@@ -187,20 +187,25 @@ def _previous(out: Path, key) -> Catalog | None:
 
 
 def _certificates(repo: Repository, manifests, previous: Catalog | None) -> dict[bytes, tuple[dict, ...]]:
-    """The certificates of every published manifest: those published before and those kept in ``repo``.
+    """The certificates of every published manifest: those kept in ``repo``, then those published before.
 
     Only certificates that verify are published; one that does not is left
     out with a warning, so a damaged file cannot make every reader refuse it.
+    The repository's come first: it keeps no more than a catalog may carry,
+    and a new one by a trusted key has taken the place of another there
+    (certificates.keep), so the earlier catalog's must not push it out.
     """
     out = {}
     for m in sorted(manifests):
-        found = {certificates.encode(c): None for c in previous.certificates.get(m, ())} if previous else {}
+        found = {}
         for data in repo.store.certificates(m) if repo.store.has(m) else ():
             try:
                 certificates.check(data, m, f"certificate of manifest {m.hex()[:16]} in {repo.name}")
                 found[data] = None
             except BadSignature as e:
                 log.warning("%s; not published", e)
+        for c in previous.certificates.get(m, ()) if previous else ():
+            found.setdefault(certificates.encode(c), None)
         if found:
             out[m] = tuple(certificates.as_object(data) for data in found)[: certificates.PER_MANIFEST]
     return out

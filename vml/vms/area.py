@@ -125,10 +125,8 @@ class Area:
         resolved = self.repo.resolve(self.entry.digest)
         self.disks = {}
         for n, table in resolved.disks.items():
-            layer = DiskReader(self.repo, table, f"area {self.name}, disk {n}", self.cache)
-            for gen in [*rec.frozen, rec.generation]:
-                layer = Overlay(self.dir / f"{n}.{gen}.overlay", layer, rec.block_size)
-            self.disks[n] = layer
+            below = DiskReader(self.repo, table, f"area {self.name}, disk {n}", self.cache)
+            self.disks[n] = stack(self.dir, n, rec, below)
         self.files = self._file_readers(resolved)
         current = {f"{n}.{gen}.overlay" for n in self.disks for gen in [*rec.frozen, rec.generation]}
         for p in self.dir.glob("*.overlay"):
@@ -349,6 +347,44 @@ def unsaved(name: str, changed: int) -> UsageError:
         f"working area {name!r} has {changed} bytes of unsaved changes: save them with "
         f"`vml save NEW --area {name}`, or close with --discard"
     )
+
+
+def stack(directory: Path, disk: str, rec: AreaRecord, below: DiskReader, writable: bool = True):
+    """Disk ``disk``'s overlays in ``directory``, as ``rec`` names them, over the entry's disk ``below``.
+
+    Not ``writable`` (looked at by a process that does not hold the area),
+    a layer with no file is left out: the mount makes the file when it
+    first serves the area, and until then nothing was written there.
+    """
+    layer = below
+    for gen in [*rec.frozen, rec.generation]:
+        try:
+            layer = Overlay(directory / f"{disk}.{gen}.overlay", layer, rec.block_size, writable)
+        except NotFound:
+            if writable:
+                raise
+    return layer
+
+
+def changed_disks(home: Path, rec: AreaRecord, repo: Repository, entry: Entry) -> list[str]:
+    """The disks of area ``rec`` whose bytes differ from those of ``entry``, looked at without the area's lock.
+
+    Written is not changed: a chunk written back as it was is the same.
+    Only chunks with a block written in an overlay are compared, so this
+    costs time in proportion to what was written, never to the disk's size.
+    """
+    d = areas_dir(home) / rec.name
+    cache = ChunkCache()
+    out = []
+    for n, table in repo.resolve(entry.digest).disks.items():
+        below = DiskReader(repo, table, f"area {rec.name}, disk {n}", cache)
+        top = stack(d, n, rec, below, writable=False)
+        layers = top.layers() if isinstance(top, Overlay) else []
+        cs = table.chunk_size
+        written = sorted(set().union(*(layer.dirty_chunks(cs) for layer in layers)))
+        if any(top.read(i * cs, cs) != below.read(i * cs, cs) for i in written):
+            out.append(n)
+    return out
 
 
 def open_entry(home: Path, rec: AreaRecord) -> tuple[Repository, Entry]:

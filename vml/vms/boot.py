@@ -31,8 +31,9 @@ from ..errors import CorruptManifest, HypervisorError, Locked, NotFound, UsageEr
 from ..files import write_atomic
 from ..layout import MEMORY_FILE, memory_state
 from ..repo.hardware import Hardware
+from ..repo.repository import Entry, Repository
 from . import areas
-from .area import RECORD_FILE, AreaRecord, open_entry, unsaved
+from .area import RECORD_FILE, AreaRecord, changed_disks, open_entry, unsaved
 from .hypervisors import STATES, VmDisk, VmRecord, VmSpec, driver
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,30 @@ def _mount_dir(home: Path, area: str) -> tuple[Path, Path]:
     return mountpoint, mountpoint / "areas" / area
 
 
+def check_may_run(home: Path, area: str) -> tuple[Path, AreaRecord, Repository, Entry]:
+    """The area's directory, record, repository and entry, if the certification policy in force lets it boot.
+
+    Every way a VM starts comes here (boot, its dry run, open --boot, the
+    release manager's Start, a deploy task): the entry must be accepted,
+    and a policy without --allow-user-changes also refuses an area whose
+    disks no longer hold the entry's bytes (NotCertified).
+    """
+    d = _area_dir(home, area)
+    rec = AreaRecord.load(d / RECORD_FILE)
+    repo, entry = open_entry(home, rec)
+
+    def changes() -> list[str]:
+        return [f"disk {n!r} of working area {area!r}" for n in changed_disks(home, rec, repo, entry)]
+
+    Config.load(home).check_certified(repo, entry, changes)
+    return d, rec, repo, entry
+
+
 def spec(
     home: Path, area: str, memory_mib: int | None = None, vcpus: int | None = None, resume: bool = False
 ) -> VmSpec:
     """What a VM of ``area`` runs: the entry's hardware (with the given changes) on the area's disks."""
-    d = _area_dir(home, area)
-    rec = AreaRecord.load(d / RECORD_FILE)
-    repo, entry = open_entry(home, rec)
-    Config.load(home).check_certified(repo, entry)  # what the area builds on may run here
+    d, rec, repo, entry = check_may_run(home, area)
     mountpoint, mount_dir = _mount_dir(home, area)
     m = entry.manifest
     memory_state = None
@@ -149,6 +166,7 @@ def boot(home: Path, area: str, hypervisor: str, options: dict, memory_mib=None,
         if resumable and vm_state(home, old, options) == "stopped":
             # A save while running was cut short before the VM resumed; the
             # disks have not changed since, so its state is still good.
+            check_may_run(home, area)  # if the policy in force still lets it run
             try:
                 drv.resume(old, leftover)
                 leftover.unlink()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import DiskFull, UsageError
+from ..files import open_regular
 
 
 def check_sparse_files(directory: Path, block: int) -> None:
@@ -125,14 +126,22 @@ class Blocks:
 
 
 class Overlay:
-    """One layer of a disk: its written blocks over ``base`` (a DiskReader or another Overlay)."""
+    """One layer of a disk: its written blocks over ``base`` (a DiskReader or another Overlay).
 
-    def __init__(self, path: Path, base, block: int):
+    Not ``writable``, the file is only looked at (by a process that does
+    not hold the area): it must exist (NotFound) and be a regular file.
+    """
+
+    def __init__(self, path: Path, base, block: int, writable: bool = True):
         self.path, self.base, self.block = path, base, block
         self.size = base.size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if writable:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        else:
+            with open_regular(path, "working area overlay") as f:
+                self.fd = os.dup(f.fileno())
         st = os.fstat(self.fd)
-        if st.st_size != self.size:
+        if st.st_size != self.size and writable:
             os.ftruncate(self.fd, self.size)
         self.mtime_ns = st.st_mtime_ns
         self.written = Blocks()

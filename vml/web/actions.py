@@ -318,7 +318,8 @@ def routes(web) -> list[Route]:
         upload = form.get("bundle")
         if not isinstance(upload, UploadFile):
             raise UsageError("choose a bundle file to import")
-        repo = config.Config.load(web.home).open(check_repository_name(form.get("repo", "")))
+        cfg = config.Config.load(web.home)
+        repo = cfg.open(check_repository_name(form.get("repo", "")))
         if repo.read_only:
             raise UsageError(f"{repo.name} is a remote: import into a local repository")
         web.scratch.mkdir(parents=True, exist_ok=True)
@@ -334,7 +335,7 @@ def routes(web) -> list[Route]:
 
         def work(job: Job) -> str:
             try:
-                names = bundle.import_bundle(repo, tmp, progress=job)
+                names = bundle.import_bundle(repo, tmp, progress=job, trusted=cfg.trusted_keys())
             finally:
                 Path(tmp).unlink(missing_ok=True)
             return f"imported {', '.join(names)} into {repo.name}" if names else f"nothing new for {repo.name}"
