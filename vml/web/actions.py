@@ -14,7 +14,7 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import config, home, keys
@@ -348,19 +348,6 @@ def routes(web) -> list[Route]:
             return web.error(request, NotFound("no such bundle (its export failed, or the server restarted)"))
         return FileResponse(path, filename=job.link[0], media_type="application/octet-stream")
 
-    def login(request, form):
-        secret = form.get("secret", "")
-        if not web.guard.secret_ok(secret):
-            return web.render(request, "login.html", 401, jobs=[], failed=True)
-        response = RedirectResponse("/", 303)
-        web.guard.new_session(response)
-        return response
-
-    def logout(request, form):
-        response = RedirectResponse("/login", 303)
-        web.guard.end_session(request, response)
-        return response
-
     post = {"methods": ["POST"]}
     return [
         Route("/start", action(start), **post),
@@ -382,6 +369,4 @@ def routes(web) -> list[Route]:
         Route("/share/export", action(export), **post),
         Route("/share/import", action(import_bundle), **post),
         Route("/share/download/{job:int}", download),
-        Route("/login", action(login), **post),
-        Route("/logout", action(logout), **post),
     ]

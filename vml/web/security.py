@@ -8,8 +8,9 @@
   and with `vml` itself, that is any local user: use ``--require-auth`` on
   a shared machine). On any other address, and with ``--require-auth``,
   every request but the login form and the static files answers 401 until
-  the browser holds a session cookie, got by presenting the token printed
-  at start or the password whose hash is in config.toml.
+  the browser holds a session cookie, got through the sign-in link printed
+  at start (once), the token printed with it, or the password whose hash is
+  in config.toml (vml.web.signin).
 - Every POST carries the page's CSRF token (header ``X-CSRF-Token``, or form
   field ``csrf``) and must not come from another origin (``Origin`` and
   ``Sec-Fetch-Site``); the session cookie is ``SameSite=Strict`` besides.
@@ -21,7 +22,6 @@ import hmac
 import ipaddress
 import secrets
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +32,6 @@ from ..errors import UsageError
 
 SESSION_COOKIE = "vml_session"
 CSRF_HEADER = "x-csrf-token"
-FAILED_SIGN_IN_PAUSE = 1.0  # seconds a wrong token or password costs (guessing stays slow)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 MAX_SESSIONS = 1000
 SESSION_LIFETIME = 12 * 3600.0  # seconds a sign-in lasts
@@ -99,9 +98,9 @@ class Guard:
     password_hash: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     tls: bool = False
+    link: str | None = None  # the printed sign-in link's token: it signs in once
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32))  # CSRF tokens derive from it
     sessions: dict[str, float] = field(default_factory=dict)  # session id -> when it ends (time.time())
-    _sign_in: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         if self.password_hash:
@@ -144,21 +143,18 @@ class Guard:
         # A script may present the printed token (never the password: hashing it on every request
         # would let anyone stall the server).
         bearer = request.headers.get("authorization", "")
-        return bool(self.token) and bearer.startswith("Bearer ") and _same(bearer[7:], self.token)
+        return bearer.startswith("Bearer ") and self.token_ok(bearer[7:])
 
-    def secret_ok(self, secret: str) -> bool:
-        """Whether ``secret`` is the printed token or the configured password (blocking: call it in a thread).
+    def token_ok(self, secret: str) -> bool:
+        """Whether ``secret`` is the printed token (constant time: it is compared, not hashed)."""
+        return bool(self.token) and _same(secret, self.token)
 
-        One check at a time, and a wrong one costs a second, so the password cannot be guessed fast
-        nor the server stalled by many scrypt hashes at once.
-        """
-        if self.token and _same(secret, self.token):
-            return True
-        with self._sign_in:
-            ok = bool(self.password_hash) and verify_password(secret, self.password_hash)
-            if not ok:
-                time.sleep(FAILED_SIGN_IN_PAUSE)
-            return ok
+    def take_link(self, secret: str) -> bool:
+        """Whether ``secret`` is the link's token, which then dies (run on the event loop: no two take it)."""
+        if not (self.link and _same(secret, self.link)):
+            return False
+        self.link = None
+        return True
 
     def new_session(self, response: Response) -> None:
         now = time.time()
@@ -233,7 +229,6 @@ class GuardMiddleware:
         if not self.guard.host_allowed(request.headers.get("host")):
             response = PlainTextResponse("vml web: this server is not known by that name (Host header)\n", 421)
             return await response(scope, receive, send)
-        path = scope["path"]
-        if not is_open(path) and not self.guard.authenticated(request):
+        if not is_open(scope["path"]) and not self.guard.authenticated(request):
             return await self.login_page(request, 401)(scope, receive, send)
         return await self.app(scope, receive, send)
