@@ -6,6 +6,7 @@ loopback, the token and the password, CSRF, names and uploads from requests,
 TLS, and bad options.
 """
 
+import contextlib
 import json
 import os
 import pwd
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
@@ -349,6 +351,50 @@ def test_a_client_is_an_address_an_ipv6_64_or_on_loopback_a_user():
             with accepted:  # the server's view, as uvicorn puts it in the scope
                 scope = {"client": accepted.getpeername()[:2], "server": accepted.getsockname()[:2]}
                 assert client_of(scope) == f"uid {os.getuid()}", (listen, scope)
+
+
+def raw_request(port: int, head: str) -> tuple[str, socket.socket]:
+    """Send only the request's head; the reply's head, which must come without the body being sent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head.encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        data = sock.recv(65536)
+        assert data, f"the connection closed with no reply to {head.splitlines()[0]}"
+        reply += data
+    return reply.decode(errors="replace"), sock
+
+
+def test_nothing_unauthenticated_makes_the_server_store_a_body(served, tmp_path):
+    spool = tmp_path / "server-tmp"
+    spool.mkdir()
+    web = served("--require-auth", env={"TMPDIR": str(spool)})
+    csrf = web.login_csrf()
+    host = f"Host: 127.0.0.1:{web.port}\r\n"
+    multipart = f"Content-Type: multipart/form-data; boundary=b\r\nX-CSRF-Token: {csrf}\r\n"
+    form = "Content-Type: application/x-www-form-urlencoded\r\n"
+    huge = f"Content-Length: {256 << 20}\r\n"
+    cases = [
+        (f"POST /login HTTP/1.1\r\n{host}{multipart}{huge}\r\n", 413),  # the sign-in form's token is public
+        (f"POST /login HTTP/1.1\r\n{host}{form}{huge}\r\n", 413),
+        (f"POST /login HTTP/1.1\r\n{host}{form}Transfer-Encoding: chunked\r\n\r\n", 411),
+        (f"GET /login HTTP/1.1\r\n{host}{huge}\r\n", 413),
+        (f"POST /share/import HTTP/1.1\r\n{host}{multipart}{huge}\r\n", 401),
+    ]
+    for head, status in cases:
+        reply, sock = raw_request(web.port, head)
+        with sock:
+            assert reply.startswith(f"HTTP/1.1 {status} "), (head, reply)
+            assert "connection: close" in reply.lower(), reply  # the rest of the body is not even read
+            with contextlib.suppress(OSError):
+                sock.sendall(b"--b\r\nContent-Disposition: form-data; name=f; filename=x\r\n\r\n" + bytes(4 << 20))
+    held = [os.readlink(f) for f in Path(f"/proc/{web.proc.pid}/fd").iterdir()]
+    assert not [f for f in held if f.startswith(str(spool))], held
+    assert not list(spool.iterdir()) and not list((tmp_path / "home" / "run" / "web").iterdir())
+    # A sign-in is a small form, never a multipart upload.
+    r = web.client.post("/login", files={"f": ("x", b"x")}, data={"csrf": csrf}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 415
+    assert web.client.get("/").status_code == 401  # the server still answers
 
 
 def test_a_password_never_signs_in_from_a_url_and_the_printed_link_works_once(vml, served):

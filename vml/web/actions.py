@@ -30,6 +30,7 @@ from ..vms.hypervisors import NAMES
 from . import mounting
 from .jobs import Job
 from .pages import parse_spec
+from .security import refuse_body
 
 MAX_FIELDS = 200
 MAX_FIELD = 64 << 10
@@ -90,8 +91,9 @@ def routes(web) -> list[Route]:
             # Nothing of the body is read before the request is known to come from our own page.
             if not web.guard.same_origin(request) or (multipart and not web.guard.csrf_ok(request, None)):
                 return refused
-            if not multipart and int(request.headers.get("content-length") or 0) > MAX_FORM:
-                return PlainTextResponse("vml web: refused: form too large\n", 413)
+            too_large = None if multipart else refuse_body(request.headers, MAX_FORM)
+            if too_large is not None:
+                return too_large
             form = await request.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD)
             try:
                 token = header if header or multipart else form.get("csrf")

@@ -11,6 +11,9 @@
   the browser holds a session cookie, got through the sign-in link printed
   at start (once), the token printed with it, or the password whose hash is
   in config.toml (vml.web.signin).
+- A request without a session may send a sign-in form and nothing larger:
+  a longer or unbounded body is refused before any of it is read, and the
+  connection closed, so no one unknown can make the server store a body.
 - Every POST carries the page's CSRF token (header ``X-CSRF-Token``, or form
   field ``csrf``) and must not come from another origin (``Origin`` and
   ``Sec-Fetch-Site``); the session cookie is ``SameSite=Strict`` besides.
@@ -32,6 +35,7 @@ from ..errors import UsageError
 
 SESSION_COOKIE = "vml_session"
 CSRF_HEADER = "x-csrf-token"
+OPEN_BODY_MAX = 4096  # bytes a request without a session may send: a sign-in form
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 MAX_SESSIONS = 1000
 SESSION_LIFETIME = 12 * 3600.0  # seconds a sign-in lasts
@@ -211,6 +215,28 @@ def _is_ip(name: str) -> bool:
         return False
 
 
+def declared_length(headers) -> int | None:
+    """The body's length as the request declares it (0: none); None if it comes chunked, of unknown length."""
+    length = headers.get("content-length") or "0"
+    return int(length) if "transfer-encoding" not in headers and length.isdigit() else None
+
+
+def refuse_body(headers, limit: int) -> Response | None:
+    """413 (411 if chunked) for a body past ``limit`` bytes, before any of it is read; else None.
+
+    The refusal closes the connection, so the server does not go on receiving what it refused.
+    """
+    length = declared_length(headers)
+    if length is not None and length <= limit:
+        return None
+    if length is None:
+        response = PlainTextResponse(f"vml web: refused: a body needs its length (here at most {limit} bytes)\n", 411)
+    else:
+        response = PlainTextResponse(f"vml web: refused: a body of {length} bytes (here at most {limit})\n", 413)
+    response.headers["connection"] = "close"
+    return response
+
+
 def is_open(path: str) -> bool:
     """Paths answered without a session: the sign-in form and the static files show no data."""
     return path == "/login" or path.startswith("/static/")
@@ -229,6 +255,13 @@ class GuardMiddleware:
         if not self.guard.host_allowed(request.headers.get("host")):
             response = PlainTextResponse("vml web: this server is not known by that name (Host header)\n", 421)
             return await response(scope, receive, send)
-        if not is_open(scope["path"]) and not self.guard.authenticated(request):
-            return await self.login_page(request, 401)(scope, receive, send)
+        if not self.guard.authenticated(request):
+            if is_open(scope["path"]):
+                refused = refuse_body(request.headers, OPEN_BODY_MAX)
+            else:
+                refused = self.login_page(request, 401)
+                if declared_length(request.headers) != 0:
+                    refused.headers["connection"] = "close"  # its body will never be read
+            if refused is not None:
+                return await refused(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .security import verify_password
+from .security import OPEN_BODY_MAX, declared_length, refuse_body, verify_password
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ FORGET_AFTER = 900.0  # seconds without a failure after which a client starts af
 MAX_CLIENTS = 10_000  # clients the table remembers; past that, new ones share one entry
 MAX_HASHES = 2  # password hashes at once (a hash keeps a core busy); one per client
 SHARED = "(others)"  # the entry of clients the full table has no room for
+FORM = "application/x-www-form-urlencoded"
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST = 4, 20, 1  # linux/sock_diag.h, linux/netlink.h
 UID_AT = 16 + 4 + 48 + 12  # in a reply: nlmsghdr; inet_diag_msg's family to retrans, sockid, expires and queues
 
@@ -195,6 +196,18 @@ class SignIns:
         return self.page(request, 429, f"{why}; try again in {seconds} s", {"Retry-After": str(seconds)})
 
 
+async def small_form(request: Request):
+    """The fields of a sign-in or sign-out form, or the response refusing it (a body is at most a few KiB)."""
+    refused = refuse_body(request.headers, OPEN_BODY_MAX)
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if refused is None and declared_length(request.headers) and kind != FORM:
+        refused = PlainTextResponse(f"vml web: refused: a sign-in is a small form ({FORM})\n", 415)
+        refused.headers["connection"] = "close"
+    if refused is not None:
+        return refused
+    return await request.form(max_files=0, max_fields=8)
+
+
 def routes(web) -> list[Route]:
     door = SignIns(web.guard, web.login_page)
     csrf_refused = "vml web: refused: a request from another page or site (CSRF)\n"
@@ -211,7 +224,9 @@ def routes(web) -> list[Route]:
         return web.login_page(request, 200)
 
     async def login(request: Request) -> Response:
-        form = await request.form(max_files=0, max_fields=8)
+        form = await small_form(request)
+        if isinstance(form, Response):
+            return form
         if not web.guard.auth:
             return RedirectResponse("/", 303)
         if not web.guard.csrf_ok(request, form.get("csrf")):
@@ -220,7 +235,9 @@ def routes(web) -> list[Route]:
 
     async def logout(request: Request) -> Response:
         """Sign out: the session is forgotten here, not only in the browser."""
-        form = await request.form(max_files=0, max_fields=8)
+        form = await small_form(request)
+        if isinstance(form, Response):
+            return form
         if not web.guard.csrf_ok(request, form.get("csrf")):
             return PlainTextResponse(csrf_refused, 403)
         response = RedirectResponse("/login", 303)
