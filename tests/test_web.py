@@ -397,6 +397,18 @@ def test_nothing_unauthenticated_makes_the_server_store_a_body(served, tmp_path)
     assert web.client.get("/").status_code == 401  # the server still answers
 
 
+def test_a_form_must_declare_its_length(served, tmp_path):
+    web = served()  # on loopback: every request is let in, and its form still has a bound
+    head = (
+        f"POST /repositories HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\nX-CSRF-Token: {web.csrf()}\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    reply, sock = raw_request(web.port, head)
+    with sock:
+        assert reply.startswith("HTTP/1.1 411 "), reply
+    assert not (tmp_path / "rep9").exists()
+
+
 def test_a_password_never_signs_in_from_a_url_and_the_printed_link_works_once(vml, served):
     web = served("--require-auth")
     link = web.link()
