@@ -106,3 +106,23 @@ def test_a_repository_opened_by_path_is_named_only_by_a_valid_directory_name(vml
     assert repr(evil.name) in vml.fails("show", f"{evil}:e", status=2)
     vml("init", evil, "--name", "renamed")  # registered, it has a name of its own
     assert "renamed" in vml("show", f"{evil}:e").stdout
+
+
+def test_config_toml_holds_a_password_hash_so_only_its_owner_may_read_it(vml, home, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "vml", "web", "--set-password"],
+        input="correct horse battery\n",
+        env=vml.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "password set" in r.stdout
+    cfg = home / "config.toml"
+    assert "scrypt$" in cfg.read_text()
+    assert cfg.stat().st_mode & 0o777 == 0o600
+    # A config made readable by others (by hand, or by an older vml) is tightened when next rewritten.
+    cfg.chmod(0o644)
+    vml("init", tmp_path / "rep2")
+    assert cfg.stat().st_mode & 0o777 == 0o600
+    assert "scrypt$" in cfg.read_text() and "rep2" in cfg.read_text()

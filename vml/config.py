@@ -158,7 +158,9 @@ class Config:
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, self.to_toml().encode())
+        # 0600 on every rewrite: [web] password is a hash a guesser could attack offline, and a
+        # config made readable by others earlier is tightened here.
+        write_atomic(self.path, self.to_toml().encode(), mode=0o600)
 
     def to_toml(self) -> str:
         doc = {"repositories": {n: {"path": str(p)} for n, p in sorted(self.repositories.items())}}

@@ -67,6 +67,7 @@ def cmd_web(args) -> int:
     auth = args.require_auth or not is_loopback(host)
     password = cfg.web.get("password")
     token = secrets.token_urlsafe(24) if auth and not password else None
+    link = secrets.token_urlsafe(24) if token else None  # a URL is kept in histories: this one signs in once
     cert, key = _tls(args, cfg)
     guard = Guard(
         host,
@@ -76,13 +77,15 @@ def cmd_web(args) -> int:
         password,
         tuple(args.allow_host) + tuple(cfg.web.get("allowed_hosts", ())),
         tls=bool(cert),
+        link=link,
     )
     sock = _listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"{'https' if cert else 'http'}://{shown}:{port}/"
     print(f"vml web: the release manager of {home} at {url}", flush=True)
     if token:
-        print(f"vml web: sign in at {url}login?token={token}", flush=True)
+        print(f"vml web: sign in at {url}login?token={link} (the link works once)", flush=True)
+        print(f"vml web: the token, for the sign-in form and for scripts (Authorization: Bearer): {token}", flush=True)
     elif auth:
         print("vml web: sign in with the password set by `vml web --set-password`", flush=True)
     if args.open:

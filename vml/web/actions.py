@@ -14,7 +14,7 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import config, home, keys
@@ -30,6 +30,7 @@ from ..vms.hypervisors import NAMES
 from . import mounting
 from .jobs import Job
 from .pages import parse_spec
+from .security import refuse_body
 
 MAX_FIELDS = 200
 MAX_FIELD = 64 << 10
@@ -90,8 +91,9 @@ def routes(web) -> list[Route]:
             # Nothing of the body is read before the request is known to come from our own page.
             if not web.guard.same_origin(request) or (multipart and not web.guard.csrf_ok(request, None)):
                 return refused
-            if not multipart and int(request.headers.get("content-length") or 0) > MAX_FORM:
-                return PlainTextResponse("vml web: refused: form too large\n", 413)
+            too_large = None if multipart else refuse_body(request.headers, MAX_FORM)
+            if too_large is not None:
+                return too_large
             form = await request.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD)
             try:
                 token = header if header or multipart else form.get("csrf")
@@ -349,19 +351,6 @@ def routes(web) -> list[Route]:
             return web.error(request, NotFound("no such bundle (its export failed, or the server restarted)"))
         return FileResponse(path, filename=job.link[0], media_type="application/octet-stream")
 
-    def login(request, form):
-        secret = form.get("secret", "")
-        if not web.guard.secret_ok(secret):
-            return web.render(request, "login.html", 401, jobs=[], failed=True)
-        response = RedirectResponse("/", 303)
-        web.guard.new_session(response)
-        return response
-
-    def logout(request, form):
-        response = RedirectResponse("/login", 303)
-        web.guard.end_session(request, response)
-        return response
-
     post = {"methods": ["POST"]}
     return [
         Route("/start", action(start), **post),
@@ -383,6 +372,4 @@ def routes(web) -> list[Route]:
         Route("/share/export", action(export), **post),
         Route("/share/import", action(import_bundle), **post),
         Route("/share/download/{job:int}", download),
-        Route("/login", action(login), **post),
-        Route("/logout", action(logout), **post),
     ]

@@ -24,7 +24,7 @@ from .. import control
 from ..errors import AlreadyExists, Locked, NotCertified, NotFound, UsageError, VmlError
 from ..names import format_size
 from ..times import parse_iso
-from . import actions, pages
+from . import actions, pages, signin
 from .jobs import Jobs
 from .security import Guard, GuardMiddleware
 
@@ -88,8 +88,12 @@ class Web:
         """The CLI's one line, as a fragment where the page shows job cards."""
         return self.render(request, "_error.html", http_status(e), message=str(e), jobs=[])
 
-    def login_page(self, request: Request, status: int = 401) -> HTMLResponse:
-        return self.render(request, "login.html", status, jobs=[], failed=False)
+    def login_page(
+        self, request: Request, status: int = 401, message: str | None = None, headers: dict | None = None
+    ) -> HTMLResponse:
+        """The sign-in form; it reads no file, so it is rendered on the event loop (vml.web.signin)."""
+        html = self.templates.get_template("login.html").render(csrf=self.guard.csrf(request), message=message)
+        return HTMLResponse(html, status, headers={**HEADERS, **(headers or {})})
 
 
 def create_app(home: Path, guard: Guard, mountpoint: Path | None = None) -> Starlette:
@@ -97,6 +101,7 @@ def create_app(home: Path, guard: Guard, mountpoint: Path | None = None) -> Star
     routes = [
         *pages.routes(web),
         *actions.routes(web),
+        *signin.routes(web),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse
 from starlette.routing import Route
 
 from .. import config, control, layout, overview
@@ -165,16 +164,6 @@ def routes(web) -> list[Route]:
             return web.error(request, NotFound(f"no job {request.path_params['job']} (the server restarted?)"))
         return web.render(request, "_job.html", job=found)
 
-    def login(request: Request):
-        token = request.query_params.get("token")
-        if token and web.guard.secret_ok(token):
-            response = RedirectResponse("/", 303)
-            web.guard.new_session(response)
-            return response
-        if web.guard.authenticated(request) and not token:
-            return RedirectResponse("/", 303)
-        return web.login_page(request, 401 if token else 200)
-
     return [
         Route("/", available),
         Route("/start", customize),
@@ -187,5 +176,4 @@ def routes(web) -> list[Route]:
         Route("/backup/show", backup_show),
         Route("/share", share),
         Route("/jobs/{job:int}", job),
-        Route("/login", login),
     ]

@@ -8,8 +8,12 @@
   and with `vml` itself, that is any local user: use ``--require-auth`` on
   a shared machine). On any other address, and with ``--require-auth``,
   every request but the login form and the static files answers 401 until
-  the browser holds a session cookie, got by presenting the token printed
-  at start or the password whose hash is in config.toml.
+  the browser holds a session cookie, got through the sign-in link printed
+  at start (once), the token printed with it, or the password whose hash is
+  in config.toml (vml.web.signin).
+- A request without a session may send a sign-in form and nothing larger:
+  a longer or unbounded body is refused before any of it is read, and the
+  connection closed, so no one unknown can make the server store a body.
 - Every POST carries the page's CSRF token (header ``X-CSRF-Token``, or form
   field ``csrf``) and must not come from another origin (``Origin`` and
   ``Sec-Fetch-Site``); the session cookie is ``SameSite=Strict`` besides.
@@ -21,7 +25,6 @@ import hmac
 import ipaddress
 import secrets
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +35,7 @@ from ..errors import UsageError
 
 SESSION_COOKIE = "vml_session"
 CSRF_HEADER = "x-csrf-token"
-FAILED_SIGN_IN_PAUSE = 1.0  # seconds a wrong token or password costs (guessing stays slow)
+OPEN_BODY_MAX = 4096  # bytes a request without a session may send: a sign-in form
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 MAX_SESSIONS = 1000
 SESSION_LIFETIME = 12 * 3600.0  # seconds a sign-in lasts
@@ -99,9 +102,9 @@ class Guard:
     password_hash: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     tls: bool = False
+    link: str | None = None  # the printed sign-in link's token: it signs in once
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32))  # CSRF tokens derive from it
     sessions: dict[str, float] = field(default_factory=dict)  # session id -> when it ends (time.time())
-    _sign_in: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         if self.password_hash:
@@ -144,21 +147,18 @@ class Guard:
         # A script may present the printed token (never the password: hashing it on every request
         # would let anyone stall the server).
         bearer = request.headers.get("authorization", "")
-        return bool(self.token) and bearer.startswith("Bearer ") and _same(bearer[7:], self.token)
+        return bearer.startswith("Bearer ") and self.token_ok(bearer[7:])
 
-    def secret_ok(self, secret: str) -> bool:
-        """Whether ``secret`` is the printed token or the configured password (blocking: call it in a thread).
+    def token_ok(self, secret: str) -> bool:
+        """Whether ``secret`` is the printed token (constant time: it is compared, not hashed)."""
+        return bool(self.token) and _same(secret, self.token)
 
-        One check at a time, and a wrong one costs a second, so the password cannot be guessed fast
-        nor the server stalled by many scrypt hashes at once.
-        """
-        if self.token and _same(secret, self.token):
-            return True
-        with self._sign_in:
-            ok = bool(self.password_hash) and verify_password(secret, self.password_hash)
-            if not ok:
-                time.sleep(FAILED_SIGN_IN_PAUSE)
-            return ok
+    def take_link(self, secret: str) -> bool:
+        """Whether ``secret`` is the link's token, which then dies (run on the event loop: no two take it)."""
+        if not (self.link and _same(secret, self.link)):
+            return False
+        self.link = None
+        return True
 
     def new_session(self, response: Response) -> None:
         now = time.time()
@@ -215,6 +215,28 @@ def _is_ip(name: str) -> bool:
         return False
 
 
+def declared_length(headers) -> int | None:
+    """The body's length as the request declares it (0: none); None if it comes chunked, of unknown length."""
+    length = headers.get("content-length") or "0"
+    return int(length) if "transfer-encoding" not in headers and length.isdigit() else None
+
+
+def refuse_body(headers, limit: int) -> Response | None:
+    """413 (411 if chunked) for a body past ``limit`` bytes, before any of it is read; else None.
+
+    The refusal closes the connection, so the server does not go on receiving what it refused.
+    """
+    length = declared_length(headers)
+    if length is not None and length <= limit:
+        return None
+    if length is None:
+        response = PlainTextResponse(f"vml web: refused: a body needs its length (here at most {limit} bytes)\n", 411)
+    else:
+        response = PlainTextResponse(f"vml web: refused: a body of {length} bytes (here at most {limit})\n", 413)
+    response.headers["connection"] = "close"
+    return response
+
+
 def is_open(path: str) -> bool:
     """Paths answered without a session: the sign-in form and the static files show no data."""
     return path == "/login" or path.startswith("/static/")
@@ -233,7 +255,13 @@ class GuardMiddleware:
         if not self.guard.host_allowed(request.headers.get("host")):
             response = PlainTextResponse("vml web: this server is not known by that name (Host header)\n", 421)
             return await response(scope, receive, send)
-        path = scope["path"]
-        if not is_open(path) and not self.guard.authenticated(request):
-            return await self.login_page(request, 401)(scope, receive, send)
+        if not self.guard.authenticated(request):
+            if is_open(scope["path"]):
+                refused = refuse_body(request.headers, OPEN_BODY_MAX)
+            else:
+                refused = self.login_page(request, 401)
+                if declared_length(request.headers) != 0:
+                    refused.headers["connection"] = "close"  # its body will never be read
+            if refused is not None:
+                return await refused(scope, receive, send)
         return await self.app(scope, receive, send)
