@@ -3,6 +3,7 @@
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,9 @@ from vml.repo import chunkmap, objects
 from vml.repo.repository import Repository
 from vml.repo.store import Store
 
-from helpers import CS, assert_untouched, remove_stored, snapshot
+from conftest import need
+from helpers import CS, assert_untouched, flip_stored, remove_stored, snapshot
+from servers import Nginx
 
 
 @pytest.fixture
@@ -92,3 +95,90 @@ def test_log_lists_every_other_entry_and_marks_a_damaged_one(vml, rep, tmp_path)
     assert r.stderr.strip() == "vml: 1 damaged entry in rep (b): run `vml verify`"
     r = vml("consult", ok=False)
     assert r.returncode == 6 and "+---b(DAMAGED" in r.stdout and "['a', 'c', 'z']" in r.stdout
+
+
+def saved_base(vml, tmp_path, fmt: str) -> tuple[Path, bytes, int]:
+    """rep (format ``fmt``, 4 KiB chunks) with entry base saved from d.img: (the image, a chunk's digest, its index)."""
+    vml("init", tmp_path / "rep", "--chunk-size", "4K", "--format", fmt)
+    image = tmp_path / "d.img"
+    image.write_bytes(os.urandom(16 * CS))
+    vml("save", "base", "--from", image)
+    repo = Repository(Store(tmp_path / "rep"))
+    (table,) = repo.resolve(repo.entry("base").digest).disks.values()
+    index, digest, _ = list(table.records())[5]
+    return image, digest, index
+
+
+@pytest.mark.parametrize("fmt", ["1", "2"])
+def test_a_save_stores_anew_a_chunk_whose_stored_copy_a_read_found_damaged(vml, tmp_path, fmt):
+    image, digest, index = saved_base(vml, tmp_path, fmt)
+    flip_stored(tmp_path / "rep", digest)
+    msg = vml.fails("checkout", "base", tmp_path / "co1", status=6)  # the read finds, and records, the damage
+    assert f"chunk {index}" in msg
+    changed = bytearray(image.read_bytes())
+    changed[0] ^= 1  # another chunk changes; the damaged one does not
+    (tmp_path / "d2.img").write_bytes(changed)
+    vml("save", "next", "--from", tmp_path / "d2.img", "--parent", "base")
+    vml("checkout", "next", tmp_path / "co2")
+    assert (tmp_path / "co2" / "d.img").read_bytes() == bytes(changed)  # the new entry reads whole
+    vml("checkout", "base", tmp_path / "co3")  # and so does the old one: the same chunk, stored again
+    assert (tmp_path / "co3" / "d.img").read_bytes() == image.read_bytes()
+    r = vml("verify")
+    assert "repository rep: ok" in r.stdout
+    if fmt == "2":  # the damaged frame stays in its pack until gc rewrites it
+        assert "1 damaged copies of objects stored again" in r.stdout
+        vml("gc")
+        r = vml("verify")
+        assert "damaged copies" not in r.stdout and not list((tmp_path / "rep" / "damaged").iterdir())
+
+
+def test_verify_records_damage_so_that_even_a_full_save_of_the_same_bytes_repairs_it(vml, tmp_path):
+    image, digest, _ = saved_base(vml, tmp_path, "2")
+    flip_stored(tmp_path / "rep", digest)
+    r = vml("verify", ok=False)
+    assert r.returncode == 1 and digest.hex() in r.stdout and "--repair" in r.stderr
+    vml("save", "again", "--from", image)  # a full entry: every chunk is stored already... but one
+    for name in ("again", "base"):
+        vml("checkout", name, tmp_path / name)
+        assert (tmp_path / name / "d.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("source", ["image", "bundle", "remote"])
+def test_verify_repair_takes_damaged_chunks_from_a_source_that_holds_them(vml, tmp_path, source):
+    image, digest, index = saved_base(vml, tmp_path, "2")
+    server = None
+    if source == "bundle":
+        vml("export", "base", "-o", tmp_path / "base.vml")
+        where = tmp_path / "base.vml"
+    elif source == "remote":
+        need("nginx")
+        vml("keygen", tmp_path / "key")
+        vml("publish", tmp_path / "pub", "--key", tmp_path / "key")
+        server = Nginx(tmp_path / "pub")
+        vml("remote", "add", "cern", server.url, "--key", tmp_path / "key.pub")
+        where = "cern"
+    else:
+        where = image
+    try:
+        flip_stored(tmp_path / "rep", digest)
+        r = vml("verify", ok=False)
+        assert r.returncode == 1 and f"chunk {index}" in r.stdout
+        r = vml("verify", "--repair", "--from", where)
+        assert "repaired 1 of 1 damaged objects from" in r.stdout and "repository rep: ok" in r.stdout
+        vml("checkout", "base", tmp_path / "co")
+        assert (tmp_path / "co" / "d.img").read_bytes() == image.read_bytes()
+        vml("gc")
+        assert "damaged copies" not in vml("verify").stdout
+    finally:
+        if server:
+            server.stop()
+
+
+def test_verify_repair_says_what_it_could_not_repair(vml, tmp_path):
+    _, digest, _ = saved_base(vml, tmp_path, "2")
+    flip_stored(tmp_path / "rep", digest)
+    other = tmp_path / "other.img"
+    other.write_bytes(os.urandom(16 * CS))
+    assert "--from" in vml.fails("verify", "--repair", status=2)  # no remote, and no source named
+    r = vml("verify", "--repair", "--from", other, ok=False)
+    assert r.returncode == 1 and "repaired 0 of 1 damaged objects" in r.stdout and digest.hex() in r.stdout

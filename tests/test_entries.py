@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from vml import files as files_module
 from vml import layout
 from vml.entries.checkout import checkout
 from vml.entries.maintenance import gc, remove, verify
@@ -13,7 +14,6 @@ from vml.entries.save import save_source
 from vml.errors import AlreadyExists, HasChildren, NotFound, ObjectMissing, StorageError, UsageError
 from vml.files import write_all
 from vml.repo import chunkmap, packfiles
-from vml.repo import store as store_module
 from vml.repo.objects import HOLE
 from vml.repo.repository import Repository
 from vml.repo.store import Store
@@ -164,7 +164,7 @@ def test_a_failing_save_removes_what_it_wrote(repo, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_all(fd, data)
 
-    monkeypatch.setattr(store_module, "write_all", failing_write)  # every object, pack and index written
+    monkeypatch.setattr(files_module, "write_all", failing_write)  # every object, pack and index written
     # A pack (and its index) every 16 chunks
     monkeypatch.setattr(packfiles.PackFiles, "writer", lambda self: packfiles.PackWriter(self, 16 * CS))
     with pytest.raises(StorageError, match=r"saving entry 'e2'.*no space left on device"):

@@ -223,7 +223,7 @@ def test_odd_files_among_the_leases_are_reported_never_opened_and_can_be_dropped
     )
     assert r.returncode == 6 and "invalid lease" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = a("leases", ok=False)
-    assert r.returncode == 6 and "adir.json: invalid lease (not a regular file)" in r.stderr
+    assert r.returncode == 6 and "adir.json: invalid lease: not a regular file" in r.stderr
     assert "dropped the lease of damaged lease adir.json" in a("leases", "drop", "adir").stdout
     a("leases", "drop", "afifo")
     assert "removed 0 objects" in a("gc").stdout  # the area's lease still keeps g2

@@ -47,6 +47,10 @@ class CorruptObject(Corrupt):
     """An object whose content does not match its name, or that does not decode."""
 
 
+class ObjectTooLarge(CorruptObject):
+    """An object that decompresses to more than the reader's bound allows (forged, or not what was asked for)."""
+
+
 class CorruptManifest(Corrupt):
     """A manifest, chunk map or refs file that does not parse."""
 

@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 from .. import config, home
-from ..entries import bundle, maintenance, repack
+from ..entries import bundle, maintenance, repack, repair
 from ..entries.checkout import checkout
 from ..entries.save import save_source
-from ..errors import Corrupt, UsageError
+from ..errors import Corrupt, NotFound, UsageError
 from ..names import format_size
+from ..remotes.remote import open_remote
 from ..repo import leases
 from ..repo.manifest import KINDS
 from ..vms import boot
@@ -133,17 +134,44 @@ def cmd_upgrade(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    repo = _repo(args)
+    cfg = config.Config.load()
+    repo = cfg.open(args.repo)
+    if args.sources and not args.repair:
+        raise UsageError("--from names where --repair takes damaged objects from: add --repair")
+    sources = [_repair_source(cfg, s) for s in args.sources] or list(repo.fallbacks)
     with progress_bar(f"verifying {repo.name}", unit="obj") as bar:
         problems = maintenance.verify(repo, args.entry, progress=bar)
+    if args.repair and repair.unrepaired(repo):
+        if not sources:
+            raise UsageError(f"{repo.name} has damaged objects: say where good copies are (--from IMAGE|BUNDLE|REMOTE)")
+        with progress_bar(f"repairing {repo.name}", unit="obj") as bar:
+            summary = repair.repair(repo, sources, bar)
+        for source, count in summary.found.items():
+            print(f"repaired {count} of {summary.wanted} damaged objects from {source}")
+        with progress_bar(f"verifying {repo.name}", unit="obj") as bar:
+            problems = maintenance.verify(repo, args.entry, progress=bar)
     for p in problems:
         print(p)
+    replaced = sum(1 for d, _ in repo.store.damage.copies() if repo.store.has(d))
+    if replaced:
+        print(f"{replaced} damaged copies of objects stored again since they were found: `vml gc` removes them")
     what = f"entry {args.entry}" if args.entry else f"repository {repo.name}"
     if problems:
-        print(f"{what}: {len(problems)} problem(s) found", file=sys.stderr)
+        hint = "" if args.repair else "; `vml verify --repair --from SOURCE` stores damaged objects anew"
+        print(f"{what}: {len(problems)} problem(s) found{hint}", file=sys.stderr)
         return 1
     print(f"{what}: ok")
     return 0
+
+
+def _repair_source(cfg, text: str):
+    """A path (image, VM directory, bundle) or the name of a configured remote."""
+    path = Path(text)
+    if path.exists():
+        return path.absolute()
+    if text in cfg.remotes:
+        return open_remote(cfg.home, cfg.remotes[text])
+    raise NotFound(f"--from {text}: no such file, directory or remote")
 
 
 def cmd_leases(args) -> int:
@@ -224,6 +252,17 @@ def register(cli) -> None:
 
     sp = cli.add("verify", cmd_verify, "check objects and entries; exit 1 if anything is wrong")
     sp.add_argument("entry", nargs="?", metavar="ENTRY")
+    sp.add_argument(
+        "--repair", action="store_true", help="store damaged objects anew from where good copies are (--from)"
+    )
+    sp.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="an image or VM directory holding the damaged chunks, a bundle, or a remote (default: the remotes)",
+    )
 
     sp = cli.add("leases", cmd_leases, "the working areas of every home that build on a repository's entries")
     sp.add_argument("--json", action="store_true", help="print a list of objects")

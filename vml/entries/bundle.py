@@ -375,6 +375,27 @@ def _stage_objects(tar: TarReader, count: int, staging: Path, path: Path, progre
     return sizes
 
 
+def objects_in(path: Path, wanted: set[bytes]) -> dict[bytes, bytes]:
+    """The objects of bundle ``path`` among ``wanted``, as stored, each checked against its name
+    (what `vml verify --repair` takes from a bundle)."""
+    found = {}
+    with _open_bundle(path) as f:
+        tar = TarReader(f, str(path))
+        _read_index(tar, path)
+        while (member := tar.next()) is not None:
+            d = _object_name(member.name)
+            if d is None or member.size > OBJECT_FILE_LIMIT:
+                raise BadBundle(f"{path}: unexpected member {shown(member.name)}")
+            blob = tar.read(member)
+            if d in wanted:
+                try:
+                    decode(blob, d, METADATA_LIMIT, f"object {d.hex()}")
+                except Corrupt as e:
+                    raise BadBundle(f"{path}: {e}") from None
+                found[d] = blob
+    return found
+
+
 def _object_name(name: str) -> bytes | None:
     """The digest a member named ``objects/<64 lowercase hex digits>`` holds, else None."""
     hex_digits = name.removeprefix("objects/")

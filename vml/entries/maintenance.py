@@ -10,7 +10,7 @@ from ..files import storage_error
 from ..progress import SILENT, Progress
 from ..repo import certificates, chunkmap, leases
 from ..repo.manifest import Link, Manifest, Stream
-from ..repo.objects import decode
+from ..repo.packs import Location
 from ..repo.repository import Entry, Repository
 from ..repo.store import METADATA_LIMIT
 from .repack import RepackSummary, repack
@@ -34,19 +34,19 @@ def verify(
     checked: dict[bytes, int | None] = {}  # digest -> decompressed size, None if bad
     with ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="vml-verify") as pool:
         if name is None:
-            digests = []
+            copies: list[tuple[bytes, Location | None]] = []  # every copy of every object: each is checked
             problems += repo.store.layout_problems()
             for d, path, problem in repo.store.iter_objects():
                 if d is None:
                     problems.append(f"{path}: {problem}")
                 else:
-                    digests.append(d)
+                    copies.append((d, None))
             if repo.store.format == 2:
                 packed, bad_packs = repo.store.packs.inventory()
-                digests += packed
+                copies += packed
                 problems += bad_packs
-            progress.start(len(digests))
-            _check_objects(repo, digests, checked, problems, pool, progress)
+            progress.start(len(copies))
+            _check_copies(repo, copies, checked, problems, pool, progress)
             try:
                 refs = repo.refs()
             except Corrupt as e:
@@ -58,10 +58,34 @@ def verify(
     return problems
 
 
+def _check_copies(repo, copies, checked, problems, pool, progress) -> None:
+    """Check each copy; an object is damaged when none of its copies is right (a damaged copy is recorded
+    either way, so that gc drops it once a good one is there and a save stores the object anew if not)."""
+
+    def one(copy):
+        d, where = copy
+        try:
+            return d, len(repo.store.read_copy(d, where)), None
+        except Corrupt as e:
+            return d, None, str(e)
+
+    bad: dict[bytes, str] = {}
+    for d, size, problem in pool.map(one, copies):
+        if problem:
+            bad.setdefault(d, problem)
+        else:
+            checked[d] = size
+        progress.advance(1)
+    for d, problem in bad.items():
+        if d not in checked:
+            checked[d] = None
+            problems.append(problem)
+
+
 def _check_objects(repo, digests, checked, problems, pool, progress) -> None:
     def one(d: bytes):
         try:
-            return d, len(decode(repo.store.read_raw(d), d, METADATA_LIMIT, repo.store.where(d))), None
+            return d, len(repo.store.read(d, METADATA_LIMIT)), None
         except Corrupt as e:
             return d, None, str(e)
 

@@ -45,10 +45,8 @@ def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
     files = store.packs
     packed, _ = files.inventory()  # loads every readable index
     contents: dict[bytes, list] = {}  # pack -> [(digest, Location)]
-    for d in packed:
-        loc = files.located(d)
-        if loc is not None:
-            contents.setdefault(loc.pack, []).append((d, loc))
+    for d, loc in packed:
+        contents.setdefault(loc.pack, []).append((d, loc))
     sizes = {pack: sum(loc.length for _, loc in objs) for pack, objs in contents.items()}
     live_bytes = {pack: sum(loc.length for d, loc in objs if d in live) for pack, objs in contents.items()}
     for manifest in files.packset_manifests():
@@ -62,7 +60,14 @@ def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
         files.remove_pack(pack)
     freed += files.remove_leftovers()
 
-    sparse = [p for p in contents if 0 < live_bytes[p] < KEEP_LIVE * sizes[p]]
+    # A copy that readers do not use (the object was stored again elsewhere, after damage, or by a gc
+    # killed before it removed its old packs) is dead weight; a damaged one that a good one replaced
+    # goes whatever else its pack holds.
+    used = {
+        p: sum(loc.length for d, loc in objs if d in live and files.located(d) == loc) for p, objs in contents.items()
+    }
+    replaced = {p for d, p in store.damage.copies() if p in contents and _elsewhere(files.located(d), p)}
+    sparse = [p for p in contents if live_bytes[p] > 0 and (used[p] < KEEP_LIVE * sizes[p] or p in replaced)]
     small = [p for p in contents if p not in sparse and live_bytes[p] > 0 and sizes[p] < SMALL]
     rewrite = sparse + (small if len(small) >= 2 else [])
     in_order = [r for p in rewrite for r in sorted(contents[p], key=lambda r: r[1].offset)]
@@ -86,7 +91,12 @@ def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
     for pack in rewrite:
         freed += sizes[pack]
         files.remove_pack(pack)
+    store.damage.forget(c for c in store.damage.copies() if c[1] is not None and not files.has_index(c[1]))
     return RepackSummary(len(dead), len(rewrite), len(written - set(contents)), freed)
+
+
+def _elsewhere(loc, pack: bytes) -> bool:
+    return loc is not None and loc.pack != pack
 
 
 def _copy_live(repo: Repository, objects, live: set[bytes], written: set[bytes]) -> None:
@@ -94,7 +104,7 @@ def _copy_live(repo: Repository, objects, live: set[bytes], written: set[bytes])
     files = repo.store.packs
     builder, data = PackBuilder(), bytearray()
     for d, loc in objects:
-        if d not in live or d in builder:
+        if d not in live or d in builder or files.located(d) != loc:  # a copy readers do not use stays behind
             continue
         frame = files.read(loc)
         try:  # a damaged object is never copied, and its pack is kept for `vml verify` to name
@@ -130,7 +140,7 @@ def pack_loose(repo: Repository, manifests, drop_loose: bool = True) -> int:
         for _, m in reversed(repo.local_chain(manifest)):  # parents first, each disk front to back
             for s in m.disks + m.files:
                 for _, c, _ in repo.read_map(m, s):
-                    if c != HOLE and files.locate(c) is None and store.has(c) and writer.add(c, store.read_raw(c)):
+                    if c != HOLE and files.good(c) is None and store.has(c) and writer.add(c, store.read_raw(c)):
                         moved.append(c)
     writer.flush()
     for manifest in manifests:

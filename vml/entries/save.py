@@ -166,8 +166,8 @@ class ChunkWriter:
         if data == zero:
             return index, HOLE, 0, None
         d = objects.digest(data)
-        if d == ref_digest:  # unchanged: not stored, not listed
-            return index, d, 0, None
+        if d == ref_digest and not (self.store.damage.touches(d) and not self.store.has(d)):
+            return index, d, 0, None  # unchanged: not stored, not listed (unless its only copies are damaged)
         if self.packer is not None:
             if self.store.has(d):
                 return index, d, self.store.object_size(d), None

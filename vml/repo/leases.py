@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import Corrupt, CorruptManifest, NotFound, StorageError, UsageError
-from ..files import storage_error
+from ..files import read_regular, storage_error
 from ..layout import areas_dir
 from ..names import check_name
 from ..times import now_iso
@@ -118,15 +118,42 @@ def here(home: Path, area: str, entry: str, manifest: bytes, previous: bytes | N
     )
 
 
+LEASE_LIMIT = 64 << 10
+
+
+def files(store) -> dict[str, bytes | str]:
+    """File name -> content of every lease file of ``store``, or why it cannot be read.
+
+    Read without the lock. A lease file that is not a regular file (a FIFO,
+    a directory, a link) is reported, never opened for reading.
+    """
+    out: dict[str, bytes | str] = {}
+    try:
+        names = sorted(os.listdir(store.leases_dir))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if name.startswith("."):
+            continue  # a lease being written
+        path = store.leases_dir / name
+        try:
+            out[name] = read_regular(path, LEASE_LIMIT, "lease", follow=False, error=CorruptManifest)
+        except NotFound:
+            continue  # dropped meanwhile
+        except CorruptManifest as e:
+            out[name] = str(e).removeprefix(f"{path}: ")
+    return out
+
+
 def read_all(repo: Repository) -> tuple[list[Lease], list[str]]:
     """Every lease of ``repo``, and one line per lease file that cannot be read."""
     if repo.read_only:
         raise UsageError(f"{repo.name} is a remote: leases are kept by local repositories")
     leases, damaged = [], []
-    for name, data in repo.store.leases().items():
+    for name, data in files(repo.store).items():
         where = str(repo.store.leases_dir / name)
         if isinstance(data, str):
-            damaged.append(f"{where}: invalid lease ({data})")
+            damaged.append(f"{where}: invalid lease: {data}")
             continue
         try:
             lease = Lease.decode(data, where)
@@ -205,10 +232,10 @@ def release(repo: Repository, home: Path, area: str, manifests: set[bytes]) -> N
     """
     name = f"{lease_id(socket.gethostname(), home_key(home), area)}.json"
     try:
-        if name not in repo.store.leases():
+        if name not in files(repo.store):
             return
         with repo.store.lock(f"vml close {area}"):
-            data = repo.store.leases().get(name)
+            data = files(repo.store).get(name)
             if isinstance(data, bytes) and Lease.decode(data, name).digests & manifests:
                 repo.store.drop_lease(name)
     except (OSError, StorageError, Corrupt) as e:
@@ -238,10 +265,10 @@ def drop(repo: Repository, ids: list[str], stale: bool = False) -> list[str]:
         raise UsageError("say which leases to drop: their ids (see `vml leases`), or --stale")
     with repo.store.lock("vml leases drop"):
         leases = {f"{lease.id}.json": lease for lease in read_all(repo)[0]}
-        files = sorted(repo.store.leases())
+        names = sorted(files(repo.store))
         chosen: dict[str, str] = {}
         for prefix in ids:
-            found = [name for name in files if name.startswith(prefix.lower())]
+            found = [name for name in names if name.startswith(prefix.lower())]
             if len(found) != 1:
                 what = "no lease" if not found else f"{len(found)} leases"
                 raise NotFound(f"{what} in repository {repo.name} with an id starting {prefix!r} (see `vml leases`)")

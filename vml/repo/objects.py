@@ -18,7 +18,7 @@ from collections.abc import Callable
 import blake3
 import zstandard
 
-from ..errors import CorruptObject
+from ..errors import CorruptObject, ObjectTooLarge
 
 DIGEST_SIZE = 32
 HOLE = bytes(DIGEST_SIZE)  # stands for an all-zero chunk; never a real digest
@@ -55,7 +55,7 @@ def decode(blob: bytes, expected: bytes, limit: int, where: str | Callable[[], s
     try:
         return _decode(blob, expected, limit)
     except CorruptObject as e:
-        raise CorruptObject(f"{where() if callable(where) else where}: {e}") from None
+        raise type(e)(f"{where() if callable(where) else where}: {e}") from None
 
 
 def _decode(blob: bytes, expected: bytes, limit: int) -> bytes:
@@ -66,7 +66,7 @@ def _decode(blob: bytes, expected: bytes, limit: int) -> bytes:
     if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
         raise CorruptObject("zstd frame does not declare its size")
     if size > limit:
-        raise CorruptObject(f"decompresses to {size} bytes, more than the limit of {limit}")
+        raise ObjectTooLarge(f"decompresses to {size} bytes, more than the limit of {limit}")
     obj = _decompressor().decompressobj()
     try:
         data = obj.decompress(blob)

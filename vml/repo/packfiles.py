@@ -26,6 +26,7 @@ import blake3
 from ..errors import CorruptObject, NotFound, ObjectMissing
 from ..files import fsync_dir, open_regular, read_regular, write_atomic
 from ..layout import fanout, real_directory
+from .damage import DamageRecord
 from .objects import DIGEST_SIZE, parse_hex
 from .packs import MAX_INDEX, PACK_SIZE, Index, Location, PackBuilder
 
@@ -75,12 +76,18 @@ class _Open:
 class PackFiles:
     """The packs of one repository directory; thread-safe for readers."""
 
-    def __init__(self, root: Path, place: Callable[[Path, bytes], bool]):
-        """``place(path, data)`` creates an immutable file complete (the Store's, which checks the lock)."""
+    def __init__(self, root: Path, place: Callable[[Path, bytes], bool], damage: DamageRecord | None = None):
+        """``place(path, data)`` creates an immutable file complete (the Store's, which checks the lock);
+        ``damage`` is the repository's record of damaged copies (vml.repo.damage)."""
         self.root = root
         self._place = place
+        self.damage = damage or DamageRecord(root)
         self._lock = threading.Lock()
+        # Where each object lies; an object stored twice (a copy written again after damage, or by a
+        # gc copying it out of a pack it then removes) has its other places in _more, and the copy in
+        # _where is one not recorded damaged whenever there is one.
         self._where: dict[bytes, Location] = {}
+        self._more: dict[bytes, list[Location]] = {}
         self._indexed: set[bytes] = set()  # packs whose index is loaded
         self._all = False
         self._generation = 0  # how many times packs were forgotten (see load_all)
@@ -104,9 +111,28 @@ class PackFiles:
 
     def _register(self, index: Index) -> None:
         with self._lock:
+            where = self._where
             for d, loc in index:
-                self._where.setdefault(d, loc)
+                if d not in where:
+                    where[d] = loc
+                else:
+                    self._another_place(d, loc)
             self._indexed.add(index.pack)
+
+    def _another_place(self, d: bytes, loc: Location, wins: bool = False) -> None:
+        """Note ``loc`` as a place of ``d`` besides the one known; it becomes the preferred one if ``wins``
+        or if the known one is recorded damaged and it is not (the caller holds the lock)."""
+        current = self._where.get(d)
+        if current is None:
+            self._where[d] = loc
+            return
+        if current == loc:
+            return
+        if wins or (self.damage.damaged(d, current.pack) and not self.damage.damaged(d, loc.pack)):
+            self._where[d], loc = loc, current
+        more = self._more.setdefault(d, [])
+        if loc not in more:
+            more.append(loc)
 
     def load_all(self) -> None:
         """Load every pack's index: what a writer does to find any stored object.
@@ -138,6 +164,11 @@ class PackFiles:
         """Drop the loaded locations in packs ``gone`` (the caller holds the lock)."""
         self._indexed -= gone
         self._where = {d: loc for d, loc in self._where.items() if loc.pack not in gone}
+        more, self._more = self._more, {}
+        for d, places in more.items():
+            for loc in places:
+                if loc.pack not in gone:
+                    self._another_place(d, loc)
 
     def revalidate(self) -> None:
         """What a writer calls once it holds the lock: forget packs a gc removed since their indexes were
@@ -145,8 +176,9 @@ class PackFiles:
         written since."""
         self.forget_pack(*(pack for pack in list(self._indexed) if not index_path(self.root, pack).exists()))
 
-    def inventory(self) -> tuple[list[bytes], list[str]]:
-        """Every object in a pack with a readable index, and one line per index or stray file that is not right.
+    def inventory(self) -> tuple[list[tuple[bytes, Location]], list[str]]:
+        """Every object's place in a pack with a readable index (an object stored twice is listed twice), and
+        one line per index or stray file that is not right.
 
         A pack without its index is what a writer killed between the two
         leaves: no index, so no pack set, can name it; it is skipped here
@@ -172,7 +204,7 @@ class PackFiles:
                     problems.append(f"{p}: index without its pack")
                     continue
                 self._register(index)
-                found += [d for d, _ in index]
+                found += list(index)
         return found, problems
 
     def locate(self, digest: bytes) -> Location | None:
@@ -186,6 +218,33 @@ class PackFiles:
     def located(self, digest: bytes) -> Location | None:
         """Where an already loaded index puts ``digest`` (loads nothing)."""
         return self._where.get(digest)
+
+    def places(self, digest: bytes) -> list[Location]:
+        """Every place of ``digest`` in a loaded index, the preferred one first."""
+        with self._lock:
+            first = self._where.get(digest)
+            return [first, *self._more.get(digest, ())] if first else []
+
+    def good(self, digest: bytes) -> Location | None:
+        """A place of ``digest`` not recorded damaged: what a writer counts as having the object (at the
+        first miss, every index is loaded)."""
+        if self.locate(digest) is None:
+            return None
+        return next((loc for loc in self.places(digest) if not self.damage.damaged(digest, loc.pack)), None)
+
+    def mark_damaged(self, digest: bytes, pack: bytes) -> None:
+        """Record the copy of ``digest`` in ``pack`` as damaged; readers go to another copy from now on."""
+        self.damage.add(digest, pack)
+        with self._lock:
+            current = self._where.get(digest)
+            if current is None or current.pack != pack:
+                return
+            more = self._more.get(digest, [])
+            good = next((loc for loc in more if not self.damage.damaged(digest, loc.pack)), None)
+            if good is not None:
+                more.remove(good)
+                more.append(current)
+                self._where[digest] = good
 
     def has_index(self, pack: bytes) -> bool:
         return index_path(self.root, pack).exists()
@@ -321,7 +380,7 @@ class PackFiles:
         self._place(index_path(self.root, pack), index)
         with self._lock:  # the new place wins: a repack copies objects out of packs it then removes
             for d, offset, length in builder.records:
-                self._where[d] = Location(pack, offset, length)
+                self._another_place(d, Location(pack, offset, length), wins=True)
             self._indexed.add(pack)
         return pack
 
@@ -352,8 +411,8 @@ class PackWriter:
         self._data = bytearray()
 
     def add(self, digest: bytes, frame: bytes) -> bool:
-        """Append an object; False if a pack (stored or being built) holds it already."""
-        if digest in self._builder or self.files.locate(digest) is not None:
+        """Append an object; False if a pack (stored or being built) holds a copy not recorded damaged."""
+        if digest in self._builder or self.files.good(digest) is not None:
             return False
         self._builder.add(digest, frame)
         self._data += frame

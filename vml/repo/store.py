@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,14 +41,16 @@ from ..errors import (
     Locked,
     NotFound,
     ObjectMissing,
+    ObjectTooLarge,
     StorageError,
     UsageError,
 )
 from ..files import create_complete, fsync_dir, read_regular, syncfs, write_atomic
 from ..names import check_name
-from . import certificates, objects
+from . import certificates, damage, objects
+from .damage import DamageRecord
 from .packfiles import PACKS, PACKSETS, PackFiles
-from .packs import MAX_OBJECT
+from .packs import MAX_OBJECT, Location
 
 FORMAT = 2  # what `vml init` creates
 FORMATS = (1, 2)  # what this version reads
@@ -61,7 +62,6 @@ META_FILE = "vml-repository.json"
 META_LIMIT = 64 << 10
 REFS_FILE = "refs.json"
 LEASES_DIR = "leases"
-LEASE_LIMIT = 64 << 10
 DEFAULT_CHUNK_SIZE = 256 << 10
 MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 16 << 20
@@ -117,7 +117,8 @@ class Store:
         self.leases_dir = self.path / LEASES_DIR
         self._locked = False
         self.lock_wait = 60.0  # [limits] lock_wait of the config that opened it
-        self.packs = PackFiles(self.path, self.place)
+        self.damage = DamageRecord(self.path)
+        self.packs = PackFiles(self.path, self.place, self.damage)
 
     @classmethod
     def create(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK_SIZE, format: int = FORMAT) -> "Store":
@@ -167,15 +168,11 @@ class Store:
     def _path(self, digest: bytes) -> Path:
         return layout.object_path(self.path, digest)
 
-    def where(self, digest: bytes) -> str:
-        """Object ``digest`` as messages name it: its file, or its pack and offset."""
-        loc = self.packs.located(digest) if self.format == 2 else None
-        if loc is not None and not os.path.exists(self._path(digest)):
-            return f"pack {self.packs.pack_name(loc.pack)} at offset {loc.offset}"
-        return str(self._path(digest))
-
     def has(self, digest: bytes) -> bool:
-        return os.path.exists(self._path(digest)) or (self.format == 2 and self.packs.locate(digest) is not None)
+        """Whether a copy not recorded damaged is here: writers store the others anew (vml.repo.damage)."""
+        if os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None):
+            return True
+        return self.format == 2 and self.packs.good(digest) is not None
 
     def object_size(self, digest: bytes) -> int:
         """Stored (compressed) size of an object."""
@@ -188,16 +185,21 @@ class Store:
         """The stored, still compressed bytes of an object: its frame in a pack, else a loose file.
 
         A pack whose index is loaded is looked at first: that is where an
-        entry's chunks are, and it costs no system call to find out.
+        entry's chunks are, and it costs no system call to find out. A copy
+        recorded damaged is read only when there is no other.
         """
+        return self._copy(digest)[0]
+
+    def _copy(self, digest: bytes) -> tuple[bytes, Location | None]:
+        """(the stored bytes of one copy of ``digest``, where: its place in a pack, None for the loose file)."""
         loc = self.packs.located(digest) if self.format == 2 else None
-        if loc is None:
+        if loc is None or self.damage.damaged(digest, loc.pack):
             try:
-                return read_regular(self._path(digest), MAX_OBJECT, "object", follow=False, error=CorruptObject)
+                return self._loose(digest), None
             except NotFound:
-                loc = self._packed(digest)
+                loc = loc or self._packed(digest)
         try:
-            return self.packs.read(loc)
+            return self.packs.read(loc), loc
         except ObjectMissing as e:  # its pack is gone
             if self.packs.has_index(loc.pack):
                 # gc removes an index before its pack: a pack missing beside its index is damage, and
@@ -209,8 +211,11 @@ class Store:
             again = self.packs.locate(digest)
             if again is not None:
                 with contextlib.suppress(ObjectMissing):
-                    return self.packs.read(again)
+                    return self.packs.read(again), again
             raise ObjectMissing(f"object {digest.hex()} is missing: {e}") from None
+
+    def _loose(self, digest: bytes) -> bytes:
+        return read_regular(self._path(digest), MAX_OBJECT, "object", follow=False, error=CorruptObject)
 
     def prepare(self, manifest: bytes) -> None:
         """Load the indexes of the packs the entry's data lies in (format 2); a damaged pack set is CorruptObject."""
@@ -227,9 +232,56 @@ class Store:
         return loc
 
     def read(self, digest: bytes, limit: int) -> bytes:
-        """Decompressed, digest-checked content of an object."""
-        blob = self.read_raw(digest)
-        return objects.decode(blob, digest, limit, lambda: self.where(digest))
+        """Decompressed, digest-checked content of an object.
+
+        A copy whose bytes fail is recorded damaged (vml.repo.damage) and the
+        other copies, if any, are tried; only when all fail is it an error.
+        """
+        blob, where = self._copy(digest)
+        try:
+            return self._checked(digest, blob, where, limit)
+        except CorruptObject as first:
+            if isinstance(first, ObjectTooLarge):
+                raise  # the caller's bound, not damage
+            for other in self._other_copies(digest, where):
+                with contextlib.suppress(CorruptObject, ObjectMissing):
+                    return self.read_copy(digest, other, limit)
+            raise first
+
+    def read_copy(self, digest: bytes, where: Location | None, limit: int = METADATA_LIMIT) -> bytes:
+        """The content of one copy of ``digest`` (``where``: its place in a pack, None for the loose file),
+        recorded damaged if its bytes do not decode to their name."""
+        return self._checked(digest, self._loose(digest) if where is None else self.packs.read(where), where, limit)
+
+    def _checked(self, digest: bytes, blob: bytes, where: Location | None, limit: int) -> bytes:
+        try:
+            return objects.decode(blob, digest, limit, lambda: self._name(digest, where))
+        except ObjectTooLarge:
+            raise
+        except CorruptObject:
+            if where is None:
+                self.damage.add(digest, None)
+            else:
+                self.packs.mark_damaged(digest, where.pack)
+            raise
+
+    def _name(self, digest: bytes, where: Location | None) -> str:
+        return (
+            str(self._path(digest))
+            if where is None
+            else f"pack {self.packs.pack_name(where.pack)} at offset {where.offset}"
+        )
+
+    def _other_copies(self, digest: bytes, tried: Location | None) -> list[Location | None]:
+        """The copies of ``digest`` besides ``tried`` not recorded damaged, in every pack there is."""
+        if self.format == 2:
+            self.packs.load_all()
+        out: list[Location | None] = [
+            loc for loc in self.packs.places(digest) if loc != tried and not self.damage.damaged(digest, loc.pack)
+        ]
+        if tried is not None and os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None):
+            out.insert(0, None)
+        return out
 
     def put(self, data, digest: bytes | None = None) -> tuple[bytes, int, bool]:
         """Store ``data``; return (digest, stored size, whether it was new).
@@ -237,20 +289,35 @@ class Store:
         ``digest``, when given, must be the digest of ``data``.
         """
         d = digest or objects.digest(data)
-        path = self._path(d)
-        try:
-            return d, os.stat(path).st_size, False
-        except FileNotFoundError:
-            pass
+        if self.has_loose(d):
+            return d, os.stat(self._path(d)).st_size, False
         blob = objects.compress(data)
         return d, len(blob), self.put_raw(d, blob)
+
+    def has_loose(self, digest: bytes) -> bool:
+        """Whether the object's loose file is here and not recorded damaged."""
+        return os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None)
 
     def put_raw(self, digest: bytes, blob: bytes) -> bool:
         """Store an already compressed object; return False if it was there.
 
         The caller vouches that ``blob`` decodes to content named ``digest``.
+        A loose file recorded damaged is replaced (and False returned: a roll
+        back must not remove what others named before).
         """
+        if self.damage.damaged(digest, None) and os.path.lexists(self._path(digest)):
+            self._replace_loose(digest, lambda tmp: create_complete(tmp, blob, self.tmp_dir))
+            return False
         return self.place(self._path(digest), blob)
+
+    def _replace_loose(self, digest: bytes, make) -> None:
+        """Replace a damaged loose file by the complete file ``make(tmp)`` creates at ``tmp``."""
+        self._require_lock()
+        tmp = self.tmp_dir / f"replace.{digest.hex()}"
+        tmp.unlink(missing_ok=True)
+        make(tmp)
+        os.rename(tmp, self._path(digest))
+        self.damage.forget([(digest, None)])
 
     def place(self, final: Path, data: bytes | bytearray) -> bool:
         """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists."""
@@ -258,12 +325,14 @@ class Store:
         return create_complete(final, data, self.tmp_dir)
 
     def link_in(self, digest: bytes, tmp: str | Path) -> bool:
-        """Give the complete file ``tmp`` its object name; False if taken."""
+        """Give the complete file ``tmp`` its object name; False if taken (a damaged loose file is replaced)."""
         self._require_lock()
         try:
             os.link(tmp, self._path(digest))
             return True
         except FileExistsError:
+            if self.damage.damaged(digest, None):
+                self._replace_loose(digest, lambda new: os.link(tmp, new))
             return False
 
     def remove_object(self, digest: bytes) -> None:
@@ -323,38 +392,6 @@ class Store:
 
     # -- leases ----------------------------------------------------------
 
-    def leases(self) -> dict[str, bytes | str]:
-        """File name -> content of every lease file (see vml.repo.leases), or why it cannot be read.
-
-        Read without the lock. A lease file that is not a regular file (a
-        FIFO, a directory, a link) is reported, never opened for reading.
-        """
-        out: dict[str, bytes | str] = {}
-        try:
-            names = sorted(os.listdir(self.leases_dir))
-        except FileNotFoundError:
-            return out
-        for name in names:
-            if name.startswith("."):
-                continue  # a lease being written
-            try:
-                fd = os.open(self.leases_dir / name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue  # dropped meanwhile
-            except OSError as e:
-                out[name] = e.strerror or str(e)
-                continue
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    out[name] = "not a regular file"
-                    continue
-                out[name] = os.read(fd, LEASE_LIMIT + 1)
-            except OSError as e:
-                out[name] = e.strerror or str(e)
-            finally:
-                os.close(fd)
-        return out
-
     def remove_lease_file(self, name: str) -> None:
         """Remove whatever is at a lease's name, a damaged one too."""
         self._require_lock()
@@ -404,6 +441,7 @@ class Store:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
             self._require_real_directories()
+            self.damage.reload()  # what readers found since, so that this writer stores it anew
             self._locked = True
             self._clean_tmp()
             self.packs.revalidate()  # others may have written or removed packs before we got the lock
@@ -419,7 +457,7 @@ class Store:
     def layout_problems(self) -> list[str]:
         """One line for each directory of the repository that is not a directory (a link is never followed)."""
         out = []
-        for name in (layout.OBJECTS, PACKS, PACKSETS, "tmp", LEASES_DIR, certificates.DIR):
+        for name in (layout.OBJECTS, PACKS, PACKSETS, "tmp", LEASES_DIR, certificates.DIR, damage.DIR):
             problem = layout.real_directory(self.path / name)
             if problem:
                 out.append(f"{self.path / name}: {problem}")
