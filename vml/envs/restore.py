@@ -311,7 +311,9 @@ def _environment_files(script: _Script, meta: dict, root_fs, existing, report) -
     envfile, profile = f"{home}/{ENV_FILE}", f"{home}/.profile"
     if envfile in existing or envfile in script.paths:
         script.add("rm", quote(envfile))
-    script.write(envfile, loginenv.script(variables).encode())
+    text, refused = loginenv.script(variables)
+    report.notes += [f"variable {name} not restored: its stored value is not a plain value" for name in refused]
+    script.write(envfile, text.encode())
     script.attrs(envfile, 0o100644, uid, gid, 0, 0)
     # ~/.profile as restored (the backup's, if it has one), plus the line.
     if profile in script.paths:
