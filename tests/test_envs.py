@@ -439,3 +439,50 @@ def test_hostile_names_and_a_symlinked_directory_never_reach_outside(vml, tmp_pa
             assert fs.read_text(f"/home/alice/{name}") == home[name].decode()
         assert fs.lookup("/etc/run.C") is None  # nothing went through the symlink
         assert fs.item("/etc/passwd", fs.lookup("/etc/passwd")).mode == 0o644
+
+
+def test_a_home_given_in_another_form_or_a_system_directory_is_refused_at_capture(vml, tmp_path):
+    src = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, {"notes": b"n"})
+    passwd = src / "etc" / "passwd"
+    passwd.write_text(passwd.read_text() + "carol:x:1002:1002::/:/bin/sh\n")
+    vml("init", tmp_path / "rep")
+    vml("save", "src", "--from", ext4_image(src, tmp_path / "src.img"))
+    for how in (["--home", "/home//alice"], ["--home", "/home/bob/../alice"], ["--user", "carol"]):
+        line = vml.fails("env", "save", "e", "--from", "src", *how)
+        assert how[1] in line or "'/'" in line, line
+    assert "/home/alice/./x" in vml.fails(
+        "env", "save", "e", "--from", "src", "--user", "alice", "--add", "/home/alice/./x"
+    )
+    assert "environment" not in vml("log").stdout  # nothing saved
+
+
+def test_dates_before_1970_and_after_2038_are_captured_and_restored(vml, tmp_path, mounted):
+    src = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, {"old.txt": b"o"})
+    os.utime(src / "home" / "alice" / "old.txt", (-(10**9), -(10**9)))  # 1938
+    image = ext4_image(src, tmp_path / "src.img")
+    sif = "sif /home/alice/old.txt atime @4102444800"  # 2100: ext4 keeps it in the inode's extra epoch bits
+    subprocess.run(["debugfs", "-w", "-R", sif, str(image)], check=True, capture_output=True)
+    vml("init", tmp_path / "rep")
+    vml("save", "src", "--from", image)
+    vml("env", "save", "e", "--from", "src", "--user", "alice")
+    dst = guest_tree(tmp_path / "dst", "4.1", ALICE_DST)
+    vml("save", "dst", "--from", ext4_image(dst, tmp_path / "dst.img"))
+    vml("open", "dst", "--area", "a")
+    vml("env", "restore", "e", "--area", "a")
+    with read_guest(next((mounted / "areas" / "a").glob("*.img"))) as fs:
+        old = fs.item("/home/alice/old.txt", fs.lookup("/home/alice/old.txt"))
+        assert (old.mtime_ns, old.atime_ns) == (-(10**18), 4102444800 * 10**9)
+
+
+def test_a_path_too_long_for_any_restore_is_refused_at_capture(vml, tmp_path):
+    vml("init", tmp_path / "rep")
+    deep = ext4_image(guest_tree(tmp_path / "deep", "4.1", ALICE_SRC, {"notes": b"n"}), tmp_path / "deep.img")
+    # 4200 bytes of path: more than an index record (and PATH_MAX) holds. Made in the image, not on the host,
+    # where a tree this deep is more than shutil.rmtree (pytest's cleanup) can remove.
+    commands = tmp_path / "deep.commands"
+    commands.write_text("cd /home/alice\n" + "mkdir d\ncd d\n" * 2100)
+    subprocess.run(["debugfs", "-w", "-f", str(commands), str(deep)], check=True, capture_output=True)
+    vml("save", "deep", "--from", deep)
+    line = vml.fails("env", "save", "e2", "--from", "deep", "--user", "alice")
+    assert "/home/alice/d/d/d/" in line and "--exclude" in line
+    assert "e2" not in vml("log").stdout
