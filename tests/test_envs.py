@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vml.entries.envtree import Record
 from vml.envs import guestfs
 
 from conftest import need
@@ -486,3 +487,140 @@ def test_a_path_too_long_for_any_restore_is_refused_at_capture(vml, tmp_path):
     line = vml.fails("env", "save", "e2", "--from", "deep", "--user", "alice")
     assert "/home/alice/d/d/d/" in line and "--exclude" in line
     assert "e2" not in vml("log").stdout
+
+
+OLD_NS = OLD * 10**9
+
+
+def crafted_backup(vml_home: Path, name: str, files: list[tuple[Record, bytes]], **meta) -> None:
+    """An environment entry in `rep` written by the library's own writer: well-formed, saying what it is told.
+
+    ``files`` are records and the contents of the regular ones; ``meta``
+    replaces keys of a plain description of alice's home.
+    """
+    from vml import config
+    from vml.entries import envtree
+    from vml.entries.save import write_entry
+    from vml.repo.manifest import Stream
+
+    cs = envtree.CHUNK_SIZE
+    files = sorted(files, key=lambda f: f[0].path)
+    slot = 0
+    for r, content in files:
+        if r.type == "f":
+            r.size, r.slot = len(content), slot
+            slot += r.slots(cs)
+    records = [r for r, _ in files]
+    desc = {
+        "format": 1,
+        "user": "alice",
+        "home": "/home/alice",
+        "os": {"id": "cernvm", "version_id": "4.1"},
+        "from": {"entry": "crafted"},
+        "patterns": {"include": [], "exclude": [], "add": []},
+        "environment": {"variables": {}, "skipped": [], "files": []},
+        "source": "login files (parsed, not executed)",
+        "files": len(records),
+        "bytes": sum(r.size for r in records),
+        "owners": {"users": {}, "groups": {}},
+        **meta,
+    }
+
+    def data():
+        for r, content in files:
+            for i in range(r.slots(cs) if r.type == "f" else 0):
+                yield r.slot + i, content[i * cs : (i + 1) * cs].ljust(cs, b"\0")
+
+    def build(writer, plan):
+        pages = envtree.pages(records, cs)
+        index = writer.store_chunks(((i, p.ljust(cs, b"\0")) for i, p in enumerate(pages)), len(pages) * cs, None)
+        stored = writer.store_chunks(data(), slot * cs, None)
+        return [Stream(envtree.INDEX, len(pages) * cs, index), Stream(envtree.DATA, slot * cs, stored)], []
+
+    write_entry(config.Config.load(vml_home).open("rep"), name, build, chunk_size=cs, extra={envtree.KEY: desc})
+
+
+def d(path: str, uid: int = ALICE_SRC) -> tuple[Record, bytes]:
+    return Record(path, "d", 0o755, uid, uid, OLD_NS), b""
+
+
+def f(path: str, content: bytes, mode: int = 0o644, uid: int = ALICE_SRC, **extra) -> tuple[Record, bytes]:
+    return Record(path, "f", mode, uid, uid, OLD_NS, **extra), content
+
+
+def link(path: str, target: str) -> tuple[Record, bytes]:
+    return Record(path, "l", 0o777, ALICE_SRC, ALICE_SRC, OLD_NS, target=target), b""
+
+
+@pytest.fixture
+def area(vml, tmp_path, mounted):
+    """rep with entry `dst` (alice's home holds `keep` and a symlink `etc` to /etc), open as area `a`: its disk."""
+    dst = guest_tree(tmp_path / "dst", "4.1", ALICE_DST, {"keep": b"k", "etc": ("symlink", "/etc")})
+    vml("init", tmp_path / "rep")
+    vml("save", "dst", "--from", ext4_image(dst, tmp_path / "dst.img", "96M"))
+    vml("open", "dst", "--area", "a")
+    return next((mounted / "areas" / "a").glob("*.img"))
+
+
+def assert_outside_the_home_untouched(disk: Path, tree: Path) -> None:
+    """Outside alice's home, the area's file system holds what ``tree`` (its source) did: paths, contents, modes."""
+    alice = tree / "home" / "alice"
+    want = {"/" + str(p.relative_to(tree)): p for p in tree.rglob("*") if alice not in (p, *p.parents)}
+    with read_guest(disk) as fs:
+        got = {it.path: it for it in fs.walk("/", lambda p, is_dir: p != "/home/alice")}
+        assert got.keys() - {"/", "/lost+found"} == want.keys()
+        for path, p in want.items():
+            it = got[path]
+            assert (it.mode, it.xattrs) == (p.stat().st_mode & 0o7777, None), path
+            if it.type == "f":
+                assert fs.read_file(it, 0, it.size) == p.read_bytes(), path
+
+
+CAPABILITY = "\x01\x00\x00\x02" + "\xff" * 16  # a vfs_cap_data granting every capability, as latin-1 text
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        [link("/home/alice/lnk", "/etc"), f("/home/alice/lnk/passwd", b"evil\n", 0o666)],  # the backup's symlink
+        [f("/home/alice/file", b"x"), f("/home/alice/file/passwd", b"evil\n", 0o666)],  # under one of its files
+        [f("/home/alice/etc/passwd", b"evil\n", 0o666)],  # under the area's symlink, no directory on the way
+        [f("/home/alice/none/passwd", b"evil\n", 0o666)],  # under a directory neither side has
+    ],
+    ids=["backup-symlink", "backup-file", "area-symlink", "no-parent"],
+)
+def test_a_crafted_backup_writing_through_a_symlink_is_refused_before_anything_is_written(
+    vml, home, tmp_path, area, hostile
+):
+    for r, _ in hostile:
+        if r.path.endswith("passwd"):
+            r.xattrs = {"security.capability": CAPABILITY}
+    crafted_backup(home, "evil", [d("/home/alice"), f("/home/alice/first", b"1"), *hostile])
+    before = area.read_bytes()
+    line = vml.fails("env", "restore", "evil", "--area", "a")
+    assert hostile[-1][0].path.rpartition("/")[0] in line
+    assert area.read_bytes() == before  # refused before a single write
+    assert_outside_the_home_untouched(area, tmp_path / "dst")
+
+
+def test_security_and_trusted_attributes_are_dropped_as_setuid_is(vml, home, area):
+    attrs = {"security.capability": CAPABILITY, "security.selinux": "system_u:object_r:shadow_t:s0\0"}
+    attrs |= {"trusted.overlay.redirect": "/etc", "user.origin": "cernvm 4.1"}
+    crafted_backup(home, "caps", [d("/home/alice"), f("/home/alice/tool", b"#!/bin/sh\n", 0o4755, xattrs=attrs)])
+    vml("env", "restore", "caps", "--area", "a")
+    with read_guest(area) as fs:
+        tool = fs.item("/home/alice/tool", fs.lookup("/home/alice/tool"))
+        assert tool.mode == 0o755
+        assert tool.xattrs == {"user.origin": b"cernvm 4.1"}
+
+
+def test_restore_streams_each_file_instead_of_holding_it(vml, home, tmp_path, area):
+    from helpers import child_peak_rss
+
+    crafted_backup(home, "small", [d("/home/alice"), f("/home/alice/small.bin", b"s" * 1000)])
+    crafted_backup(home, "big", [d("/home/alice"), f("/home/alice/big.bin", os.urandom(40 << 20))])
+    r, small = child_peak_rss(vml, "env", "restore", "small", "--area", "a")
+    assert r.returncode == 0, r.stderr
+    r, big = child_peak_rss(vml, "env", "restore", "big", "--area", "a")
+    assert r.returncode == 0, r.stderr
+    assert big - small < 12 << 20, f"a 40 MiB file took {(big - small) >> 20} MiB more than a small one"

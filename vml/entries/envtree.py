@@ -197,13 +197,17 @@ def xattrs_text(xattrs: dict[str, bytes] | None) -> dict | None:
     return {k: v.decode("latin-1") for k, v in kept.items()}
 
 
-def env_records(repo: Repository, entry: Entry) -> tuple[list[Record], DiskReader]:
-    """The records of an environment entry, checked, and a reader of its file data."""
+def env_records(repo: Repository, entry: Entry, cache_bytes: int = 32 << 20) -> tuple[list[Record], DiskReader]:
+    """The records of an environment entry, checked, and a reader of its file data.
+
+    ``cache_bytes`` bounds the chunks kept decompressed: a reader that
+    goes through the data once (a restore) needs few.
+    """
     m = entry.manifest
     if not is_environment(m):
         raise UsageError(f"entry {entry.name!r} is not an environment backup (see `vml env save`)")
     resolved = repo.resolve(entry.digest)
-    cache = ChunkCache(32 << 20)
+    cache = ChunkCache(cache_bytes)
     where = f"entry {entry.name!r}"
     if INDEX not in resolved.disks or DATA not in resolved.disks:
         raise BadSource(f"{where}: environment entry without its index or data")
