@@ -135,7 +135,7 @@ def test_a_home_opens_on_a_newer_base_with_owners_modes_and_environment(vml, gue
 
     before = vml("show", "dst", "--json").stdout
     vml("open", "dst", "--area", "a2")
-    r = vml("env", "restore", "env1", "--area", "a2")
+    r = vml("env", "restore", "env1", "--area", "a2", "--add", "/var/lib/cvmfs/")
     assert "warning: entry 'env1' was saved on cernvm 4.1; area 'a2' runs cernvm 5.0" in r.stderr
     assert "/home/alice/notes.txt.vml-restored" in r.stdout
 
@@ -612,6 +612,43 @@ def test_security_and_trusted_attributes_are_dropped_as_setuid_is(vml, home, are
         tool = fs.item("/home/alice/tool", fs.lookup("/home/alice/tool"))
         assert tool.mode == 0o755
         assert tool.xattrs == {"user.origin": b"cernvm 4.1"}
+
+
+HOMES = [
+    ("alice", "/"),
+    ("alice", "/etc"),
+    (None, "/usr/local"),
+    ("root", "/root"),
+    (None, "/var/lib/x"),
+    (None, "/home"),
+    ("alice", "/home/bob"),  # not alice's home in the area
+]
+
+
+def test_a_home_that_is_a_system_directory_or_not_the_areas_is_refused_before_anything_is_written(
+    vml, home, tmp_path, area
+):
+    before = area.read_bytes()
+    for n, (user, where) in enumerate(HOMES):
+        target = "/etc/passwd" if where in ("/", "/etc") else f"{where}/passwd"
+        files = [d(where), *([d("/etc")] if where == "/" else []), f(target, b"evil\n", 0o666)]
+        crafted_backup(home, f"e{n}", files, user=user, home=where)
+        line = vml.fails("env", "restore", f"e{n}", "--area", "a")
+        assert repr(where) in line, line
+        assert area.read_bytes() == before, where
+    assert_outside_the_home_untouched(area, tmp_path / "dst")
+
+
+def test_add_paths_of_a_backup_are_restored_only_when_named_again(vml, home, tmp_path, area):
+    files = [d("/home/alice"), f("/home/alice/mine", b"m"), d("/etc", 0), f("/etc/passwd", b"evil\n", 0o666, 0)]
+    crafted_backup(home, "adds", files, patterns={"include": [], "exclude": [], "add": ["/etc"]})
+    assert "add:         /etc" in vml("env", "show", "adds").stdout
+    r = vml("env", "restore", "adds", "--area", "a")
+    assert "not restored: /etc (saved with --add; name it with --add to restore it)" in r.stdout
+    assert_outside_the_home_untouched(area, tmp_path / "dst")
+    with read_guest(area) as fs:
+        assert fs.read_text("/home/alice/mine") == "m"
+    assert "/opt" in vml.fails("env", "restore", "adds", "--area", "a", "--add", "/opt")
 
 
 def test_restore_streams_each_file_instead_of_holding_it(vml, home, tmp_path, area):

@@ -3,8 +3,8 @@
 The area's disk is written through the running mount (never behind it), by
 e2fsprogs' debugfs, one checked command at a time (debugfs.py). No root, no
 kernel mount, no appliance. Nothing is written before the whole restore is
-planned and checked (restoreplan.py): every record's parents, the room, the
-file system's state.
+planned and checked (restoreplan.py): the home against the area's own
+/etc/passwd, every record's parents, the room, the file system's state.
 Owners are mapped by name where both guests know the name and kept by
 number otherwise. The captured variables go to ``~/.vml-environment``,
 which one marked line in ``~/.profile`` sources.
@@ -16,10 +16,10 @@ from pathlib import Path
 
 from ..entries import envtree
 from ..entries.envtree import env_records
-from ..errors import BadSource, CorruptManifest, UsageError
+from ..errors import BadSource, CorruptManifest, UnsafeBackup, UsageError
 from ..repo.repository import Entry, Repository
 from ..vms import boot
-from . import guestfs
+from . import guestfs, homes
 from .capture import area_disk_paths
 from .debugfs import Debugfs, find, quote
 from .restoreplan import Planner, Report, Step
@@ -35,6 +35,9 @@ def checked_meta(entry: Entry) -> dict:
     try:
         home = envtree.check_path(meta["home"])
         adds = [envtree.check_path(p) for p in meta.get("patterns", {}).get("add", [])]
+        user = meta.get("user")
+        if user is not None and not isinstance(user, str):
+            raise ValueError("bad user")
         variables = meta.get("environment", {}).get("variables", {})
         if not isinstance(variables, dict) or not all(
             isinstance(v, dict) and isinstance(v.get("raw"), str) and "\n" not in v["raw"] for v in variables.values()
@@ -42,13 +45,35 @@ def checked_meta(entry: Entry) -> dict:
             raise ValueError("bad variables")
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CorruptManifest(f"entry {entry.name!r}: invalid environment description ({e})") from None
+    problem = homes.home_problem(home)
+    if problem:
+        raise UnsafeBackup(f"entry {entry.name!r}: its home {home!r} is {problem}: refused, nothing written")
     return {
         "home": home,
+        "user": user,
         "patterns": {"add": adds},
         "environment": {"variables": variables},
         "os": meta.get("os") if isinstance(meta.get("os"), dict) else {},
         "owners": meta.get("owners") if isinstance(meta.get("owners"), dict) else {},
     }
+
+
+def named_adds(entry: Entry, meta: dict, adds) -> list[str]:
+    """The --add paths of the backup the user named again at restore (UsageError for one it does not hold)."""
+    saved = meta["patterns"]["add"]
+    out = []
+    for p in adds:
+        try:
+            path = homes.normal(p)
+        except ValueError as e:
+            raise UsageError(f"--add {p!r}: {e}") from None
+        if path not in saved:
+            holds = ", ".join(saved) or "none"
+            raise UsageError(f"--add {p!r}: entry {entry.name!r} holds no such --add path (it holds: {holds})")
+        if homes.add_problem(path):
+            raise UnsafeBackup(f"entry {entry.name!r}: --add {path!r} is {homes.add_problem(path)}: refused")
+        out.append(path)
+    return out
 
 
 def check_stopped(home: Path, area: str) -> None:
@@ -58,12 +83,16 @@ def check_stopped(home: Path, area: str) -> None:
 
 
 def restore_environment(
-    home: Path, repo: Repository, entry: Entry, area: str, force: bool = False, warn=lambda msg: None
+    home: Path, repo: Repository, entry: Entry, area: str, force: bool = False, warn=lambda msg: None, adds=()
 ) -> Report:
-    """Write environment entry ``entry`` into the root file system of area ``area``'s disks."""
+    """Write environment entry ``entry`` into the root file system of area ``area``'s disks.
+
+    ``adds`` are the backup's --add paths to restore too (the others are
+    listed in the report, not written).
+    """
     records, data = env_records(repo, entry, CACHE_BYTES)
     meta = checked_meta(entry)
-    tops = [meta["home"], *meta["patterns"]["add"]]
+    tops = [meta["home"], *named_adds(entry, meta, adds)]
     disks = area_disk_paths(home, area)
     with boot.vm_lock(home, area):  # no VM of the area starts while its disk is written
         check_stopped(home, area)
@@ -80,6 +109,7 @@ def _restore(entry, area, force, warn, records, data, meta, tops, disks) -> Repo
             found += guestfs.filesystems(name, handles[-1], path.stat().st_size, f"{where}, disk {name}")
         root_fs = guestfs.root_of(found, where)
         disk = disks[root_fs.disk]
+        _check_home(meta, root_fs, entry.name, where)
         _check_state(root_fs, disk, records, where)
         cs = entry.manifest.chunk_size
         planner = _plan(root_fs, entry.name, area, meta, tops, force, records, lambda r: b"".join(_chunks(data, r, cs)))
@@ -105,10 +135,22 @@ def _plan(root_fs, name, area, meta, tops, force, records, read) -> Planner:
             it.node = None  # the inode is looked up again when needed: 50,000 parsed inodes cost memory
             existing[it.path] = it
     planner = Planner(root_fs, tops, existing, _owner_maps(meta, root_fs), force, f"entry {name!r} into area {area!r}")
+    planner.report.not_added = [p for p in meta["patterns"]["add"] if p not in tops]
     planner.above_tops(meta["home"])
-    planner.records(records, meta["home"])
+    planner.records(records, meta["home"], planner.report.not_added)
     planner.environment(meta["home"], meta["environment"]["variables"], read)
     return planner
+
+
+def _check_home(meta: dict, root_fs, name: str, where: str) -> None:
+    """The home restored into is the user's home in the area's own /etc/passwd, when it names the user."""
+    users = guestfs.accounts(root_fs.read_text("/etc/passwd"))
+    user, home = meta["user"], meta["home"]
+    if user in users and (users[user][2].rstrip("/") or "/") != home:
+        raise UnsafeBackup(
+            f"entry {name!r} holds {home!r} as the home of user {user!r}, whose home in {where} is "
+            f"{users[user][2]!r}: refused, nothing written"
+        )
 
 
 def _check_state(root_fs, disk: Path, records, where: str) -> None:

@@ -5,8 +5,8 @@ planned against the area's file system as read, and as the records before
 it in the same restore change it; only a plan that passed every check is
 carried out (restore.py):
 
-- Only paths under the tops are written: the backup's home and --add
-  paths. Directories the area lacks above
+- Only paths under the tops are written: the backup's home, and the --add
+  paths the user named again at restore. Directories the area lacks above
   a top are made (as mkdir -p does, owned by root); one that is there and
   is not a directory refuses the restore.
 - Each record's parents, from its top down, must be directories once the
@@ -43,6 +43,7 @@ class Report:
     bytes: int = 0
     conflicts: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    not_added: list[str] = field(default_factory=list)  # --add paths of the backup the user did not name
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     disk: str = ""
@@ -122,10 +123,11 @@ class Planner:
                         f" nothing can be restored under it ({top}); refused, nothing written"
                     )
 
-    def records(self, records: list[Record], home: str) -> None:
+    def records(self, records: list[Record], home: str, unnamed: list[str]) -> None:
         for r in records:
             if not under(r.path, self.tops):
-                self.report.skipped.append(r.path)
+                if not under(r.path, unnamed):  # an --add path not named again: reported once, as a whole
+                    self.report.skipped.append(r.path)
                 continue
             if under(r.path, self.blocked):
                 self.report.skipped.append(r.path)
@@ -147,9 +149,10 @@ class Planner:
         top = max((t for t in self.tops if under(path, [t])), key=len)
         if path == top:
             return  # above_tops checked what lies above it
-        chain = [top]
-        for name in path[len(top) + 1 :].split("/")[:-1]:
-            chain.append(f"{chain[-1]}/{name}")
+        chain, at = [top], top.rstrip("/")
+        for name in path[len(at) + 1 :].split("/")[:-1]:
+            at = f"{at}/{name}"
+            chain.append(at)
         for parent in chain:
             kind = self.kind(parent)
             if kind == "d":
