@@ -661,3 +661,22 @@ def test_restore_streams_each_file_instead_of_holding_it(vml, home, tmp_path, ar
     r, big = child_peak_rss(vml, "env", "restore", "big", "--area", "a")
     assert r.returncode == 0, r.stderr
     assert big - small < 12 << 20, f"a 40 MiB file took {(big - small) >> 20} MiB more than a small one"
+
+
+def test_debugfs_stops_at_the_first_command_it_does_not_accept(tmp_path):
+    """A failed cd used to leave the next write in the previous directory: now nothing runs after it."""
+    from vml.envs.debugfs import Debugfs, quote
+    from vml.errors import StorageError
+
+    image = ext4_image(guest_tree(tmp_path / "g", "4.1", ALICE_SRC, {"x": b"x"}), tmp_path / "g.img")
+    with Debugfs(image, 0, "image g", tmp_path) as dbg:
+        dbg.write_file("/home/alice/made", [b"made"])
+        with pytest.raises(StorageError, match=r'stopped at `cd "/home/alice/nope"`: .*not found'):
+            dbg.run("cd", quote("/home/alice/nope"))
+        assert dbg.proc.poll() is not None  # debugfs has ended: no command can follow
+    with read_guest(image) as fs:
+        assert fs.read_text("/home/alice/made") == "made"  # what came before stays, cleanly closed
+    assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
+    (tmp_path / "not-ext4.img").write_bytes(bytes(1 << 20))
+    with pytest.raises(StorageError, match="stopped at opening it"):
+        Debugfs(tmp_path / "not-ext4.img", 0, "image n", tmp_path)

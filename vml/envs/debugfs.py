@@ -11,12 +11,14 @@ error, and no further command is sent. Paths are absolute and checked by
 the caller (the restore's plan); every name is quoted by ``quote``.
 """
 
+import contextlib
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from ..errors import NotFound, StorageError
+from ..files import storage_error
 
 MAX_ARG = 3900  # bytes of one quoted argument: two fit in the 8191 bytes debugfs reads as one line
 MAX_NAME = 255  # bytes of one name in an ext2/3/4 directory
@@ -85,7 +87,8 @@ class Debugfs:
     def close(self) -> None:
         """End the session: debugfs writes its bitmaps and closes the file system."""
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # it ended already: nothing left to tell it
+                self.proc.stdin.close()
             self.proc.wait()
         self.proc.stdout.close()
 
@@ -135,9 +138,12 @@ class Debugfs:
         one chunk of a file in memory, never the file.
         """
         staged = self.staging / "file"
-        with open(staged, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
+        try:
+            with open(staged, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+        except OSError as e:
+            raise storage_error(e, f"{self.where}: staging {path} for debugfs") from None
         parent, name = path.rsplit("/", 1)
         self.run("cd", quote(parent or "/"))
         self.run("write", quote(str(staged)), quote(name))
@@ -149,7 +155,10 @@ class Debugfs:
 
     def set_xattr(self, path: str, key: str, value: bytes) -> None:
         staged = self.staging / "xattr"
-        staged.write_bytes(value)
+        try:
+            staged.write_bytes(value)
+        except OSError as e:
+            raise storage_error(e, f"{self.where}: staging an attribute of {path} for debugfs") from None
         # -r: the value as stored on disk (ACLs included), not converted again.
         self.run("ea_set", "-r", "-f", quote(str(staged)), quote(path), quote(key))
 

@@ -34,7 +34,15 @@ from .debugfs import Unsafe, check_names, quote
 CONFLICT_SUFFIX = ".vml-restored"
 ENV_FILE = ".vml-environment"
 KEPT_XATTRS = ("user.", "system.posix_acl_access", "system.posix_acl_default")
-_WHAT = {"f": "a file", "l": "a symbolic link", "p": "a FIFO", "c": "a device", "b": "a device", "s": "a socket"}
+_WHAT = {
+    "f": "a file",
+    "h": "a hard link",
+    "l": "a symbolic link",
+    "p": "a FIFO",
+    "c": "a device",
+    "b": "a device",
+    "s": "a socket",
+}
 
 
 @dataclass
@@ -235,10 +243,13 @@ class Planner:
 
     def _env_file(self, path: str, content: bytes, owner: tuple[int, int]) -> Step | None:
         kind = self.kind(path)
-        if kind == "d":
-            self.report.notes.append(f"{path} is a directory in the area: the variables are not restored")
+        try:
+            if kind == "d":
+                raise Unsafe("a directory")
+            check_names(path)
+        except Unsafe:
+            self.report.notes.append(f"the variables are not restored: {_short(path)} cannot be written")
             return None
-        check_names(path)
         step = Step(Record(path, "f", 0o644, *owner, 0), path, *owner, replace=kind is not None)
         self.plan.env_files.append(step)
         self.plan.contents[path] = content
