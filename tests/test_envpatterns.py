@@ -1,6 +1,8 @@
 """Environment backups without images: restic's pattern rules, login files read as text, hostile index records."""
 
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -72,7 +74,7 @@ def test_login_files_are_read_as_text_and_commands_are_never_taken():
         "LANG": "C.UTF-8",
     }
     assert {s["name"] for s in skipped} == {"STAMP", "OLD"}
-    script = loginenv.script(found)
+    script = loginenv.script(found)[0]
     assert "export A='x y'" in script and 'export PATH="$HOME/bin:$PATH"' in script
 
 
@@ -113,3 +115,61 @@ def test_pages_depend_on_their_paths_so_a_change_touches_few():
     assert len(before) > 40 and len(before) == len(after)
     assert sum(a != b for a, b in zip(before, after, strict=True)) == 1
     assert [r.path for p in after for r in envtree.parse_page(p, "x")] == [r.path for r in records]
+
+
+HOSTILE_LINES = (
+    "W=a;touch${IFS}x1",
+    "R=a|touch x2",
+    "A=1 && touch x3",
+    "export B=1; touch x4",
+    "C=a>x5",
+    "D=(touch x6)",
+    'E="$(touch x7)"',
+    "F=${X:-$(touch x8)}",
+    "G=a`touch x9`",
+    "H=$'\\x41'",
+    "I=a&touch x10",
+    "J=$((1+2))",
+    "K=a\\",
+)
+
+
+def sourced(shell: str, envfile, cwd, *names: str) -> list[str]:
+    """What a real shell has in ``names`` after sourcing ``envfile`` (HOME=/h, PATH=/usr/bin:/bin)."""
+    shown = " ".join(f'"${n}"' for n in names)
+    r = subprocess.run(
+        [shell, "-c", f". {envfile} && printf '%s\\n' {shown}"],
+        cwd=cwd,
+        env={"HOME": "/h", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_a_value_with_a_shell_operator_is_not_taken_and_the_written_file_runs_nothing(shell, tmp_path):
+    text = "\n".join((*HOSTILE_LINES, "OK='plain value'", 'P="$HOME/bin:$PATH"', "T=~/bin:x", "Q=it\\'s")) + "\n"
+    found, skipped = loginenv.parse(text, "~/.profile")
+    assert set(found) == {"OK", "P", "T", "Q"}
+    by_name = {s["name"]: s["source"] for s in skipped}
+    assert by_name == {line.split("=")[0].split()[-1]: f"~/.profile:{i}" for i, line in enumerate(HOSTILE_LINES, 1)}
+    envfile = tmp_path / "env"
+    envfile.write_text(loginenv.script(found)[0])
+    assert sourced(shell, envfile, tmp_path, "OK", "P", "T", "Q") == [
+        "plain value",
+        "/h/bin:/usr/bin:/bin",
+        "/h/bin:x",
+        "it's",
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["env"]  # no x1, x2, ...: nothing ran
+
+
+def test_a_backup_whose_stored_values_hold_commands_writes_them_not():
+    """A backup made by hand may store any text as a value: restore writes only what parses as a plain value."""
+    text, refused = loginenv.script(
+        {"W": {"raw": "a;touch x"}, "V": {"raw": "'ok'"}, "S": {"raw": '"$(id)"'}, "P": {"raw": '"$HOME/b"'}}
+    )
+    assert refused == ["S", "W"]
+    assert "export V=ok" in text and 'export P="$HOME/b"' in text and "touch" not in text and "id" not in text

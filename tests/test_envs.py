@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vml.entries.envtree import Record
 from vml.envs import guestfs
 
 from conftest import need
@@ -134,7 +135,7 @@ def test_a_home_opens_on_a_newer_base_with_owners_modes_and_environment(vml, gue
 
     before = vml("show", "dst", "--json").stdout
     vml("open", "dst", "--area", "a2")
-    r = vml("env", "restore", "env1", "--area", "a2")
+    r = vml("env", "restore", "env1", "--area", "a2", "--add", "/var/lib/cvmfs/")
     assert "warning: entry 'env1' was saved on cernvm 4.1; area 'a2' runs cernvm 5.0" in r.stderr
     assert "/home/alice/notes.txt.vml-restored" in r.stdout
 
@@ -439,3 +440,243 @@ def test_hostile_names_and_a_symlinked_directory_never_reach_outside(vml, tmp_pa
             assert fs.read_text(f"/home/alice/{name}") == home[name].decode()
         assert fs.lookup("/etc/run.C") is None  # nothing went through the symlink
         assert fs.item("/etc/passwd", fs.lookup("/etc/passwd")).mode == 0o644
+
+
+def test_a_home_given_in_another_form_or_a_system_directory_is_refused_at_capture(vml, tmp_path):
+    src = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, {"notes": b"n"})
+    passwd = src / "etc" / "passwd"
+    passwd.write_text(passwd.read_text() + "carol:x:1002:1002::/:/bin/sh\n")
+    vml("init", tmp_path / "rep")
+    vml("save", "src", "--from", ext4_image(src, tmp_path / "src.img"))
+    for how in (["--home", "/home//alice"], ["--home", "/home/bob/../alice"], ["--user", "carol"]):
+        line = vml.fails("env", "save", "e", "--from", "src", *how)
+        assert how[1] in line or "'/'" in line, line
+    assert "/home/alice/./x" in vml.fails(
+        "env", "save", "e", "--from", "src", "--user", "alice", "--add", "/home/alice/./x"
+    )
+    assert "environment" not in vml("log").stdout  # nothing saved
+
+
+def test_dates_before_1970_and_after_2038_are_captured_and_restored(vml, tmp_path, mounted):
+    src = guest_tree(tmp_path / "src", "4.1", ALICE_SRC, {"old.txt": b"o"})
+    os.utime(src / "home" / "alice" / "old.txt", (-(10**9), -(10**9)))  # 1938
+    image = ext4_image(src, tmp_path / "src.img")
+    sif = "sif /home/alice/old.txt atime @4102444800"  # 2100: ext4 keeps it in the inode's extra epoch bits
+    subprocess.run(["debugfs", "-w", "-R", sif, str(image)], check=True, capture_output=True)
+    vml("init", tmp_path / "rep")
+    vml("save", "src", "--from", image)
+    vml("env", "save", "e", "--from", "src", "--user", "alice")
+    dst = guest_tree(tmp_path / "dst", "4.1", ALICE_DST)
+    vml("save", "dst", "--from", ext4_image(dst, tmp_path / "dst.img"))
+    vml("open", "dst", "--area", "a")
+    vml("env", "restore", "e", "--area", "a")
+    with read_guest(next((mounted / "areas" / "a").glob("*.img"))) as fs:
+        old = fs.item("/home/alice/old.txt", fs.lookup("/home/alice/old.txt"))
+        assert (old.mtime_ns, old.atime_ns) == (-(10**18), 4102444800 * 10**9)
+
+
+def test_a_path_too_long_for_any_restore_is_refused_at_capture(vml, tmp_path):
+    vml("init", tmp_path / "rep")
+    deep = ext4_image(guest_tree(tmp_path / "deep", "4.1", ALICE_SRC, {"notes": b"n"}), tmp_path / "deep.img")
+    # 4200 bytes of path: more than an index record (and PATH_MAX) holds. Made in the image, not on the host,
+    # where a tree this deep is more than shutil.rmtree (pytest's cleanup) can remove.
+    commands = tmp_path / "deep.commands"
+    commands.write_text("cd /home/alice\n" + "mkdir d\ncd d\n" * 2100)
+    subprocess.run(["debugfs", "-w", "-f", str(commands), str(deep)], check=True, capture_output=True)
+    vml("save", "deep", "--from", deep)
+    line = vml.fails("env", "save", "e2", "--from", "deep", "--user", "alice")
+    assert "/home/alice/d/d/d/" in line and "--exclude" in line
+    assert "e2" not in vml("log").stdout
+
+
+OLD_NS = OLD * 10**9
+
+
+def crafted_backup(vml_home: Path, name: str, files: list[tuple[Record, bytes]], **meta) -> None:
+    """An environment entry in `rep` written by the library's own writer: well-formed, saying what it is told.
+
+    ``files`` are records and the contents of the regular ones; ``meta``
+    replaces keys of a plain description of alice's home.
+    """
+    from vml import config
+    from vml.entries import envtree
+    from vml.entries.save import write_entry
+    from vml.repo.manifest import Stream
+
+    cs = envtree.CHUNK_SIZE
+    files = sorted(files, key=lambda f: f[0].path)
+    slot = 0
+    for r, content in files:
+        if r.type == "f":
+            r.size, r.slot = len(content), slot
+            slot += r.slots(cs)
+    records = [r for r, _ in files]
+    desc = {
+        "format": 1,
+        "user": "alice",
+        "home": "/home/alice",
+        "os": {"id": "cernvm", "version_id": "4.1"},
+        "from": {"entry": "crafted"},
+        "patterns": {"include": [], "exclude": [], "add": []},
+        "environment": {"variables": {}, "skipped": [], "files": []},
+        "source": "login files (parsed, not executed)",
+        "files": len(records),
+        "bytes": sum(r.size for r in records),
+        "owners": {"users": {}, "groups": {}},
+        **meta,
+    }
+
+    def data():
+        for r, content in files:
+            for i in range(r.slots(cs) if r.type == "f" else 0):
+                yield r.slot + i, content[i * cs : (i + 1) * cs].ljust(cs, b"\0")
+
+    def build(writer, plan):
+        pages = envtree.pages(records, cs)
+        index = writer.store_chunks(((i, p.ljust(cs, b"\0")) for i, p in enumerate(pages)), len(pages) * cs, None)
+        stored = writer.store_chunks(data(), slot * cs, None)
+        return [Stream(envtree.INDEX, len(pages) * cs, index), Stream(envtree.DATA, slot * cs, stored)], []
+
+    write_entry(config.Config.load(vml_home).open("rep"), name, build, chunk_size=cs, extra={envtree.KEY: desc})
+
+
+def d(path: str, uid: int = ALICE_SRC) -> tuple[Record, bytes]:
+    return Record(path, "d", 0o755, uid, uid, OLD_NS), b""
+
+
+def f(path: str, content: bytes, mode: int = 0o644, uid: int = ALICE_SRC, **extra) -> tuple[Record, bytes]:
+    return Record(path, "f", mode, uid, uid, OLD_NS, **extra), content
+
+
+def link(path: str, target: str) -> tuple[Record, bytes]:
+    return Record(path, "l", 0o777, ALICE_SRC, ALICE_SRC, OLD_NS, target=target), b""
+
+
+@pytest.fixture
+def area(vml, tmp_path, mounted):
+    """rep with entry `dst` (alice's home holds `keep` and a symlink `etc` to /etc), open as area `a`: its disk."""
+    dst = guest_tree(tmp_path / "dst", "4.1", ALICE_DST, {"keep": b"k", "etc": ("symlink", "/etc")})
+    vml("init", tmp_path / "rep")
+    vml("save", "dst", "--from", ext4_image(dst, tmp_path / "dst.img", "96M"))
+    vml("open", "dst", "--area", "a")
+    return next((mounted / "areas" / "a").glob("*.img"))
+
+
+def assert_outside_the_home_untouched(disk: Path, tree: Path) -> None:
+    """Outside alice's home, the area's file system holds what ``tree`` (its source) did: paths, contents, modes."""
+    alice = tree / "home" / "alice"
+    want = {"/" + str(p.relative_to(tree)): p for p in tree.rglob("*") if alice not in (p, *p.parents)}
+    with read_guest(disk) as fs:
+        got = {it.path: it for it in fs.walk("/", lambda p, is_dir: p != "/home/alice")}
+        assert got.keys() - {"/", "/lost+found"} == want.keys()
+        for path, p in want.items():
+            it = got[path]
+            assert (it.mode, it.xattrs) == (p.stat().st_mode & 0o7777, None), path
+            if it.type == "f":
+                assert fs.read_file(it, 0, it.size) == p.read_bytes(), path
+
+
+CAPABILITY = "\x01\x00\x00\x02" + "\xff" * 16  # a vfs_cap_data granting every capability, as latin-1 text
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        [link("/home/alice/lnk", "/etc"), f("/home/alice/lnk/passwd", b"evil\n", 0o666)],  # the backup's symlink
+        [f("/home/alice/file", b"x"), f("/home/alice/file/passwd", b"evil\n", 0o666)],  # under one of its files
+        [f("/home/alice/etc/passwd", b"evil\n", 0o666)],  # under the area's symlink, no directory on the way
+        [f("/home/alice/none/passwd", b"evil\n", 0o666)],  # under a directory neither side has
+    ],
+    ids=["backup-symlink", "backup-file", "area-symlink", "no-parent"],
+)
+def test_a_crafted_backup_writing_through_a_symlink_is_refused_before_anything_is_written(
+    vml, home, tmp_path, area, hostile
+):
+    for r, _ in hostile:
+        if r.path.endswith("passwd"):
+            r.xattrs = {"security.capability": CAPABILITY}
+    crafted_backup(home, "evil", [d("/home/alice"), f("/home/alice/first", b"1"), *hostile])
+    before = area.read_bytes()
+    line = vml.fails("env", "restore", "evil", "--area", "a")
+    assert hostile[-1][0].path.rpartition("/")[0] in line
+    assert area.read_bytes() == before  # refused before a single write
+    assert_outside_the_home_untouched(area, tmp_path / "dst")
+
+
+def test_security_and_trusted_attributes_are_dropped_as_setuid_is(vml, home, area):
+    attrs = {"security.capability": CAPABILITY, "security.selinux": "system_u:object_r:shadow_t:s0\0"}
+    attrs |= {"trusted.overlay.redirect": "/etc", "user.origin": "cernvm 4.1"}
+    crafted_backup(home, "caps", [d("/home/alice"), f("/home/alice/tool", b"#!/bin/sh\n", 0o4755, xattrs=attrs)])
+    vml("env", "restore", "caps", "--area", "a")
+    with read_guest(area) as fs:
+        tool = fs.item("/home/alice/tool", fs.lookup("/home/alice/tool"))
+        assert tool.mode == 0o755
+        assert tool.xattrs == {"user.origin": b"cernvm 4.1"}
+
+
+HOMES = [
+    ("alice", "/"),
+    ("alice", "/etc"),
+    (None, "/usr/local"),
+    ("root", "/root"),
+    (None, "/var/lib/x"),
+    (None, "/home"),
+    ("alice", "/home/bob"),  # not alice's home in the area
+]
+
+
+def test_a_home_that_is_a_system_directory_or_not_the_areas_is_refused_before_anything_is_written(
+    vml, home, tmp_path, area
+):
+    before = area.read_bytes()
+    for n, (user, where) in enumerate(HOMES):
+        target = "/etc/passwd" if where in ("/", "/etc") else f"{where}/passwd"
+        files = [d(where), *([d("/etc")] if where == "/" else []), f(target, b"evil\n", 0o666)]
+        crafted_backup(home, f"e{n}", files, user=user, home=where)
+        line = vml.fails("env", "restore", f"e{n}", "--area", "a")
+        assert repr(where) in line, line
+        assert area.read_bytes() == before, where
+    assert_outside_the_home_untouched(area, tmp_path / "dst")
+
+
+def test_add_paths_of_a_backup_are_restored_only_when_named_again(vml, home, tmp_path, area):
+    files = [d("/home/alice"), f("/home/alice/mine", b"m"), d("/etc", 0), f("/etc/passwd", b"evil\n", 0o666, 0)]
+    crafted_backup(home, "adds", files, patterns={"include": [], "exclude": [], "add": ["/etc"]})
+    assert "add:         /etc" in vml("env", "show", "adds").stdout
+    r = vml("env", "restore", "adds", "--area", "a")
+    assert "not restored: /etc (saved with --add; name it with --add to restore it)" in r.stdout
+    assert_outside_the_home_untouched(area, tmp_path / "dst")
+    with read_guest(area) as fs:
+        assert fs.read_text("/home/alice/mine") == "m"
+    assert "/opt" in vml.fails("env", "restore", "adds", "--area", "a", "--add", "/opt")
+
+
+def test_restore_streams_each_file_instead_of_holding_it(vml, home, tmp_path, area):
+    from helpers import child_peak_rss
+
+    crafted_backup(home, "small", [d("/home/alice"), f("/home/alice/small.bin", b"s" * 1000)])
+    crafted_backup(home, "big", [d("/home/alice"), f("/home/alice/big.bin", os.urandom(40 << 20))])
+    r, small = child_peak_rss(vml, "env", "restore", "small", "--area", "a")
+    assert r.returncode == 0, r.stderr
+    r, big = child_peak_rss(vml, "env", "restore", "big", "--area", "a")
+    assert r.returncode == 0, r.stderr
+    assert big - small < 12 << 20, f"a 40 MiB file took {(big - small) >> 20} MiB more than a small one"
+
+
+def test_debugfs_stops_at_the_first_command_it_does_not_accept(tmp_path):
+    """A failed cd used to leave the next write in the previous directory: now nothing runs after it."""
+    from vml.envs.debugfs import Debugfs, quote
+    from vml.errors import StorageError
+
+    image = ext4_image(guest_tree(tmp_path / "g", "4.1", ALICE_SRC, {"x": b"x"}), tmp_path / "g.img")
+    with Debugfs(image, 0, "image g", tmp_path) as dbg:
+        dbg.write_file("/home/alice/made", [b"made"])
+        with pytest.raises(StorageError, match=r'stopped at `cd "/home/alice/nope"`: .*not found'):
+            dbg.run("cd", quote("/home/alice/nope"))
+        assert dbg.proc.poll() is not None  # debugfs has ended: no command can follow
+    with read_guest(image) as fs:
+        assert fs.read_text("/home/alice/made") == "made"  # what came before stays, cleanly closed
+    assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
+    (tmp_path / "not-ext4.img").write_bytes(bytes(1 << 20))
+    with pytest.raises(StorageError, match="stopped at opening it"):
+        Debugfs(tmp_path / "not-ext4.img", 0, "image n", tmp_path)

@@ -125,3 +125,9 @@ class NotCertified(VmlError):
     """An entry that the trust policy in force does not let run: no certificate it accepts."""
 
     exit_status = 16
+
+
+class UnsafeBackup(VmlError):
+    """An environment backup that would write outside its home or through a symlink: refused before any write."""
+
+    exit_status = 17

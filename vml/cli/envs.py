@@ -56,9 +56,8 @@ def cmd_env_save(args) -> int:
 
 def cmd_env_restore(args) -> int:
     repo, entry = config.Config.load().find_entry(args.entry, args.repo)
-    report = restore_environment(
-        config.vml_home(), repo, entry, args.area, args.force, lambda msg: print(f"vml: {msg}", file=sys.stderr)
-    )
+    warn = lambda msg: print(f"vml: {msg}", file=sys.stderr)  # noqa: E731
+    report = restore_environment(config.vml_home(), repo, entry, args.area, args.force, warn, args.add)
     print(
         f"restored {entry.name} into area {args.area} ({report.disk}): {report.files} files, "
         f"{format_size(report.bytes)}"
@@ -67,6 +66,8 @@ def cmd_env_restore(args) -> int:
         print(f"  newer in the area, kept; the backup's copy is {path}.vml-restored")
     for path in report.skipped:
         print(f"  skipped {path}")
+    for path in report.not_added:
+        print(f"  not restored: {path} (saved with --add; name it with --add to restore it)")
     for note in report.notes:
         print(f"  {note}")
     print("  the saved variables are in ~/.vml-environment, sourced by a line at the end of ~/.profile")
@@ -129,6 +130,9 @@ def register(cli) -> None:
     s.add_argument("entry", metavar="NAME")
     s.add_argument("--area", required=True, metavar="AREA")
     s.add_argument("--force", action="store_true", help="overwrite files that are newer in the area")
+    s.add_argument(
+        "--add", action="append", default=[], metavar="PATH", help="also restore this --add path of the backup"
+    )
 
     s = cli.add_to(sub, "show", cmd_env_show, "describe an environment backup")
     s.add_argument("entry", metavar="NAME")

@@ -34,6 +34,9 @@ CHUNK_SIZE = 64 << 10  # small: a small file costs one slot, a page one chunk
 PAGE_EVERY = 64
 TYPES = set("fdlhpcbs")
 MAX_XATTRS = 4 << 10  # bytes of extended attributes kept per file (up to 6x that as JSON)
+MAX_PATH = 4096  # bytes of a path or link target in a record: PATH_MAX, and what ext4 keeps of a link
+# ext4 keeps seconds as a signed 32-bit number plus two epoch bits in an inode's extra fields.
+MIN_TIME_NS, MAX_TIME_NS = -(1 << 31) * 10**9, ((3 << 32) + (1 << 31)) * 10**9
 _XATTR = re.compile(r"(user|trusted|security|system)\.[A-Za-z0-9_.@:+-]{1,200}")
 
 
@@ -80,7 +83,7 @@ class Record:
     @classmethod
     def from_json(cls, doc: dict) -> "Record":
         r = cls(
-            _path(doc["p"]),
+            doc["p"],
             doc["t"],
             doc["m"],
             doc["u"],
@@ -95,37 +98,50 @@ class Record:
             doc.get("r", 0),
             doc.get("x"),
         )
-        ints = (r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns, r.ctime_ns, r.inum, r.size, r.slot, r.rdev)
-        if r.type not in TYPES or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
-            raise ValueError(f"bad record for {r.path!r}")
-        if r.mode > 0o7777 or r.uid >= 1 << 32 or r.gid >= 1 << 32 or not isinstance(r.target, str):
-            raise ValueError(f"bad record for {r.path!r}")
-        if r.rdev >= 1 << 32 or len(r.target) > 4096:
-            raise ValueError(f"bad record for {r.path!r}")
-        if r.xattrs is not None and not (
-            isinstance(r.xattrs, dict)
+        r.check()
+        return r
+
+    def check(self) -> None:
+        """ValueError naming the path unless this is a record a restore can act on.
+
+        Capture checks each record as reading does, so that a backup stored
+        is a backup that can be read back.
+        """
+        check_path(self.path)
+        counts = (self.mode, self.uid, self.gid, self.inum, self.size, self.slot, self.rdev)
+        if self.type not in TYPES or not all(_count(v) for v in counts):
+            raise ValueError(f"bad record for {self.path!r}")
+        if self.mode > 0o7777 or self.uid >= 1 << 32 or self.gid >= 1 << 32 or self.rdev >= 1 << 32:
+            raise ValueError(f"bad record for {self.path!r}")
+        if not all(_count(t, MIN_TIME_NS) and t < MAX_TIME_NS for t in (self.mtime_ns, self.atime_ns, self.ctime_ns)):
+            raise ValueError(f"a time of {self.path!r} lies outside what ext4 holds (1901 to 2446)")
+        if not isinstance(self.target, str) or len(self.target) > MAX_PATH:
+            raise ValueError(f"the link target of {self.path!r} is longer than {MAX_PATH} bytes")
+        if self.xattrs is not None and not (
+            isinstance(self.xattrs, dict)
             and all(
                 isinstance(k, str) and _XATTR.fullmatch(k) and isinstance(v, str) and all(ord(c) < 256 for c in v)
-                for k, v in r.xattrs.items()
+                for k, v in self.xattrs.items()
             )
         ):
-            raise ValueError(f"bad extended attributes for {r.path!r}")
-        if r.type == "h":
-            _path(r.target)
-        return r
+            raise ValueError(f"bad extended attributes for {self.path!r}")
+        if self.type == "h":
+            check_path(self.target)
+
+
+def _count(v, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
 def check_path(p) -> str:
-    """An absolute, normal guest path without line breaks or NULs (ValueError otherwise)."""
-    if not isinstance(p, str) or not p.startswith("/") or any(c in p for c in "\0\n\r") or len(p) > 4096:
+    """An absolute, normal guest path without line breaks or NULs, of at most MAX_PATH bytes (ValueError otherwise)."""
+    if not isinstance(p, str) or not p.startswith("/") or any(c in p for c in "\0\n\r"):
         raise ValueError(f"bad path {p!r}")
     if p != "/" and (posixpath.normpath(p) != p or p.startswith("//")):
         raise ValueError(f"path {p!r} is not normal")
-    p.encode(errors="surrogateescape")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    if len(p.encode(errors="surrogateescape")) > MAX_PATH:  # a lone surrogate: UnicodeEncodeError, a ValueError
+        raise ValueError(f"path {p[:120]!r}... is longer than {MAX_PATH} bytes")
     return p
-
-
-_path = check_path
 
 
 def pages(records: list[Record], chunk_size: int) -> list[bytes]:
@@ -181,13 +197,17 @@ def xattrs_text(xattrs: dict[str, bytes] | None) -> dict | None:
     return {k: v.decode("latin-1") for k, v in kept.items()}
 
 
-def env_records(repo: Repository, entry: Entry) -> tuple[list[Record], DiskReader]:
-    """The records of an environment entry, checked, and a reader of its file data."""
+def env_records(repo: Repository, entry: Entry, cache_bytes: int = 32 << 20) -> tuple[list[Record], DiskReader]:
+    """The records of an environment entry, checked, and a reader of its file data.
+
+    ``cache_bytes`` bounds the chunks kept decompressed: a reader that
+    goes through the data once (a restore) needs few.
+    """
     m = entry.manifest
     if not is_environment(m):
         raise UsageError(f"entry {entry.name!r} is not an environment backup (see `vml env save`)")
     resolved = repo.resolve(entry.digest)
-    cache = ChunkCache(32 << 20)
+    cache = ChunkCache(cache_bytes)
     where = f"entry {entry.name!r}"
     if INDEX not in resolved.disks or DATA not in resolved.disks:
         raise BadSource(f"{where}: environment entry without its index or data")

@@ -24,7 +24,7 @@ from ..repo.manifest import Stream
 from ..repo.repository import Entry, Repository
 from ..vms.area import RECORD_FILE, Area, AreaRecord, open_entry
 from ..vms.areas import areas_dir
-from . import guestfs, loginenv
+from . import guestfs, homes, loginenv
 from .patterns import Filter
 
 
@@ -112,16 +112,40 @@ def area_source(home: Path, area: str) -> GuestSource:
 
 
 def find_home(root: guestfs.GuestFS, where: str, user: str | None, home: str | None) -> tuple[str, int | None]:
-    """(home path, uid or None): USER's home from the guest's /etc/passwd, else /home/USER, or --home."""
+    """(home path, uid or None): USER's home from the guest's /etc/passwd, else /home/USER, or --home.
+
+    A home that no restore would write into (a system directory, a path
+    in another form) is refused here, naming it, rather than stored.
+    """
+    uid = None
     if home is not None:
-        if not home.startswith("/"):
-            raise UsageError(f"--home {home!r}: give the absolute path in the guest")
-        return home.rstrip("/") or "/", None
-    users = guestfs.accounts(root.read_text("/etc/passwd"))
-    if user in users:
-        uid, _, path = users[user]
-        return path or f"/home/{user}", uid
-    return f"/home/{user}", None
+        path, what = home, f"--home {home!r}"
+    else:
+        users = guestfs.accounts(root.read_text("/etc/passwd"))
+        uid, _, path = users.get(user, (None, 0, ""))
+        path = path or f"/home/{user}"
+        what = f"{where}: the home of user {user!r}, {path!r},"
+    try:
+        path = homes.normal(path)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
+    problem = homes.home_problem(path)
+    if problem:
+        raise UsageError(f"{what} is {problem}: not captured (a restore would refuse it)")
+    return path, uid
+
+
+def _checked_adds(adds) -> list[str]:
+    out = []
+    for p in adds:
+        try:
+            path = homes.normal(p)
+        except ValueError as e:
+            raise UsageError(f"--add {p!r}: {e}") from None
+        if homes.add_problem(path):
+            raise UsageError(f"--add {p!r}: {homes.add_problem(path)}, not a path to add")
+        out.append(path)
+    return out
 
 
 def save_environment(
@@ -143,9 +167,7 @@ def save_environment(
     if user is None and home is None:
         raise UsageError("name the user (--user USER) or the home directory (--home PATH)")
     filt = Filter(includes, excludes)
-    for p in adds:
-        if not p.startswith("/"):
-            raise UsageError(f"--add {p!r}: give an absolute path in the guest")
+    adds = _checked_adds(adds)
     parent_entry = repo.entry(parent) if parent else None
     if parent_entry is not None and not envtree.is_environment(parent_entry.manifest):
         raise UsageError(f"--parent {parent}: entry {parent!r} is not an environment backup")
@@ -278,6 +300,10 @@ class _Capture:
                 r = Record(path, it.type, it.mode, it.uid, it.gid, it.mtime_ns, it.atime_ns, it.ctime_ns, it.inum)
                 r.xattrs = envtree.xattrs_text(it.xattrs)
                 r.target, r.rdev = it.target, it.rdev
+                try:
+                    r.check()
+                except ValueError as e:  # stored, it would make the whole backup unreadable
+                    raise BadSource(f"{self.where}: {e}: not captured (leave it out with --exclude)") from None
                 self.records[path] = r
                 if it.type != "f":
                     continue

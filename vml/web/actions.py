@@ -294,6 +294,7 @@ def routes(web) -> list[Route]:
             lines.append(f"restored {entry.name} into area {area}: {report.files} files, {format_size(report.bytes)}")
             lines += [f"newer in the area, kept; the backup's copy is {p}.vml-restored" for p in report.conflicts]
             lines += [f"skipped {p}" for p in report.skipped] + list(report.notes)
+            lines += [f"not restored: {p} (saved with --add; `vml env restore --add` does)" for p in report.not_added]
             return "\n".join(lines)
 
         return web.jobs.run(f"Restore {spec} into {area}", work)
