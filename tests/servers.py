@@ -85,6 +85,7 @@ def self_signed(directory: Path, ip: str = "127.0.0.1", dns: str | None = None) 
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    key_path.chmod(0o600)  # as a private key is kept (vml web refuses one others may read)
     return cert_path, key_path
 
 

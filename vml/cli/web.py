@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import UsageError
+from ..files import read_regular
 from ..web.security import Guard, hash_password, is_loopback, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:8004"
@@ -39,6 +40,8 @@ def _tls(args, cfg) -> tuple[str | None, str | None]:
     for what, path in (("certificate", cert), ("key", key)):
         if path and not Path(path).is_file():
             raise UsageError(f"TLS {what} {path}: no such file")
+    if key:  # as ssh refuses a private key others may read; uvicorn itself would take it
+        read_regular(Path(key), 1 << 20, "TLS key file", private=True)
     return cert, key
 
 
