@@ -274,7 +274,7 @@ def test_kill_9_during_upgrade(faults, forker, home, tmp_path):
             assert code == 0, out
             repo = assert_valid(path, data)
             assert repo.store.format == 2
-            loose = [d for d, _ in repo.store.iter_objects()]
+            loose = [d for d, _, _ in repo.store.iter_objects()]
             assert len(loose) == 3 * 2  # a manifest and a map per entry; every chunk is packed
             loop.outcome(how)
 
@@ -908,7 +908,7 @@ def test_a_bit_flipped_in_a_cached_object_is_dropped_and_fetched_again(faults, v
     repo = Config.load(home).open("cern")
     tables = remote_tables(repo)
     chunks = remote_chunks(tables)
-    metadata = [d for d, _ in layout.objects_in(home / "cache" / "cern") if d is not None and d not in chunks]
+    metadata = [d for d, _, _ in layout.objects_in(home / "cache" / "cern") if d is not None and d not in chunks]
     assert len(metadata) >= 4  # two manifests and their chunk maps
     assert all(cached_place(home, published, d)[0].parent.parent.name == "packs" for d in chunks)
     loop = faults("a bit flipped in a cached object")

@@ -52,6 +52,12 @@ class _Form:
     def __getitem__(self, key: str) -> str:
         return self.get(key)
 
+    def getlist(self, key: str) -> list[str]:
+        values = self._form.getlist(key)
+        if not all(isinstance(v, str) for v in values):
+            raise UsageError(f"form field {key!r}: expected text")
+        return values
+
 
 def _memory(text: str) -> int | None:
     text = text.strip()
@@ -290,11 +296,11 @@ def routes(web) -> list[Route]:
 
         def work(job: Job) -> str:
             lines: list[str] = []
-            report = restore_environment(web.home, repo, entry, area, force, lines.append)
+            report = restore_environment(web.home, repo, entry, area, force, lines.append, form.getlist("add"))
             lines.append(f"restored {entry.name} into area {area}: {report.files} files, {format_size(report.bytes)}")
             lines += [f"newer in the area, kept; the backup's copy is {p}.vml-restored" for p in report.conflicts]
             lines += [f"skipped {p}" for p in report.skipped] + list(report.notes)
-            lines += [f"not restored: {p} (saved with --add; `vml env restore --add` does)" for p in report.not_added]
+            lines += [f"not restored: {p} (saved with --add: tick it to restore it too)" for p in report.not_added]
             return "\n".join(lines)
 
         return web.jobs.run(f"Restore {spec} into {area}", work)
