@@ -182,3 +182,13 @@ def test_verify_repair_says_what_it_could_not_repair(vml, tmp_path):
     assert "--from" in vml.fails("verify", "--repair", status=2)  # no remote, and no source named
     r = vml("verify", "--repair", "--from", other, ok=False)
     assert r.returncode == 1 and "repaired 0 of 1 damaged objects" in r.stdout and digest.hex() in r.stdout
+
+
+def test_a_copy_repaired_by_hand_is_no_longer_counted_damaged(vml, tmp_path):
+    image, digest, _ = saved_base(vml, tmp_path, "2")
+    flip_stored(tmp_path / "rep", digest)
+    vml.fails("checkout", "base", tmp_path / "co1", status=6)
+    assert len(list((tmp_path / "rep" / "damaged").iterdir())) == 1
+    flip_stored(tmp_path / "rep", digest)  # the same byte flipped back: the copy is right again
+    assert "repository rep: ok" in vml("verify").stdout
+    assert not list((tmp_path / "rep" / "damaged").iterdir())  # so a save need not store it again

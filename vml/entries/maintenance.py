@@ -182,6 +182,7 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
             packs = repack(repo, live) if repo.store.format == 2 else None
         except OSError as e:  # every pack set names packs that are there
             raise storage_error(e, f"repacking {repo.name}") from None
+        repo.store.forget_gone_damage()
     if packs is not None:
         freed += packs.freed
     return GcSummary(removed, freed, kept, len(held), packs)

@@ -91,7 +91,6 @@ def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
     for pack in rewrite:
         freed += sizes[pack]
         files.remove_pack(pack)
-    store.damage.forget(c for c in store.damage.copies() if c[1] is not None and not files.has_index(c[1]))
     return RepackSummary(len(dead), len(rewrite), len(written - set(contents)), freed)
 
 

@@ -108,7 +108,7 @@ class DamageRecord:
             log.warning("cannot record the damaged copy of object %s in %s (%s)", digest.hex(), self.dir, e)
 
     def forget(self, copies) -> None:
-        """Drop the records of these copies (gone, or replaced by good bytes); the caller holds the lock."""
+        """Drop the records of these copies (gone, replaced by good bytes, or found right again)."""
         with self._lock:
             known = self._known()
             for copy in copies:

@@ -25,12 +25,13 @@ import getpass
 import json
 import logging
 import os
+import shutil
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import Corrupt, CorruptManifest, NotFound, StorageError, UsageError
-from ..files import read_regular, storage_error
+from ..files import fsync_dir, read_regular, storage_error, write_atomic
 from ..layout import areas_dir
 from ..names import check_name
 from ..times import now_iso
@@ -145,6 +146,23 @@ def files(store) -> dict[str, bytes | str]:
     return out
 
 
+def _write(store, name: str, data: bytes) -> None:
+    store.require_lock()
+    store.leases_dir.mkdir(mode=0o755, exist_ok=True)
+    write_atomic(store.leases_dir / name, data)
+
+
+def _remove(store, name: str) -> None:
+    """Remove whatever is at a lease's name, a damaged one too (a directory; a link, never what it names)."""
+    store.require_lock()
+    path = store.leases_dir / name
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    fsync_dir(store.leases_dir)
+
+
 def read_all(repo: Repository) -> tuple[list[Lease], list[str]]:
     """Every lease of ``repo``, and one line per lease file that cannot be read."""
     if repo.read_only:
@@ -200,7 +218,7 @@ def take(repo: Repository, lease: Lease) -> bool:
                 raise NotFound(
                     f"entry {lease.entry!r} was removed from repository {repo.name} while the area was being opened"
                 )
-            store.put_lease(f"{lease.id}.json", lease.encode())
+            _write(store, f"{lease.id}.json", lease.encode())
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return _unprotected(repo, lease, e.strerror)
@@ -221,7 +239,7 @@ def _unprotected(repo: Repository, lease: Lease, why: str) -> bool:
 
 def put(store, lease: Lease) -> None:
     """Write ``lease`` as it is; the caller holds the lock (a save does, right after its refs land)."""
-    store.put_lease(f"{lease.id}.json", lease.encode())
+    _write(store, f"{lease.id}.json", lease.encode())
 
 
 def release(repo: Repository, home: Path, area: str, manifests: set[bytes]) -> None:
@@ -237,7 +255,7 @@ def release(repo: Repository, home: Path, area: str, manifests: set[bytes]) -> N
         with repo.store.lock(f"vml close {area}"):
             data = files(repo.store).get(name)
             if isinstance(data, bytes) and Lease.decode(data, name).digests & manifests:
-                repo.store.drop_lease(name)
+                _remove(repo.store, name)
     except (OSError, StorageError, Corrupt) as e:
         log.warning("cannot remove the lease of working area %s from %s (%s): see `vml leases`", area, repo.name, e)
 
@@ -279,5 +297,5 @@ def drop(repo: Repository, ids: list[str], stale: bool = False) -> list[str]:
                 if is_stale(lease):
                     chosen[name] = f"{lease.where()} on entry {lease.entry}"
         for name in chosen:
-            repo.store.remove_lease_file(name)
+            _remove(repo.store, name)
     return list(chosen.values())

@@ -156,7 +156,7 @@ class Store:
 
     def set_format(self, version: int) -> None:
         """Declare the repository's format (vml upgrade, once the new layout is complete and flushed)."""
-        self._require_lock()
+        self.require_lock()
         meta_path = self.path / META_FILE
         meta = json.loads(meta_path.read_bytes())
         meta["format"] = version
@@ -250,8 +250,21 @@ class Store:
 
     def read_copy(self, digest: bytes, where: Location | None, limit: int = METADATA_LIMIT) -> bytes:
         """The content of one copy of ``digest`` (``where``: its place in a pack, None for the loose file),
-        recorded damaged if its bytes do not decode to their name."""
-        return self._checked(digest, self._loose(digest) if where is None else self.packs.read(where), where, limit)
+        recorded damaged if its bytes do not decode to their name, and no longer if they do (repaired by hand)."""
+        content = self._checked(digest, self._loose(digest) if where is None else self.packs.read(where), where, limit)
+        copy = (digest, where.pack if where else None)
+        if self.damage.damaged(*copy):
+            self.damage.forget([copy])
+        return content
+
+    def forget_gone_damage(self) -> None:
+        """Drop the records of damaged copies that are no longer here (their pack or loose file removed)."""
+        gone = [
+            (d, pack)
+            for d, pack in self.damage.copies()
+            if not (self.packs.has_index(pack) if pack else os.path.lexists(self._path(d)))
+        ]
+        self.damage.forget(gone)
 
     def _checked(self, digest: bytes, blob: bytes, where: Location | None, limit: int) -> bytes:
         try:
@@ -289,14 +302,11 @@ class Store:
         ``digest``, when given, must be the digest of ``data``.
         """
         d = digest or objects.digest(data)
-        if self.has_loose(d):
-            return d, os.stat(self._path(d)).st_size, False
+        with contextlib.suppress(FileNotFoundError):
+            if not self.damage.damaged(d, None):  # a damaged loose file is replaced
+                return d, os.stat(self._path(d)).st_size, False
         blob = objects.compress(data)
         return d, len(blob), self.put_raw(d, blob)
-
-    def has_loose(self, digest: bytes) -> bool:
-        """Whether the object's loose file is here and not recorded damaged."""
-        return os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None)
 
     def put_raw(self, digest: bytes, blob: bytes) -> bool:
         """Store an already compressed object; return False if it was there.
@@ -312,7 +322,7 @@ class Store:
 
     def _replace_loose(self, digest: bytes, make) -> None:
         """Replace a damaged loose file by the complete file ``make(tmp)`` creates at ``tmp``."""
-        self._require_lock()
+        self.require_lock()
         tmp = self.tmp_dir / f"replace.{digest.hex()}"
         tmp.unlink(missing_ok=True)
         make(tmp)
@@ -321,12 +331,12 @@ class Store:
 
     def place(self, final: Path, data: bytes | bytearray) -> bool:
         """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists."""
-        self._require_lock()
+        self.require_lock()
         return create_complete(final, data, self.tmp_dir)
 
     def link_in(self, digest: bytes, tmp: str | Path) -> bool:
         """Give the complete file ``tmp`` its object name; False if taken (a damaged loose file is replaced)."""
-        self._require_lock()
+        self.require_lock()
         try:
             os.link(tmp, self._path(digest))
             return True
@@ -336,7 +346,7 @@ class Store:
             return False
 
     def remove_object(self, digest: bytes) -> None:
-        self._require_lock()
+        self.require_lock()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(digest))
 
@@ -379,7 +389,7 @@ class Store:
         The caller must hold the lock and must have synced every object the
         new refs need.
         """
-        self._require_lock()
+        self.require_lock()
         refs = self.refs()
         for name in delete:
             refs.pop(name, None)
@@ -389,29 +399,6 @@ class Store:
             write_atomic(self.refs_path, (json.dumps(doc, indent=1) + "\n").encode())
         except OSError as e:
             raise StorageError(f"{self.refs_path}: cannot write refs ({e.strerror})") from None
-
-    # -- leases ----------------------------------------------------------
-
-    def remove_lease_file(self, name: str) -> None:
-        """Remove whatever is at a lease's name, a damaged one too."""
-        self._require_lock()
-        path = self.leases_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        fsync_dir(self.leases_dir)
-
-    def put_lease(self, name: str, data: bytes) -> None:
-        self._require_lock()
-        self.leases_dir.mkdir(mode=0o755, exist_ok=True)
-        write_atomic(self.leases_dir / name, data)
-
-    def drop_lease(self, name: str) -> None:
-        self._require_lock()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.leases_dir / name)
-        fsync_dir(self.leases_dir)
 
     # -- locking ---------------------------------------------------------
 
@@ -470,7 +457,8 @@ class Store:
         if problems:
             raise CorruptManifest(f"{problems[0]}; refusing to write through it (run vml verify)")
 
-    def _require_lock(self) -> None:
+    def require_lock(self) -> None:
+        """Refuse a write by a caller that does not hold the lock (a bug, not a user's error)."""
         if not self._locked:
             raise RuntimeError("repository write without holding the lock")
 
@@ -488,5 +476,5 @@ class Store:
                     p.unlink()
 
     def staging_dir(self, prefix: str) -> Path:
-        self._require_lock()
+        self.require_lock()
         return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=prefix))
