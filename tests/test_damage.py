@@ -185,7 +185,7 @@ def test_verify_repair_says_what_it_could_not_repair(vml, tmp_path):
 
 
 def test_a_copy_repaired_by_hand_is_no_longer_counted_damaged(vml, tmp_path):
-    image, digest, _ = saved_base(vml, tmp_path, "2")
+    _, digest, _ = saved_base(vml, tmp_path, "2")
     flip_stored(tmp_path / "rep", digest)
     vml.fails("checkout", "base", tmp_path / "co1", status=6)
     assert len(list((tmp_path / "rep" / "damaged").iterdir())) == 1
