@@ -1,7 +1,10 @@
 """Damaged repositories: every problem is named, none hides the rest, and nothing reads wrong bytes."""
 
+import errno
 import json
+import mmap
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from vml.repo.repository import Repository
 from vml.repo.store import Store
 
 from conftest import need
-from helpers import CS, assert_untouched, flip_stored, remove_stored, snapshot
+from helpers import CS, assert_untouched, flip_stored, remove_stored, snapshot, stored_place
 from servers import Nginx
 
 
@@ -192,3 +195,66 @@ def test_a_copy_repaired_by_hand_is_no_longer_counted_damaged(vml, tmp_path):
     flip_stored(tmp_path / "rep", digest)  # the same byte flipped back: the copy is right again
     assert "repository rep: ok" in vml("verify").stdout
     assert not list((tmp_path / "rep" / "damaged").iterdir())  # so a save need not store it again
+
+
+def test_a_pack_cut_short_counts_as_damage_that_a_save_or_repair_stores_anew(vml, tmp_path):
+    image, digest, _ = saved_base(vml, tmp_path, "2")
+    pack, offset, length = stored_place(tmp_path / "rep", digest)
+    os.truncate(pack, offset + length // 2)  # the chunk's frame and everything after it, cut
+    r = vml("verify", ok=False)
+    assert r.returncode == 1 and "shorter than its index says" in r.stdout
+    r = vml("verify", "--repair", "--from", image)
+    assert "repaired" in r.stdout and "repository rep: ok" in r.stdout, r.stdout
+    vml("checkout", "base", tmp_path / "co")
+    assert (tmp_path / "co" / "d.img").read_bytes() == image.read_bytes()
+
+
+def test_a_mount_reads_a_chunk_again_once_a_repair_stored_it(vml, tmp_path, mounted):
+    image, digest, index = saved_base(vml, tmp_path, "2")
+    flip_stored(tmp_path / "rep", digest)
+    disk = mounted / "rep" / "base" / "d.img"
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)  # no page cache: every read reaches the mount
+    try:
+        buf = mmap.mmap(-1, CS)
+        with pytest.raises(OSError) as e:
+            os.preadv(fd, [buf], index * CS)
+        assert e.value.errno == errno.EIO
+        r = vml("verify", "--repair", "--from", image)  # another process stores a good copy
+        assert "repaired 1 of 1" in r.stdout, r.stdout
+        assert os.preadv(fd, [buf], index * CS) == CS  # the running mount finds it
+        assert bytes(buf) == image.read_bytes()[index * CS : (index + 1) * CS]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("where", ["objects", "packs", "certificates"])
+def test_a_writer_never_creates_or_removes_files_through_a_linked_subdirectory(vml, tmp_path, where):
+    saved_base(vml, tmp_path, "2")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me\n")
+    more = tmp_path / "more.img"
+    more.write_bytes(os.urandom(4 * CS))
+    vml("save", "probe", "--from", more)  # to learn where the next save writes
+    repo = Repository(Store(tmp_path / "rep"))
+    probe = repo.entry("probe")
+    if where == "certificates":
+        vml("keygen", tmp_path / "key")
+        target = tmp_path / "rep" / "certificates" / probe.digest.hex()
+        target.parent.mkdir(exist_ok=True)
+        os.symlink(victim, target)
+        command = ("certify", "probe", "--key", tmp_path / "key")
+    else:
+        (table,) = repo.resolve(probe.digest).disks.values()
+        first = next(d for _, d, _ in table.records())
+        place = stored_place(tmp_path / "rep", first)[0].parent if where == "packs" else None
+        vml("rm", "probe")
+        vml("gc")  # its objects go, and the next save writes them again: into the linked directory
+        chunk_map = probe.manifest.disks[0].map.hex()  # the same chunks make the same map (a manifest has a time)
+        target = place if where == "packs" else tmp_path / "rep" / "objects" / chunk_map[:2]
+        shutil.rmtree(target, ignore_errors=True)
+        os.symlink(victim, target)
+        command = ("save", "probe", "--from", more)
+    msg = vml.fails(*command, status=6)
+    assert f"{target}: a symbolic link where a directory belongs" in msg and "refusing to write" in msg
+    assert [p.name for p in victim.iterdir()] == ["precious"]

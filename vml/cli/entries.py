@@ -141,6 +141,8 @@ def cmd_verify(args) -> int:
     sources = [_repair_source(cfg, s) for s in args.sources] or list(repo.fallbacks)
     with progress_bar(f"verifying {repo.name}", unit="obj") as bar:
         problems = maintenance.verify(repo, args.entry, progress=bar)
+    if args.repair and problems and not repair.unrepaired(repo):
+        print("--repair: none of these problems is a damaged copy of an object that a source could replace")
     if args.repair and repair.unrepaired(repo):
         if not sources:
             raise UsageError(f"{repo.name} has damaged objects: say where good copies are (--from IMAGE|BUNDLE|REMOTE)")
@@ -152,7 +154,7 @@ def cmd_verify(args) -> int:
             problems = maintenance.verify(repo, args.entry, progress=bar)
     for p in problems:
         print(p)
-    replaced = sum(1 for d, _ in repo.store.damage.copies() if repo.store.has(d))
+    replaced = sum(1 for d, _ in repo.store.damage.copies() if repo.store.has_good(d))
     if replaced:
         print(f"{replaced} damaged copies of objects stored again since they were found: `vml gc` removes them")
     what = f"entry {args.entry}" if args.entry else f"repository {repo.name}"

@@ -147,7 +147,7 @@ def _adopt(target: Repository, name: str, source: Repository, manifest: bytes) -
             raise NotTaken(f"entry {name!r} already exists in repository {target.name}")
         try:
             for obj in source.needed_objects([manifest], local_only=True):
-                if target.store.has(obj):
+                if target.store.has_good(obj):
                     continue
                 blob = source.store.read_raw(obj)
                 decode(blob, obj, METADATA_LIMIT, f"object {obj.hex()} of {source.name}")

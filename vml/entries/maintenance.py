@@ -5,6 +5,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from .. import layout
 from ..errors import Corrupt, HasChildren, ObjectMissing, UsageError
 from ..files import storage_error
 from ..progress import SILENT, Progress
@@ -182,10 +183,19 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
             packs = repack(repo, live) if repo.store.format == 2 else None
         except OSError as e:  # every pack set names packs that are there
             raise storage_error(e, f"repacking {repo.name}") from None
-        repo.store.forget_gone_damage()
+        _forget_gone_damage(repo.store)
     if packs is not None:
         freed += packs.freed
     return GcSummary(removed, freed, kept, len(held), packs)
+
+
+def _forget_gone_damage(store) -> None:
+    """Drop the records of damaged copies that are no longer here (gc removed their pack or loose file)."""
+    store.damage.forget(
+        (d, pack)
+        for d, pack in store.damage.copies()
+        if not (store.packs.has_index(pack) if pack else os.path.lexists(layout.object_path(store.path, d)))
+    )
 
 
 # -- rm -------------------------------------------------------------------

@@ -36,7 +36,7 @@ class RepairSummary:
 
 def unrepaired(repo: Repository) -> set[bytes]:
     """The objects whose every copy here is recorded damaged."""
-    return {d for d, _ in repo.store.damage.copies() if not repo.store.has(d)}
+    return {d for d, _ in repo.store.damage.copies() if not repo.store.has_good(d)}
 
 
 def repair(repo: Repository, sources: list, progress: Progress = SILENT) -> RepairSummary:

@@ -166,10 +166,10 @@ class ChunkWriter:
         if data == zero:
             return index, HOLE, 0, None
         d = objects.digest(data)
-        if d == ref_digest and not (self.store.damage.touches(d) and not self.store.has(d)):
+        if d == ref_digest and not (self.store.damage.touches(d) and not self.store.has_good(d)):
             return index, d, 0, None  # unchanged: not stored, not listed (unless its only copies are damaged)
         if self.packer is not None:
-            if self.store.has(d):
+            if self.store.has_good(d):
                 return index, d, self.store.object_size(d), None
             frame = objects.compress(data)
             return index, d, len(frame), frame

@@ -34,9 +34,10 @@ import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import BadSignature, StorageError, UsageError, VmlError
+from ..errors import BadSignature, CorruptManifest, StorageError, UsageError, VmlError
 from ..files import open_regular, storage_error, write_atomic
 from ..keys import parse_public_key, public_key_text
+from ..layout import real_directory
 from ..names import check_name
 from ..times import now_iso, parse_iso
 from .objects import parse_hex
@@ -154,7 +155,7 @@ def _read(p: Path) -> bytes | None:
     """Certificate file ``p``, or None if it cannot count: removed by gc meanwhile, unreadable, not a file."""
     try:
         # Only regular files, opened without blocking: a FIFO would hang every open and boot.
-        with open_regular(p, "certificate") as f:
+        with open_regular(p, "certificate", follow=False) as f:
             return f.read(LIMIT + 1)  # one byte more, so that check() calls it too large
     except (OSError, VmlError):
         return None
@@ -181,6 +182,8 @@ def keep(root: Path, manifest: bytes, data: bytes, trusted: Collection[str] = ()
         return False
     try:
         d.mkdir(parents=True, exist_ok=True)
+        if problem := real_directory(d):  # through a link, this would remove and write files elsewhere
+            raise CorruptManifest(f"{d}: {problem}; refusing to write through it (run vml verify)")
         files = _files(d)
         if len(files) >= PER_MANIFEST:
             if check(data, manifest, f"certificate {p}").key not in trusted:

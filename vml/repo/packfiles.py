@@ -134,13 +134,14 @@ class PackFiles:
         if loc not in more:
             more.append(loc)
 
-    def load_all(self) -> None:
-        """Load every pack's index: what a writer does to find any stored object.
+    def load_all(self, again: bool = False) -> None:
+        """Load every pack's index: what a writer does to find any stored object (``again``: look for
+        packs written since the last time too).
 
         A reader holds no lock: an index listed a moment ago may be gone (a
         gc removed its pack, after moving what was live elsewhere); skip it.
         """
-        if not self._all:
+        if again or not self._all:
             generation = self._generation
             for pack in self.packs():
                 if pack not in self._indexed:

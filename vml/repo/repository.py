@@ -144,13 +144,20 @@ class Repository:
         return self.store.has(digest)
 
     def read_object(self, digest: bytes, limit: int) -> bytes:
-        """Content of an object from the store or, failing that, a fallback remote."""
+        """Content of an object from the store or, failing that (missing, or every copy damaged), a fallback
+        remote: it is checked against its digest wherever it comes from."""
         try:
             return self.store.read(digest, limit)
-        except ObjectMissing:
-            if not self.fallbacks:
+        except (ObjectMissing, CorruptObject) as e:
+            if not self.fallbacks or (isinstance(e, CorruptObject) and not self.store.damage.touches(digest)):
                 raise
-        return self._from_fallbacks(lambda remote: remote.read(digest, limit))
+            failed = e
+        try:
+            return self._from_fallbacks(lambda remote: remote.read(digest, limit))
+        except ObjectMissing:
+            if isinstance(failed, CorruptObject):
+                raise failed from None  # no remote has it: the damage here is the news
+            raise
 
     def read_raw(self, digest: bytes) -> bytes:
         """The stored (compressed) bytes of an object, from here or a fallback."""

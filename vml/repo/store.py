@@ -72,6 +72,14 @@ METADATA_LIMIT = 64 << 20
 log = logging.getLogger(__name__)
 
 
+def _decodes(blob: bytes, digest: bytes) -> bool:
+    try:
+        objects.decode(blob, digest, METADATA_LIMIT, "")
+        return True
+    except CorruptObject:
+        return False
+
+
 def check_chunk_size(size: int) -> int:
     if size < MIN_CHUNK_SIZE or size > MAX_CHUNK_SIZE or size & (size - 1):
         raise UsageError(
@@ -88,7 +96,9 @@ class Store:
         self.path = Path(path).absolute()
         meta_path = self.path / META_FILE
         try:
-            meta = json.loads(read_regular(meta_path, META_LIMIT, "repository settings", error=CorruptManifest))
+            meta = json.loads(
+                read_regular(meta_path, META_LIMIT, "repository settings", follow=False, error=CorruptManifest)
+            )
         except NotFound:
             raise NotFound(f"{self.path}: not a VML repository (no {META_FILE})") from None
         except (ValueError, RecursionError) as e:
@@ -169,7 +179,12 @@ class Store:
         return layout.object_path(self.path, digest)
 
     def has(self, digest: bytes) -> bool:
-        """Whether a copy not recorded damaged is here: writers store the others anew (vml.repo.damage)."""
+        """Whether a copy of the object is here, damaged or not (writers ask ``has_good``)."""
+        return os.path.exists(self._path(digest)) or (self.format == 2 and self.packs.locate(digest) is not None)
+
+    def has_good(self, digest: bytes) -> bool:
+        """Whether a copy not recorded damaged is here (vml.repo.damage): what a writer deduplicates onto;
+        it stores an object with no such copy anew."""
         if os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None):
             return True
         return self.format == 2 and self.packs.good(digest) is not None
@@ -195,15 +210,16 @@ class Store:
         loc = self.packs.located(digest) if self.format == 2 else None
         if loc is None or self.damage.damaged(digest, loc.pack):
             try:
-                return self._loose(digest), None
+                return self._read_at(digest, None), None
             except NotFound:
                 loc = loc or self._packed(digest)
         try:
-            return self.packs.read(loc), loc
+            return self._read_at(digest, loc), loc
         except ObjectMissing as e:  # its pack is gone
             if self.packs.has_index(loc.pack):
                 # gc removes an index before its pack: a pack missing beside its index is damage, and
                 # forgetting it would only make other readers' lookups of its objects race with this one.
+                self._damaged(digest, loc)
                 raise ObjectMissing(f"object {digest.hex()} is missing: {e}") from None
             # Readers hold no lock: a gc may have copied the object into a new pack and removed this
             # one since its index was loaded. Look once more, among the packs there now.
@@ -211,11 +227,24 @@ class Store:
             again = self.packs.locate(digest)
             if again is not None:
                 with contextlib.suppress(ObjectMissing):
-                    return self.packs.read(again), again
+                    return self._read_at(digest, again), again
             raise ObjectMissing(f"object {digest.hex()} is missing: {e}") from None
 
-    def _loose(self, digest: bytes) -> bytes:
-        return read_regular(self._path(digest), MAX_OBJECT, "object", follow=False, error=CorruptObject)
+    def _read_at(self, digest: bytes, where: Location | None) -> bytes:
+        """The stored bytes of one copy; a copy that cannot be read (cut short, not a regular file) is damaged."""
+        try:
+            if where is None:
+                return read_regular(self._path(digest), MAX_OBJECT, "object", follow=False, error=CorruptObject)
+            return self.packs.read(where)
+        except CorruptObject:
+            self._damaged(digest, where)
+            raise
+
+    def _damaged(self, digest: bytes, where: Location | None) -> None:
+        if where is None:
+            self.damage.add(digest, None)
+        else:
+            self.packs.mark_damaged(digest, where.pack)
 
     def prepare(self, manifest: bytes) -> None:
         """Load the indexes of the packs the entry's data lies in (format 2); a damaged pack set is CorruptObject."""
@@ -234,65 +263,57 @@ class Store:
     def read(self, digest: bytes, limit: int) -> bytes:
         """Decompressed, digest-checked content of an object.
 
-        A copy whose bytes fail is recorded damaged (vml.repo.damage) and the
-        other copies, if any, are tried; only when all fail is it an error.
+        A copy that fails (its bytes, or reading them) is recorded damaged
+        (vml.repo.damage) and the other copies, those stored since included,
+        are tried; only when all fail is it an error.
         """
-        blob, where = self._copy(digest)
         try:
+            blob, where = self._copy(digest)
             return self._checked(digest, blob, where, limit)
-        except CorruptObject as first:
-            if isinstance(first, ObjectTooLarge):
-                raise  # the caller's bound, not damage
-            for other in self._other_copies(digest, where):
+        except (CorruptObject, ObjectMissing) as first:
+            if not self.damage.touches(digest):
+                raise  # no copy at all, or more than the caller may take: nothing is damaged
+            for other in self._other_copies(digest):
                 with contextlib.suppress(CorruptObject, ObjectMissing):
                     return self.read_copy(digest, other, limit)
             raise first
 
     def read_copy(self, digest: bytes, where: Location | None, limit: int = METADATA_LIMIT) -> bytes:
         """The content of one copy of ``digest`` (``where``: its place in a pack, None for the loose file),
-        recorded damaged if its bytes do not decode to their name, and no longer if they do (repaired by hand)."""
-        content = self._checked(digest, self._loose(digest) if where is None else self.packs.read(where), where, limit)
+        recorded damaged if it fails, and no longer if it is right (repaired by hand)."""
+        content = self._checked(digest, self._read_at(digest, where), where, limit)
         copy = (digest, where.pack if where else None)
         if self.damage.damaged(*copy):
             self.damage.forget([copy])
         return content
 
-    def forget_gone_damage(self) -> None:
-        """Drop the records of damaged copies that are no longer here (their pack or loose file removed)."""
-        gone = [
-            (d, pack)
-            for d, pack in self.damage.copies()
-            if not (self.packs.has_index(pack) if pack else os.path.lexists(self._path(d)))
-        ]
-        self.damage.forget(gone)
-
     def _checked(self, digest: bytes, blob: bytes, where: Location | None, limit: int) -> bytes:
         try:
-            return objects.decode(blob, digest, limit, lambda: self._name(digest, where))
+            return objects.decode(blob, digest, limit, lambda: self.copy_name(digest, where))
         except ObjectTooLarge:
+            # More than the caller may take is its bound, unless no object may be that large or the copy
+            # does not decode under the largest bound either (a damaged size in the frame's header).
+            if limit >= METADATA_LIMIT or not _decodes(blob, digest):
+                self._damaged(digest, where)
             raise
         except CorruptObject:
-            if where is None:
-                self.damage.add(digest, None)
-            else:
-                self.packs.mark_damaged(digest, where.pack)
+            self._damaged(digest, where)
             raise
 
-    def _name(self, digest: bytes, where: Location | None) -> str:
-        return (
-            str(self._path(digest))
-            if where is None
-            else f"pack {self.packs.pack_name(where.pack)} at offset {where.offset}"
-        )
+    def copy_name(self, digest: bytes, where: Location | None) -> str:
+        """One copy of an object as messages name it: its file, or its pack and offset."""
+        loose = where is None
+        return str(self._path(digest)) if loose else f"pack {self.packs.pack_name(where.pack)} at offset {where.offset}"
 
-    def _other_copies(self, digest: bytes, tried: Location | None) -> list[Location | None]:
-        """The copies of ``digest`` besides ``tried`` not recorded damaged, in every pack there is."""
+    def _other_copies(self, digest: bytes) -> list[Location | None]:
+        """The copies of ``digest`` not recorded damaged, in every pack there is now (a good copy may have
+        been stored since the indexes were loaded: by a save, or `vml verify --repair`)."""
         if self.format == 2:
-            self.packs.load_all()
+            self.packs.load_all(again=True)
         out: list[Location | None] = [
-            loc for loc in self.packs.places(digest) if loc != tried and not self.damage.damaged(digest, loc.pack)
+            loc for loc in self.packs.places(digest) if not self.damage.damaged(digest, loc.pack)
         ]
-        if tried is not None and os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None):
+        if os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None):
             out.insert(0, None)
         return out
 
@@ -332,6 +353,8 @@ class Store:
     def place(self, final: Path, data: bytes | bytearray) -> bool:
         """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists."""
         self.require_lock()
+        if problem := layout.real_directory(final.parent):  # a link in place of objects/ab or packs/ab
+            raise CorruptManifest(f"{final.parent}: {problem}; refusing to write through it (run vml verify)")
         return create_complete(final, data, self.tmp_dir)
 
     def link_in(self, digest: bytes, tmp: str | Path) -> bool:
@@ -443,12 +466,8 @@ class Store:
 
     def layout_problems(self) -> list[str]:
         """One line for each directory of the repository that is not a directory (a link is never followed)."""
-        out = []
-        for name in (layout.OBJECTS, PACKS, PACKSETS, "tmp", LEASES_DIR, certificates.DIR, damage.DIR):
-            problem = layout.real_directory(self.path / name)
-            if problem:
-                out.append(f"{self.path / name}: {problem}")
-        return out
+        names = (layout.OBJECTS, PACKS, PACKSETS, "tmp", LEASES_DIR, certificates.DIR, damage.DIR)
+        return [f"{self.path / n}: {problem}" for n in names if (problem := layout.real_directory(self.path / n))]
 
     def _require_real_directories(self) -> None:
         # A writer removes and replaces files in these: through a link it would do so in another directory
