@@ -622,6 +622,8 @@ HOMES = [
     (None, "/var/lib/x"),
     (None, "/home"),
     ("alice", "/home/bob"),  # not alice's home in the area
+    (None, "/home/bob"),  # bob's home in the area, from a backup of no user
+    ("mallory", "/home/bob"),  # ... or of a user the area does not know
 ]
 
 
@@ -633,10 +635,24 @@ def test_a_home_that_is_a_system_directory_or_not_the_areas_is_refused_before_an
         target = "/etc/passwd" if where in ("/", "/etc") else f"{where}/passwd"
         files = [d(where), *([d("/etc")] if where == "/" else []), f(target, b"evil\n", 0o666)]
         crafted_backup(home, f"e{n}", files, user=user, home=where)
-        line = vml.fails("env", "restore", f"e{n}", "--area", "a")
+        line = vml.fails("env", "restore", f"e{n}", "--area", "a", "--home", where)  # even when confirmed
         assert repr(where) in line, line
         assert area.read_bytes() == before, where
     assert_outside_the_home_untouched(area, tmp_path / "dst")
+
+
+def test_the_home_of_a_user_the_area_does_not_know_is_written_only_when_confirmed(vml, home, area):
+    crafted_backup(
+        home, "m", [d("/home/mallory"), f("/home/mallory/notes", b"n")], user="mallory", home="/home/mallory"
+    )
+    before = area.read_bytes()
+    line = vml.fails("env", "restore", "m", "--area", "a")
+    assert "no account in area 'a'" in line and "--home /home/mallory" in line
+    assert "--home /home/mallory" in vml.fails("env", "restore", "m", "--area", "a", "--home", "/home/alice")
+    assert area.read_bytes() == before
+    vml("env", "restore", "m", "--area", "a", "--home", "/home/mallory")
+    with read_guest(area) as fs:
+        assert fs.read_text("/home/mallory/notes") == "n"
 
 
 def test_add_paths_of_a_backup_are_restored_only_when_named_again(vml, home, tmp_path, area):

@@ -57,7 +57,7 @@ def cmd_env_save(args) -> int:
 def cmd_env_restore(args) -> int:
     repo, entry = config.Config.load().find_entry(args.entry, args.repo)
     warn = lambda msg: print(f"vml: {msg}", file=sys.stderr)  # noqa: E731
-    report = restore_environment(config.vml_home(), repo, entry, args.area, args.force, warn, args.add)
+    report = restore_environment(config.vml_home(), repo, entry, args.area, args.force, warn, args.add, args.home)
     print(
         f"restored {entry.name} into area {args.area} ({report.disk}): {report.files} files, "
         f"{format_size(report.bytes)}"
@@ -132,6 +132,11 @@ def register(cli) -> None:
     s.add_argument("--force", action="store_true", help="overwrite files that are newer in the area")
     s.add_argument(
         "--add", action="append", default=[], metavar="PATH", help="also restore this --add path of the backup"
+    )
+    s.add_argument(
+        "--home",
+        metavar="PATH",
+        help="the backup's home, to confirm writing it when the area has no account of the backup's user",
     )
 
     s = cli.add_to(sub, "show", cmd_env_show, "describe an environment backup")

@@ -83,12 +83,21 @@ def check_stopped(home: Path, area: str) -> None:
 
 
 def restore_environment(
-    home: Path, repo: Repository, entry: Entry, area: str, force: bool = False, warn=lambda msg: None, adds=()
+    home: Path,
+    repo: Repository,
+    entry: Entry,
+    area: str,
+    force: bool = False,
+    warn=lambda msg: None,
+    adds=(),
+    confirmed_home: str | None = None,
 ) -> Report:
     """Write environment entry ``entry`` into the root file system of area ``area``'s disks.
 
     ``adds`` are the backup's --add paths to restore too (the others are
-    listed in the report, not written).
+    listed in the report, not written). ``confirmed_home``: the user's word
+    that the backup's home may be written when the area's /etc/passwd does
+    not give it to the backup's user.
     """
     records, data = env_records(repo, entry, CACHE_BYTES)
     meta = checked_meta(entry)
@@ -96,10 +105,10 @@ def restore_environment(
     disks = area_disk_paths(home, area)
     with boot.vm_lock(home, area):  # no VM of the area starts while its disk is written
         check_stopped(home, area)
-        return _restore(entry, area, force, warn, records, data, meta, tops, disks)
+        return _restore(entry, area, force, warn, records, data, meta, tops, disks, confirmed_home)
 
 
-def _restore(entry, area, force, warn, records, data, meta, tops, disks) -> Report:
+def _restore(entry, area, force, warn, records, data, meta, tops, disks, confirmed_home) -> Report:
     where = f"area {area!r}"
     handles = []
     try:
@@ -109,7 +118,7 @@ def _restore(entry, area, force, warn, records, data, meta, tops, disks) -> Repo
             found += guestfs.filesystems(name, handles[-1], path.stat().st_size, f"{where}, disk {name}")
         root_fs = guestfs.root_of(found, where)
         disk = disks[root_fs.disk]
-        _check_home(meta, root_fs, entry.name, where)
+        _check_home(meta, root_fs, entry.name, where, confirmed_home)
         _check_state(root_fs, disk, records, where)
         cs = entry.manifest.chunk_size
         planner = _plan(root_fs, entry.name, area, meta, tops, force, records, lambda r: b"".join(_chunks(data, r, cs)))
@@ -142,15 +151,31 @@ def _plan(root_fs, name, area, meta, tops, force, records, read) -> Planner:
     return planner
 
 
-def _check_home(meta: dict, root_fs, name: str, where: str) -> None:
-    """The home restored into is the user's home in the area's own /etc/passwd, when it names the user."""
-    users = guestfs.accounts(root_fs.read_text("/etc/passwd"))
+def _check_home(meta: dict, root_fs, name: str, where: str, confirmed: str | None) -> None:
+    """The home restored into is the user's home in the area's own /etc/passwd. A backup whose user has
+    no account there never writes into another account's home, and writes its home only when the user
+    confirms it (--home): the backup alone does not decide where a restore writes."""
+    homes = {
+        user: (entry[2].rstrip("/") or "/")
+        for user, entry in guestfs.accounts(root_fs.read_text("/etc/passwd")).items()
+    }
     user, home = meta["user"], meta["home"]
-    if user in users and (users[user][2].rstrip("/") or "/") != home:
+    if user in homes:
+        if homes[user] != home:
+            raise UnsafeBackup(
+                f"entry {name!r} holds {home!r} as the home of user {user!r}, whose home in {where} is "
+                f"{homes[user]!r}: refused, nothing written"
+            )
+        return
+    owner = next((u for u, h in sorted(homes.items()) if h == home), None)
+    if owner is not None:
         raise UnsafeBackup(
-            f"entry {name!r} holds {home!r} as the home of user {user!r}, whose home in {where} is "
-            f"{users[user][2]!r}: refused, nothing written"
+            f"entry {name!r} holds {home!r}, the home of user {owner!r} in {where}, for "
+            f"{f'user {user!r}' if user else 'no user'}: refused, nothing written"
         )
+    if confirmed is None or confirmed.rstrip("/") != home:
+        who = f"its user {user!r} has no account in {where}" if user else "it names no user"
+        raise UnsafeBackup(f"entry {name!r}: {who}; it restores into {home} only when you say so with --home {home}")
 
 
 def _check_state(root_fs, disk: Path, records, where: str) -> None:

@@ -296,7 +296,8 @@ def routes(web) -> list[Route]:
 
         def work(job: Job) -> str:
             lines: list[str] = []
-            report = restore_environment(web.home, repo, entry, area, force, lines.append, form.getlist("add"))
+            adds, confirmed = form.getlist("add"), form.get("home", "").strip() or None
+            report = restore_environment(web.home, repo, entry, area, force, lines.append, adds, confirmed)
             lines.append(f"restored {entry.name} into area {area}: {report.files} files, {format_size(report.bytes)}")
             lines += [f"newer in the area, kept; the backup's copy is {p}.vml-restored" for p in report.conflicts]
             lines += [f"skipped {p}" for p in report.skipped] + list(report.notes)
