@@ -57,14 +57,19 @@ def read_regular(
     follow: bool = True,
     error: type[VmlError] = UsageError,
     private: bool = False,
+    check=None,
 ) -> bytes:
     """The content of regular file ``path``, at most ``limit`` bytes (more is refused with ``error``).
 
     A ``private`` file (a secret) is refused, as ssh refuses a private key,
     when its mode lets anyone but its owner in: another user may have read it.
+    ``check(stat)`` may refuse the file by what fstat says of the very file read.
     """
     with open_regular(path, what, follow=follow, error=error) as f:
-        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        st = os.fstat(f.fileno())
+        if check is not None:
+            check(st)
+        mode = stat.S_IMODE(st.st_mode)
         if private and mode & 0o077:
             raise UsageError(
                 f"{path}: permissions {mode:04o} are too open "

@@ -120,17 +120,23 @@ def load_system(path: Path | None = None) -> SystemTrust:
         return SystemTrust({}, None)
     except OSError as e:
         raise _unreadable(path, e.strerror) from None
+
+    def roots_only(st: os.stat_result) -> None:  # whoever may write it would set the machine's rule
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise _unreadable(
+                path, f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}: only root may write it"
+            )
+
     try:
-        doc = tomllib.loads(read_regular(path, SYSTEM_LIMIT, "policy file").decode())
-        st = os.stat(path)
+        doc = tomllib.loads(read_regular(path, SYSTEM_LIMIT, "policy file", check=roots_only).decode())
     except NotFound:  # lstat saw something: a symlink to nothing
         raise _unreadable(path, "a symbolic link to a file that does not exist") from None
+    except CorruptManifest:
+        raise
     except VmlError as e:
         raise _unreadable(path, str(e).removeprefix(f"{path}: ")) from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise _unreadable(path, str(e)) from None
-    if st.st_uid != 0 or st.st_mode & 0o022:  # whoever may write it would set the machine's rule
-        raise _unreadable(path, f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}: only root may write it")
     if set(doc) - {"trust", "policy"}:
         raise CorruptManifest(f"{path}: known sections are [trust.NAME] and [policy]")
     keys = parse_trust(path, doc.get("trust", {}))
