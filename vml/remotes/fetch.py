@@ -142,9 +142,11 @@ class Fetcher:
         self._local = threading.local()
         self._lock = threading.Lock()
         self.bytes = 0
-        # Whether the server answers Range requests with the bytes asked for: None until a reply says.
+        # Whether the server answers Range requests with the bytes asked for: None until a reply says,
+        # and again a while after one said no (one proxy may have been the one that ignored them).
         # Plain static servers (Python's http.server, some object stores) answer 200 and the whole file.
-        self.ranges: bool | None = None
+        self._ranges: bool | None = None
+        self._ranges_until = 0.0
 
     def _curl(self) -> pycurl.Curl:
         c = getattr(self._local, "curl", None)
@@ -315,11 +317,18 @@ class Fetcher:
             self.bytes += len(body)
         return bytes(body)
 
+    @property
+    def ranges(self) -> bool | None:
+        if self._ranges is False and time.monotonic() > self._ranges_until:
+            self._ranges = None  # try a range again
+        return self._ranges
+
     def _learn_ranges(self, served: bool) -> None:
-        if self.ranges is not served:
-            self.ranges = served
-            if not served:
+        if not served:
+            if not self._ranges_until:  # once a process: the same news every few minutes is noise
                 log.warning("%s: the server ignores Range requests; reading whole files instead", self.what)
+            self._ranges_until = time.monotonic() + self.settings.proxy_reset_after
+        self._ranges = served
 
     def serves_ranges(self, path: str, limit: int) -> bool | None:
         """Whether the server answers a Range request of ``path`` with just that range (one request).

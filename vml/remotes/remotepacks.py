@@ -152,7 +152,7 @@ class RemotePacks:
             frame = self.cache.read_frame(loc.pack, loc.offset, loc.length, count=False)
             if frame is None:
                 frame = self._pack_bytes(loc.pack)[loc.offset : loc.offset + loc.length]
-            return check(frame), True
+            return check(frame), self.cache.has_pack(loc.pack)
         whole = False
 
         def frame_or_pack(body: bytes):
@@ -166,7 +166,8 @@ class RemotePacks:
 
         size = self._indexes[loc.pack].pack_size
         span = (loc.offset, loc.length)
-        return self.fetcher.get(pack_url(loc.pack), loc.length, frame_or_pack, span=span, whole=size), whole
+        result = self.fetcher.get(pack_url(loc.pack), loc.length, frame_or_pack, span=span, whole=size)
+        return result, whole and self.cache.has_pack(loc.pack)
 
     def _check_pack(self, pack: bytes, body: bytes) -> None:
         if len(body) != self._indexes[pack].pack_size or blake3.blake3(body).digest() != pack:
