@@ -375,6 +375,16 @@ def _stage_objects(tar: TarReader, count: int, staging: Path, path: Path, progre
     return sizes
 
 
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` starts as a bundle does (its first member is the index), read as import reads it."""
+    try:
+        with _open_bundle(path) as f:
+            first = TarReader(f, str(path)).next()
+    except BadBundle:
+        return False
+    return first is not None and first.name == INDEX
+
+
 def objects_in(path: Path, wanted: set[bytes]) -> dict[bytes, bytes]:
     """The objects of bundle ``path`` among ``wanted``, as stored, each checked against its name
     (what `vml verify --repair` takes from a bundle)."""

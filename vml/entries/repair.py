@@ -13,13 +13,14 @@ bytes in place: at worst it holds nothing wanted.
 """
 
 import contextlib
+import errno
 import os
-import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadBundle, FetchError, ObjectMissing
+from ..errors import FetchError, ObjectMissing
 from ..progress import SILENT, Progress
 from ..repo import objects
 from ..repo.repository import Repository
@@ -40,31 +41,36 @@ def unrepaired(repo: Repository) -> set[bytes]:
 
 
 def repair(repo: Repository, sources: list, progress: Progress = SILENT) -> RepairSummary:
-    """Store anew, from ``sources`` (paths and RemoteStores, tried in order), what has no good copy here."""
+    """Store anew, from ``sources`` (paths and RemoteStores, tried in order), what has no good copy here.
+
+    The sources are read without the lock (converting and reading a whole
+    image takes long, and what is found is checked by digest); only storing
+    what was found holds it.
+    """
     store = repo.store
+    wanted = unrepaired(repo)
+    summary = RepairSummary(len(wanted))
+    found: dict[bytes, bytes] = {}
+    for source in sources:
+        if wanted <= found.keys():
+            break
+        label = str(source) if isinstance(source, Path) else f"remote {source.name}"
+        got = dict(_found(repo, source, wanted - found.keys()))
+        found |= got
+        summary.found[label] = len(got)
+        progress.advance(len(got))
     with store.lock("vml verify --repair"):
-        wanted = unrepaired(repo)
-        summary = RepairSummary(len(wanted))
         writer = store.packs.writer() if store.format == 2 else None
-        for source in sources:
-            if not wanted:
-                break
-            label = str(source) if isinstance(source, Path) else f"remote {source.name}"
-            got = 0
-            for d, blob in _found(repo, source, set(wanted)):
-                if d in wanted:
-                    _store_anew(store, writer, d, blob)
-                    wanted.discard(d)
-                    got += 1
-                    progress.advance(1)
-            summary.found[label] = got
+        for d, blob in found.items():
+            if not store.has_good(d):  # another writer may have stored it meanwhile
+                _store_anew(store, writer, d, blob)
         if writer is not None:
             writer.flush()
             store.sync()
             for manifest in store.packs.packset_manifests():  # readers of an entry find the new copies at once
                 store.packs.write_packset(manifest, repo.packs_of(manifest))
         store.sync()
-        summary.left = sorted(wanted)
+    summary.left = sorted(wanted - found.keys())
     return summary
 
 
@@ -82,38 +88,39 @@ def _found(repo: Repository, source, wanted: set[bytes]) -> Iterator[tuple[bytes
             with contextlib.suppress(ObjectMissing, FetchError):
                 yield d, source.read_raw(d)
         return
-    if source.is_file():
-        try:
-            yield from bundle.objects_in(source, wanted).items()
-            return
-        except BadBundle as e:
-            if "not a VML bundle" not in str(e):
-                raise
-    yield from _chunks_of_image(repo, source, wanted)
+    if source.is_file() and bundle.is_bundle(source):
+        yield from bundle.objects_in(source, wanted).items()
+    else:
+        yield from _chunks_of_image(repo, source, wanted)
 
 
 def _chunks_of_image(repo: Repository, path: Path, wanted: set[bytes]) -> Iterator[tuple[bytes, bytes]]:
     """The wanted chunks of the disks and files of an image or VM directory, cut at every chunk size
-    entries here use."""
+    entries here use. An image that is not raw is converted in the temporary directory ($TMPDIR)."""
     sizes = sorted({repo.store.chunk_size} | {e.manifest.chunk_size for e in repo.entries()})
     disks, files = discover(path)
-    tmp = repo.store.staging_dir("repair.")
-    try:
+    with tempfile.TemporaryDirectory(prefix="vml-repair-") as tmp:
         for disk in disks:
-            with raw_view(disk, tmp) as raw:
+            with raw_view(disk, Path(tmp)) as raw:
                 yield from _chunks_of(raw, sizes, wanted)
-        for f in files:
-            yield from _chunks_of(f.path, sizes, wanted)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for f in files:
+        yield from _chunks_of(f.path, sizes, wanted)
 
 
 def _chunks_of(path: Path, sizes: list[int], wanted: set[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """The wanted chunks of a file; its holes are skipped (all zeros: never stored, so never damaged)."""
     with open(path, "rb") as f:
-        end = os.fstat(f.fileno()).st_size
+        fd, end = f.fileno(), os.fstat(f.fileno()).st_size
         for cs in sizes:
-            for offset in range(0, end, cs):
-                data = os.pread(f.fileno(), cs, offset)
+            offset = 0
+            while offset < end:
+                try:
+                    offset = max(offset, os.lseek(fd, offset, os.SEEK_DATA) // cs * cs)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # nothing but a hole from here
+                        break
+                data = os.pread(fd, cs, offset)
                 d = objects.digest(data)
                 if d in wanted:
                     yield d, objects.compress(data)
+                offset += cs
