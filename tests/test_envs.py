@@ -492,8 +492,8 @@ def test_a_path_too_long_for_any_restore_is_refused_at_capture(vml, tmp_path):
 OLD_NS = OLD * 10**9
 
 
-def crafted_backup(vml_home: Path, name: str, files: list[tuple[Record, bytes]], **meta) -> None:
-    """An environment entry in `rep` written by the library's own writer: well-formed, saying what it is told.
+def crafted_backup(vml_home: Path, name: str, files: list[tuple[Record, bytes]], *, repo="rep", **meta) -> None:
+    """An environment entry in ``repo`` written by the library's own writer: well-formed, saying what it is told.
 
     ``files`` are records and the contents of the regular ones; ``meta``
     replaces keys of a plain description of alice's home.
@@ -537,7 +537,7 @@ def crafted_backup(vml_home: Path, name: str, files: list[tuple[Record, bytes]],
         stored = writer.store_chunks(data(), slot * cs, None)
         return [Stream(envtree.INDEX, len(pages) * cs, index), Stream(envtree.DATA, slot * cs, stored)], []
 
-    write_entry(config.Config.load(vml_home).open("rep"), name, build, chunk_size=cs, extra={envtree.KEY: desc})
+    write_entry(config.Config.load(vml_home).open(repo), name, build, chunk_size=cs, extra={envtree.KEY: desc})
 
 
 def d(path: str, uid: int = ALICE_SRC) -> tuple[Record, bytes]:

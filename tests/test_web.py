@@ -504,6 +504,18 @@ def test_names_and_uploads_from_requests_cannot_reach_outside(served, vml, tmp_p
     assert r.status_code == 403
 
 
+def test_the_backup_page_offers_a_backups_add_paths_and_survives_a_hostile_one(served, tmp_path):
+    from test_envs import crafted_backup, d, f
+
+    home = tmp_path / "home"
+    files = [d("/home/alice"), f("/home/alice/x", b"x")]
+    crafted_backup(home, "ok1", files, repo="rep1", patterns={"include": [], "exclude": [], "add": ["/opt/data"]})
+    crafted_backup(home, "bad", files, repo="rep1", patterns={"include": [], "exclude": [], "add": 5})
+    r = served().client.get("/backup")
+    assert r.status_code == 200 and 'data-entry="rep1:bad"' in r.text
+    assert r.text.count('name="add" value="/opt/data"') == 1  # a box to tick, for the backup that holds it
+
+
 def test_tls_serves_https_with_a_secure_cookie(served, tmp_path):
     cert, key = self_signed(tmp_path)
     web = served("--tls-cert", cert, "--tls-key", key, "--require-auth")

@@ -139,12 +139,9 @@ def _checked_adds(adds) -> list[str]:
     out = []
     for p in adds:
         try:
-            path = homes.normal(p)
+            out.append(homes.checked_add(p))
         except ValueError as e:
             raise UsageError(f"--add {p!r}: {e}") from None
-        if homes.add_problem(path):
-            raise UsageError(f"--add {p!r}: {homes.add_problem(path)}, not a path to add")
-        out.append(path)
     return out
 
 

@@ -36,6 +36,14 @@ def home_problem(path: str) -> str | None:
     return None
 
 
+def checked_add(path: str) -> str:
+    """``path`` normalised as an --add path (what capture stores and restore names); ValueError saying why not."""
+    p = normal(path)
+    if problem := add_problem(p):
+        raise ValueError(f"{problem}, not a path to add")
+    return p
+
+
 def add_problem(path: str) -> str | None:
     """Why ``path`` (absolute and normal) cannot be an --add path, or None if it can."""
     return "the whole file system" if path == "/" else None

@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from .. import config, control, layout, overview
 from ..envs import show_environment
+from ..envs.restore import checked_meta
 from ..errors import NotFound, UsageError, VmlError
 from ..home import DEFAULT_HYPERVISOR, free_area_name
 from ..names import check_name, check_repository_name
@@ -130,7 +131,9 @@ def routes(web) -> list[Route]:
     def backup(request: Request):
         cfg = config.Config.load(web.home)
         books = overview.logbooks(cfg)
-        envs = [(b, r) for b in books for r in b.rows if r.entry and r.entry.manifest.is_environment]
+        envs = [
+            (b, r, _saved_adds(r.entry)) for b in books for r in b.rows if r.entry and r.entry.manifest.is_environment
+        ]
         vms = [(b, r) for b in books for r in b.rows if r.entry and not r.entry.manifest.is_environment]
         return web.render(
             request,
@@ -140,6 +143,13 @@ def routes(web) -> list[Route]:
             areas=areas.list_areas(web.home),
             local=[b for b in books if not b.remote],
         )
+
+    def _saved_adds(entry) -> list[str]:
+        """The backup's --add paths the page offers to restore, as restore checks them (none if it would refuse)."""
+        try:
+            return checked_meta(entry)["patterns"]["add"]
+        except VmlError:
+            return []
 
     def backup_show(request: Request):
         spec = request.query_params.get("entry", "")
