@@ -328,6 +328,7 @@ def test_the_back_off_doubles_per_client_and_its_table_stays_bounded(monkeypatch
         backoff.failed(f"192.0.2.{i}")
     assert len(backoff.clients) <= 50 + 1
     assert backoff.wait("198.51.100.1") > 0  # a new address shares the entry of the many, which waits
+    assert backoff.wait("uid 1000") == 0  # a local user does not: the owner gets in from the machine
     now[0] += signin.FORGET_AFTER + 60  # quiet clients are forgotten, and make room
     assert backoff.wait("198.51.100.1") == 0 and backoff.failed("198.51.100.1") == 0
     assert "198.51.100.1" in backoff.clients and len(backoff.clients) == 1

@@ -14,7 +14,11 @@ a whole /64). On loopback every local user comes from 127.0.0.1, so there
 a client is the user who owns the connecting socket (asked of the kernel,
 as `ss -e` asks), and another user's guessing costs that user alone. Behind
 a reverse proxy every browser shares the proxy's address, and the back-off
-spans them all (sessions never wait).
+spans them all (sessions never wait). A guesser with more addresses than
+the table holds (MAX_CLIENTS; an IPv6 /48 has 65,536 /64s) fills it, and
+new clients from outside then share one entry in back-off: password
+sign-ins from new addresses wait until the flood stops, while local users
+(and so `ssh -L` to the machine) keep entries of their own and get in.
 
 What a wrong guess costs. After FREE_FAILURES (typing mistakes), each
 further failure doubles the client's wait, from FIRST_WAIT to LONGEST_WAIT,
@@ -48,6 +52,7 @@ FORGET_AFTER = 900.0  # seconds without a failure after which a client starts af
 MAX_CLIENTS = 10_000  # clients the table remembers; past that, new ones share one entry
 MAX_HASHES = 2  # password hashes at once (a hash keeps a core busy); one per client
 SHARED = "(others)"  # the entry of clients the full table has no room for
+LOCAL_USER = "uid "  # a client on loopback: the local user it is
 FORM = "application/x-www-form-urlencoded"
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST = 4, 20, 1  # linux/sock_diag.h, linux/netlink.h
 UID_AT = 16 + 4 + 48 + 12  # in a reply: nlmsghdr; inet_diag_msg's family to retrans, sockid, expires and queues
@@ -93,7 +98,9 @@ class Backoff:
         return record.until - now
 
     def _entry(self, client: str) -> str:
-        if client in self.clients or len(self.clients) < MAX_CLIENTS:
+        # A local user keeps an entry of its own even then (there are only so many): so the owner can
+        # always sign in from the machine itself (or through `ssh -L`), whoever floods from outside.
+        if client in self.clients or len(self.clients) < MAX_CLIENTS or client.startswith(LOCAL_USER):
             return client
         now = self.clock()
         while self.clients and now - next(iter(self.clients.values())).last > FORGET_AFTER:
@@ -112,7 +119,7 @@ def client_of(scope) -> str:
         return str(host)  # not an IP peer (a Unix socket): all such callers are one client
     if address.is_loopback:
         uid = _socket_owner(address, port, server, server_port)
-        return f"uid {uid}" if uid is not None else str(address)
+        return f"{LOCAL_USER}{uid}" if uid is not None else str(address)
     if address.version == 6:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
