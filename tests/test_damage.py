@@ -258,3 +258,33 @@ def test_a_writer_never_creates_or_removes_files_through_a_linked_subdirectory(v
     msg = vml.fails(*command, status=6)
     assert f"{target}: a symbolic link where a directory belongs" in msg and "refusing to write" in msg
     assert [p.name for p in victim.iterdir()] == ["precious"]
+
+
+def test_a_damaged_manifest_a_remote_also_lists_is_read_from_the_remote_and_gc_keeps_its_chunks(vml, tmp_path):
+    """A damaged copy here is still a copy here: gc keeps what its entry needs, and a read takes the remote's
+    copy of the object (checked by its digest), even offline once the remote's cache has it."""
+    need("nginx")
+    image, _, _ = saved_base(vml, tmp_path, "2")
+    changed = bytearray(image.read_bytes())
+    changed[0] ^= 1
+    (tmp_path / "d2.img").write_bytes(changed)
+    vml("save", "child", "--from", tmp_path / "d2.img", "--parent", "base")
+    repo = Repository(Store(tmp_path / "rep"))
+    base = repo.entry("base").digest
+    chunks = set().union(
+        *(t.digest_set() for e in ("base", "child") for t in repo.resolve(repo.entry(e).digest).tables())
+    )
+    vml("keygen", tmp_path / "key")
+    vml("publish", tmp_path / "pub", "--key", tmp_path / "key")
+    server = Nginx(tmp_path / "pub")
+    try:
+        vml("remote", "add", "cern", server.url, "--key", tmp_path / "key.pub")
+        flip_stored(tmp_path / "rep", base)  # base's manifest, a loose object
+        vml("log", ok=False)  # a read finds the damage, and records it
+        vml("gc", ok=False)
+    finally:
+        server.stop()
+    store = Store(tmp_path / "rep")
+    assert all(store.has(d) for d in chunks)  # every chunk base and child need is still here
+    vml("checkout", "child", tmp_path / "co")  # and reads, base's manifest from the remote's cache
+    assert (tmp_path / "co" / "d.img").read_bytes() == bytes(changed)
