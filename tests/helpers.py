@@ -2,6 +2,7 @@
 
 import io
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import blake3
 
 from vml import config, layout
+from vml.entries.envtree import Record
 from vml.errors import ObjectMissing
 from vml.remotes import catalog as catalogs
 from vml.repo import chunkmap, objects, packfiles
@@ -219,3 +221,85 @@ def check_published(pub: Path, public) -> catalogs.Catalog:
     for name, p in present.items():
         objects.decode(p.read_bytes(), bytes.fromhex(name), METADATA_LIMIT, str(p))
     return cat
+
+
+def direct_read(fd: int, offset: int, size: int) -> bytes:
+    """pread on an O_DIRECT descriptor, into a page-aligned buffer as O_DIRECT needs."""
+    buf = mmap.mmap(-1, size)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        return buf[:n]
+    finally:
+        buf.close()
+
+
+ENV_UID = 1000  # alice's number in the guest a crafted backup comes from
+OLD_NS = 1_600_000_000 * 10**9  # a time long past, for files in crafted backups
+
+
+def crafted_backup(vml_home: Path, name: str, files: list[tuple[Record, bytes]], *, repo="rep", **meta) -> None:
+    """An environment entry in ``repo`` written by the library's own writer: well-formed, saying what it is told.
+
+    ``files`` are records and the contents of the regular ones; ``meta``
+    replaces keys of a plain description of alice's home.
+    """
+    from vml import config
+    from vml.entries import envtree
+    from vml.entries.save import write_entry
+    from vml.repo.manifest import Stream
+
+    cs = envtree.CHUNK_SIZE
+    files = sorted(files, key=lambda f: f[0].path)
+    slot = 0
+    for r, content in files:
+        if r.type == "f":
+            r.size, r.slot = len(content), slot
+            slot += r.slots(cs)
+    records = [r for r, _ in files]
+    desc = {
+        "format": 1,
+        "user": "alice",
+        "home": "/home/alice",
+        "os": {"id": "cernvm", "version_id": "4.1"},
+        "from": {"entry": "crafted"},
+        "patterns": {"include": [], "exclude": [], "add": []},
+        "environment": {"variables": {}, "skipped": [], "files": []},
+        "source": "login files (parsed, not executed)",
+        "files": len(records),
+        "bytes": sum(r.size for r in records),
+        "owners": {"users": {}, "groups": {}},
+        **meta,
+    }
+
+    def data():
+        for r, content in files:
+            for i in range(r.slots(cs) if r.type == "f" else 0):
+                yield r.slot + i, content[i * cs : (i + 1) * cs].ljust(cs, b"\0")
+
+    def build(writer, plan):
+        pages = envtree.pages(records, cs)
+        index = writer.store_chunks(((i, p.ljust(cs, b"\0")) for i, p in enumerate(pages)), len(pages) * cs, None)
+        stored = writer.store_chunks(data(), slot * cs, None)
+        return [Stream(envtree.INDEX, len(pages) * cs, index), Stream(envtree.DATA, slot * cs, stored)], []
+
+    write_entry(config.Config.load(vml_home).open(repo), name, build, chunk_size=cs, extra={envtree.KEY: desc})
+
+
+def d(path: str, uid: int = ENV_UID) -> tuple[Record, bytes]:
+    return Record(path, "d", 0o755, uid, uid, OLD_NS), b""
+
+
+def f(path: str, content: bytes, mode: int = 0o644, uid: int = ENV_UID, **extra) -> tuple[Record, bytes]:
+    return Record(path, "f", mode, uid, uid, OLD_NS, **extra), content
+
+
+def set_web_password(vml, password: str) -> subprocess.CompletedProcess:
+    """`vml web --set-password`, given ``password`` as a script gives it (one line on standard input)."""
+    return subprocess.run(
+        [sys.executable, "-m", "vml", "web", "--set-password"],
+        input=password + "\n",
+        env=vml.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )

@@ -9,7 +9,7 @@ import pytest
 from vml.errors import CorruptManifest
 from vml.repo import chunkmap, objects
 
-from helpers import CS, assert_untouched, bundle, manifest, snapshot
+from helpers import CS, assert_untouched, bundle, manifest, set_web_password, snapshot
 
 
 @pytest.fixture
@@ -109,15 +109,7 @@ def test_a_repository_opened_by_path_is_named_only_by_a_valid_directory_name(vml
 
 
 def test_config_toml_holds_a_password_hash_so_only_its_owner_may_read_it(vml, home, tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "vml", "web", "--set-password"],
-        input="correct horse battery\n",
-        env=vml.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "password set" in r.stdout
+    assert "password set" in set_web_password(vml, "correct horse battery").stdout
     cfg = home / "config.toml"
     assert "scrypt$" in cfg.read_text()
     assert cfg.stat().st_mode & 0o777 == 0o600

@@ -13,8 +13,9 @@ from vml.entries.envtree import Record
 from vml.envs import guestfs
 
 from conftest import need
+from helpers import ENV_UID, OLD_NS, crafted_backup, d, f
 
-ALICE_SRC, ALICE_DST = 1000, 1001  # alice's number differs between the two guests: mapped by name
+ALICE_SRC, ALICE_DST = ENV_UID, 1001  # alice's number differs between the two guests: mapped by name
 OLD = 1_600_000_000  # a time long past: files in the backup are older than the target's newer one
 
 
@@ -487,65 +488,6 @@ def test_a_path_too_long_for_any_restore_is_refused_at_capture(vml, tmp_path):
     line = vml.fails("env", "save", "e2", "--from", "deep", "--user", "alice")
     assert "/home/alice/d/d/d/" in line and "--exclude" in line
     assert "e2" not in vml("log").stdout
-
-
-OLD_NS = OLD * 10**9
-
-
-def crafted_backup(vml_home: Path, name: str, files: list[tuple[Record, bytes]], *, repo="rep", **meta) -> None:
-    """An environment entry in ``repo`` written by the library's own writer: well-formed, saying what it is told.
-
-    ``files`` are records and the contents of the regular ones; ``meta``
-    replaces keys of a plain description of alice's home.
-    """
-    from vml import config
-    from vml.entries import envtree
-    from vml.entries.save import write_entry
-    from vml.repo.manifest import Stream
-
-    cs = envtree.CHUNK_SIZE
-    files = sorted(files, key=lambda f: f[0].path)
-    slot = 0
-    for r, content in files:
-        if r.type == "f":
-            r.size, r.slot = len(content), slot
-            slot += r.slots(cs)
-    records = [r for r, _ in files]
-    desc = {
-        "format": 1,
-        "user": "alice",
-        "home": "/home/alice",
-        "os": {"id": "cernvm", "version_id": "4.1"},
-        "from": {"entry": "crafted"},
-        "patterns": {"include": [], "exclude": [], "add": []},
-        "environment": {"variables": {}, "skipped": [], "files": []},
-        "source": "login files (parsed, not executed)",
-        "files": len(records),
-        "bytes": sum(r.size for r in records),
-        "owners": {"users": {}, "groups": {}},
-        **meta,
-    }
-
-    def data():
-        for r, content in files:
-            for i in range(r.slots(cs) if r.type == "f" else 0):
-                yield r.slot + i, content[i * cs : (i + 1) * cs].ljust(cs, b"\0")
-
-    def build(writer, plan):
-        pages = envtree.pages(records, cs)
-        index = writer.store_chunks(((i, p.ljust(cs, b"\0")) for i, p in enumerate(pages)), len(pages) * cs, None)
-        stored = writer.store_chunks(data(), slot * cs, None)
-        return [Stream(envtree.INDEX, len(pages) * cs, index), Stream(envtree.DATA, slot * cs, stored)], []
-
-    write_entry(config.Config.load(vml_home).open(repo), name, build, chunk_size=cs, extra={envtree.KEY: desc})
-
-
-def d(path: str, uid: int = ALICE_SRC) -> tuple[Record, bytes]:
-    return Record(path, "d", 0o755, uid, uid, OLD_NS), b""
-
-
-def f(path: str, content: bytes, mode: int = 0o644, uid: int = ALICE_SRC, **extra) -> tuple[Record, bytes]:
-    return Record(path, "f", mode, uid, uid, OLD_NS, **extra), content
 
 
 def link(path: str, target: str) -> tuple[Record, bytes]:

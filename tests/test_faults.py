@@ -11,7 +11,6 @@ their work.
 
 import errno
 import math
-import mmap
 import os
 import random
 import subprocess
@@ -39,7 +38,7 @@ from vml.vms.areas import Area
 
 from conftest import add_remote, need_fuse, set_remote
 from forker import Forker
-from helpers import check_published, fill, registered, stored_files, stored_place
+from helpers import check_published, direct_read, fill, registered, stored_files, stored_place
 from servers import FaultProxy
 
 CS = 4096
@@ -503,16 +502,6 @@ def test_bit_flips_in_stored_objects_give_errors_never_wrong_bytes(faults, home,
                 loop.outcome("detected")
             finally:
                 restore()
-
-
-def direct_read(fd: int, offset: int, size: int) -> bytes:
-    """pread on an O_DIRECT descriptor, into a page-aligned buffer as O_DIRECT needs."""
-    buf = mmap.mmap(-1, size)
-    try:
-        n = os.preadv(fd, [buf], offset)
-        return buf[:n]
-    finally:
-        buf.close()
 
 
 def test_bit_flips_read_through_the_mount_are_eio_for_that_chunk_only(faults, forker, home, rep, tmp_path):

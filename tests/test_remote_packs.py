@@ -1,11 +1,11 @@
 """The published layout of packs: what goes over HTTP, how much, and what is checked (real nginx, real mount)."""
 
-import mmap
 import os
 import shutil
 import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +14,12 @@ from vml.config import Config
 from vml.errors import Corrupt
 from vml.remotes import catalog as catalogs
 from vml.remotes.remotepacks import RANDOM_READ_BOUND
+from vml.repo.chunkmap import ChunkTable
 from vml.repo.packfiles import decode_packset, index_path, packset_path
 from vml.repo.packs import Index
 
 from conftest import Vml, add_remote, debugfs_write, need, need_fuse
+from helpers import direct_read
 from servers import Nginx, Squid, StaticServer, documented_squid_settings
 
 
@@ -41,25 +43,33 @@ def served_catalog(published) -> catalogs.Catalog:
     return catalogs.verify((published["pub"] / "catalog.json").read_bytes(), key, "test")
 
 
+def e2_through(home, mounted, published, remote: str) -> tuple[Path, dict[str, Index], ChunkTable]:
+    """Entry e2 of a remote, through the mount: its disk, its published packs (URL path -> index), its table."""
+    cat = served_catalog(published)
+    (disk,) = [p for p in (mounted / remote / "e2").iterdir() if p.suffix == ".img"]
+    (table,) = Config.load(home).open(remote).resolve(cat.refs["e2"]).disks.values()
+    return disk, packs_of(published["pub"], cat, "e2"), table
+
+
+def read_direct(disk: Path, offset: int) -> bytes:
+    """4 KiB at ``offset`` with O_DIRECT: no kernel read-ahead asks the mount for more."""
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return direct_read(fd, offset, 4096)
+    finally:
+        os.close(fd)
+
+
 def test_a_random_read_fetches_one_frame_and_a_sequential_read_whole_packs(vml, home, mounted, origin, published):
     add_remote(vml, origin, published)
-    cat = served_catalog(published)
-    packs = packs_of(published["pub"], cat, "e2")
-    (disk,) = [p for p in (mounted / "cern" / "e2").iterdir() if p.suffix == ".img"]
-    repo = Config.load(home).open("cern")
-    (table,) = repo.resolve(cat.refs["e2"]).disks.values()
+    disk, packs, table = e2_through(home, mounted, published, "cern")
     # A chunk in the middle of a pack of e2, so that neither neighbour has been read.
     chunks = [i for i, d, _ in table.records()]
     i = chunks[len(chunks) // 2]
 
     before = len(origin.requests())
-    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, 4096)
-        os.preadv(fd, [buf], i * table.chunk_size)
-    finally:
-        os.close(fd)
-    assert bytes(buf) == published["image"].read_bytes()[i * table.chunk_size :][:4096]
+    got = read_direct(disk, i * table.chunk_size)
+    assert got == published["image"].read_bytes()[i * table.chunk_size :][:4096]
     got = pack_requests(origin, before)
     assert len(got) == 1, got  # one Range request, of that chunk's frame
     path, size = got[0]
@@ -218,11 +228,7 @@ def test_a_plain_static_server_that_ignores_range_serves_every_read(vml, home, m
         out = vml("remote", "add", "plain", server.url, "--key", published["pubkey"]).stdout
         assert "the server ignores Range requests" in out, out
         set_remote(home, "plain", timeout=10.0)  # a refused reply would otherwise cost the default 30 s
-        cat = served_catalog(published)
-        packs = packs_of(published["pub"], cat, "e2")
-        (disk,) = [p for p in (mounted / "plain" / "e2").iterdir() if p.suffix == ".img"]
-        repo = Config.load(home).open("plain")
-        (table,) = repo.resolve(cat.refs["e2"]).disks.values()
+        disk, packs, table = e2_through(home, mounted, published, "plain")
         chunks = [i for i, d, _ in table.records()]
         want = published["image"].read_bytes()
         cs = table.chunk_size
@@ -235,13 +241,7 @@ def test_a_plain_static_server_that_ignores_range_serves_every_read(vml, home, m
         i = next(i for i in chunks[len(chunks) // 2 :] if i - 1 in chunks and pack_of(i - 1) == pack_of(i))
         before = len(server.requests())
         for j in (i, i - 1):
-            fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
-            try:
-                buf = mmap.mmap(-1, 4096)
-                assert os.preadv(fd, [buf], j * cs) == 4096
-            finally:
-                os.close(fd)
-            assert bytes(buf) == want[j * cs :][:4096]
+            assert read_direct(disk, j * cs) == want[j * cs :][:4096]
         got = [p for p, st in server.requests()[before:] if p.startswith("/packs/") and not p.endswith(".idx")]
         assert len(got) == 1 and got[0] in packs, got  # the whole pack once, and its neighbour from the cache
 

@@ -24,7 +24,7 @@ import pytest
 
 from vml import config, overview
 
-from helpers import bundle, manifest
+from helpers import bundle, crafted_backup, d, f, manifest, set_web_password
 from servers import end_process, free_port, self_signed, wait_port
 
 
@@ -160,15 +160,7 @@ def test_off_loopback_every_page_needs_the_printed_token(served, tmp_path):
 
 
 def test_a_password_from_config_replaces_the_token(vml, served):
-    r = subprocess.run(
-        [sys.executable, "-m", "vml", "web", "--set-password"],
-        input="correct horse battery\ncorrect horse battery\n",
-        env=vml.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "password set" in r.stdout
+    assert "password set" in set_web_password(vml, "correct horse battery").stdout
     stored = (vml.cwd / "home" / "config.toml").read_text()
     assert "scrypt$" in stored and "correct horse" not in stored
     web = served("--require-auth")
@@ -506,8 +498,6 @@ def test_names_and_uploads_from_requests_cannot_reach_outside(served, vml, tmp_p
 
 
 def test_the_backup_page_offers_a_backups_add_paths_and_survives_a_hostile_one(served, tmp_path):
-    from test_envs import crafted_backup, d, f
-
     home = tmp_path / "home"
     files = [d("/home/alice"), f("/home/alice/x", b"x")]
     crafted_backup(home, "ok1", files, repo="rep1", patterns={"include": [], "exclude": [], "add": ["/opt/data"]})
