@@ -325,8 +325,8 @@ class Fetcher:
 
     def _learn_ranges(self, served: bool) -> None:
         if not served:
-            if not self._ranges_until:  # once a process: the same news every few minutes is noise
-                log.warning("%s: the server ignores Range requests; reading whole files instead", self.what)
+            if not self._ranges_until:  # `vml remote add` says it to the user; here it is for the log only
+                log.info("%s: the server ignores Range requests; reading whole files instead", self.what)
             self._ranges_until = time.monotonic() + self.settings.proxy_reset_after
         self._ranges = served
 
