@@ -156,7 +156,8 @@ def cmd_verify(args) -> int:
         print(p)
     replaced = sum(1 for d, _ in repo.store.damage.copies() if repo.store.has_good(d))
     if replaced:
-        print(f"{replaced} damaged copies of objects stored again since they were found: `vml gc` removes them")
+        copies = "a damaged copy of an object" if replaced == 1 else f"{replaced} damaged copies of objects"
+        print(f"{copies} stored again since found: `vml gc` removes the damaged ones")
     what = f"entry {args.entry}" if args.entry else f"repository {repo.name}"
     if problems:
         hint = "" if args.repair else "; `vml verify --repair --from SOURCE` stores damaged objects anew"
