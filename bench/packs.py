@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import pycurl
 import requests
 
-from vml import layout
-from vml.repo import objects, packs
+from vml.repo import objects, packs, paths
 
 from common import drop_caches, mkfs_ext4, need, print_table, real_tree, run
 from servers import FaultProxy, Nginx
@@ -66,7 +65,7 @@ def lay_out(root: Path, frames) -> dict:
     """Write the frames loose and in packs of each size; return what a reader needs."""
     shutil.rmtree(root, ignore_errors=True)
     # (digest, file, offset, length); offset None: the whole file is the object
-    layouts = {"loose": [(d, layout.object_path(root / "loose", d), None, len(f)) for d, f in frames]}
+    layouts = {"loose": [(d, paths.object_path(root / "loose", d), None, len(f)) for d, f in frames]}
     for _, path, _, _ in layouts["loose"]:
         path.parent.mkdir(parents=True, exist_ok=True)
     for (_, f), (_, path, _, _) in zip(frames, layouts["loose"], strict=True):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import blake3
 
-from vml import config, layout
+from vml import config
 from vml.entries.envtree import Record
 from vml.errors import ObjectMissing
 from vml.remotes import catalog as catalogs
-from vml.repo import chunkmap, objects, packfiles
+from vml.repo import chunkmap, objects, packfiles, packreader, paths
 from vml.repo.packs import Index
 from vml.repo.repository import Repository
 from vml.repo.store import FORMAT, METADATA_LIMIT, Store
@@ -35,7 +35,7 @@ def stored_files(repo_path: Path) -> list[str]:
     """Every file that holds objects: loose objects, packs, their indexes and pack sets."""
     return sorted(
         str(p.relative_to(repo_path))
-        for d in (layout.OBJECTS, packfiles.PACKS, packfiles.PACKSETS)
+        for d in (paths.OBJECTS, paths.PACKS, paths.PACKSETS)
         for p in (repo_path / d).rglob("*")
         if p.is_file()
     )
@@ -48,13 +48,13 @@ def snapshot(repo_path):
 
 def stored_place(repo_path: Path, digest: bytes) -> tuple[Path, int, int]:
     """Where an object's stored bytes lie: (file, offset, length), a loose file or a frame in a pack."""
-    loose = layout.object_path(repo_path, digest)
+    loose = paths.object_path(repo_path, digest)
     if loose.exists():
         return loose, 0, loose.stat().st_size
     files = packfiles.PackFiles(repo_path, None)
     loc = files.locate(digest)
     assert loc is not None, f"object {digest.hex()} is not stored in {repo_path}"
-    return packfiles.pack_path(repo_path, loc.pack), loc.offset, loc.length
+    return paths.pack_path(repo_path, loc.pack), loc.offset, loc.length
 
 
 def flip_stored(repo_path: Path, digest: bytes, at: float = 0.5) -> Path:
@@ -198,18 +198,18 @@ def check_published(pub: Path, public) -> catalogs.Catalog:
     assert cat.packsets.keys() == cat.manifests
     in_pack = {}
     for pack, digest in cat.indexes.items():
-        data = packfiles.index_path(pub, pack).read_bytes()
+        data = paths.index_path(pub, pack).read_bytes()
         assert blake3.blake3(data).digest() == digest, f"index of {pack.hex()} is not the one the catalog names"
-        body = packfiles.pack_path(pub, pack).read_bytes()
+        body = paths.pack_path(pub, pack).read_bytes()
         assert blake3.blake3(body).digest() == pack, f"pack {pack.hex()} is not whole"
         for d, loc in Index(data, "test", pack):
             objects.decode(body[loc.offset : loc.offset + loc.length], d, METADATA_LIMIT, f"pack {pack.hex()}")
             in_pack[d] = pack
     repo = Repository(PublishedObjects(pub), cat.repository)
     for manifest, digest in cat.packsets.items():
-        data = packfiles.packset_path(pub, manifest).read_bytes()
+        data = paths.packset_path(pub, manifest).read_bytes()
         assert blake3.blake3(data).digest() == digest
-        packs = set(packfiles.decode_packset(data, "test"))
+        packs = set(packreader.decode_packset(data, "test"))
         assert packs <= cat.indexes.keys()
         chunks = repo.needed_objects([manifest]) - set(m for m, _ in repo.data_chain(manifest))
         chunks -= {md for _, m in repo.data_chain(manifest) for md in m.map_digests()}

@@ -23,8 +23,8 @@ from vml.errors import BadSignature, CorruptManifest
 from vml.remotes import catalog as catalogs
 from vml.remotes import publish
 from vml.remotes.remote import RemoteConfig, RemoteStore
-from vml.repo.packfiles import index_path, pack_path
 from vml.repo.packs import Index
+from vml.repo.paths import index_path, pack_path
 
 from conftest import Vml, need
 from helpers import check_published

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vml import layout
-from vml.repo import chunkmap, objects
+from vml.repo import chunkmap, objects, paths
 from vml.repo.repository import Repository
 from vml.repo.store import Store
 
@@ -70,7 +69,7 @@ def test_damaged_manifest_and_refs_are_reported_by_name(vml, tmp_path, image_cop
     vml("save", "e1", "--from", image_copy())
     repo = Repository(Store(tmp_path / "rep1"))
     d = repo.entry("e1").digest
-    path = layout.object_path(repo.store.path, d)
+    path = paths.object_path(repo.store.path, d)
     path.write_bytes(objects.compress(b'{"format": 1, "name": "e1"}'))
     msg = vml.fails("show", "e1", status=6)
     assert "entry 'e1'" in msg and "does not match its name" in msg

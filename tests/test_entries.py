@@ -7,13 +7,12 @@ import random
 import pytest
 
 from vml import files as files_module
-from vml import layout
 from vml.entries.checkout import checkout
 from vml.entries.maintenance import gc, remove, verify
 from vml.entries.save import save_source
 from vml.errors import AlreadyExists, HasChildren, NotFound, ObjectMissing, StorageError, UsageError
 from vml.files import write_all
-from vml.repo import chunkmap, packfiles
+from vml.repo import chunkmap, packfiles, paths
 from vml.repo.objects import HOLE
 from vml.repo.repository import Repository
 from vml.repo.store import Store
@@ -139,7 +138,7 @@ def test_vm_directory_keeps_files_with_their_modes(repo, tmp_path):
 def test_save_refuses_bad_requests_and_writes_nothing(repo, tmp_path):
     src = write(tmp_path / "d.img", os.urandom(2 * CS))
     save_source(repo, "e1", src)
-    before = sorted(p for p in (repo.store.path / layout.OBJECTS).rglob("*") if p.is_file())
+    before = sorted(p for p in (repo.store.path / paths.OBJECTS).rglob("*") if p.is_file())
     for name in ("a/b", "..", "../x", "x..y", "-x", ".hidden", "a:b", ""):
         with pytest.raises(UsageError, match="invalid entry name"):
             save_source(repo, name, src)
@@ -149,7 +148,7 @@ def test_save_refuses_bad_requests_and_writes_nothing(repo, tmp_path):
         save_source(repo, "e2", src, parent="nope")
     with pytest.raises(UsageError, match="needs --parent"):
         save_source(repo, "e2", src, kind="incremental")
-    assert sorted(p for p in (repo.store.path / layout.OBJECTS).rglob("*") if p.is_file()) == before
+    assert sorted(p for p in (repo.store.path / paths.OBJECTS).rglob("*") if p.is_file()) == before
     assert list(repo.refs()) == ["e1"]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from vml import config, keys, layout
+from vml import config, keys
 from vml.config import Config
 from vml.entries import bundle
 from vml.entries.maintenance import gc, remove, verify
@@ -28,7 +28,7 @@ from vml.entries.reader import FETCH_AHEAD
 from vml.entries.save import save_source
 from vml.errors import Corrupt
 from vml.remotes import catalog
-from vml.repo import leases
+from vml.repo import leases, paths
 from vml.repo.chunkmap import ChunkTable
 from vml.repo.objects import decode
 from vml.repo.repository import Repository
@@ -881,7 +881,7 @@ def cached_place(home: Path, published: dict, digest: bytes) -> tuple[Path, int,
     path, offset, length = stored_place(published["pub"], digest)
     if path.parent.parent.name == "packs":
         return home / "cache" / "cern" / "packs" / path.parent.name / path.name, offset, length
-    return layout.object_path(home / "cache" / "cern", digest), 0, length
+    return paths.object_path(home / "cache" / "cern", digest), 0, length
 
 
 def read_at(path: Path, offset: int, length: int) -> bytes:
@@ -897,7 +897,7 @@ def test_a_bit_flipped_in_a_cached_object_is_dropped_and_fetched_again(faults, v
     repo = Config.load(home).open("cern")
     tables = remote_tables(repo)
     chunks = remote_chunks(tables)
-    metadata = [d for d, _, _ in layout.objects_in(home / "cache" / "cern") if d is not None and d not in chunks]
+    metadata = [d for d, _, _ in paths.objects_in(home / "cache" / "cern") if d is not None and d not in chunks]
     assert len(metadata) >= 4  # two manifests and their chunk maps
     assert all(cached_place(home, published, d)[0].parent.parent.name == "packs" for d in chunks)
     loop = faults("a bit flipped in a cached object")
@@ -932,7 +932,7 @@ def test_a_bit_flipped_in_a_cached_object_is_dropped_and_fetched_again(faults, v
             assert len(warned) == 1 and "fetching it again" in warned[0] and "cache" in warned[0], warned
             if d in chunks:  # the damaged pack went; the chunk came alone, and a preload brings the pack again
                 assert not path.exists()
-                loose = layout.object_path(home / "cache" / "cern", d)
+                loose = paths.object_path(home / "cache" / "cern", d)
                 assert loose.read_bytes() == good
                 vml("cache", "preload", "cern:e2")
                 assert read_at(path, offset, length) == good
@@ -976,7 +976,7 @@ def test_a_bit_flipped_in_a_proxy_reply_is_refused_and_fetched_elsewhere(faults,
             with attempt:
                 d, (name, i) = rng.choice(chunks)
                 h = d.hex()
-                path = layout.object_path(cache.path, d)
+                path = paths.object_path(cache.path, d)
                 path.unlink(missing_ok=True)  # not cached: this read must come through the proxies
                 time.sleep(0.01)  # past proxy_reset_after, so this read starts with the first group again
                 flips = bad.corrupted

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vml.repo import packfiles
+from vml.repo import packfiles, paths
 
 from helpers import registered
 
@@ -58,7 +58,7 @@ def test_a_bit_flipped_in_a_pack_fails_that_chunk_only_in_verify_and_the_mount(v
     table = repo.resolve(repo.entry("e").digest).disks["d"]
     victim = 20
     loc = repo.store.packs.locate(table.digest(victim))
-    pack = packfiles.pack_path(repo.store.path, loc.pack)
+    pack = paths.pack_path(repo.store.path, loc.pack)
     data = bytearray(pack.read_bytes())
     data[loc.offset + loc.length // 2] ^= 0x08
     os.chmod(pack, 0o644)

@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from vml.repo import packs
-from vml.repo.packfiles import index_path, pack_path, packset_path
+from vml.repo.paths import index_path, pack_path, packset_path
 from vml.repo.repository import Repository
 from vml.repo.store import Store
 

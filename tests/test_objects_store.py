@@ -7,9 +7,8 @@ import time
 import pytest
 import zstandard
 
-from vml import layout
 from vml.errors import AlreadyExists, CorruptManifest, CorruptObject, Locked, NotFound, ObjectMissing, UsageError
-from vml.repo import objects
+from vml.repo import objects, paths
 from vml.repo.store import Store
 
 
@@ -52,7 +51,7 @@ def test_store_reports_a_tampered_object_and_a_missing_one(tmp_path):
     store = Store.create(tmp_path / "r")
     with store.lock("test"):
         d, _, _ = store.put(b"a" * 4096)
-    path = layout.object_path(store.path, d)
+    path = paths.object_path(store.path, d)
     path.write_bytes(zstandard.ZstdCompressor().compress(b"b" * 4096))
     with pytest.raises(CorruptObject, match=str(path)):
         store.read(d, 8192)

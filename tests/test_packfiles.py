@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from vml.errors import CorruptObject, ObjectMissing
-from vml.repo import objects, packfiles
+from vml.repo import objects, packfiles, paths, transport
 from vml.repo.store import Store
 
 
@@ -43,13 +43,13 @@ def read(files: packfiles.PackFiles, content: bytes) -> bytes:
 def test_objects_go_into_packs_of_about_the_target_size_in_order_and_read_back(store):
     data = chunks(40)
     files, created = write(store, data)
-    sizes = [packfiles.pack_path(store.path, p).stat().st_size for p in created]
+    sizes = [paths.pack_path(store.path, p).stat().st_size for p in created]
     assert len(created) > 3 and all(s >= 64 << 10 for s in sizes[:-1]) and all(s < 128 << 10 for s in sizes)
     assert sorted(files.packs()) == sorted(created)
     # Two files per pack, however many objects.
-    assert len(list((store.path / packfiles.PACKS).glob("*/*"))) == 2 * len(created)
+    assert len(list((store.path / paths.PACKS).glob("*/*"))) == 2 * len(created)
     # The order of adding is kept: the first pack holds the first objects.
-    first = packfiles.pack_path(store.path, created[0]).read_bytes()
+    first = paths.pack_path(store.path, created[0]).read_bytes()
     assert first.startswith(objects.compress(data[0]) + objects.compress(data[1]))
     fresh = packfiles.PackFiles(store.path, store.place)  # another process: nothing loaded
     for c in data:
@@ -66,7 +66,7 @@ def test_a_reader_loads_only_the_indexes_of_the_pack_set(store):
     wanted = chunks(40)[:4]  # these lie in the first two packs
     for c in wanted:
         assert reader._where.get(objects.digest(c)) is not None
-    assert reader._indexed == set(created[:2])
+    assert set(reader._sizes) == set(created[:2])
     assert reader.packset(objects.digest(b"no such entry")) is None
 
 
@@ -97,7 +97,7 @@ def test_damaged_packs_and_pack_sets_are_errors_never_wrong_bytes(store):
     data = chunks(12)
     files, created = write(store, data, target=1 << 20)
     (pack,) = created
-    path = packfiles.pack_path(store.path, pack)
+    path = paths.pack_path(store.path, pack)
     victim = data[5]
     loc = files.locate(objects.digest(victim))
     raw = bytearray(path.read_bytes())
@@ -118,7 +118,7 @@ def test_damaged_packs_and_pack_sets_are_errors_never_wrong_bytes(store):
     manifest = objects.digest(b"m")
     with store.lock("test"):
         files.write_packset(manifest, [pack])
-    ps = packfiles.packset_path(store.path, manifest)
+    ps = paths.packset_path(store.path, manifest)
     good = ps.read_bytes()
     for bad, why in [
         (good[:-1] + bytes([good[-1] ^ 1]), "checksum"),
@@ -131,7 +131,7 @@ def test_damaged_packs_and_pack_sets_are_errors_never_wrong_bytes(store):
 
 
 def test_many_readers_across_more_packs_than_open_descriptors(store, monkeypatch):
-    monkeypatch.setattr(packfiles, "OPEN_PACKS", 3)
+    monkeypatch.setattr(transport, "OPEN_FILES", 3)
     fds_before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
     data = chunks(60, seed=4)
     _, created = write(store, data, target=1)  # one pack per object
@@ -141,7 +141,7 @@ def test_many_readers_across_more_packs_than_open_descriptors(store, monkeypatch
     random.Random(5).shuffle(order)
     with ThreadPoolExecutor(8) as pool:
         assert all(got == want for got, want in zip(pool.map(lambda c: read(reader, c), order), order, strict=True))
-    assert len(reader._open) <= 3
+    assert len(reader.transport._open) <= 3
     reader.close()
     assert len(os.listdir(f"/proc/{os.getpid()}/fd")) <= fds_before  # nothing leaked
 

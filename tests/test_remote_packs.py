@@ -13,10 +13,10 @@ from vml import keys
 from vml.config import Config
 from vml.errors import Corrupt
 from vml.remotes import catalog as catalogs
-from vml.remotes.remotepacks import RANDOM_READ_BOUND
 from vml.repo.chunkmap import ChunkTable
-from vml.repo.packfiles import decode_packset, index_path, packset_path
-from vml.repo.packs import Index
+from vml.repo.packreader import decode_packset
+from vml.repo.packs import MAX_OBJECT, Index
+from vml.repo.paths import index_path, packset_path
 
 from conftest import Vml, add_remote, debugfs_write, need, need_fuse
 from helpers import direct_read
@@ -73,7 +73,7 @@ def test_a_random_read_fetches_one_frame_and_a_sequential_read_whole_packs(vml, 
     got = pack_requests(origin, before)
     assert len(got) == 1, got  # one Range request, of that chunk's frame
     path, size = got[0]
-    assert size == packs[path].find(table.digest(i)).length <= RANDOM_READ_BOUND
+    assert size == packs[path].find(table.digest(i)).length <= MAX_OBJECT
 
     # A whole sequential read: whole packs, each at most once.
     before = len(origin.requests())

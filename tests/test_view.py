@@ -11,13 +11,13 @@ import os
 
 import pytest
 
-from vml import layout
 from vml.entries.checkout import checkout
 from vml.entries.copies import staging_path
 from vml.entries.reader import ChunkCache
 from vml.entries.save import save_source
 from vml.entries.vmdk import descriptor
 from vml.errors import Corrupt, Locked, NotFound, ReadOnly, UsageError
+from vml.repo import paths
 from vml.repo.manifest import RESERVED_FILE
 from vml.repo.repository import Repository
 from vml.repo.store import Store
@@ -76,7 +76,7 @@ def test_repositories_entries_and_their_files(book, tmp_path):
 def test_a_damaged_entry_hides_nothing_else(book):
     book, repo, _ = book
     digest = repo.refs()["e1"]
-    path = layout.object_path(repo.store.path, digest)
+    path = paths.object_path(repo.store.path, digest)
     path.write_bytes(b"damaged")
     fresh = Logbook(book.home)
     try:

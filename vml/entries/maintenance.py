@@ -5,11 +5,10 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from .. import layout
 from ..errors import Corrupt, HasChildren, ObjectMissing, UsageError
 from ..files import storage_error
 from ..progress import SILENT, Progress
-from ..repo import certificates, chunkmap, leases
+from ..repo import certificates, chunkmap, leases, paths
 from ..repo.manifest import Link, Manifest, Stream
 from ..repo.packs import Location
 from ..repo.repository import Entry, Repository
@@ -194,7 +193,7 @@ def _forget_gone_damage(store) -> None:
     store.damage.forget(
         (d, pack)
         for d, pack in store.damage.copies()
-        if not (store.packs.has_index(pack) if pack else os.path.lexists(layout.object_path(store.path, d)))
+        if not (store.packs.has_index(pack) if pack else os.path.lexists(paths.object_path(store.path, d)))
     )
 
 

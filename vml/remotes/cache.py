@@ -1,18 +1,30 @@
-"""The local object cache of one remote: quota, LRU eviction, pins, counters.
+"""A remote's cache: a transport in front of its HTTP transport, with quota, LRU eviction, pins, counters.
 
-Objects are kept as fetched (compressed, already checked against their
-digest) under ``objects/ab/cdef...``, and whole packs fetched from a remote
-that publishes packs (checked against their name) under ``packs/ab/<pack>``:
-one file per pack, read a frame at a time, so a preload writes a few files
-rather than one per chunk. A file's mtime is its last use: a hit touches
-it, so eviction removes the least recently used first. The quota is
-soft: passing it evicts down to the low mark (three quarters of the quota),
-never touching the objects and packs of pinned entries. Several processes (the mount
-and commands) share a cache; each keeps its own running total and rescans
-the directory when it evicts, so they cannot drift far.
+Files are kept under the names the origin gives them (vml.repo.paths):
+whole packs and their indexes under ``packs/ab/``, pack sets under
+``packsets/``, loose objects under ``objects/ab/``, each checked before it
+is kept (a pack against its name, an index or pack set against the signed
+catalog, an object against its digest). A frame fetched alone by a Range
+request (a random read) is kept as its object's loose file, so that what
+was read once reads offline. Readers check every frame again when they
+decode it; a kept copy found damaged is dropped (``forget``) and fetched
+again.
 
-Counters (hits, misses, bytes fetched) are added to ``stats.json`` under a
-lock every few seconds and when the process ends.
+One fetch per file, however many readers want it: the first reader to
+miss a file fetches it and the others wait for it (``_Job``); whole packs
+asked for ahead (a sequential reader's fetch-ahead, preload) are fetched on
+``PACK_CONNECTIONS`` threads, streamed into the cache's tmp/ and hashed as
+they arrive, and a reader of a chunk in a pack on its way waits for the
+pack rather than fetching its frame again.
+
+A file's mtime is its last use: a hit touches it, so eviction removes the
+least recently used first. The quota is soft: passing it evicts down to
+the low mark (three quarters of the quota), never touching the objects and
+packs of pinned entries; indexes and pack sets are small and not evicted.
+Several processes (the mount and commands) share a cache; each keeps its
+own running total and rescans the directory when it evicts, so they
+cannot drift far. Counters (hits, misses, bytes fetched) are added to
+``stats.json`` under a lock every few seconds and when the process ends.
 """
 
 import atexit
@@ -21,32 +33,86 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import layout
-from ..errors import CorruptManifest, StorageError, VmlError
+import blake3
+
+from ..errors import CorruptManifest, CorruptObject, ObjectMissing, StorageError, VmlError
 from ..files import storage_error, write_atomic
-from ..repo.objects import parse_hex
-from ..repo.packfiles import PACKS, pack_path
+from ..progress import SILENT
+from ..repo import paths
+from ..repo.transport import LocalTransport, Whole
+from .http import HttpTransport
 
 log = logging.getLogger(__name__)
 
 LOW_MARK = 0.75
 STATS_EVERY = 2.0  # seconds between flushes of the counters
 COUNTERS = ("hits", "misses", "fetched_bytes", "evicted")
+PACK_CONNECTIONS = 4  # whole packs fetched at once (bench/packs.py: 4 reach curl's rate)
 
 
-class ObjectCache:
-    def __init__(self, path: Path, quota: int):
-        self.path = path
-        self.quota = quota
+class _Job:
+    """One fetch of one file; its waiters wait on ``done``, then look in the cache (or raise ``error``)."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.data: bytes | None = None  # for its waiters, when the cache could not keep it
+
+
+class _Sink:
+    """A whole file arriving into the cache's tmp/, hashed as it comes; named once complete and checked."""
+
+    def __init__(self, tmp: Path, final: Path, name: str, where: str):
+        self.final, self.name, self.where = final, name, where
+        fd, self.tmp = tempfile.mkstemp(dir=tmp)
+        self.file = os.fdopen(fd, "wb", buffering=0)
+        self.hasher = blake3.blake3()
+        self.size = 0
+
+    def write(self, block: bytes) -> None:
+        self.hasher.update(block)
+        self.file.write(block)
+        self.size += len(block)
+
+    def finish(self, whole: Whole) -> "_Sink":
+        self.file.close()
+        if self.size > whole.size or self.hasher.digest() != whole.digest:
+            self.discard()
+            raise CorruptObject(f"{self.where}: {self.name} does not match its name")
+        self.final.parent.mkdir(exist_ok=True)
+        os.rename(self.tmp, self.final)
+        return self
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+class CachedTransport:
+    """The cache of one remote: a transport that keeps what its origin sends."""
+
+    def __init__(self, path: Path, quota: int, origin: HttpTransport):
+        self.path, self.quota, self.origin = path, quota, origin
+        self.where = origin.where
+        self.parallel = origin.parallel
         self.tmp = path / "tmp"
-        for d in (path / layout.OBJECTS, path / PACKS, self.tmp):
+        for d in (path / paths.OBJECTS, path / paths.PACKS, path / paths.PACKSETS, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(path / "indexes", ignore_errors=True)  # where vml 0.x kept indexes: now beside their packs
+        self.local = LocalTransport(path)
+        origin.keep = self._keep
         self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._size: int | None = None  # running total, from a scan
         self._evicting = False
         self._counts = dict.fromkeys(COUNTERS, 0)
@@ -54,85 +120,178 @@ class ObjectCache:
         self.pinned_objects = lambda: set()  # set by the owner: objects and packs pinned entries need
         atexit.register(self.flush_stats)
 
-    def _path(self, digest: bytes) -> Path:
-        return layout.object_path(self.path, digest)
+    def shown(self, name: str) -> str:
+        return f"{self.where} cache, {name}"
 
-    def discard(self, digest: bytes) -> None:
-        """Forget a cached object (found damaged)."""
-        self._path(digest).unlink(missing_ok=True)
+    def has(self, name: str) -> bool:
+        return os.path.exists(self.path / name)
 
-    # -- objects ---------------------------------------------------------
+    # -- loading ---------------------------------------------------------
 
-    def get(self, digest: bytes) -> bytes | None:
-        """The stored bytes of a cached object, or None; a hit makes it most recently used."""
-        p = self._path(digest)
+    def load(self, name, limit, span=None, whole: Whole | None = None, check=None, alias=None) -> bytes:
+        """A kept file (or range of it), else fetched through the origin, checked and kept.
+
+        ``alias``: the name a range fetched alone is kept under (a frame: its object's loose file); a range
+        without one is not kept."""
+        data = self._kept(name, limit, span)
+        if data is None and alias is not None:
+            data = self._kept(alias, limit, None)
+        if data is not None:
+            return data
+        self.count("misses")
+        if span is not None and whole is not None and (self._under_way(name) or self.origin.fetcher.ranges is False):
+            # On its way whole (asked for ahead), or the server sends only whole files: one fetch of the
+            # file serves every reader of it. If that failed, the frame alone is fetched below.
+            with contextlib.suppress(VmlError):
+                self._once(name, lambda: self._whole(name, whole))
+            if (data := self._kept(name, limit, span, count=False)) is not None:
+                return data
+        key = alias if span is not None else name
+
+        def fetch() -> bytes:
+            body = self.origin.load(name, limit, span, whole, check)
+            self.count("fetched_bytes", len(body))
+            if key is not None:
+                self._keep(key, body)
+            return body
+
+        if key is None:
+            return fetch()
+        data = self._once(key, fetch)
+        if data is None:  # another thread fetched and kept it
+            data = self._kept(key, limit, None, count=False)
+        return data if data is not None else fetch()  # evicted at once: fetched again, for this reader only
+
+    def _kept(self, name: str, limit: int, span, count: bool = True) -> bytes | None:
         try:
-            with open(p, "rb") as f:
-                blob = f.read()
-                os.utime(f.fileno())
-        except FileNotFoundError:
-            self.count("misses")
+            data = self.local.load(name, limit, span)
+        except ObjectMissing:
             return None
-        except OSError as e:
-            log.warning("cache %s: cannot read %s (%s); fetching it again", self.path, p, e.strerror)
-            self.count("misses")
-            return None
-        self.count("hits")
-        return blob
-
-    def peek(self, digest: bytes) -> bytes | None:
-        """The stored bytes if cached, without counting a hit or a miss."""
-        try:
-            return self._path(digest).read_bytes()
-        except OSError:
-            return None
-
-    def has(self, digest: bytes) -> bool:
-        return self._path(digest).exists()
-
-    def size_of(self, digest: bytes) -> int | None:
-        try:
-            return self._path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
-
-    def put(self, digest: bytes, blob: bytes) -> None:
-        """Keep a checked object; past the quota, evict down to the low mark."""
-        self._keep(self._path(digest), blob, f"object {digest.hex()}")
-
-    # -- whole packs -----------------------------------------------------
-
-    def has_pack(self, pack: bytes) -> bool:
-        return pack_path(self.path, pack).exists()
-
-    def put_pack(self, pack: bytes, data: bytes) -> None:
-        """Keep a whole pack, checked against its name."""
-        self._keep(pack_path(self.path, pack), data, f"pack {pack.hex()}")
-
-    def read_frame(self, pack: bytes, offset: int, length: int, count: bool = True) -> bytes | None:
-        """The ``length`` bytes at ``offset`` of a cached pack (a hit makes it most recently used), or None."""
-        try:
-            with open(pack_path(self.path, pack), "rb", buffering=0) as f:
-                frame = os.pread(f.fileno(), length, offset)
-                if count:
-                    os.utime(f.fileno())
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("cache %s: cannot read pack %s (%s); fetching it again", self.path, pack.hex(), e.strerror)
-            return None
-        if len(frame) != length:  # a pack cut short: what it holds is not what it was checked as
-            self.discard_pack(pack)
+        except CorruptObject as e:  # cut short, or not a regular file: fetch it again
+            log.warning("%s; fetching it again", e)
+            self.forget(name)
             return None
         if count:
+            with contextlib.suppress(OSError):
+                os.utime(self.path / name)
             self.count("hits")
-        return frame
+        return data
 
-    def discard_pack(self, pack: bytes) -> None:
-        """Forget a cached pack (found damaged)."""
-        pack_path(self.path, pack).unlink(missing_ok=True)
+    def _under_way(self, name: str) -> bool:
+        with self._lock:
+            return name in self._jobs
 
-    def _keep(self, p: Path, blob: bytes, what: str) -> None:
+    def _once(self, name: str, fetch) -> bytes | None:
+        """``fetch()`` run once for ``name`` however many threads ask at the same time; what it returned to
+        the thread that ran it, None to the others (the file is kept by then, or the data in the job)."""
+        with self._lock:
+            job = self._jobs.get(name)
+            leader = job is None
+            if leader:
+                job = self._jobs[name] = _Job()
+        if not leader:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            return job.data
+        try:
+            job.data = fetch()
+            return job.data
+        except BaseException as e:
+            job.error = e
+            raise
+        finally:
+            with self._lock:
+                del self._jobs[name]
+            job.done.set()
+
+    def _whole(self, name: str, whole: Whole) -> bytes | None:
+        """Fetch a whole file into the cache; None when it is kept (streamed there), else its bytes."""
+        if self.has(name):
+            return None  # a reader that asked before an earlier fetch of it ended
+        if whole.digest is None:
+            body = self.origin.whole_file(name, whole)
+            self.count("fetched_bytes", len(body))
+            self._keep(name, body)
+            return body
+        sink = self.origin.into(name, whole, lambda: _Sink(self.tmp, self.path / name, name, self.where))
+        self.count("fetched_bytes", sink.size)
+        self._grew(sink.size)
+        return None
+
+    # -- fetching ahead --------------------------------------------------
+
+    def _pack_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:  # threads start at the first use
+                self._pool = ThreadPoolExecutor(PACK_CONNECTIONS, thread_name_prefix="vml-packs")
+            return self._pool
+
+    def _start(self, name: str, whole: Whole) -> _Job | None:
+        """A job fetching ``name`` whole on the pool (a new one, or the one under way); None if kept."""
+        with self._lock:
+            job = self._jobs.get(name)
+            if job is not None:
+                return job
+        if self.has(name):
+            return None
+        pool = self._pack_pool()
+        with self._lock:
+            job = self._jobs.get(name)
+            if job is None:
+                job = self._jobs[name] = _Job()
+                pool.submit(self._run, name, whole, job)
+            return job
+
+    def _run(self, name: str, whole: Whole, job: _Job) -> None:
+        try:
+            self._whole(name, whole)
+        except BaseException as e:  # a reader that needs it fetches its frame and says why if that fails too
+            job.error = e
+            log.debug("%s: fetching %s ahead failed: %s", self.where, name, e)
+        finally:
+            with self._lock:
+                del self._jobs[name]
+            job.done.set()
+
+    def prefetch(self, wanted) -> None:
+        """Start fetching these whole files in the background (those not kept or on their way)."""
+        for name, whole in wanted:
+            self._start(name, whole)
+
+    def fetch(self, wanted, progress=SILENT) -> None:
+        """Fetch these whole files now, on a few connections; ``progress`` advances as each arrives.
+
+        Only the pool's threads fetch and only this thread waits, so a file
+        already on its way (asked for ahead) is waited for, never fetched
+        twice, and no pool thread ever waits for work queued behind it.
+        """
+        jobs = []
+        for name, whole in wanted:
+            job = self._start(name, whole)
+            if job is None:
+                progress.advance(1)
+            else:
+                jobs.append(job)
+        while jobs:
+            arrived = [job for job in jobs if job.done.is_set()]
+            if not arrived:
+                jobs[0].done.wait(0.05)
+            for job in arrived:
+                jobs.remove(job)
+                if job.error is not None:
+                    raise job.error
+                progress.advance(1)
+
+    # -- keeping ---------------------------------------------------------
+
+    def forget(self, name: str) -> None:
+        """Drop a kept file found damaged: the next load fetches it again."""
+        self.local.forget(name)
+        (self.path / name).unlink(missing_ok=True)
+
+    def _keep(self, name: str, blob: bytes) -> None:
+        p = self.path / name
         try:
             p.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.tmp)
@@ -143,11 +302,14 @@ class ObjectCache:
             with contextlib.suppress(OSError, UnboundLocalError):
                 os.unlink(tmp)
             # A full or broken cache must not fail a read that was served.
-            log.warning("cache %s: cannot keep %s (%s)", self.path, what, storage_error(e, "writing"))
+            log.warning("cache %s: cannot keep %s (%s)", self.path, name, storage_error(e, "writing"))
             return
+        self._grew(len(blob))
+
+    def _grew(self, n: int) -> None:
         with self._lock:
             if self._size is not None:
-                self._size += len(blob)
+                self._size += n
             over = self._size is None or self._size > self.quota
         if over:
             try:
@@ -160,17 +322,13 @@ class ObjectCache:
     def scan(self) -> list[tuple[float, int, bytes, Path]]:
         """(last use, size, digest, path) of every cached object and pack."""
         out = []
-        for d, p in [*((d, p) for d, p, _ in layout.objects_in(self.path)), *self._packs_in()]:
+        packs = ((d, p) for d, p, _ in paths.packs_in(self.path) if p.suffix != ".idx")
+        for d, p in [*((d, p) for d, p, _ in paths.objects_in(self.path)), *packs]:
             if d is not None:
                 with contextlib.suppress(FileNotFoundError):
                     st = p.stat()
                     out.append((st.st_mtime, st.st_size, d, p))
         return out
-
-    def _packs_in(self):
-        for p, problem in layout.fanout(self.path / PACKS):
-            d = None if problem else parse_hex(p.name)
-            yield (d if d is not None and p.name.startswith(p.parent.name) else None), p
 
     def evict(self, target: int | None = None) -> int:
         """Remove least recently used, unpinned objects until at most ``target`` bytes remain."""
@@ -207,7 +365,7 @@ class ObjectCache:
     def usage(self) -> tuple[int, int, int]:
         """(objects, packs, bytes) in the cache now."""
         found = self.scan()
-        packs = sum(1 for *_, p in found if p.parent.parent.name == PACKS)
+        packs = sum(1 for *_, p in found if p.parent.parent.name == paths.PACKS)
         return len(found) - packs, packs, sum(s for _, s, _, _ in found)
 
     def clear(self) -> int:

@@ -163,8 +163,13 @@ class Fetcher:
         deadline: float | None = None,
         span: tuple[int, int] | None = None,
         whole: int | None = None,
+        into=None,
     ):
         """The body at ``path``, passed through ``check`` (which may raise Corrupt to reject it).
+
+        ``into``, when given, makes a sink for one attempt (``write(block)``,
+        ``discard()``): the body goes there as it arrives instead of into
+        memory, and ``check`` gets the sink.
 
         ``max_age``: how old a proxy's copy may be (0: none, fetch from the
         origin); None says nothing, for objects that never change.
@@ -192,8 +197,13 @@ class Fetcher:
                 if time.monotonic() >= deadline:
                     break
                 try:
-                    body = self._get_once(url, member, max_bytes, max_age, deadline, span, whole)
-                    result = check(body) if check else body
+                    body = self._get_once(url, member, max_bytes, max_age, deadline, span, whole, into)
+                    try:
+                        result = check(body) if check else body
+                    except Corrupt:
+                        if into is not None:
+                            body.discard()
+                        raise
                 except _Failed as e:
                     if not e.missing:  # a 404 is the origin's answer, not the proxy's failure
                         self.proxies.failed(member, f"{path}: {e}")
@@ -229,7 +239,8 @@ class Fetcher:
         deadline: float,
         span: tuple[int, int] | None,
         whole: int | None,
-    ) -> bytes:
+        into=None,
+    ):
         """One GET through ``member`` (None: direct), bounded in time and size, on this thread's handle.
 
         libcurl enforces the whole request's deadline (TIMEOUT_MS covers
@@ -238,16 +249,44 @@ class Fetcher:
         Content-Length; the write callback for the bytes that come), and
         reports a reply cut short of its Content-Length.
         """
-        st = self.settings
         remaining = max(0.1, deadline - time.monotonic())
         body = bytearray()
+        sink = into() if into is not None else None
+        received = 0
         if span is not None and whole is not None:
             max_bytes = max(max_bytes, whole)  # a server without ranges sends the whole file
 
         def write(block: bytes):
-            body.extend(block)
-            if len(body) > max_bytes:
+            nonlocal received
+            received += len(block)
+            if received > max_bytes:
                 return 0  # libcurl stops with CURLE_WRITE_ERROR
+            if sink is None:
+                body.extend(block)
+            else:
+                sink.write(block)
+
+        try:
+            self._perform(url, member, max_bytes, max_age, remaining, deadline, span, whole, write, lambda: received)
+        except BaseException:
+            if sink is not None:
+                sink.discard()
+            raise
+        with self._lock:
+            self.bytes += received
+        return bytes(body) if sink is None else sink
+
+    def _perform(self, url, member, max_bytes, max_age, remaining, deadline, span, whole, write, received) -> None:
+        st = self.settings
+        content_range = ""
+
+        def header(line: bytes):
+            nonlocal content_range
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.startswith("HTTP/"):  # a new reply's headers (after a 100 Continue, say)
+                content_range = ""
+            elif name.strip().lower() == "content-range":
+                content_range = value.strip()
 
         c = self._curl()
         c.reset()  # options back to defaults; open connections stay for reuse
@@ -282,6 +321,7 @@ class Fetcher:
         else:
             c.setopt(pycurl.CAINFO, certifi.where() if st.verify_tls is True else str(st.verify_tls))
         c.setopt(pycurl.WRITEFUNCTION, write)
+        c.setopt(pycurl.HEADERFUNCTION, header)
         c.setopt(pycurl.BUFFERSIZE, BUFFER)
         if span is not None:
             c.setopt(pycurl.RANGE, f"{span[0]}-{span[0] + span[1] - 1}")
@@ -289,7 +329,7 @@ class Fetcher:
             c.perform()
         except pycurl.error as e:
             code, message = e.args
-            if code == pycurl.E_WRITE_ERROR and len(body) > max_bytes:
+            if code == pycurl.E_WRITE_ERROR and received() > max_bytes:
                 raise _Failed(f"reply longer than the {max_bytes} bytes it may have") from None
             if code == pycurl.E_FILESIZE_EXCEEDED:
                 raise _Failed(f"reply declared more than the {max_bytes} bytes it may have") from None
@@ -305,17 +345,18 @@ class Fetcher:
             self._learn_ranges(False)
             if whole is None:
                 raise _Failed("the server ignores Range requests")
-            if len(body) != whole:
-                raise _Failed(f"{len(body)} bytes in a whole-file reply to a Range request, not {whole}")
+            if received() != whole:
+                raise _Failed(f"{received()} bytes in a whole-file reply to a Range request, not {whole}")
         elif status != (200 if span is None else 206):
             raise _Failed(f"HTTP {status}" + (" to a Range request" if span else ""), missing=status == 404)
         elif span is not None:
-            if len(body) != span[1]:
-                raise _Failed(f"{len(body)} bytes in reply to a Range request of {span[1]}")
+            asked = f"bytes {span[0]}-{span[0] + span[1] - 1}/"
+            said = content_range
+            if not said.startswith(asked):  # another part of the file than the one asked for
+                raise _Failed(f"a reply with Content-Range {said or 'missing'!r} to a Range request of {asked}*")
+            if received() != span[1]:
+                raise _Failed(f"{received()} bytes in reply to a Range request of {span[1]}")
             self._learn_ranges(True)
-        with self._lock:
-            self.bytes += len(body)
-        return bytes(body)
 
     @property
     def ranges(self) -> bool | None:

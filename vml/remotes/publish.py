@@ -31,15 +31,17 @@ from pathlib import Path
 
 import blake3
 
-from .. import keys, layout
+from .. import keys
 from ..errors import BadSignature, CorruptObject, NotFound, UsageError
 from ..files import storage_error, syncfs, write_atomic
 from ..progress import SILENT, Progress
-from ..repo import certificates
+from ..repo import certificates, paths
 from ..repo.chunkmap import HOLE
 from ..repo.objects import decode
-from ..repo.packfiles import PackFiles, decode_packset, encode_packset, index_path, pack_path, packset_path
+from ..repo.packfiles import PackFiles
+from ..repo.packreader import decode_packset, encode_packset
 from ..repo.packs import Index
+from ..repo.paths import index_path, pack_path, packset_path
 from ..repo.repository import Repository
 from ..repo.store import METADATA_LIMIT
 from ..times import format_iso
@@ -76,7 +78,7 @@ def publish(
     out = Path(out).absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / layout.OBJECTS).mkdir(exist_ok=True)
+        (out / paths.OBJECTS).mkdir(exist_ok=True)
     except OSError as e:
         raise storage_error(e, f"publishing into {out}") from None
     with _locked(out):
@@ -214,7 +216,7 @@ def _certificates(repo: Repository, manifests, previous: Catalog | None) -> dict
 def _put(out: Path, digest: bytes, repo: Repository) -> int:
     """Write one object unless it is there, whole; return the bytes written."""
     h = digest.hex()
-    path = layout.object_path(out, digest)
+    path = paths.object_path(out, digest)
     with contextlib.suppress(FileNotFoundError):
         # One a killed publish renamed into place but never flushed may be
         # empty or short after a crash of the machine: write it again.

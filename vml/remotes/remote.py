@@ -4,7 +4,10 @@ A remote is a read-only repository whose refs come from its signed catalog
 and whose objects are fetched on first use, checked against their digest,
 and kept in the remote's cache (``$VML_HOME/cache/NAME``). Each object is
 fetched once per process however many readers want it at the same time.
-Sequential readers and preload fetch in parallel connections.
+Its chunks are found and read by the one pack reader (vml.repo.packreader)
+through the remote's cache, a transport that wraps the HTTP transport
+(vml.remotes.cache, vml.remotes.http). Sequential readers and preload
+fetch whole packs on parallel connections.
 """
 
 import contextlib
@@ -14,8 +17,6 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,21 +33,23 @@ from ..errors import (
 from ..files import write_atomic
 from ..names import check_name
 from ..progress import SILENT, Progress
+from ..repo import paths
 from ..repo.manifest import DEFAULT_MAX_DISK_SIZE
 from ..repo.objects import decode
+from ..repo.packreader import PackReader, SignedListing
 from ..repo.packs import MAX_INDEX
 from ..repo.repository import Repository
 from ..repo.store import METADATA_LIMIT
+from ..repo.transport import Whole
 from . import catalog as catalogs
-from .cache import ObjectCache
+from .cache import CachedTransport
 from .catalog import CATALOG_FILE, CATALOG_LIMIT, Catalog
 from .fetch import Fetcher, Settings
-from .remotepacks import RemotePacks, pack_url
+from .http import HttpTransport
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUOTA = 10 << 30
-AHEAD_BYTES = 64 << 20  # fetched-ahead content kept in memory for its reader
 CATALOG_TTL = 60.0
 IDENTITY_FILE = "identity.json"  # in the cache: the repository the remote stands for
 
@@ -67,13 +70,6 @@ def _blob_limit(limit: int) -> int:
     return limit + (limit >> 7) + (64 << 10)
 
 
-class _InFlight:
-    def __init__(self):
-        self.done = threading.Event()
-        self.value: bytes | None = None
-        self.error: BaseException | None = None
-
-
 class RemoteStore:
     """The read side of a Store, served from a remote's cache and its HTTP server."""
 
@@ -81,21 +77,15 @@ class RemoteStore:
         self.rc = rc
         self.name = rc.name
         self.path = layout.cache_dir(home, rc.name)
-        self.cache = ObjectCache(self.path, rc.cache_quota)
-        self.cache.pinned_objects = self.pinned_objects
         self.key = keys.parse_public_key(rc.key, f"remote {rc.name}")
         self.fetcher = Fetcher(rc.url, rc.settings, f"remote {rc.name}")
+        self.cache = CachedTransport(self.path, rc.cache_quota, HttpTransport(self.fetcher, self._where()))
+        self.cache.pinned_objects = self.pinned_objects
+        self.reader = PackReader(self.cache, SignedListing(self.catalog))
         self.refs_path = self.path / CATALOG_FILE
-        self.packs = RemotePacks(self.path, self.fetcher, self.cache, self._where())
-        self._lock = threading.Lock()
-        self._inflight: dict[bytes, _InFlight] = {}
         self._catalog: tuple[float, Catalog] | None = None
         self._catalog_lock = threading.Lock()
         self._retry = catalogs.RetryAfter(self.path / catalogs.RETRY_FILE, f"{rc.url} via {rc.settings.proxy}")
-        self._pool: ThreadPoolExecutor | None = None
-        # Content fetched ahead of its reader, handed over once so it is not decoded twice.
-        self._ahead: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
-        self._ahead_bytes = 0
 
     def __repr__(self):
         return f"RemoteStore({self.name!r}, {self.rc.url!r})"
@@ -265,7 +255,7 @@ class RemoteStore:
         packs). Without ranges, a read of a chunk not cached fetches its whole pack."""
         indexes = self.catalog().indexes
         # Not the catalog: a Range request of it through a proxy would replace the proxy's copy.
-        return self.fetcher.serves_ranges(f"{pack_url(min(indexes))}.idx", MAX_INDEX) if indexes else None
+        return self.fetcher.serves_ranges(paths.index_name(min(indexes)), MAX_INDEX) if indexes else None
 
     def certificates(self, manifest: bytes) -> list[bytes]:
         return self.catalog().certificate_files(manifest)
@@ -277,143 +267,85 @@ class RemoteStore:
     # -- objects ---------------------------------------------------------
 
     def has(self, digest: bytes) -> bool:
-        loc = self.packs.locate(digest)
-        return (loc is not None and self.cache.has_pack(loc.pack)) or self.cache.has(digest)
+        """Whether the object is in the cache (its whole pack, or its own file)."""
+        loc = self.reader.located(digest)
+        return (loc is not None and self.cache.has(paths.pack_name(loc.pack))) or self.cache.has(
+            paths.object_name(digest)
+        )
 
     def prepare(self, manifest: bytes) -> None:
         """Learn where the chunks of this entry lie, if the remote publishes packs."""
-        self.packs.prepare(self.catalog(), manifest)
+        self.reader.prepare(manifest)
 
     def object_size(self, digest: bytes) -> int:
-        if (loc := self.packs.locate(digest)) is not None:
+        if (loc := self.reader.locate(digest)) is not None:
             return loc.length
-        size = self.cache.size_of(digest)
-        return size if size is not None else len(self.read_raw(digest))
+        return len(self.read_raw(digest))
 
     def read(self, digest: bytes, limit: int) -> bytes:
         """Content of an object: from the cache, else fetched, checked and cached."""
-        return self._obtain(digest, limit)[1]
+        return self._read(digest, limit)[1]
 
     def read_raw(self, digest: bytes) -> bytes:
-        return self._obtain(digest, METADATA_LIMIT)[0]
+        return self._read(digest, METADATA_LIMIT)[0]
 
-    def _obtain(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
-        with self._lock:
-            handed = self._ahead.pop(digest, None)
-            if handed is not None:
-                self._ahead_bytes -= len(handed[1])
-        if handed is not None and len(handed[1]) <= limit:
-            return handed
-        got = self._cached(digest, limit)
-        if got is not None:
-            return got
-        with self._lock:
-            job = self._inflight.get(digest)
-            leader = job is None
-            if leader:
-                job = self._inflight[digest] = _InFlight()
-        if not leader:
-            job.done.wait()
-            if job.error is not None:
-                raise job.error
-            return job.value
-        try:  # a leader that just finished may have cached it
-            job.value = self._cached(digest, limit, count=False) or self._fetch(digest, limit)
-            return job.value
-        except BaseException as e:
-            job.error = e
-            raise
-        finally:
-            with self._lock:
-                del self._inflight[digest]
-            job.done.set()
+    def _read(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
+        """(stored bytes, content) of an object: its frame in a pack, else its loose file; a kept copy that
+        fails its digest is dropped and fetched once more."""
+        where = f"{self._where()}, object {digest.hex()}"
 
-    def _cached(self, digest: bytes, limit: int, count: bool = True) -> tuple[bytes, bytes] | None:
-        """(stored, content) from the cache, from its pack if that is cached, else its own file; checked.
+        def check(blob: bytes) -> bytes:
+            decode(blob, digest, limit, where)
+            return blob
 
-        None when it is not cached, or damaged there (then dropped, pack or object, to be fetched again).
-        """
-        loc = self.packs.locate(digest)
-        if loc is not None and (frame := self.cache.read_frame(loc.pack, loc.offset, loc.length, count)) is not None:
-            where = f"remote {self.name} cache, object {digest.hex()} in pack {loc.pack.hex()}"
+        loc = self.reader.locate(digest)  # a miss loads the indexes of every pack the catalog lists
+        name = paths.pack_name(loc.pack) if loc else paths.object_name(digest)
+        for attempt in range(2):
             try:
-                return frame, decode(frame, digest, limit, where)
+                if loc is None:
+                    limit_bytes = _blob_limit(limit)
+                    blob = self.cache.load(name, limit_bytes, whole=Whole(limit_bytes, check=check), check=check)
+                else:
+                    span, whole = (loc.offset, loc.length), self.reader.whole(loc.pack)
+                    blob = self.cache.load(name, loc.length, span, whole, check, alias=paths.object_name(digest))
+                return blob, decode(blob, digest, limit, where)
+            except ObjectMissing:
+                raise ObjectMissing(f"object {digest.hex()} is missing from {self._where()}") from None
             except Corrupt as e:
-                log.warning("%s; fetching it again", e)
-                self.cache.discard_pack(loc.pack)
-        blob = self.cache.get(digest) if count else self.cache.peek(digest)
-        if blob is not None:
-            try:
-                return blob, decode(blob, digest, limit, f"remote {self.name} cache, object {digest.hex()}")
-            except Corrupt as e:
-                log.warning("%s; fetching it again", e)
-                self.cache.discard(digest)
-        return None
-
-    def _fetch(self, digest: bytes, limit: int) -> tuple[bytes, bytes]:
-        h = digest.hex()
-        where = f"remote {self.name}, object {h}"
-
-        def check(blob: bytes) -> tuple[bytes, bytes]:
-            return blob, decode(blob, digest, limit, where)
-
-        loc = self.packs.locate(digest, self.catalog())
-        try:
-            if loc is None:
-                blob, content = self.fetcher.get(
-                    f"{layout.OBJECTS}/{layout.object_name(digest)}", _blob_limit(limit), check
-                )
-            elif self.packs.wait(loc.pack) and (cached := self._cached(digest, limit, count=False)) is not None:
-                return cached  # its pack was on its way, and is in the cache now
-            else:
-                (blob, content), pack_kept = self.packs.fetch_frame(loc, check)
-                if pack_kept:
-                    return blob, content  # the cache holds its whole pack
-        except ObjectMissing:
-            raise ObjectMissing(f"object {h} is missing from remote {self.name} ({self.rc.url})") from None
-        self.cache.count("fetched_bytes", len(blob))
-        self.cache.put(digest, blob)
-        return blob, content
+                kept = [n for n in (name, paths.object_name(digest)) if self.cache.has(n)]
+                if attempt or not kept:  # what the network sent was refused: the fetcher tried every proxy
+                    raise
+                log.warning("%s (the copy in the cache); fetching it again", e)
+                for n in kept:
+                    self.cache.forget(n)
+        raise AssertionError("unreachable")
 
     # -- fetching ahead --------------------------------------------------
 
-    def pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.rc.settings.parallel, thread_name_prefix=f"vml-fetch-{self.name}")
-            return self._pool
-
     def prefetch(self, digests, limit: int) -> None:
-        """Fetch these objects in the background, if not cached or on their way already."""
-        for d in self.packs.prefetch([d for d in digests if not self.has(d)]):
-            with self._lock:
-                busy = d in self._inflight
-            if not busy:
-                self.pool().submit(self._quiet_read, d, limit)
+        """Start fetching these objects in the background: their whole packs, or their own files."""
+        packed, loose = self.reader.by_pack(d for d in digests if not self.has(d))
+        self.reader.prefetch(packed)
+        self.cache.prefetch(self._loose(loose, limit))
 
-    def _quiet_read(self, digest: bytes, limit: int) -> None:
-        try:
-            got = self._obtain(digest, limit)
-        except Exception as e:  # a read that needs it will fail and say why
-            log.debug("read-ahead of %s from remote %s failed: %s", digest.hex(), self.name, e)
-            return
-        with self._lock:
-            if digest not in self._ahead:
-                self._ahead[digest] = got
-                self._ahead_bytes += len(got[1])
-            while self._ahead_bytes > AHEAD_BYTES:
-                _, (_, old) = self._ahead.popitem(last=False)
-                self._ahead_bytes -= len(old)
+    def _loose(self, digests, limit: int) -> list[tuple[str, Whole]]:
+        def checker(d: bytes):
+            return lambda blob: decode(blob, d, limit, f"{self._where()}, object {d.hex()}")
+
+        return [(paths.object_name(d), Whole(_blob_limit(limit), check=checker(d))) for d in digests]
 
     def fetch_all(self, digests, limit: int, progress: Progress = SILENT) -> int:
-        """Make sure every object is cached, in parallel; return bytes fetched."""
+        """Make sure every object is cached, whole packs on a few connections; return bytes fetched.
+        ``progress`` counts the files to fetch: packs and loose objects."""
         missing = [d for d in digests if not self.has(d)]
-        progress.start(len(missing))
+        packed, loose = self.reader.by_pack(missing)
+        progress.start(len(packed) + len(loose))
         before = self.fetcher.bytes
-        packed, loose = self.packs.by_pack(missing)
-        for _ in self.pool().map(lambda d: self._obtain(d, limit), loose):
-            progress.advance(1)
-        self.packs.fetch_packs(packed, progress)
+        try:
+            self.cache.fetch(self._loose(loose, limit), progress)
+            self.reader.fetch(packed, progress)
+        except ObjectMissing as e:
+            raise ObjectMissing(f"{e}") from None
         return self.fetcher.bytes - before
 
     # -- pins ------------------------------------------------------------
@@ -428,7 +360,7 @@ class RemoteStore:
         for manifest in pins.values():
             self.prepare(manifest)  # where their chunks lie: the packs to keep
         objects = RemoteRepository(self).needed_objects(pins.values())
-        return objects | {loc.pack for d in objects if (loc := self.packs.locate(d)) is not None}
+        return objects | {loc.pack for d in objects if (loc := self.reader.locate(d)) is not None}
 
     # -- what a writer would need ----------------------------------------
 

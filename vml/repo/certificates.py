@@ -37,10 +37,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..errors import BadSignature, CorruptManifest, StorageError, UsageError, VmlError
 from ..files import open_regular, storage_error, write_atomic
 from ..keys import parse_public_key, public_key_text
-from ..layout import real_directory
 from ..names import check_name
 from ..times import now_iso, parse_iso
 from .objects import parse_hex
+from .paths import real_directory
 
 DIR = "certificates"
 LIMIT = 16 << 10  # one certificate file

@@ -23,8 +23,8 @@ import os
 import threading
 from pathlib import Path
 
-from ..layout import real_directory
 from .objects import parse_hex
+from .paths import real_directory
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +115,23 @@ class DamageRecord:
                 known.discard(copy)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / _name(copy))
+
+
+class _NoDamage(DamageRecord):
+    """The record of a source nothing is written to (a remote: a damaged copy in its cache is fetched again)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._copies = set()
+
+    def add(self, digest: bytes, pack: bytes | None) -> None:
+        pass
+
+    def reload(self) -> None:
+        pass
+
+    def forget(self, copies) -> None:
+        pass
+
+
+NO_DAMAGE = _NoDamage()

@@ -33,7 +33,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .. import layout
 from ..errors import (
     AlreadyExists,
     CorruptManifest,
@@ -47,9 +46,9 @@ from ..errors import (
 )
 from ..files import create_complete, fsync_dir, read_regular, syncfs, write_atomic
 from ..names import check_name
-from . import certificates, damage, objects
+from . import certificates, damage, objects, paths
 from .damage import DamageRecord
-from .packfiles import PACKS, PACKSETS, PackFiles
+from .packfiles import PackFiles
 from .packs import MAX_OBJECT, Location
 
 FORMAT = 2  # what `vml init` creates
@@ -147,7 +146,7 @@ class Store:
         try:
             staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.creating."))
             for i in range(256):
-                (staging / layout.OBJECTS / f"{i:02x}").mkdir(parents=True)
+                (staging / paths.OBJECTS / f"{i:02x}").mkdir(parents=True)
             (staging / "tmp").mkdir()
             (staging / "lock").touch()
             meta = {"format": format, "chunk_size": chunk_size, "digest": "blake3", "compression": "zstd"}
@@ -176,7 +175,7 @@ class Store:
     # -- objects ---------------------------------------------------------
 
     def _path(self, digest: bytes) -> Path:
-        return layout.object_path(self.path, digest)
+        return paths.object_path(self.path, digest)
 
     def has(self, digest: bytes) -> bool:
         """Whether a copy of the object is here, damaged or not (writers ask ``has_good``)."""
@@ -249,10 +248,7 @@ class Store:
     def prepare(self, manifest: bytes) -> None:
         """Load the indexes of the packs the entry's data lies in (format 2); a damaged pack set is CorruptObject."""
         if self.format == 2:
-            try:
-                self.packs.load(self.packs.packset(manifest) or ())
-            except ObjectMissing:  # a gc replaced the pack set and removed a pack it named: read it again
-                self.packs.load(self.packs.packset(manifest) or ())
+            self.packs.prepare(manifest)
 
     def _packed(self, digest: bytes):
         loc = self.packs.locate(digest) if self.format == 2 else None
@@ -353,7 +349,7 @@ class Store:
     def place(self, final: Path, data: bytes | bytearray) -> bool:
         """Create the immutable file ``final`` holding ``data``, complete or not at all; False if it exists."""
         self.require_lock()
-        if problem := layout.real_directory(final.parent):  # a link in place of objects/ab or packs/ab
+        if problem := paths.real_directory(final.parent):  # a link in place of objects/ab or packs/ab
             raise CorruptManifest(f"{final.parent}: {problem}; refusing to write through it (run vml verify)")
         return create_complete(final, data, self.tmp_dir)
 
@@ -376,11 +372,11 @@ class Store:
     def iter_objects(self) -> Iterator[tuple[bytes | None, Path, str | None]]:
         """Every file under objects/: (digest, path, None), or (None, path, what is wrong) for what is no
         object; links are reported, never followed."""
-        yield from layout.objects_in(self.path)
+        yield from paths.objects_in(self.path)
 
     def sync(self) -> None:
         """Flush every object written so far to stable storage (syncfs)."""
-        syncfs(self.path / layout.OBJECTS)
+        syncfs(self.path / paths.OBJECTS)
 
     def certificates(self, manifest: bytes) -> list[bytes]:
         """The certificate files kept beside the entry with this manifest (vml.repo.certificates), unchecked."""
@@ -466,8 +462,8 @@ class Store:
 
     def layout_problems(self) -> list[str]:
         """One line for each directory of the repository that is not a directory (a link is never followed)."""
-        names = (layout.OBJECTS, PACKS, PACKSETS, "tmp", LEASES_DIR, certificates.DIR, damage.DIR)
-        return [f"{self.path / n}: {problem}" for n in names if (problem := layout.real_directory(self.path / n))]
+        names = (paths.OBJECTS, paths.PACKS, paths.PACKSETS, "tmp", LEASES_DIR, certificates.DIR, damage.DIR)
+        return [f"{self.path / n}: {problem}" for n in names if (problem := paths.real_directory(self.path / n))]
 
     def _require_real_directories(self) -> None:
         # A writer removes and replaces files in these: through a link it would do so in another directory
