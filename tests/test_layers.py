@@ -100,3 +100,55 @@ def test_the_readme_and_the_architecture_name_every_layer():
     folders = sorted(p.name for p in (ROOT / "vml").iterdir() if (p / "__init__.py").exists())
     assert folders == ["cli", "entries", "envs", "remotes", "repo", "sites", "view", "vms", "web"]
     assert [f for f in folders if f"`{f}/`" not in text and f"`vml/{f}/`" not in text] == []
+
+
+def _store_format(node: ast.AST) -> bool:
+    """``store.format`` or ``x.store.format``: a repository's format (a catalog's or an image's is another)."""
+    if not (isinstance(node, ast.Attribute) and node.attr == "format"):
+        return False
+    owner = node.value
+    return (isinstance(owner, ast.Name) and owner.id == "store") or (
+        isinstance(owner, ast.Attribute) and owner.attr == "store"
+    )
+
+
+def _format_leaks(tree: ast.AST) -> list[tuple[int, str]]:
+    """Where a module tests the repository format or spells a pack, index or pack set name itself."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_store_format(s) for s in sides) and any(
+                isinstance(s, ast.Constant) and isinstance(s.value, int) for s in sides
+            ):
+                found.append((node.lineno, "tests the repository format"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if any(part in node.value for part in ("packs/", "packsets/", ".idx")):
+                found.append((node.lineno, f"spells a pack file's name ({node.value!r})"))
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id in ("MAX_OBJECT", "MAX_FRAME") for t in node.targets
+        ):
+            found.append((node.lineno, "defines the largest frame again"))
+    return found
+
+
+def test_no_module_outside_vml_repo_reads_the_format_or_builds_a_name_of_it():
+    """The format stays in vml/repo/: vml.repo.paths names its files, Store says what it does
+    (packs_chunks, pack_writer), vml.repo.objects bounds a frame."""
+    leaks = []
+    for name, path, _ in modules():
+        if not name.startswith("vml.repo."):
+            leaks += [
+                f"{path.relative_to(ROOT)}:{line}: {what}" for line, what in _format_leaks(ast.parse(path.read_text()))
+            ]
+    assert not leaks, "\n".join(leaks)
+    sample = "if store.format == 2:\n    p = root / 'packs/ab'\nMAX_OBJECT = 1\n"
+    assert len(_format_leaks(ast.parse(sample))) == 3  # the check itself sees each kind

@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 from .. import config, home
-from ..entries import bundle, maintenance, repack, repair
+from ..entries import bundle, maintenance, repair
 from ..entries.checkout import checkout
 from ..entries.save import save_source
 from ..errors import Corrupt, NotFound, UsageError
 from ..names import format_size
 from ..remotes.remote import open_remote
-from ..repo import leases
+from ..repo import leases, repack
 from ..repo.manifest import KINDS
 from ..vms import boot
 from .output import progress_bar, table

@@ -45,17 +45,17 @@ from ..names import check_name
 from ..progress import SILENT, Progress
 from ..repo import certificates
 from ..repo.chunkmap import chunk_length
-from ..repo.objects import HOLE, decode, parse_hex
+from ..repo.objects import HOLE, MAX_OBJECT, decode, parse_hex
+from ..repo.repack import pack_loose
 from ..repo.repository import Repository
 from ..repo.store import METADATA_LIMIT
-from .repack import pack_loose
 from .tarstream import TarReader, shown
 
 FORMAT = 1
 INDEX = "vml-bundle.json"
 INDEX_LIMIT = 1 << 20
 # An object's stored size can exceed its content by zstd's framing overhead.
-OBJECT_FILE_LIMIT = METADATA_LIMIT + (1 << 20)
+OBJECT_FILE_LIMIT = MAX_OBJECT
 
 
 @dataclass(frozen=True)
@@ -245,8 +245,7 @@ def import_bundle(
                 _check_complete(repo, _StagedStore(repo.store, staging, sizes), entries, path)
                 for obj in sizes:
                     repo.store.link_in(obj, staging / obj.hex())
-                if repo.store.format == 2:  # the bundle's chunks came loose: into packs, in disk order
-                    pack_loose(repo, entries.values())
+                pack_loose(repo, entries.values())  # the bundle's chunks came loose: into packs, in disk order
                 repo.store.sync()
                 _keep_certificates(repo, certs, trusted)
                 repo.store.update_refs(entries)

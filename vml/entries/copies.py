@@ -28,10 +28,10 @@ from ..layout import incoming_dir
 from ..names import check_name
 from ..repo.manifest import RESERVED_FILE, disk_file_names
 from ..repo.objects import HOLE, decode, digest
+from ..repo.repack import pack_loose
 from ..repo.repository import Entry, Repository
 from ..repo.store import METADATA_LIMIT
 from . import envtree
-from .repack import pack_loose
 from .vmdk import descriptor
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ def _adopt(target: Repository, name: str, source: Repository, manifest: bytes) -
                 blob = source.store.read_raw(obj)
                 decode(blob, obj, METADATA_LIMIT, f"object {obj.hex()} of {source.name}")
                 target.store.put_raw(obj, blob)
-            if target.store.format == 2:
-                pack_loose(target, [manifest])
+            pack_loose(target, [manifest])
             target.store.sync()
             target.store.update_refs({name: manifest})
         except OSError as e:

@@ -11,9 +11,9 @@ from ..progress import SILENT, Progress
 from ..repo import certificates, chunkmap, leases, paths
 from ..repo.manifest import Link, Manifest, Stream
 from ..repo.packs import Location
+from ..repo.repack import RepackSummary, repack
 from ..repo.repository import Entry, Repository
 from ..repo.store import METADATA_LIMIT
-from .repack import RepackSummary, repack
 from .save import ChunkWriter
 
 MAX_PROBLEMS_PER_ENTRY = 5
@@ -41,10 +41,9 @@ def verify(
                     problems.append(f"{path}: {problem}")
                 else:
                     copies.append((d, None))
-            if repo.store.format == 2:
-                packed, bad_packs = repo.store.packs.inventory()
-                copies += packed
-                problems += bad_packs
+            packed, bad_packs = repo.store.inventory()
+            copies += packed
+            problems += bad_packs
             progress.start(len(copies))
             _check_copies(repo, copies, checked, problems, pool, progress)
             try:
@@ -179,7 +178,7 @@ def gc(repo: Repository, keep: tuple[bytes, ...] = ()) -> GcSummary:
             if m not in live:  # the entry is gone: its certificates go with it
                 shutil.rmtree(repo.store.path / certificates.DIR / m.hex(), ignore_errors=True)
         try:
-            packs = repack(repo, live) if repo.store.format == 2 else None
+            packs = repack(repo, live)
         except OSError as e:  # every pack set names packs that are there
             raise storage_error(e, f"repacking {repo.name}") from None
         _forget_gone_damage(repo.store)

@@ -60,7 +60,7 @@ def repair(repo: Repository, sources: list, progress: Progress = SILENT) -> Repa
         summary.found[label] = len(got)
         progress.advance(len(got))
     with store.lock("vml verify --repair"):
-        writer = store.packs.writer() if store.format == 2 else None
+        writer = store.pack_writer()
         for d, blob in found.items():
             if not store.has_good(d):  # another writer may have stored it meanwhile
                 _store_anew(store, writer, d, blob)

@@ -59,8 +59,8 @@ class ChunkWriter:
         self.workers = workers or os.cpu_count() or 2
         self.max_inflight = 4 * self.workers
         self.created: list[bytes] = []
-        # Format 2: chunks go into packs, in stream order (the collector adds them).
-        self.packer = store.packs.writer() if store.format == 2 else None
+        # Chunks go into packs, in stream order (the collector adds them), where the repository packs them.
+        self.packer = store.pack_writer()
         self._zero = bytes(chunk_size)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vml-save")
 

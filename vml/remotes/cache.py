@@ -322,7 +322,7 @@ class CachedTransport:
     def scan(self) -> list[tuple[float, int, bytes, Path]]:
         """(last use, size, digest, path) of every cached object and pack."""
         out = []
-        packs = ((d, p) for d, p, _ in paths.packs_in(self.path) if p.suffix != ".idx")
+        packs = ((d, p) for d, p, _ in paths.packs_in(self.path) if not paths.is_index(p))
         for d, p in [*((d, p) for d, p, _ in paths.objects_in(self.path)), *packs]:
             if d is not None:
                 with contextlib.suppress(FileNotFoundError):

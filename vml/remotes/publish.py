@@ -167,7 +167,7 @@ def _locked(out: Path):
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # Published files never start with a dot: these are half-written ones.
-        for pattern in ("objects/*/.*", "packs/*/.*", "packsets/.*", f".{CATALOG_FILE}.*"):
+        for pattern in (*paths.LEFTOVERS, f".{CATALOG_FILE}.*"):
             for p in out.glob(pattern):
                 p.unlink(missing_ok=True)
         yield

@@ -35,7 +35,7 @@ from ..names import check_name
 from ..progress import SILENT, Progress
 from ..repo import paths
 from ..repo.manifest import DEFAULT_MAX_DISK_SIZE
-from ..repo.objects import decode
+from ..repo.objects import decode, frame_limit
 from ..repo.packreader import PackReader, SignedListing
 from ..repo.packs import MAX_INDEX
 from ..repo.repository import Repository
@@ -63,11 +63,6 @@ class RemoteConfig:
     catalog_ttl: float = CATALOG_TTL
     settings: Settings = field(default_factory=Settings)
     repository: str = ""  # the published repository's name, learnt when the remote is added (see identity())
-
-
-def _blob_limit(limit: int) -> int:
-    """Most bytes a zstd frame of ``limit`` bytes of content can take."""
-    return limit + (limit >> 7) + (64 << 10)
 
 
 class RemoteStore:
@@ -303,7 +298,7 @@ class RemoteStore:
         for attempt in range(2):
             try:
                 if loc is None:
-                    limit_bytes = _blob_limit(limit)
+                    limit_bytes = frame_limit(limit)
                     blob = self.cache.load(name, limit_bytes, whole=Whole(limit_bytes, check=check), check=check)
                 else:
                     span, whole = (loc.offset, loc.length), self.reader.whole(loc.pack)
@@ -332,7 +327,7 @@ class RemoteStore:
         def checker(d: bytes):
             return lambda blob: decode(blob, d, limit, f"{self._where()}, object {d.hex()}")
 
-        return [(paths.object_name(d), Whole(_blob_limit(limit), check=checker(d))) for d in digests]
+        return [(paths.object_name(d), Whole(frame_limit(limit), check=checker(d))) for d in digests]
 
     def fetch_all(self, digests, limit: int, progress: Progress = SILENT) -> int:
         """Make sure every object is cached, whole packs on a few connections; return bytes fetched.

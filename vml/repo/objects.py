@@ -23,6 +23,9 @@ from ..errors import CorruptObject, ObjectTooLarge
 DIGEST_SIZE = 32
 HOLE = bytes(DIGEST_SIZE)  # stands for an all-zero chunk; never a real digest
 COMPRESSION_LEVEL = 3
+# An object's frame is never larger than a compressed 16 MiB chunk or a 64 MiB chunk map
+# can become (zstd's bound is +0.4%); anything above is forged. The one bound of a frame.
+MAX_OBJECT = (64 << 20) + (1 << 20)
 
 _local = threading.local()
 
@@ -77,6 +80,11 @@ def _decode(blob: bytes, expected: bytes, limit: int) -> bytes:
     if digest(data) != expected:
         raise CorruptObject("content does not match its name")
     return data
+
+
+def frame_limit(limit: int) -> int:
+    """Most bytes a frame of ``limit`` bytes of content can take."""
+    return min(MAX_OBJECT, limit + (limit >> 7) + (64 << 10))
 
 
 def parse_hex(name: str) -> bytes | None:

@@ -27,15 +27,12 @@ from dataclasses import dataclass
 import blake3
 
 from ..errors import CorruptObject
-from .objects import DIGEST_SIZE
+from .objects import DIGEST_SIZE, MAX_OBJECT
 
 MAGIC = b"VMLIDX1\n"
 _HEAD = struct.Struct("<32sQI")
 _RECORD = struct.Struct("<32sQI")
 RECORD_SIZE = _RECORD.size  # 44
-# An object frame is never larger than a compressed 16 MiB chunk or a 64 MiB
-# chunk map can become (zstd's bound is +0.4%); anything above is forged.
-MAX_OBJECT = (64 << 20) + (1 << 20)
 PACK_SIZE = 8 << 20  # a pack is sealed once it holds this much (docs/format.md) ...
 MAX_PACK = PACK_SIZE + MAX_OBJECT  # ... so none is larger: an index saying more is forged
 # Bounds a forged index before it is read whole: a million objects is a

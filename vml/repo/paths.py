@@ -116,6 +116,10 @@ def packs_in(root: Path) -> Iterator[tuple[bytes | None, Path, str | None]]:
             yield d, path, None
 
 
+def is_index(path: Path) -> bool:
+    return path.suffix == ".idx"
+
+
 def packsets_in(root: Path) -> list[bytes]:
     """The manifests that have a pack set (a link in place of packsets/ is not followed: it names none)."""
     top = root / PACKSETS
@@ -126,6 +130,10 @@ def packsets_in(root: Path) -> list[bytes]:
     except FileNotFoundError:
         return []
     return [d for n in sorted(names) if (d := parse_hex(n)) is not None]
+
+
+# What a killed writer of a published directory leaves: files whose names start with a dot.
+LEFTOVERS = (f"{OBJECTS}/*/.*", f"{PACKS}/*/.*", f"{PACKSETS}/.*")
 
 
 def real_directory(path: Path) -> str | None:

@@ -72,11 +72,9 @@ log = logging.getLogger(__name__)
 
 
 def _decodes(blob: bytes, digest: bytes) -> bool:
-    try:
-        objects.decode(blob, digest, METADATA_LIMIT, "")
-        return True
-    except CorruptObject:
-        return False
+    with contextlib.suppress(CorruptObject):
+        return bool(objects.decode(blob, digest, METADATA_LIMIT, "")) or True
+    return False
 
 
 def check_chunk_size(size: int) -> int:
@@ -172,6 +170,16 @@ class Store:
         write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
         self.format = version
 
+    @property
+    def packs_chunks(self) -> bool:  # format 2; format 1 keeps every object loose
+        return self.format >= 2
+
+    def pack_writer(self):  # a PackWriter for new chunks, or None where they stay loose
+        return self.packs.writer() if self.packs_chunks else None
+
+    def inventory(self) -> tuple[list[tuple[bytes, Location]], list[str]]:  # see PackFiles.inventory
+        return self.packs.inventory() if self.packs_chunks else ([], [])
+
     # -- objects ---------------------------------------------------------
 
     def _path(self, digest: bytes) -> Path:
@@ -182,18 +190,16 @@ class Store:
         return os.path.exists(self._path(digest)) or (self.format == 2 and self.packs.locate(digest) is not None)
 
     def has_good(self, digest: bytes) -> bool:
-        """Whether a copy not recorded damaged is here (vml.repo.damage): what a writer deduplicates onto;
-        it stores an object with no such copy anew."""
+        """Whether a copy not recorded damaged is here (vml.repo.damage): what a writer deduplicates onto."""
         if os.path.exists(self._path(digest)) and not self.damage.damaged(digest, None):
             return True
         return self.format == 2 and self.packs.good(digest) is not None
 
     def object_size(self, digest: bytes) -> int:
         """Stored (compressed) size of an object."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             return os.stat(self._path(digest)).st_size
-        except FileNotFoundError:
-            return self._packed(digest).length
+        return self._packed(digest).length
 
     def read_raw(self, digest: bytes) -> bytes:
         """The stored, still compressed bytes of an object: its frame in a pack, else a loose file.
@@ -366,8 +372,7 @@ class Store:
 
     def remove_object(self, digest: bytes) -> None:
         self.require_lock()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(digest))
+        self._path(digest).unlink(missing_ok=True)
 
     def iter_objects(self) -> Iterator[tuple[bytes | None, Path, str | None]]:
         """Every file under objects/: (digest, path, None), or (None, path, what is wrong) for what is no

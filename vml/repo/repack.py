@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass
 
 from ..errors import Corrupt
-from ..repo import leases
-from ..repo.chunkmap import HOLE
-from ..repo.objects import decode
-from ..repo.packs import PACK_SIZE, PackBuilder
-from ..repo.repository import Repository
-from ..repo.store import METADATA_LIMIT
+from . import leases
+from .chunkmap import HOLE
+from .objects import decode
+from .packs import PACK_SIZE, PackBuilder
+from .repository import Repository
+from .store import METADATA_LIMIT
 
 KEEP_LIVE = 0.8  # a pack stays as it is while at least this share of it is live
 SMALL = PACK_SIZE // 4  # smaller packs are merged when there are two or more
@@ -34,14 +34,17 @@ class RepackSummary:
     skipped: str = ""  # why rewriting was left for a later gc (a full disk)
 
 
-def repack(repo: Repository, live: set[bytes]) -> RepackSummary:
-    """Collect the packs of ``repo`` (whose lock the caller holds), keeping the objects in ``live``.
+def repack(repo: Repository, live: set[bytes]) -> RepackSummary | None:
+    """Collect the packs of ``repo`` (whose lock the caller holds), keeping the objects in ``live``; None for a
+    repository that keeps its chunks loose (format 1).
 
     Dead packs go first, which needs no room: no live entry's pack set names
     a pack without a live object. Rewriting needs room for the copies; on a
     full disk it is left for a later gc, and what was freed stays freed.
     """
     store = repo.store
+    if not store.packs_chunks:
+        return None
     files = store.packs
     packed, _ = files.inventory()  # loads every readable index
     contents: dict[bytes, list] = {}  # pack -> [(digest, Location)]
@@ -119,7 +122,13 @@ def _copy_live(repo: Repository, objects, live: set[bytes], written: set[bytes])
         written.add(files.add_pack(builder, data))
 
 
-def pack_loose(repo: Repository, manifests, drop_loose: bool = True) -> int:
+def pack_loose(repo: Repository, manifests) -> int:
+    """Move the loose chunks of these entries into packs, where the repository packs its chunks (see
+    _pack_loose); 0 for one that keeps them loose (format 1)."""
+    return _pack_loose(repo, manifests) if repo.store.packs_chunks else 0
+
+
+def _pack_loose(repo: Repository, manifests, drop_loose: bool = True) -> int:
     """Move the loose chunks of these entries into packs, in disk order, and write their pack sets.
 
     For a repository being upgraded and for entries a bundle or a copy
@@ -171,7 +180,7 @@ def upgrade(repo: Repository) -> UpgradeSummary:
         was = store.format
         roots = [*repo.refs().values(), *(d for lease in leases.roots(repo) for d in lease.digests)]
         manifests = [d for root in roots for d, _ in repo.local_chain(root)]
-        packed = pack_loose(repo, manifests, drop_loose=False)  # format 1 reads only loose objects
+        packed = _pack_loose(repo, manifests, drop_loose=False)  # format 1 reads only loose objects
         if was == 1:
             store.set_format(2)
         dropped = 0
