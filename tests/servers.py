@@ -535,3 +535,41 @@ PartitionName=vml Nodes={node} Default=YES MaxTime=INFINITE State=UP
         for proc in reversed(self.procs):
             end_process(proc, 15)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ShiftedRanges:
+    """A static server whose answer to a Range request is 206 with another range than the one asked for
+    (one byte further on, of the same length), and a Content-Range that says so honestly."""
+
+    def __init__(self, root: Path):
+        import http.server
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                asked = self.headers.get("Range", "")
+                path = Path(self.translate_path(self.path))
+                if not asked.startswith("bytes=") or not path.is_file():
+                    return super().do_GET()
+                first, last = (int(x) for x in asked.removeprefix("bytes=").split("-"))
+                data = path.read_bytes()
+                first, last = min(first + 1, len(data) - 1), min(last + 1, len(data) - 1)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                self.send_header("Content-Length", str(last - first + 1))
+                self.end_headers()
+                self.wfile.write(data[first : last + 1])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

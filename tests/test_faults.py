@@ -1057,7 +1057,6 @@ def test_a_remote_that_hangs_trickles_or_truncates_gives_eio_through_the_mount(
         (disk,) = [p for p in (mp / "cern" / "e2").iterdir() if p.suffix == ".img"]  # e2's maps come now
         repo = Config.load(home).open("cern")
         table = remote_tables(repo)["e2"]
-        cache = repo.store.cache
         records = {i: (d, csize) for i, d, csize in table.records()}
         # O_DIRECT: no kernel readahead or page cache between the reads and the mount.
         fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
@@ -1074,7 +1073,7 @@ def test_a_remote_that_hangs_trickles_or_truncates_gives_eio_through_the_mount(
         seen, victims = {records[kept][0]} | {records[i][0] for i in ahead if i in records}, []
         fetched_whole = {url_of(published, d) for d in seen}
         for i, (d, csize) in sorted(records.items()):
-            if i % 2 and i not in ahead and csize > 16 << 10 and d not in seen and not cache.has(d):
+            if i % 2 and i not in ahead and csize > 16 << 10 and d not in seen and not repo.store.has(d):
                 if url_of(published, d) in fetched_whole:
                     continue
                 seen.add(d)
@@ -1087,7 +1086,7 @@ def test_a_remote_that_hangs_trickles_or_truncates_gives_eio_through_the_mount(
             with attempt:
                 mode = modes[attempt.index % len(modes)]
                 i = victims[attempt.index % len(victims)]
-                assert not cache.has(records[i][0])  # failed reads keep nothing
+                assert not repo.store.has(records[i][0])  # failed reads keep nothing
                 proxy.mode = mode
                 logged = len(child.output())
                 started = time.monotonic()

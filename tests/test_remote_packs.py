@@ -20,7 +20,7 @@ from vml.repo.paths import index_path, packset_path
 
 from conftest import Vml, add_remote, debugfs_write, need, need_fuse
 from helpers import direct_read
-from servers import Nginx, Squid, StaticServer, documented_squid_settings
+from servers import Nginx, ShiftedRanges, Squid, StaticServer, documented_squid_settings
 
 
 def pack_requests(origin, since: int) -> list[tuple[str, int]]:
@@ -250,5 +250,27 @@ def test_a_plain_static_server_that_ignores_range_serves_every_read(vml, home, m
         assert disk.read_bytes() == want
         got = [p for p, st in server.requests()[before:] if p.startswith("/packs/") and not p.endswith(".idx")]
         assert len(got) == len(set(got)) and set(got) <= set(packs), got
+    finally:
+        server.stop()
+
+
+def test_a_range_reply_that_says_another_range_is_refused(vml, home, published):
+    """A 206 of the right length but of another part of the pack is refused as that member's failure, with a
+    line that names the range, and never read as the chunk."""
+    from vml.errors import FetchError
+
+    from conftest import set_remote
+
+    server = ShiftedRanges(published["pub"])
+    try:
+        add_remote(vml, server, published)
+        set_remote(home, timeout=3.0)
+        repo = Config.load(home).open("cern")
+        (table,) = repo.resolve(repo.entry("e2").digest).disks.values()
+        chunks = [i for i, _, _ in table.records()]
+        i = chunks[len(chunks) // 2]
+        with pytest.raises(FetchError, match=r"Content-Range 'bytes \d+-\d+/\d+' to a Range request of bytes"):
+            repo.read_chunk(table, i, "disk")
+        assert not repo.store.has(table.digest(i))  # nothing of it was kept
     finally:
         server.stop()

@@ -26,9 +26,9 @@ from ..repo.repository import Repository
 
 DEFAULT_CACHE_BYTES = 256 << 20
 # Of a process's memory bound ([limits] mount_memory), what is not for decompressed chunks:
-# the interpreter and its libraries (about 80 MiB), a remote's content fetched ahead of its
-# reader (64 MiB), whole packs on their way (4 of 8 MiB), buffers in flight and what malloc
-# has not given back yet. bench/fs_read.py measured a peak of 415 MiB at the default 512.
+# the interpreter and its libraries (about 80 MiB), buffers in flight (whole packs stream
+# into the cache's files, not memory) and what malloc has not given back yet.
+# bench/fs_read.py measured a peak of 415 MiB at the default 512.
 RESERVED_BYTES = 320 << 20
 
 
@@ -92,7 +92,8 @@ class ChunkCache:
         return data
 
 
-FETCH_AHEAD = 32  # chunks (8 MiB at 256 KiB)
+FETCH_AHEAD = 32  # chunks kept on their way ahead of a sequential reader (8 MiB at 256 KiB)
+SEQUENTIAL_RUN = 32  # chunks read in order before a reader of remote objects counts as sequential
 
 
 class _NotCached(Exception):
@@ -105,8 +106,10 @@ class DiskReader:
     def __init__(self, repo: Repository, table: ChunkTable, where: str, cache: ChunkCache):
         self.repo, self.table, self.where, self.cache = repo, table, where, cache
         self.fetches = repo.read_only or bool(repo.fallbacks)  # objects may come over the network
-        self._last = -1  # the chunk read last, to spot a sequential reader (one starting at 0 is one)
+        self._last = -FETCH_AHEAD - 1  # the chunk read last (none yet: far from any) ...
+        self._run = 0  # ... and how many chunks in order ended there
         self._ahead_to = 0  # chunks before this one have been asked for
+        self._ahead_lock = threading.Lock()  # guards the three above: read threads share a reader
 
     @property
     def size(self) -> int:
@@ -123,20 +126,36 @@ class DiskReader:
     def _fetch_ahead(self, index: int) -> None:
         """Keep up to FETCH_AHEAD chunks on their way for a sequential reader of remote objects.
 
-        Sequential means the chunk after the one read last, or the first
-        chunk, where booting and copying start. Reading the same chunk again
-        (a read split in two by FUSE, or the page-cache push after a random
-        read) says nothing either way. The chunk being read is asked for too,
-        so that it comes with its pack when packs are fetched whole.
+        Sequential means reading from the first chunk on (where booting,
+        copying and checksumming start), or SEQUENTIAL_RUN chunks read in
+        order anywhere else (a chunk a little further on continues a run:
+        holes and chunks served from memory never reach here). A shorter run
+        (a 4 MiB read at a random place, with the kernel's read-ahead after
+        it) fetches only the frames it reads, never the whole packs around
+        them. Reading the same
+        chunk again (a read split in two by FUSE, or the page-cache push
+        after a random read) says nothing either way. The chunk being read
+        is asked for too, so that it comes with its pack when packs are
+        fetched whole.
         """
-        if index == self._last:
-            return
-        sequential = index == self._last + 1
-        self._last = index
-        if not sequential or self._ahead_to - index > FETCH_AHEAD // 2:
-            return
-        start, end = max(index, self._ahead_to), min(self.table.count, index + 1 + FETCH_AHEAD)
-        self._ahead_to = end
+        with self._ahead_lock:
+            if index == self._last:
+                return
+            step = index - self._last
+            if 0 < step <= FETCH_AHEAD:  # on from the last read (holes and chunks served from memory never come)
+                self._run += step
+            elif step < 0 and -step <= FETCH_AHEAD:  # reads of one run answered out of order (FUSE's threads)
+                return
+            else:  # a new run: what was asked for ahead of the old one says nothing of this one
+                self._run, self._ahead_to = SEQUENTIAL_RUN if index == 0 else 1, index
+            self._last = index
+            if self._run < SEQUENTIAL_RUN or self._ahead_to - index > FETCH_AHEAD // 2:
+                return
+            # From where the last request ended, if the reader has not left it far behind: chunks skipped
+            # over by this read may still be read by another thread of the same run.
+            start = self._ahead_to if index - self._ahead_to <= FETCH_AHEAD else index
+            end = min(self.table.count, index + 1 + FETCH_AHEAD)
+            self._ahead_to = end
         wanted = [d for i in range(start, end) if (d := self.table.digest(i)) != HOLE and self.cache.peek(d) is None]
         if wanted:
             self.repo.prefetch(wanted, self.table.chunk_size)

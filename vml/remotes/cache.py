@@ -75,14 +75,22 @@ class _Sink:
         self.file = os.fdopen(fd, "wb", buffering=0)
         self.hasher = blake3.blake3()
         self.size = 0
+        self.error: OSError | None = None
 
     def write(self, block: bytes) -> None:
         self.hasher.update(block)
-        self.file.write(block)
         self.size += len(block)
+        if self.error is None:
+            try:
+                self.file.write(block)
+            except OSError as e:  # a full cache: the transfer goes on, and finish says why nothing was kept
+                self.error = e
 
     def finish(self, whole: Whole) -> "_Sink":
         self.file.close()
+        if self.error is not None:
+            self.discard()
+            raise storage_error(self.error, f"keeping {self.name} in the cache")
         if self.size > whole.size or self.hasher.digest() != whole.digest:
             self.discard()
             raise CorruptObject(f"{self.where}: {self.name} does not match its name")
@@ -126,6 +134,10 @@ class CachedTransport:
     def has(self, name: str) -> bool:
         return os.path.exists(self.path / name)
 
+    def kept(self, name: str, limit: int) -> bytes | None:
+        """The kept file ``name``, if it is here (nothing is fetched)."""
+        return self._kept(name, limit, None)
+
     # -- loading ---------------------------------------------------------
 
     def load(self, name, limit, span=None, whole: Whole | None = None, check=None, alias=None) -> bytes:
@@ -142,7 +154,7 @@ class CachedTransport:
         if span is not None and whole is not None and (self._under_way(name) or self.origin.fetcher.ranges is False):
             # On its way whole (asked for ahead), or the server sends only whole files: one fetch of the
             # file serves every reader of it. If that failed, the frame alone is fetched below.
-            with contextlib.suppress(VmlError):
+            with contextlib.suppress(VmlError, OSError):
                 self._once(name, lambda: self._whole(name, whole))
             if (data := self._kept(name, limit, span, count=False)) is not None:
                 return data

@@ -293,13 +293,24 @@ class RemoteStore:
             decode(blob, digest, limit, where)
             return blob
 
-        loc = self.reader.locate(digest)  # a miss loads the indexes of every pack the catalog lists
+        loc = self.reader.located(digest)
+        if loc is None:
+            # Kept loose (a manifest, a map, a frame read alone): read offline without any index. Else it is
+            # in a pack of another entry, or loose at the origin (manifests are, as the catalog lists them).
+            kept = self.cache.kept(paths.object_name(digest), frame_limit(limit))
+            if kept is not None:
+                try:
+                    return kept, decode(kept, digest, limit, where)
+                except Corrupt as e:
+                    log.warning("%s (the copy in the cache); fetching it again", e)
+                    self.cache.forget(paths.object_name(digest))
+            if digest not in self.catalog().manifests:
+                loc = self.reader.locate(digest)  # loads the indexes of every pack the catalog lists, once
         name = paths.pack_name(loc.pack) if loc else paths.object_name(digest)
         for attempt in range(2):
             try:
                 if loc is None:
-                    limit_bytes = frame_limit(limit)
-                    blob = self.cache.load(name, limit_bytes, whole=Whole(limit_bytes, check=check), check=check)
+                    blob = self.cache.load(name, frame_limit(limit), check=check)
                 else:
                     span, whole = (loc.offset, loc.length), self.reader.whole(loc.pack)
                     blob = self.cache.load(name, loc.length, span, whole, check, alias=paths.object_name(digest))
