@@ -4,16 +4,18 @@ import json
 import sys
 
 from .. import config
-from ..envs import diff_environments, show_environment
-from ..envs.capture import area_source, entry_source, save_environment
-from ..envs.patterns import read_file
-from ..envs.restore import restore_environment
 from ..errors import UsageError
 from ..names import format_size
 from .output import progress_bar
 
+# The commands import the environment code when they run: it loads dissect's file system parsers, which
+# would cost every other `vml` command a tenth of a second at start.
+
 
 def cmd_env_save(args) -> int:
+    from ..envs.capture import area_source, entry_source, save_environment
+    from ..envs.patterns import read_file
+
     if bool(args.source) == bool(args.area):
         raise UsageError("say what to capture from: --from ENTRY or --area AREA (one of them)")
     if bool(args.user) == bool(args.home):
@@ -55,6 +57,8 @@ def cmd_env_save(args) -> int:
 
 
 def cmd_env_restore(args) -> int:
+    from ..envs.restore import restore_environment
+
     repo, entry = config.Config.load().find_entry(args.entry, args.repo)
     warn = lambda msg: print(f"vml: {msg}", file=sys.stderr)  # noqa: E731
     report = restore_environment(config.vml_home(), repo, entry, args.area, args.force, warn, args.add, args.home)
@@ -75,6 +79,8 @@ def cmd_env_restore(args) -> int:
 
 
 def cmd_env_show(args) -> int:
+    from ..envs import show_environment
+
     repo, entry = config.Config.load().find_entry(args.entry, args.repo)
     info = show_environment(repo, entry)
     if args.json:
@@ -102,6 +108,8 @@ def cmd_env_show(args) -> int:
 
 
 def cmd_env_diff(args) -> int:
+    from ..envs import diff_environments
+
     cfg = config.Config.load()
     a = cfg.find_entry(args.a, args.repo)
     b = cfg.find_entry(args.b, args.repo)

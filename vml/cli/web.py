@@ -10,12 +10,16 @@ from pathlib import Path
 from .. import config
 from ..errors import UsageError
 from ..files import read_regular
-from ..web.security import Guard, hash_password, is_loopback, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:8004"
 
 
+# The page's code is imported when `vml web` runs: Starlette would cost every other command 60 ms at start.
+
+
 def _set_password(home: Path) -> int:
+    from ..web.security import hash_password
+
     if not sys.stdin.isatty():
         first = sys.stdin.readline().rstrip("\n")
         second = first
@@ -61,6 +65,7 @@ def cmd_web(args) -> int:
     import uvicorn
 
     from ..web.app import create_app
+    from ..web.security import Guard, is_loopback, parse_listen
 
     home = config.vml_home()
     if args.set_password:

@@ -364,6 +364,7 @@ class CachedTransport:
                         p.unlink()
                         total -= size
                         removed += 1
+                    self.local.forget(str(p.relative_to(self.path)))  # its space is freed once closed
                 if target is None and total > limit:  # clear keeps pinned objects by design: no warning
                     log.warning("cache %s: pinned entries alone hold more than the low mark of the quota", self.path)
                 self.count("evicted", removed)
