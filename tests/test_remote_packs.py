@@ -274,3 +274,19 @@ def test_a_range_reply_that_says_another_range_is_refused(vml, home, published):
         assert not repo.store.has(table.digest(i))  # nothing of it was kept
     finally:
         server.stop()
+
+
+def test_preload_from_a_static_server_without_ranges_then_offline(vml, home, published, tmp_path):
+    server = StaticServer(published["pub"])
+    try:
+        vml("remote", "add", "plain", server.url, "--key", published["pubkey"])
+        before = len(server.requests())
+        vml("cache", "preload", "plain:e2")
+        got = [p for p, st in server.requests()[before:] if p.startswith("/packs/") and not p.endswith(".idx")]
+        wanted = packs_of(published["pub"], served_catalog(published), "e2")
+        assert sorted(got) == sorted(wanted), got  # every pack of the entry, whole, once
+    finally:
+        server.stop()
+    vml("checkout", "plain:e2", tmp_path / "co")  # the server is gone: the cache serves it all
+    (img,) = (tmp_path / "co").glob("*.img")
+    assert img.read_bytes() == published["image"].read_bytes()
