@@ -92,7 +92,7 @@ class ChunkCache:
         return data
 
 
-FETCH_AHEAD = 32  # chunks kept on their way ahead of a sequential reader (8 MiB at 256 KiB)
+FETCH_AHEAD = 128  # chunks kept on their way ahead of a sequential reader (32 MiB at 256 KiB: 4 packs)
 SEQUENTIAL_RUN = 32  # chunks read in order before a reader of remote objects counts as sequential
 
 
@@ -106,7 +106,7 @@ class DiskReader:
     def __init__(self, repo: Repository, table: ChunkTable, where: str, cache: ChunkCache):
         self.repo, self.table, self.where, self.cache = repo, table, where, cache
         self.fetches = repo.read_only or bool(repo.fallbacks)  # objects may come over the network
-        self._last = -FETCH_AHEAD - 1  # the chunk read last (none yet: far from any) ...
+        self._last = -SEQUENTIAL_RUN - 1  # the chunk read last (none yet: far from any) ...
         self._run = 0  # ... and how many chunks in order ended there
         self._ahead_to = 0  # chunks before this one have been asked for
         self._ahead_lock = threading.Lock()  # guards the three above: read threads share a reader
@@ -142,9 +142,9 @@ class DiskReader:
             if index == self._last:
                 return
             step = index - self._last
-            if 0 < step <= FETCH_AHEAD:  # on from the last read (holes and chunks served from memory never come)
+            if 0 < step <= SEQUENTIAL_RUN:  # on from the last read (holes and chunks served from memory never come)
                 self._run += step
-            elif step < 0 and -step <= FETCH_AHEAD:  # reads of one run answered out of order (FUSE's threads)
+            elif step < 0 and -step <= SEQUENTIAL_RUN:  # reads of one run answered out of order (FUSE's threads)
                 return
             else:  # a new run: what was asked for ahead of the old one says nothing of this one
                 self._run, self._ahead_to = SEQUENTIAL_RUN if index == 0 else 1, index

@@ -343,8 +343,9 @@ class RemoteStore:
     def fetch_all(self, digests, limit: int, progress: Progress = SILENT) -> int:
         """Make sure every object is cached, whole packs on a few connections; return bytes fetched.
         ``progress`` counts the files to fetch: packs and loose objects."""
-        missing = [d for d in digests if not self.has(d)]
-        packed, loose = self.reader.by_pack(missing)
+        packed, loose = self.reader.by_pack(digests)  # one look in the cache per pack, not per chunk
+        packed = {p: ds for p, ds in packed.items() if not self.cache.has(paths.pack_name(p))}
+        loose = [d for d in loose if not self.cache.has(paths.object_name(d))]
         progress.start(len(packed) + len(loose))
         before = self.fetcher.bytes
         try:
