@@ -143,7 +143,7 @@ class DiskReader:
                 return
             step = index - self._last
             if 0 < step <= SEQUENTIAL_RUN:  # on from the last read (holes and chunks served from memory never come)
-                self._run += step
+                self._run += 1
             elif step < 0 and -step <= SEQUENTIAL_RUN:  # reads of one run answered out of order (FUSE's threads)
                 return
             else:  # a new run: what was asked for ahead of the old one says nothing of this one

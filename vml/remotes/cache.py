@@ -42,7 +42,7 @@ from pathlib import Path
 
 import blake3
 
-from ..errors import CorruptManifest, CorruptObject, ObjectMissing, StorageError, VmlError
+from ..errors import CorruptManifest, CorruptObject, FetchError, ObjectMissing, StorageError, VmlError
 from ..files import storage_error, write_atomic
 from ..progress import SILENT
 from ..repo import paths
@@ -58,12 +58,19 @@ PACK_CONNECTIONS = 4  # whole packs fetched at once (bench/packs.py: 4 reach cur
 
 
 class _Job:
-    """One fetch of one file; its waiters wait on ``done``, then look in the cache (or raise ``error``)."""
+    """One fetch of one file; its waiters wait on ``done``, then look in the cache (or raise ``error``).
 
-    def __init__(self):
+    A job asked for ahead waits on the pool's queue unclaimed; the first thread to claim it runs it: a pool
+    thread, or a reader that needs the file now (it runs the fetch itself rather than wait behind the
+    queue). Only a claimed job is waited for, and its fetch ends within the remote's timeout."""
+
+    def __init__(self, name: str):
+        self.name = name
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.data: bytes | None = None  # for its waiters, when the cache could not keep it
+        self.claimed = False
+        self.future = None  # on the pool's queue
 
 
 class _Sink:
@@ -72,7 +79,7 @@ class _Sink:
     def __init__(self, tmp: Path, final: Path, name: str, where: str):
         self.final, self.name, self.where = final, name, where
         fd, self.tmp = tempfile.mkstemp(dir=tmp)
-        self.file = os.fdopen(fd, "wb", buffering=0)
+        self.file = os.fdopen(fd, "wb")  # buffered: a short write is written on, never lost
         self.hasher = blake3.blake3()
         self.size = 0
         self.error: OSError | None = None
@@ -94,8 +101,12 @@ class _Sink:
         if self.size > whole.size or self.hasher.digest() != whole.digest:
             self.discard()
             raise CorruptObject(f"{self.where}: {self.name} does not match its name")
-        self.final.parent.mkdir(exist_ok=True)
-        os.rename(self.tmp, self.final)
+        try:
+            self.final.parent.mkdir(exist_ok=True)
+            os.rename(self.tmp, self.final)
+        except OSError as e:
+            self.discard()
+            raise storage_error(e, f"keeping {self.name} in the cache") from None
         return self
 
     def discard(self) -> None:
@@ -103,6 +114,19 @@ class _Sink:
             self.file.close()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
+
+
+STALE = 600.0  # seconds without a write after which a file in tmp/ is a killed fetch's
+
+
+def _remove_stale(tmp: Path) -> None:
+    """Remove what fetches killed mid-way left in tmp/ (a live fetch writes its file every moment)."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(tmp):
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE:
+                    os.unlink(entry.path)
 
 
 class CachedTransport:
@@ -116,6 +140,7 @@ class CachedTransport:
         for d in (path / paths.OBJECTS, path / paths.PACKS, path / paths.PACKSETS, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(path / "indexes", ignore_errors=True)  # where vml 0.x kept indexes: now beside their packs
+        _remove_stale(self.tmp)
         self.local = LocalTransport(path)
         origin.keep = self._keep
         self._lock = threading.Lock()
@@ -193,29 +218,41 @@ class CachedTransport:
         with self._lock:
             return name in self._jobs
 
-    def _once(self, name: str, fetch) -> bytes | None:
-        """``fetch()`` run once for ``name`` however many threads ask at the same time; what it returned to
-        the thread that ran it, None to the others (the file is kept by then, or the data in the job)."""
+    def _claim(self, name: str) -> tuple[_Job, bool]:
+        """The job for ``name`` (made if there is none), and whether the caller is to run it: a new job, or one
+        queued on the pool and not started yet. False: another thread runs it; wait for it."""
         with self._lock:
             job = self._jobs.get(name)
-            leader = job is None
-            if leader:
-                job = self._jobs[name] = _Job()
-        if not leader:
+            if job is None:
+                job = self._jobs[name] = _Job(name)
+            if job.claimed:
+                return job, False
+            job.claimed = True
+            return job, True
+
+    def _finish(self, job: _Job, error: BaseException | None = None) -> None:
+        job.error = error
+        with self._lock:
+            if self._jobs.get(job.name) is job:
+                del self._jobs[job.name]
+        job.done.set()
+
+    def _once(self, name: str, fetch) -> bytes | None:
+        """``fetch()`` run once for ``name`` however many threads ask at the same time; what it returned to
+        the thread that ran it and to those that waited (None: the file is kept by then)."""
+        job, mine = self._claim(name)
+        if not mine:
             job.done.wait()
             if job.error is not None:
                 raise job.error
             return job.data
         try:
             job.data = fetch()
-            return job.data
         except BaseException as e:
-            job.error = e
+            self._finish(job, e)
             raise
-        finally:
-            with self._lock:
-                del self._jobs[name]
-            job.done.set()
+        self._finish(job)
+        return job.data
 
     def _whole(self, name: str, whole: Whole) -> bytes | None:
         """Fetch a whole file into the cache; None when it is kept (streamed there), else its bytes."""
@@ -243,28 +280,40 @@ class CachedTransport:
         """A job fetching ``name`` whole on the pool (a new one, or the one under way); None if kept."""
         with self._lock:
             job = self._jobs.get(name)
-            if job is not None:
-                return job
+        if job is not None:
+            return job
         if self.has(name):
             return None
         pool = self._pack_pool()
         with self._lock:
             job = self._jobs.get(name)
-            if job is None:
-                job = self._jobs[name] = _Job()
-                pool.submit(self._run, name, whole, job)
-            return job
-
-    def _run(self, name: str, whole: Whole, job: _Job) -> None:
+            if job is not None:
+                return job
+            job = self._jobs[name] = _Job(name)
         try:
-            self._whole(name, whole)
+            job.future = pool.submit(self._run, whole, job)
+        except RuntimeError as e:  # the interpreter is ending: nothing more runs on the pool
+            self._finish(job, FetchError(f"{self.where}: {name} not fetched ({e})"))
+        return job
+
+    def _run(self, whole: Whole, job: _Job) -> None:
+        with self._lock:
+            if job.claimed:  # a reader needed it first and fetched it itself
+                return
+            job.claimed = True
+        try:
+            self._whole(job.name, whole)
         except BaseException as e:  # a reader that needs it fetches its frame and says why if that fails too
-            job.error = e
-            log.debug("%s: fetching %s ahead failed: %s", self.where, name, e)
-        finally:
-            with self._lock:
-                del self._jobs[name]
-            job.done.set()
+            log.debug("%s: fetching %s ahead failed: %s", self.where, job.name, e)
+            self._finish(job, e)
+            return
+        self._finish(job)
+
+    def _cancel(self, jobs: list[_Job]) -> None:
+        """Take jobs that no thread has started off the pool's queue (a preload that failed or was stopped)."""
+        for job in jobs:
+            if job.future is not None and job.future.cancel():
+                self._finish(job, FetchError(f"{self.where}: {job.name} not fetched (cancelled)"))
 
     def prefetch(self, wanted) -> None:
         """Start fetching these whole files in the background (those not kept or on their way)."""
@@ -279,21 +328,25 @@ class CachedTransport:
         twice, and no pool thread ever waits for work queued behind it.
         """
         jobs = []
-        for name, whole in wanted:
-            job = self._start(name, whole)
-            if job is None:
-                progress.advance(1)
-            else:
-                jobs.append(job)
-        while jobs:
-            arrived = [job for job in jobs if job.done.is_set()]
-            if not arrived:
-                jobs[0].done.wait(0.05)
-            for job in arrived:
-                jobs.remove(job)
-                if job.error is not None:
-                    raise job.error
-                progress.advance(1)
+        try:
+            for name, whole in wanted:
+                job = self._start(name, whole)
+                if job is None:
+                    progress.advance(1)
+                else:
+                    jobs.append(job)
+            while jobs:
+                arrived = [job for job in jobs if job.done.is_set()]
+                if not arrived:
+                    jobs[0].done.wait(0.05)
+                for job in arrived:
+                    jobs.remove(job)
+                    if job.error is not None:
+                        raise job.error
+                    progress.advance(1)
+        except BaseException:  # an error, or Ctrl-C: what has not started is not fetched on the way out
+            self._cancel(jobs)
+            raise
 
     # -- keeping ---------------------------------------------------------
 

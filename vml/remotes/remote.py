@@ -273,8 +273,11 @@ class RemoteStore:
         self.reader.prepare(manifest)
 
     def object_size(self, digest: bytes) -> int:
-        if (loc := self.reader.locate(digest)) is not None:
+        """Its stored size: from a loaded index, the kept file, else the object itself (fetched if need be)."""
+        if (loc := self.reader.located(digest)) is not None:
             return loc.length
+        with contextlib.suppress(OSError):
+            return (self.path / paths.object_name(digest)).stat().st_size
         return len(self.read_raw(digest))
 
     def read(self, digest: bytes, limit: int) -> bytes:
@@ -367,7 +370,7 @@ class RemoteStore:
         for manifest in pins.values():
             self.prepare(manifest)  # where their chunks lie: the packs to keep
         objects = RemoteRepository(self).needed_objects(pins.values())
-        return objects | {loc.pack for d in objects if (loc := self.reader.locate(d)) is not None}
+        return objects | {loc.pack for d in objects if (loc := self.reader.located(d)) is not None}
 
     # -- what a writer would need ----------------------------------------
 
