@@ -290,3 +290,23 @@ def test_preload_from_a_static_server_without_ranges_then_offline(vml, home, pub
     vml("checkout", "plain:e2", tmp_path / "co")  # the server is gone: the cache serves it all
     (img,) = (tmp_path / "co").glob("*.img")
     assert img.read_bytes() == published["image"].read_bytes()
+
+
+def test_a_cache_with_indexes_where_an_older_vml_kept_them_still_reads_offline(vml, home, published, tmp_path):
+    """Earlier versions kept a remote's indexes in cache/NAME/indexes/: the first use moves them beside their
+    packs, so an entry preloaded then opens with the server gone."""
+    server = Nginx(published["pub"])
+    try:
+        vml("remote", "add", "cern", server.url, "--key", published["pubkey"])
+        vml("cache", "preload", "cern:e2")
+    finally:
+        server.stop()
+    cache = home / "cache" / "cern"
+    old = cache / "indexes"
+    old.mkdir()
+    moved = [idx.rename(old / idx.name) for idx in (cache / "packs").glob("*/*.idx")]
+    assert moved
+    vml("checkout", "cern:e2", tmp_path / "co")
+    (img,) = (tmp_path / "co").glob("*.img")
+    assert img.read_bytes() == published["image"].read_bytes()
+    assert not old.exists() and len(list((cache / "packs").glob("*/*.idx"))) == len(moved)
