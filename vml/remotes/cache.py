@@ -33,7 +33,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -46,7 +45,6 @@ from ..errors import CorruptManifest, CorruptObject, FetchError, ObjectMissing, 
 from ..files import storage_error, write_atomic
 from ..progress import SILENT
 from ..repo import paths
-from ..repo.objects import parse_hex
 from ..repo.transport import LocalTransport, Whole
 from .http import HttpTransport
 
@@ -130,21 +128,6 @@ def _remove_stale(tmp: Path) -> None:
                     os.unlink(entry.path)
 
 
-def _move_old_indexes(path: Path) -> None:
-    """Move the indexes an older vml kept in ``indexes/`` beside their packs, under the origin's names, so that
-    entries opened before still open offline (each is checked against the catalog again when loaded)."""
-    old = path / "indexes"
-    if paths.real_directory(old) or not old.exists():
-        return
-    for entry in os.scandir(old):
-        pack = parse_hex(entry.name.removesuffix(".idx"))
-        if pack is not None and entry.name.endswith(".idx") and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(OSError):
-                paths.index_path(path, pack).parent.mkdir(exist_ok=True)
-                os.rename(entry.path, paths.index_path(path, pack))
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class CachedTransport:
     """The cache of one remote: a transport that keeps what its origin sends."""
 
@@ -155,7 +138,7 @@ class CachedTransport:
         self.tmp = path / "tmp"
         for d in (path / paths.OBJECTS, path / paths.PACKS, path / paths.PACKSETS, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        _move_old_indexes(path)
+        paths.move_old_indexes(path)  # an earlier vml kept them in indexes/
         _remove_stale(self.tmp)
         self.local = LocalTransport(path)
         origin.keep = self._keep

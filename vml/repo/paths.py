@@ -14,6 +14,7 @@ of the ``ab/`` directories.
 """
 
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +153,21 @@ def kind(name: str) -> str:
     if name.startswith(PACKS + "/"):
         return "pack index" if name.endswith(".idx") else "pack"
     return {PACKSETS: "pack set", OBJECTS: "object"}.get(name.partition("/")[0], "file")
+
+
+def move_old_indexes(cache: Path) -> None:
+    """Move the indexes an earlier vml kept in a remote's cache under ``indexes/`` beside their packs, under
+    the origin's names, so that entries opened before still open offline (each index is checked against the
+    catalog again when loaded)."""
+    old = cache / "indexes"
+    if real_directory(old) or not old.exists():
+        return
+    for entry in os.scandir(old):
+        pack = parse_hex(entry.name.removesuffix(".idx"))
+        if pack is not None and entry.name.endswith(".idx") and entry.is_file(follow_symlinks=False):
+            try:
+                index_path(cache, pack).parent.mkdir(exist_ok=True)
+                os.rename(entry.path, index_path(cache, pack))
+            except OSError:
+                pass  # fetched again when needed
+    shutil.rmtree(old, ignore_errors=True)
